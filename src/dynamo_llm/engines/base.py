@@ -1,0 +1,182 @@
+"""The engine boundary.
+
+An :class:`Engine` turns one :class:`EngineRequest` into a stream of :class:`EngineOutput`.
+
+Lifecycle and guarantees:
+
+1. ``stream = await engine.generate(request, ctx)`` admits the request. Anything wrong with it
+   (prompt longer than the context window, no worker, overload) is raised here as a
+   :class:`~dynamo_llm.errors.DynamoError`, before any output exists, so the frontend can still
+   answer with a plain HTTP error even for a streaming request.
+2. ``async for out in stream`` yields outputs. Each carries ``num_tokens`` new tokens for choice
+   ``index``; the first output of a stream carries ``prompt_tokens`` when the engine knows it;
+   the last carries ``finish_reason`` and ``usage``. The stream ends normally after the last
+   output. A failure mid-stream is raised as a ``DynamoError`` (its class says what kind).
+3. ``ctx`` is the request's :class:`~dynamo_llm.runtime.context.EngineContext`. When it is stopped
+   the engine stops producing within one token and ends the stream; when it is killed the engine
+   stops at once and releases what it holds (KV blocks, an upstream connection). The frontend
+   may also abandon the stream: it then calls ``aclose()`` on it (or cancels the task iterating
+   it), and the engine must release everything in ``finally``.
+4. ``await engine.aclose()`` releases the engine's own resources at shutdown.
+
+Outputs are plain objects with ``__slots__``: an engine may build one per token, so they must be
+cheap. ``raw`` is for relaying engines: already-rendered SSE bytes the frontend passes on as they
+are (it still counts ``num_tokens``), so the hot path never parses and re-encodes a chunk it does
+not need to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from ..errors import ContextLengthExceeded
+from ..runtime.context import EngineContext
+
+if TYPE_CHECKING:
+    from ..protocols.chat import ChatCompletionRequest
+    from ..protocols.completions import CompletionRequest
+
+Endpoint = Literal["chat_completions", "completions"]
+
+
+class Usage:
+    """Token counts of one finished choice (or of a whole request once summed)."""
+
+    __slots__ = ("cached_tokens", "completion_tokens", "prompt_tokens")
+
+    def __init__(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.cached_tokens = cached_tokens
+
+    def __repr__(self) -> str:
+        return (
+            f"Usage(prompt_tokens={self.prompt_tokens}, completion_tokens="
+            f"{self.completion_tokens}, cached_tokens={self.cached_tokens})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Usage) and (
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+        ) == (other.prompt_tokens, other.completion_tokens, other.cached_tokens)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class EngineOutput:
+    """One item of an engine's stream."""
+
+    __slots__ = (
+        "finish_reason",
+        "index",
+        "num_tokens",
+        "prompt_tokens",
+        "raw",
+        "text",
+        "token_ids",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        text: str = "",
+        num_tokens: int = 1,
+        *,
+        index: int = 0,
+        token_ids: list[int] | None = None,
+        finish_reason: str | None = None,
+        usage: Usage | None = None,
+        prompt_tokens: int | None = None,
+        raw: bytes | None = None,
+    ) -> None:
+        self.text = text
+        self.num_tokens = num_tokens
+        self.index = index
+        self.token_ids = token_ids
+        self.finish_reason = finish_reason
+        self.usage = usage
+        self.prompt_tokens = prompt_tokens
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return (
+            f"EngineOutput(text={self.text!r}, num_tokens={self.num_tokens}, index={self.index}, "
+            f"finish_reason={self.finish_reason!r})"
+        )
+
+
+class EngineRequest:
+    """What an engine is asked to do: one prompt, one choice.
+
+    ``params`` is the validated OpenAI request (for sampling options an engine may honour);
+    ``prompt`` is this sub-request's completions prompt (text or token ids), None for chat.
+    ``raw_body`` is the client's JSON body, for engines that forward it.
+    """
+
+    __slots__ = ("endpoint", "id", "max_tokens", "model", "params", "prompt", "raw_body", "stop")
+
+    def __init__(
+        self,
+        id: str,
+        model: str,
+        endpoint: Endpoint,
+        params: ChatCompletionRequest | CompletionRequest,
+        *,
+        prompt: str | list[int] | None = None,
+        max_tokens: int | None = None,
+        stop: tuple[str, ...] = (),
+        raw_body: bytes | None = None,
+    ) -> None:
+        self.id = id
+        self.model = model
+        self.endpoint: Endpoint = endpoint
+        self.params = params
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.stop = stop
+        self.raw_body = raw_body
+
+    def __repr__(self) -> str:
+        return f"EngineRequest(id={self.id!r}, model={self.model!r}, endpoint={self.endpoint!r})"
+
+
+class Engine(Protocol):
+    """An inference engine: see the module docstring for the lifecycle."""
+
+    async def generate(
+        self, request: EngineRequest, ctx: EngineContext
+    ) -> AsyncIterator[EngineOutput]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def check_context_length(
+    endpoint: Endpoint, prompt_tokens: int, max_tokens: int | None, context_length: int | None
+) -> None:
+    """Raise the OpenAI-worded 400 when the prompt (plus the completion) does not fit."""
+    if context_length is None:
+        return
+    if endpoint == "chat_completions":
+        if prompt_tokens > context_length or (
+            max_tokens is not None and prompt_tokens + max_tokens > context_length
+        ):
+            wanted = prompt_tokens + (max_tokens or 0)
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_length} tokens. However, you "
+                f"requested {wanted} tokens ({prompt_tokens} in the messages, {max_tokens or 0} "
+                "in the completion). Please reduce the length of the messages or completion.",
+                param="messages",
+            )
+    else:
+        completion = max_tokens or 0
+        if prompt_tokens + completion > context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_length} tokens, however you "
+                f"requested {prompt_tokens + completion} tokens ({prompt_tokens} in your prompt; "
+                f"{completion} for the completion). Please reduce your prompt; or completion "
+                "length.",
+                param="prompt",
+            )

@@ -1,0 +1,180 @@
+"""One exception hierarchy for every error a request can end with.
+
+Each class carries its HTTP ``status``, the OpenAI error ``type``, the metrics ``error_type``
+(``requests_total{error_type}``) and a default ``code``. Requests are classified by these class
+attributes, never by message text. :func:`render_error` is the one place an error body is made,
+for plain responses and SSE error frames alike.
+
+::
+
+    DynamoError                      500 internal_error              internal
+    ├── InvalidRequest               400 invalid_request_error       validation
+    │   ├── ContextLengthExceeded    400   code context_length_exceeded
+    │   ├── RequestTooLarge          413   code request_too_large
+    │   └── UnsupportedMediaType     415   code unsupported_media_type
+    ├── AuthenticationFailed         401 authentication_error        validation
+    ├── NotFound                     404 not_found_error             not_found
+    │   └── ModelNotFound            404   code model_not_found
+    ├── MethodNotAllowed             405 invalid_request_error       validation
+    ├── NotImplementedParameter      501 not_implemented_error       not_implemented
+    ├── TooManyRequests              429 overloaded_error            overload
+    ├── AllWorkersBusy               503 overloaded_error            overload
+    ├── NoWorkersAvailable           503 service_unavailable_error   unavailable
+    ├── ResponseTimeout              504 timeout_error               response_timeout
+    ├── Cancelled                    499 cancelled                   cancelled
+    └── EngineError                  500 internal_error              internal
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+
+class DynamoError(Exception):
+    """Base of every error a request can end with; renders as an OpenAI error body."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    error_type: ClassVar[str] = "internal"
+    default_code: ClassVar[str | int | None] = None
+    default_message: ClassVar[str] = "Internal server error"
+
+    def __init__(
+        self, message: str | None = None, *, param: str | None = None, code: str | int | None = None
+    ) -> None:
+        self.message = message if message is not None else self.default_message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        super().__init__(self.message)
+
+
+class InvalidRequest(DynamoError):
+    status = 400
+    type = "invalid_request_error"
+    error_type = "validation"
+    default_message = "Invalid request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+    default_message = "The prompt is longer than the model's context window"
+
+
+class RequestTooLarge(InvalidRequest):
+    status = 413
+    default_code = "request_too_large"
+    default_message = "Request body too large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    default_code = "unsupported_media_type"
+    default_message = "Content-Type must be application/json"
+
+
+class AuthenticationFailed(DynamoError):
+    status = 401
+    type = "authentication_error"
+    error_type = "validation"
+    default_code = "invalid_api_key"
+    default_message = "Invalid API key"
+
+
+class NotFound(DynamoError):
+    status = 404
+    type = "not_found_error"
+    error_type = "not_found"
+    default_message = "Not found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+    default_message = "Model not found"
+
+
+class MethodNotAllowed(DynamoError):
+    status = 405
+    type = "invalid_request_error"
+    error_type = "validation"
+    default_code = "method_not_allowed"
+    default_message = "Method not allowed"
+
+
+class NotImplementedParameter(DynamoError):
+    status = 501
+    type = "not_implemented_error"
+    error_type = "not_implemented"
+    default_code = "deprecated_parameter"
+    default_message = "Not implemented"
+
+
+class TooManyRequests(DynamoError):
+    status = 429
+    type = "overloaded_error"
+    error_type = "overload"
+    default_code = "too_many_requests"
+    default_message = "Too many requests, please retry later"
+
+
+class AllWorkersBusy(DynamoError):
+    status = 503
+    type = "overloaded_error"
+    error_type = "overload"
+    default_code = "all_workers_busy"
+    default_message = "All workers are busy, please retry later"
+
+
+class NoWorkersAvailable(DynamoError):
+    status = 503
+    type = "service_unavailable_error"
+    error_type = "unavailable"
+    default_code = "no_workers_available"
+    default_message = "Model temporarily unavailable: no worker can serve it"
+
+
+class ResponseTimeout(DynamoError):
+    status = 504
+    type = "timeout_error"
+    error_type = "response_timeout"
+    default_code = "response_timeout"
+    default_message = "The engine stopped responding"
+
+
+class Cancelled(DynamoError):
+    status = 499
+    type = "cancelled"
+    error_type = "cancelled"
+    default_code = "cancelled"
+    default_message = "Client closed request"
+
+
+class EngineError(DynamoError):
+    """The engine failed while generating. The message must be safe to show a client."""
+
+    default_message = "The engine failed while generating"
+
+
+class _ErrorDetail(msgspec.Struct, omit_defaults=False):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorBody(msgspec.Struct):
+    error: _ErrorDetail
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def render_error(exc: DynamoError) -> bytes:
+    """The OpenAI error body for ``exc``: ``{"error": {message, type, param, code}}``."""
+    return _encode(ErrorBody(_ErrorDetail(exc.message, exc.type, exc.param, exc.code)))
+
+
+def internal_error() -> DynamoError:
+    """What an unexpected exception becomes: no traceback, no object addresses."""
+    return DynamoError("Internal server error")
