@@ -1,0 +1,41 @@
+"""OpenAI wire models, one module per endpoint: decoding, validation, unary responses."""
+
+from .chat import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ContentPart,
+    ResponseMessage,
+    decode_chat_request,
+    max_output_tokens,
+)
+from .common import PromptTokensDetails, StreamOptions, UsageInfo, peek_model, stop_list
+from .completions import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    decode_completion_request,
+    prompts,
+)
+
+__all__ = [
+    "ChatChoice",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatMessage",
+    "CompletionChoice",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ContentPart",
+    "PromptTokensDetails",
+    "ResponseMessage",
+    "StreamOptions",
+    "UsageInfo",
+    "decode_chat_request",
+    "decode_completion_request",
+    "max_output_tokens",
+    "peek_model",
+    "prompts",
+    "stop_list",
+]

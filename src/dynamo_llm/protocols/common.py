@@ -1,0 +1,279 @@
+"""What the chat and completions wire models share: decoding, validation, usage.
+
+Decoding is on every request's path, so the happy path is one typed ``msgspec`` decode straight
+into the request Struct, whose ``forbid_unknown_fields`` also catches unknown top-level fields
+(nested Structs stay lenient: OpenAI SDKs send keys we do not model inside messages and tools).
+Only when that decode fails do we spend more: the body is decoded again untyped to tell the
+problems apart, so that a body with several reports the first in a fixed order::
+
+    JSON syntax -> not an object -> unknown fields (all of them) -> wrong type / missing field
+
+msgspec stops at the first problem it meets in document order, which is why the typed error is
+not reported as it is. After decoding, each endpoint checks deprecated fields (501) and then the
+values; the value checks shared by both endpoints are :func:`check_sampling`.
+
+Every message starts with ``Validation:``, Dynamo's wording, so runbooks and the metrics
+classification carry over.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NoReturn, Protocol, TypeVar
+
+import msgspec
+
+from ..errors import InvalidRequest
+
+T = TypeVar("T")
+
+MAX_N = 128
+MAX_STOP = 32
+
+
+class StreamOptions(msgspec.Struct, omit_defaults=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int = 0
+
+
+class UsageInfo(msgspec.Struct, omit_defaults=True):
+    """Token usage of a response; ``prompt_tokens_details`` is omitted when None."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+def decode_request(decoder: msgspec.json.Decoder[T], body: bytes, fields: frozenset[str]) -> T:
+    """Decode ``body`` with ``decoder``, turning every failure into an :class:`InvalidRequest`.
+
+    ``fields`` are the request Struct's top-level field names, for listing unknown ones.
+    """
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _explain(body, fields, exc) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise _invalid_json(exc) from exc
+
+
+def struct_fields(cls: type[msgspec.Struct]) -> frozenset[str]:
+    return frozenset(f.encode_name for f in msgspec.structs.fields(cls))
+
+
+def peek_model(body: bytes) -> str | None:
+    """The ``model`` of a body that may be invalid, for labelling its error; never raises."""
+    try:
+        return _peek_decoder.decode(body).model
+    except Exception:  # garbage in any shape is an expected input here
+        return None
+
+
+class _ModelOnly(msgspec.Struct):
+    model: str | None = None
+
+
+_peek_decoder = msgspec.json.Decoder(_ModelOnly)
+
+# msgspec's ValidationError text: "<message>" or "<message> - at `$<path>`".
+_ERROR_RE = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
+_EXPECTED_RE = re.compile(r"Expected `(?P<expected>[^`]+)`, got `(?P<got>[^`]+)`")
+_MISSING_RE = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
+_UNKNOWN_RE = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
+_TOP_LEVEL_RE = re.compile(r"[^.\[]*")
+
+
+def _invalid_json(exc: Exception) -> InvalidRequest:
+    reason = "JSON nesting is too deep" if isinstance(exc, RecursionError) else str(exc)
+    return InvalidRequest(f"Validation: Invalid JSON body: {reason}", code="invalid_json")
+
+
+def _explain(body: bytes, fields: frozenset[str], exc: msgspec.ValidationError) -> InvalidRequest:
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.ValidationError:
+        # Well-formed JSON holding a number no float can represent (1e400): the typed error
+        # says where it is, or names what msgspec met before it.
+        return _from_validation_error(str(exc))
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as syntax:
+        return _invalid_json(syntax)
+    if not isinstance(obj, dict):
+        return _not_an_object()
+    unknown = sorted(key for key in obj if key not in fields)
+    if unknown:
+        return _unsupported(unknown)
+    return _from_validation_error(str(exc))
+
+
+def _not_an_object() -> InvalidRequest:
+    return InvalidRequest("Validation: The request body must be a JSON object", code="invalid_json")
+
+
+def _unsupported(names: list[str]) -> InvalidRequest:
+    listed = ", ".join(f"`{name}`" for name in names)
+    return InvalidRequest(
+        f"Validation: Unsupported parameter(s): {listed}",
+        param=names[0],
+        code="unsupported_parameter",
+    )
+
+
+def _from_validation_error(text: str) -> InvalidRequest:
+    match = _ERROR_RE.fullmatch(text)
+    assert match is not None  # the pattern matches any string
+    message = match["message"]
+    path = (match["path"] or "").removeprefix(".")
+    if unknown := _UNKNOWN_RE.fullmatch(message):
+        return _unsupported([unknown["field"]])
+    if not path and message.startswith("Expected `object`"):
+        return _not_an_object()
+    if missing := _MISSING_RE.fullmatch(message):
+        full = f"{path}.{missing['field']}" if path else missing["field"]
+        return InvalidRequest(
+            f"Validation: Missing required parameter: `{full}`",
+            param=_top_level(full),
+            code="missing_required_parameter",
+        )
+    if expected := _EXPECTED_RE.fullmatch(message):
+        kinds = [kind for kind in expected["expected"].split(" | ") if kind != "null"]
+        return InvalidRequest(
+            f"Validation: Invalid type for `{path}`: expected {' or '.join(kinds)}, "
+            f"got {expected['got']}",
+            param=_top_level(path) or None,
+            code="invalid_type",
+        )
+    # Anything else msgspec can say about a value (e.g. "Number out of range").
+    reason = message[:1].lower() + message[1:]
+    return InvalidRequest(
+        f"Validation: Invalid value for `{path}`: {reason}",
+        param=_top_level(path) or None,
+        code="invalid_value",
+    )
+
+
+def _top_level(path: str) -> str:
+    match = _TOP_LEVEL_RE.match(path)
+    return match[0] if match else path
+
+
+# --- value checks ------------------------------------------------------------------------------
+
+
+def invalid_value(message: str, param: str | None) -> NoReturn:
+    raise InvalidRequest(f"Validation: {message}", param=param, code="invalid_value")
+
+
+def invalid_type(message: str, param: str | None) -> NoReturn:
+    raise InvalidRequest(f"Validation: {message}", param=param, code="invalid_type")
+
+
+def check_range(name: str, value: float | None, low: float, high: float) -> None:
+    # Written so that NaN fails: every comparison with NaN is false.
+    if value is not None and not low <= value <= high:
+        invalid_value(
+            f"{name} must be between {low:g} and {high:g}, got {_format_number(value)}", name
+        )
+
+
+def _format_number(value: float) -> str:
+    """A number as a client wrote it: JSON ``3`` decodes into a float field as 3.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return str(value)
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and not value > 0:
+        invalid_value(f"{name} must be greater than 0, got {value}", name)
+
+
+def check_model(model: str) -> None:
+    if not model.strip():
+        invalid_value("The 'model' field cannot be empty.", "model")
+
+
+class SamplingFields(Protocol):
+    """The request fields both endpoints validate the same way."""
+
+    temperature: float | None
+    top_p: float | None
+    frequency_penalty: float | None
+    presence_penalty: float | None
+    logit_bias: dict[str, float] | None
+    n: int | None
+    max_tokens: int | None
+    stop: str | list[str] | None
+    stream: bool | None
+    stream_options: StreamOptions | None
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    min_tokens: int | None
+
+
+def check_sampling(req: SamplingFields) -> None:
+    """Range checks shared by chat and completions (ranges are OpenAI's, extras are Dynamo's)."""
+    check_range("temperature", req.temperature, 0, 2)
+    check_range("top_p", req.top_p, 0, 1)
+    check_range("frequency_penalty", req.frequency_penalty, -2, 2)
+    check_range("presence_penalty", req.presence_penalty, -2, 2)
+    if req.logit_bias:
+        for bias in req.logit_bias.values():
+            if not -100 <= bias <= 100:
+                invalid_value(
+                    f"logit_bias values must be between -100 and 100, got {_format_number(bias)}",
+                    "logit_bias",
+                )
+    check_range("n", req.n, 1, MAX_N)
+    check_positive("max_tokens", req.max_tokens)
+    _check_stop(req.stop)
+    if req.stream_options is not None and req.stream is not True:
+        invalid_value(
+            "The 'stream_options' field is only allowed when 'stream' is set to true.",
+            "stream_options",
+        )
+    if req.top_k is not None and req.top_k != -1 and req.top_k < 1:
+        invalid_value(f"top_k must be -1 (disabled) or at least 1, got {req.top_k}", "top_k")
+    check_range("min_p", req.min_p, 0, 1)
+    penalty = req.repetition_penalty
+    if penalty is not None and not 0 < penalty <= 2:
+        invalid_value(
+            "repetition_penalty must be greater than 0 and at most 2, "
+            f"got {_format_number(penalty)}",
+            "repetition_penalty",
+        )
+    if req.min_tokens is not None and req.min_tokens < 0:
+        invalid_value(f"min_tokens must be at least 0, got {req.min_tokens}", "min_tokens")
+
+
+def _check_stop(stop: str | list[str] | None) -> None:
+    if stop is None:
+        return
+    entries = [stop] if isinstance(stop, str) else stop
+    if len(entries) > MAX_STOP:
+        invalid_value(f"stop must have at most {MAX_STOP} entries", "stop")
+    if not all(entries):
+        invalid_value("stop entries must not be empty", "stop")
+
+
+class _HasStop(Protocol):
+    @property
+    def stop(self) -> str | list[str] | None: ...
+
+
+def stop_list(req: _HasStop) -> tuple[str, ...]:
+    """The request's stop sequences as a tuple: a string becomes a 1-tuple, None becomes ()."""
+    stop = req.stop
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop)
