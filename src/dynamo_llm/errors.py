@@ -22,6 +22,7 @@ for plain responses and SSE error frames alike.
     ├── NoWorkersAvailable           503 service_unavailable_error   unavailable
     ├── ResponseTimeout              504 timeout_error               response_timeout
     ├── Cancelled                    499 cancelled                   cancelled
+    │   └── ServerShuttingDown       503 service_unavailable_error   cancelled
     └── EngineError                  500 internal_error              internal
 """
 
@@ -148,6 +149,15 @@ class Cancelled(DynamoError):
     error_type = "cancelled"
     default_code = "cancelled"
     default_message = "Client closed request"
+
+
+class ServerShuttingDown(Cancelled):
+    """The server is shutting down and stopped the request (not the client's doing)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    default_code = "server_shutting_down"
+    default_message = "The server is shutting down; please retry"
 
 
 class EngineError(DynamoError):

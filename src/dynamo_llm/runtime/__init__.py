@@ -2,6 +2,7 @@
 
 from .clock import Clock, FakeClock, SystemClock, TimerHandle, settle
 from .context import ContextState, EngineContext, StopReason
+from .tasks import cancel_and_wait
 
 __all__ = [
     "Clock",
@@ -11,5 +12,6 @@ __all__ = [
     "StopReason",
     "SystemClock",
     "TimerHandle",
+    "cancel_and_wait",
     "settle",
 ]

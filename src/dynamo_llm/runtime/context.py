@@ -19,6 +19,7 @@ when somebody asks, so a request that is never cancelled pays for none of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import uuid
 from collections.abc import Callable
@@ -44,7 +45,15 @@ StopCallback = Callable[["EngineContext"], None]
 class EngineContext:
     """Cancellation state of one request (or one sub-request), with linked children."""
 
-    __slots__ = ("_callbacks", "_children", "_killed_waiters", "_stopped_waiters", "id", "reason", "state")
+    __slots__ = (
+        "_callbacks",
+        "_children",
+        "_killed_waiters",
+        "_stopped_waiters",
+        "id",
+        "reason",
+        "state",
+    )
 
     def __init__(self, request_id: str | None = None) -> None:
         self.id: str = request_id if request_id is not None else str(uuid.uuid4())
@@ -115,7 +124,7 @@ class EngineContext:
         return remove
 
     def link_child(self, child: EngineContext) -> None:
-        """Make ``child`` follow this context; it is stopped/killed at once if this one already is."""
+        """Make ``child`` follow this context (stopped or killed at once if this one is)."""
         if self._children is None:
             self._children = []
         self._children.append(child)
@@ -127,10 +136,8 @@ class EngineContext:
     def unlink_child(self, child: EngineContext) -> None:
         """Forget a finished child so a long-lived parent does not accumulate them."""
         if self._children is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 self._children.remove(child)
-            except ValueError:
-                pass
 
     def _advance(self, target: ContextState, reason: StopReason) -> None:
         if self.state >= target:

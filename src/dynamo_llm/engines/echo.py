@@ -1,0 +1,115 @@
+"""The echo engine: streams the prompt back, one whitespace-delimited token at a time.
+
+It is the smallest real engine: it honours ``max_tokens``, the context window, the injected
+clock (``DYN_TOKEN_ECHO_DELAY_MS`` between tokens, default 10) and its context, stopping within
+one token when the request is stopped or killed. Tests and benchmarks use it to exercise the
+frontend without a simulated scheduler in the way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+from ..runtime.clock import Clock
+from ..runtime.context import EngineContext
+from .base import EngineOutput, EngineRequest, Usage, check_context_length
+
+_TOKEN = re.compile(r"\s*\S+|\s+$")
+
+
+def echo_tokens(text: str) -> list[str]:
+    """Split text into tokens that join back to it: each word with the spaces before it."""
+    return _TOKEN.findall(text)
+
+
+def content_text(content: object) -> str:
+    """The text of a chat message's content (a string, or a list of parts with ``text``)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            text = part.get("text") if isinstance(part, dict) else getattr(part, "text", None)
+            if isinstance(text, str):
+                texts.append(text)
+        return "".join(texts)
+    return ""
+
+
+def prompt_text(request: EngineRequest) -> tuple[str, int]:
+    """The text to echo and the prompt's token count."""
+    if request.endpoint == "completions":
+        prompt = request.prompt
+        if isinstance(prompt, list):
+            text = " ".join(str(t) for t in prompt)
+            return text, len(prompt)
+        text = prompt or ""
+        return text, len(echo_tokens(text))
+    messages = getattr(request.params, "messages", None) or []
+    counted = sum(len(echo_tokens(content_text(getattr(m, "content", None)))) for m in messages)
+    last = content_text(getattr(messages[-1], "content", None)) if messages else ""
+    return last, counted
+
+
+class EchoEngine:
+    """Echoes the prompt (completions) or the last message (chat) back token by token."""
+
+    def __init__(
+        self, clock: Clock, *, delay_ms: float = 10.0, context_length: int | None = None
+    ) -> None:
+        self._clock = clock
+        self._delay = max(0.0, delay_ms) / 1000.0
+        self.context_length = context_length
+
+    async def generate(
+        self, request: EngineRequest, ctx: EngineContext
+    ) -> AsyncIterator[EngineOutput]:
+        text, prompt_tokens = prompt_text(request)
+        check_context_length(
+            request.endpoint, prompt_tokens, request.max_tokens, self.context_length
+        )
+        tokens = echo_tokens(text)
+        finish = "stop"
+        if request.max_tokens is not None and len(tokens) > request.max_tokens:
+            tokens = tokens[: request.max_tokens]
+            finish = "length"
+        return self._stream(tokens, prompt_tokens, finish, ctx)
+
+    async def _stream(
+        self, tokens: list[str], prompt_tokens: int, finish: str, ctx: EngineContext
+    ) -> AsyncIterator[EngineOutput]:
+        delay = self._delay
+        sleep = self._clock.sleep
+        last = len(tokens) - 1
+        if last < 0:
+            yield EngineOutput(
+                "",
+                0,
+                finish_reason=finish,
+                usage=Usage(prompt_tokens, 0),
+                prompt_tokens=prompt_tokens,
+            )
+            return
+        for i, token in enumerate(tokens):
+            if delay:
+                await sleep(delay)
+            if ctx.is_stopped:
+                return
+            if i == last:
+                yield EngineOutput(
+                    token,
+                    1,
+                    finish_reason=finish,
+                    usage=Usage(prompt_tokens, i + 1),
+                    prompt_tokens=prompt_tokens if i == 0 else None,
+                )
+            elif i == 0:
+                yield EngineOutput(token, 1, prompt_tokens=prompt_tokens)
+            else:
+                yield EngineOutput(token)
+
+    async def aclose(self) -> None:
+        return None

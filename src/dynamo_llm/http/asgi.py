@@ -1,0 +1,164 @@
+"""The app as an ASGI application (uvicorn, or mounted inside another ASGI app).
+
+Under ASGI the only reliable disconnect signal is ``http.disconnect`` from ``receive()``; a single
+``is_disconnected()`` poll is not. Once the body is read, a small task per request waits on
+``receive()`` and reports the hang-up; it is cancelled and awaited when the request ends.
+``lifespan`` events start and stop the app's background work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ..errors import RequestTooLarge
+from ..runtime.tasks import cancel_and_wait
+from .app import App
+from .connection import Headers, HttpRequest
+from .exchange import ClientGone
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _Headers:
+    __slots__ = ("_map",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._map = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self._map.get(key, default)
+
+
+def _encode_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+class _AsgiWriter:
+    __slots__ = ("_send", "closed_errors")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.closed_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    async def send(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+class AsgiConnection:
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._callbacks: list[Callable[[], None]] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._body_done = False
+        self.disconnected = False
+
+    @property
+    def is_disconnected(self) -> bool:
+        return self.disconnected
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        if self.disconnected:
+            callback()
+            return
+        self._callbacks.append(callback)
+        if self._watcher is None and self._body_done:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def _fire(self) -> None:
+        if self.disconnected:
+            return
+        self.disconnected = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._fire()
+                return
+
+    async def read_body(self, limit: int) -> bytes:
+        chunks = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._fire()
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"Request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        self._body_done = True
+        if self._callbacks and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return b"".join(chunks)
+
+    async def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        await self._send(
+            {"type": "http.response.start", "status": status, "headers": _encode_headers(headers)}
+        )
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def start_stream(self, status: int, headers: Headers) -> _AsgiWriter:
+        await self._send(
+            {"type": "http.response.start", "status": status, "headers": _encode_headers(headers)}
+        )
+        return _AsgiWriter(self._send)
+
+    async def end_stream(self) -> None:
+        if not self.disconnected:
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def aclose(self) -> None:
+        self._callbacks = []
+        if self._watcher is not None:
+            await cancel_and_wait(self._watcher)
+
+
+class AsgiApp:
+    """An ASGI 3 application wrapping :class:`~dynamo_llm.http.app.App`."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        conn = AsgiConnection(receive, send)
+        request = HttpRequest(
+            scope["method"],
+            scope["path"],
+            scope.get("query_string", b"").decode("latin-1"),
+            _Headers(scope.get("headers", [])),
+        )
+        try:
+            await self.app.handle(request, conn)
+        finally:
+            await conn.aclose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.app.astart()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.app.shutdown()
+                await self.app.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

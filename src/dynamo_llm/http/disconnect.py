@@ -1,0 +1,307 @@
+"""Client-disconnect detection: the two-handle design (Dynamo's ``disconnect.rs``).
+
+A request has two phases, and each has its own handle.
+
+1. **Handler phase**: a unary request, and the part of a streaming request before the SSE body
+   exists. The work runs in its own task; the handler awaits it holding the *connection handle*,
+   which is created **armed**. If the client goes away while the handler waits, the handler
+   releases the handle still armed: it reports "closed unexpectedly". When the work finishes
+   normally the handler **disarms** it first, and its release reports "closed gracefully".
+2. **Stream phase**: a streaming request once the SSE body exists. The *stream handle* is created
+   **disabled** and armed by :func:`~dynamo_llm.http.sse.monitor_for_disconnects` when the body
+   starts. It is disarmed when the source ends or fails (a backend error or a timeout is not a
+   disconnect), so if the body is abandoned first, because the client went away, its release
+   reports "closed unexpectedly".
+
+The :class:`DisconnectMonitor` takes the reports in order, the connection handle's first, then the
+stream handle's. On "closed unexpectedly" (or a handle dropped without a word) it logs a warning,
+counts ``disconnected_clients`` and ``model_cancellation_total``, and **kills** the engine
+context, so the engine learns of the hang-up at once. It acts at most once per request, so a
+client that leaves in the instant between the two phases is still counted once. In Rust a
+background task awaits two one-shot channels; here the handles call the monitor directly when
+released, which costs nothing per request until something happens.
+
+:func:`monitor_for_disconnects` is the stream phase. It arms the stream handle, pre-marks the
+outcome ``cancelled`` (a stream abandoned by its client is a cancellation, not an internal
+error), runs the *pump* (source -> client) in its own task and sleeps on the exchange's waker,
+then acts on the first thing that happened, checked in this order:
+
+=================================  ====================================  ====================
+event                              action                                client sees
+=================================  ====================================  ====================
+source ended (context live)        mark ok, disarm, usage chunk, [DONE]   ``data: [DONE]``
+source raised an error             mark its type, disarm, kill context    error frame
+source ended, context stopped      outcome from the stop reason, disarm   body ends
+client gone (future or write)      release armed -> monitor kills         nothing
+time limit (watchdog)              mark response_timeout, disarm, kill    error frame
+context stopped from elsewhere     stop the pump between items            per stop reason
+=================================  ====================================  ====================
+
+The pump forwards an item it has already received before a cancellation is acted on: a stop
+from elsewhere interrupts it only while it is waiting on the source. A kill that happened before
+the source ended makes the request a cancellation, never a success. The error frame is
+``event: error`` followed by ``data: {"error": {...}}``, which every SSE client dispatches and the
+OpenAI SDKs raise as ``APIError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from ..engines.base import EngineOutput
+from ..errors import Cancelled, DynamoError, ResponseTimeout, ServerShuttingDown, internal_error
+from ..metrics import Metrics
+from ..runtime.context import EngineContext, StopReason
+from ..runtime.tasks import cancel_and_wait
+from .connection import StreamWriter
+from .sse import DONE, ChunkRenderer, error_frame
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+
+log = logging.getLogger("dynamo_llm.http.disconnect")
+
+
+class HandleStatus(enum.Enum):
+    CLOSED_UNEXPECTEDLY = "closed_unexpectedly"
+    CLOSED_GRACEFULLY = "closed_gracefully"
+    DISABLED = "disabled"
+
+
+class ConnectionHandle:
+    """Reports its status to the monitor exactly once, when released (or collected)."""
+
+    __slots__ = ("_monitor", "_released", "_slot", "status")
+
+    def __init__(self, monitor: DisconnectMonitor, slot: int, status: HandleStatus) -> None:
+        self._monitor = monitor
+        self._slot = slot
+        self._released = False
+        self.status = status
+
+    def arm(self) -> None:
+        self.status = HandleStatus.CLOSED_UNEXPECTEDLY
+
+    def disarm(self) -> None:
+        self.status = HandleStatus.CLOSED_GRACEFULLY
+
+    @property
+    def is_armed(self) -> bool:
+        return self.status is HandleStatus.CLOSED_UNEXPECTEDLY
+
+    @property
+    def is_released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._monitor._receive(self._slot, self.status)
+
+    def __del__(self) -> None:
+        # A handle that vanished without a word counts as closed unexpectedly, like a dropped
+        # one-shot sender in Dynamo. Normal code always releases explicitly.
+        if not self._released:
+            self._released = True
+            self._monitor._receive(self._slot, HandleStatus.CLOSED_UNEXPECTEDLY)
+
+
+class DisconnectMonitor:
+    """Waits on the connection handle, then the stream handle; fires at most once."""
+
+    __slots__ = (
+        "_ctx",
+        "_labels",
+        "_metrics",
+        "_pending",
+        "_turn",
+        "connection",
+        "fired",
+        "stream",
+    )
+
+    def __init__(
+        self, ctx: EngineContext, metrics: Metrics, model: str, endpoint: str, request_type: str
+    ) -> None:
+        self._ctx = ctx
+        self._metrics = metrics
+        self._labels = (model, endpoint, request_type)
+        self._turn = 0
+        self._pending: list[HandleStatus | None] = [None, None]
+        self.fired = False
+        self.connection = ConnectionHandle(self, 0, HandleStatus.CLOSED_UNEXPECTEDLY)
+        self.stream = ConnectionHandle(self, 1, HandleStatus.DISABLED)
+
+    def _receive(self, slot: int, status: HandleStatus) -> None:
+        self._pending[slot] = status
+        while self._turn < 2:
+            current = self._pending[self._turn]
+            if current is None:
+                return
+            which = "Connection" if self._turn == 0 else "Stream"
+            self._turn += 1
+            if current is HandleStatus.CLOSED_UNEXPECTEDLY:
+                self._fire(which)
+
+    def _fire(self, which: str) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        log.warning(
+            "%s closed unexpectedly; issuing cancellation for request %s", which, self._ctx.id
+        )
+        self._metrics.disconnected_clients.labels().inc()
+        self._metrics.model_cancellation_total.labels(*self._labels).inc()
+        self._ctx.kill(StopReason.CLIENT_DISCONNECT)
+
+    def release_all(self) -> None:
+        """Release both handles in order (the handler's ``finally``)."""
+        self.connection.release()
+        self.stream.release()
+
+
+def error_for_stop(reason: StopReason | None) -> DynamoError:
+    """What a request stopped from elsewhere ends with."""
+    if reason in (StopReason.INACTIVITY_TIMEOUT, StopReason.DEADLINE):
+        return ResponseTimeout()
+    if reason is StopReason.SHUTDOWN:
+        return ServerShuttingDown()
+    return Cancelled()
+
+
+class _PumpState:
+    __slots__ = ("in_source",)
+
+    def __init__(self) -> None:
+        self.in_source = False
+
+
+_ENDED = "ended"
+_STOPPED = "stopped"
+_GONE = "gone"
+
+
+async def _pump(
+    stream: AsyncIterator[EngineOutput],
+    writer: StreamWriter,
+    renderer: ChunkRenderer,
+    exchange: Exchange,
+    state: _PumpState,
+) -> str | DynamoError:
+    """Forward items from the engine to the client until the source ends or something stops it.
+
+    The per-token path: one engine step, one timestamp, one render, one write.
+    """
+    ctx = exchange.ctx
+    touch = exchange.watchdog.touch
+    on_tokens = exchange.record.on_tokens
+    render = renderer.render
+    send = writer.send
+    closed_errors = writer.closed_errors
+    next_item = stream.__anext__
+    try:
+        while True:
+            state.in_source = True
+            try:
+                out = await next_item()
+            except StopAsyncIteration:
+                return _ENDED
+            finally:
+                state.in_source = False
+            touch()
+            on_tokens(out.num_tokens, out.prompt_tokens)
+            try:
+                await send(out.raw if out.raw is not None else render(out))
+            except closed_errors:
+                return _GONE
+            if ctx.is_stopped:
+                return _STOPPED
+    except DynamoError as exc:
+        return exc
+    except Exception:
+        log.exception("engine stream for request %s failed", ctx.id)
+        return internal_error()
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def monitor_for_disconnects(
+    exchange: Exchange,
+    stream: AsyncIterator[EngineOutput],
+    writer: StreamWriter,
+    renderer: ChunkRenderer,
+) -> None:
+    """Stream ``stream`` to the client as SSE, settling the outcome exactly once (see above)."""
+    handle = exchange.monitor.stream
+    record = exchange.record
+    ctx = exchange.ctx
+    waker = exchange.waker
+    handle.arm()
+    record.mark_error("cancelled")
+    state = _PumpState()
+    pump = asyncio.get_running_loop().create_task(_pump(stream, writer, renderer, exchange, state))
+    pump.add_done_callback(waker.wake)
+    try:
+        while not pump.done():
+            if exchange.conn.is_disconnected:
+                handle.release()  # armed: the monitor counts the disconnect and kills the context
+                await cancel_and_wait(pump)
+                return
+            if exchange.watchdog.expired is not None:
+                record.mark_error("response_timeout")
+                handle.disarm()
+                await cancel_and_wait(pump)
+                await _send_last(writer, error_frame(exchange.watchdog.expired))
+                return
+            if ctx.is_stopped and state.in_source:
+                await cancel_and_wait(pump)
+                break
+            await waker.wait()
+    finally:
+        pump.remove_done_callback(waker.wake)
+        if not pump.done():
+            await cancel_and_wait(pump)
+
+    result = pump.result() if not pump.cancelled() else _STOPPED
+    if result == _GONE:
+        handle.release()  # armed: a failed write is the client going away
+        return
+    if isinstance(result, DynamoError):
+        record.mark_error(result.error_type)
+        handle.disarm()
+        ctx.kill()
+        await _send_last(writer, error_frame(result))
+        return
+    if result == _ENDED and not ctx.is_stopped:
+        record.mark_ok()
+        handle.disarm()
+        await _send_last(writer, renderer.finish() + DONE)
+        return
+    # Stopped or killed before the source ended: never a success.
+    reason = ctx.reason
+    if reason is StopReason.CLIENT_DISCONNECT:
+        handle.release()
+        return
+    handle.disarm()
+    if reason in (StopReason.INACTIVITY_TIMEOUT, StopReason.DEADLINE):
+        record.mark_error("response_timeout")
+        await _send_last(writer, error_frame(exchange.watchdog.expired or ResponseTimeout()))
+        return
+    error = error_for_stop(reason)
+    record.mark_error(error.error_type)
+    if reason is StopReason.SHUTDOWN:
+        await _send_last(writer, error_frame(error))
+
+
+async def _send_last(writer: StreamWriter, data: bytes) -> None:
+    """Write the final frame; a client that left in the meantime changes nothing."""
+    if data:
+        with contextlib.suppress(*writer.closed_errors):
+            await writer.send(data)

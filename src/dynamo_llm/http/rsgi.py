@@ -1,0 +1,118 @@
+"""The app under granian's native RSGI interface (the default server).
+
+RSGI gives what the request lifecycle needs directly: ``protocol.client_disconnect()`` is a future
+that resolves within about a millisecond of a hang-up (no task, no polling), and a stream write
+after that raises ``RSGIProtocolClosed``. The handler coroutine granian runs cannot be cancelled
+(its task object ignores ``cancel()``), which is why the app runs all cancellable work in tasks of
+its own and only *waits* in the handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
+
+from ..errors import RequestTooLarge
+from .app import App
+from .connection import Headers, HttpRequest
+
+
+class _RsgiWriter:
+    __slots__ = ("closed_errors", "send")
+
+    def __init__(self, transport: Any) -> None:
+        self.send = transport.send_bytes
+        self.closed_errors: tuple[type[BaseException], ...] = (ProtocolClosed, RuntimeError)
+
+
+class RsgiConnection:
+    __slots__ = ("_callbacks", "_disconnect", "_headers", "_proto", "disconnected")
+
+    def __init__(self, proto: Any, headers: Any) -> None:
+        self._proto = proto
+        self._headers = headers
+        self._disconnect: Any = None
+        self._callbacks: list[Callable[[], None]] = []
+        self.disconnected = False
+
+    @property
+    def is_disconnected(self) -> bool:
+        return self.disconnected
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        if self.disconnected:
+            callback()
+            return
+        self._callbacks.append(callback)
+        if self._disconnect is None:
+            self._disconnect = self._proto.client_disconnect()
+            self._disconnect.add_done_callback(self._fire)
+
+    def _fire(self, _future: Any) -> None:
+        if self.disconnected:
+            return
+        self.disconnected = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def detach(self) -> None:
+        """The request is over: later disconnect notifications concern nobody."""
+        self._callbacks = []
+        if self._disconnect is not None and not self._disconnect.done():
+            self._disconnect.remove_done_callback(self._fire)
+
+    async def read_body(self, limit: int) -> bytes:
+        length = self._headers.get("content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                declared = -1
+            if declared > limit:
+                raise RequestTooLarge(
+                    f"Request body of {declared} bytes exceeds the limit of {limit} bytes"
+                )
+            if declared >= 0:
+                body: bytes = await self._proto()
+                if len(body) > limit:
+                    raise RequestTooLarge(f"Request body exceeds the limit of {limit} bytes")
+                return body
+        chunks = []
+        size = 0
+        async for chunk in self._proto:
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"Request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        self._proto.response_bytes(status, headers, body)
+
+    async def start_stream(self, status: int, headers: Headers) -> _RsgiWriter:
+        return _RsgiWriter(self._proto.response_stream(status, headers))
+
+    async def end_stream(self) -> None:
+        return None
+
+
+class RsgiApp:
+    """An RSGI application object for granian."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        if scope.proto != "http":
+            return
+        headers = scope.headers
+        conn = RsgiConnection(proto, headers)
+        try:
+            await self.app.handle(
+                HttpRequest(scope.method, scope.path, scope.query_string, headers), conn
+            )
+        finally:
+            conn.detach()

@@ -1,0 +1,138 @@
+"""Server-sent events: rendering engine outputs as OpenAI chunks, and the fixed frames.
+
+Rendering is on the per-token path, so a renderer builds each request's constant JSON prefix
+once and then makes a chunk with one JSON string encode and two concatenations; it never builds
+a dict per token. Outputs that carry ``raw`` bytes (a relaying engine) are passed through as-is
+by the caller and never reach a renderer.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..engines.base import EngineOutput, Usage
+from ..errors import DynamoError, render_error
+
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+]
+
+_encode = msgspec.json.encode
+_TAIL_OPEN = b',"logprobs":null,"finish_reason":null}]}\n\n'
+
+
+def error_frame(exc: DynamoError) -> bytes:
+    """``event: error`` with the same JSON body as a plain error response (SPEC §3 fix)."""
+    return b"event: error\ndata: " + render_error(exc) + b"\n\n"
+
+
+def usage_json(usage: Usage) -> bytes:
+    return _encode(
+        {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        }
+    )
+
+
+class ChunkRenderer:
+    """Renders one request's stream of :class:`EngineOutput` as OpenAI SSE chunks.
+
+    ``kind`` is ``"chat"`` (``chat.completion.chunk`` with a ``delta``) or ``"completions"``
+    (``text_completion`` with ``text``). Usage from every choice's last output is summed for the
+    final usage chunk (``stream_options.include_usage``).
+    """
+
+    __slots__ = (
+        "_chat",
+        "_envelope",
+        "_fast_head",
+        "_head",
+        "_roles_sent",
+        "_with_token_ids",
+        "include_usage",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        response_id: str,
+        model: str,
+        created: int,
+        *,
+        include_usage: bool = False,
+        with_token_ids: bool = False,
+    ) -> None:
+        self._chat = kind == "chat"
+        obj = b"chat.completion.chunk" if self._chat else b"text_completion"
+        self._envelope = (
+            b'{"id":'
+            + _encode(response_id)
+            + b',"object":"'
+            + obj
+            + b'","created":'
+            + str(created).encode()
+            + b',"model":'
+            + _encode(model)
+        )
+        self._head = b"data: " + self._envelope + b',"choices":[{"index":'
+        self._fast_head = self._head + (b'0,"delta":{"content":' if self._chat else b'0,"text":')
+        self._roles_sent: set[int] = set()
+        self._with_token_ids = with_token_ids
+        self.include_usage = include_usage
+        self.usage: Usage | None = None
+
+    def render(self, out: EngineOutput) -> bytes:
+        if out.usage is not None:
+            self._add_usage(out.usage)
+        index = out.index
+        if (
+            out.finish_reason is None
+            and not self._with_token_ids
+            and index == 0
+            and (not self._chat or 0 in self._roles_sent)
+        ):
+            # The common case: one choice, a text delta, nothing else.
+            if self._chat:
+                return self._fast_head + _encode(out.text) + b"}" + _TAIL_OPEN
+            return self._fast_head + _encode(out.text) + _TAIL_OPEN
+        parts = [self._head, str(index).encode()]
+        if self._chat:
+            if index in self._roles_sent:
+                parts.append(b',"delta":{"content":')
+            else:
+                self._roles_sent.add(index)
+                parts.append(b',"delta":{"role":"assistant","content":')
+            parts.append(_encode(out.text))
+            parts.append(b"}")
+        else:
+            parts.append(b',"text":')
+            parts.append(_encode(out.text))
+        if self._with_token_ids and out.token_ids is not None:
+            parts.append(b',"token_ids":')
+            parts.append(_encode(out.token_ids))
+        parts.append(b',"logprobs":null,"finish_reason":')
+        parts.append(b"null" if out.finish_reason is None else _encode(out.finish_reason))
+        parts.append(b"}]}\n\n")
+        return b"".join(parts)
+
+    def _add_usage(self, usage: Usage) -> None:
+        if self.usage is None:
+            self.usage = Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        else:
+            self.usage.prompt_tokens += usage.prompt_tokens
+            self.usage.completion_tokens += usage.completion_tokens
+            self.usage.cached_tokens += usage.cached_tokens
+
+    def finish(self) -> bytes:
+        """What goes before ``[DONE]``: the usage chunk when asked for, else nothing."""
+        if not self.include_usage:
+            return b""
+        usage = self.usage or Usage(0, 0)
+        return b"data: " + self._envelope + b',"choices":[],"usage":' + usage_json(usage) + b"}\n\n"

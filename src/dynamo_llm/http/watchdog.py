@@ -1,0 +1,115 @@
+"""Per-request time limits at the HTTP layer (SPEC §4).
+
+Three limits, each optional:
+
+- **inactivity**: no item for the window (``2 x DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` here; the
+  router applies the raw value per attempt and fires first). The window restarts on every item,
+  so a slow but live stream is never cut.
+- **first token**: no item within ``DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS`` of dispatch.
+- **deadline**: the whole request exceeds ``DYN_HTTP_REQUEST_TIMEOUT_SECS``.
+
+One clock timer serves all three. An item only records the time (``touch()``); the timer, when it
+fires, checks whether the silence is real and otherwise re-arms itself for the next possible
+expiry. So a 100-token stream costs one timer, not a hundred. On expiry the watchdog kills the
+request's context with the matching reason and calls ``on_expire`` (which wakes the handler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import ResponseTimeout
+from ..runtime.clock import Clock, TimerHandle
+from ..runtime.context import EngineContext, StopReason
+
+
+class Watchdog:
+    __slots__ = (
+        "_clock",
+        "_ctx",
+        "_deadline",
+        "_first_token",
+        "_inactivity",
+        "_on_expire",
+        "_started",
+        "_timer",
+        "expired",
+        "got_item",
+        "last_item",
+    )
+
+    def __init__(
+        self,
+        clock: Clock,
+        ctx: EngineContext,
+        *,
+        inactivity: float | None,
+        first_token: float | None,
+        deadline: float | None,
+        on_expire: Callable[[], None],
+    ) -> None:
+        self._clock = clock
+        self._ctx = ctx
+        self._inactivity = inactivity
+        self._first_token = first_token
+        self._deadline = deadline
+        self._on_expire = on_expire
+        self._timer: TimerHandle | None = None
+        self._started = 0.0
+        self.last_item = 0.0
+        self.got_item = False
+        self.expired: ResponseTimeout | None = None
+
+    def start(self) -> None:
+        """Start the clocks (at dispatch)."""
+        self._started = self.last_item = self._clock.now()
+        self._arm()
+
+    def touch(self) -> None:
+        """An item arrived."""
+        self.last_item = self._clock.now()
+        self.got_item = True
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _next_expiry(self) -> float | None:
+        candidates = []
+        if self._inactivity:
+            candidates.append(self.last_item + self._inactivity)
+        if self._first_token and not self.got_item:
+            candidates.append(self._started + self._first_token)
+        if self._deadline:
+            candidates.append(self._started + self._deadline)
+        return min(candidates) if candidates else None
+
+    def _arm(self) -> None:
+        when = self._next_expiry()
+        self._timer = None if when is None else self._clock.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self.expired is not None:
+            return
+        now = self._clock.now()
+        error: ResponseTimeout | None = None
+        reason = StopReason.INACTIVITY_TIMEOUT
+        if self._deadline and now >= self._started + self._deadline:
+            error = ResponseTimeout(
+                f"Request exceeded the time limit of {self._deadline:g} s", code="deadline_exceeded"
+            )
+            reason = StopReason.DEADLINE
+        elif self._first_token and not self.got_item and now >= self._started + self._first_token:
+            error = ResponseTimeout(f"No response from the engine within {self._first_token:g} s")
+        elif self._inactivity and now >= self.last_item + self._inactivity:
+            error = ResponseTimeout(
+                f"The engine sent nothing for {self._inactivity:g} s; the request was stopped"
+            )
+        if error is None:
+            self._arm()
+            return
+        self.expired = error
+        self._ctx.kill(reason)
+        self._on_expire()
