@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -26,8 +27,8 @@ def decode_s(used_blocks: int, total_blocks: int) -> float:
 
 
 def completion(rid: str, prompt: list[int], max_tokens: int) -> EngineRequest:
-    params = SimpleNamespace(prompt=prompt, seed=None)
-    return EngineRequest(rid, "mock", "completions", params, prompt=prompt, max_tokens=max_tokens)  # type: ignore[arg-type]
+    params: Any = SimpleNamespace(prompt=prompt, seed=None)
+    return EngineRequest(rid, "mock", "completions", params, prompt=prompt, max_tokens=max_tokens)
 
 
 @contextlib.asynccontextmanager

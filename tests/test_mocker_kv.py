@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -26,8 +28,8 @@ def decode_s(used_blocks: int, total_blocks: int) -> float:
 
 
 def completion(rid: str, prompt: list[int], max_tokens: int) -> EngineRequest:
-    params = SimpleNamespace(prompt=prompt, seed=None)
-    return EngineRequest(rid, "mock", "completions", params, prompt=prompt, max_tokens=max_tokens)  # type: ignore[arg-type]
+    params: Any = SimpleNamespace(prompt=prompt, seed=None)
+    return EngineRequest(rid, "mock", "completions", params, prompt=prompt, max_tokens=max_tokens)
 
 
 async def collect(
@@ -166,7 +168,7 @@ async def test_concurrent_requests_share_cached_blocks() -> None:
             watch(completion("a", [*prefix, 2], 3)), watch(completion("b", [*prefix, 3], 3))
         )
     await engine.aclose()
-    # While both run: 10 shared prefix blocks + 1 own block each, not 2 × 11.
+    # While both run: 10 shared prefix blocks + 1 own block each, not 2 x 11.
     assert max(seen) == 12
 
 
@@ -246,6 +248,6 @@ async def test_a_preempted_request_is_recomputed_as_prefill() -> None:
     assert len(outs_a) == len(outs_b) == 30
     # B's resumption includes a prefill pass over its whole context, so one of its gaps is
     # longer than any pure decode step could be in this pool.
-    gaps = [y - x for x, y in zip(times_b, times_b[1:], strict=False)]
+    gaps = [y - x for x, y in itertools.pairwise(times_b)]
     assert max(gaps) > decode_s(6, 6) + prefill_s(1)
     assert math.isclose(sum(gaps) + times_b[0], times_b[-1])

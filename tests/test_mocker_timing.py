@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -33,8 +35,8 @@ def decode_s(used_blocks: int, total_blocks: int) -> float:
 
 
 def completion(rid: str, prompt: list[int], max_tokens: int) -> EngineRequest:
-    params = SimpleNamespace(prompt=prompt, seed=None)
-    return EngineRequest(rid, "mock", "completions", params, prompt=prompt, max_tokens=max_tokens)  # type: ignore[arg-type]
+    params: Any = SimpleNamespace(prompt=prompt, seed=None)
+    return EngineRequest(rid, "mock", "completions", params, prompt=prompt, max_tokens=max_tokens)
 
 
 async def collect(
@@ -121,7 +123,7 @@ async def test_inter_token_latency_follows_decode_formula_as_kv_fills(clock: Fak
     await engine.aclose()
     assert len(outs) == max_tokens
     # Token j arrives at the end of pass j, which computes the KV of prompt + j-1 tokens.
-    itls = [b - a for a, b in zip(times, times[1:], strict=False)]
+    itls = [b - a for a, b in itertools.pairwise(times)]
     for j, itl in enumerate(itls, start=2):
         used = math.ceil((prompt_len + j - 1) / bs)
         assert itl == pytest.approx(decode_s(used, blocks_total), abs=1e-12), j

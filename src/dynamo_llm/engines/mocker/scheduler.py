@@ -49,8 +49,8 @@ from .timing import pass_seconds
 
 log = logging.getLogger(__name__)
 
-# One scheduled sequence in a pass: (sequence, tokens computed, counts as prefill, emits).
-_Step = tuple[Sequence, int, bool, bool]
+# One scheduled sequence in a pass: (sequence, tokens it computes, emits a token at the end).
+_Step = tuple[Sequence, int, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +158,10 @@ class Scheduler:
                 start = clock.now()
                 steps, prefill_tokens, emits = self._schedule()
                 if not steps:
+                    if self._waiting or self._running:
+                        # Every admitted request fits the pool alone, so this cannot happen;
+                        # if it did, idling would hang those requests for ever.
+                        raise RuntimeError("a pass scheduled nothing while requests wait")
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
@@ -200,7 +204,7 @@ class Scheduler:
                 seq.blocks.extend(kv.allocate(need))
             budget -= num_new
             done = seq.num_computed + num_new == seq.num_tokens
-            steps.append((seq, num_new, not seq.is_prefilled, done))
+            steps.append((seq, num_new, done))
             if not seq.is_prefilled:
                 prefill_tokens += num_new
             emits = emits or done
@@ -234,7 +238,7 @@ class Scheduler:
             running.append(seq)
             budget -= num_new
             done = cached + num_new == seq.num_tokens
-            steps.append((seq, num_new, True, done))
+            steps.append((seq, num_new, done))
             prefill_tokens += num_new
             emits = emits or done
         return steps, prefill_tokens, emits
@@ -243,7 +247,7 @@ class Scheduler:
         kv = self._kv
         bs = self._config.block_size
         caching = self._config.enable_prefix_caching
-        for seq, num_new, _, done in steps:
+        for seq, num_new, done in steps:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the pass was in flight
             seq.num_computed += num_new

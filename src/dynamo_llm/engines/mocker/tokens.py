@@ -242,9 +242,16 @@ def seed_key(seed: int) -> bytes:
     return (seed & _MASK64).to_bytes(8, "little")
 
 
+_PACKERS = [struct.Struct(f"<{n}Q") for n in range(CONTEXT_WINDOW + 1)]
+
+
 def next_token_id(token_ids: Sequence[int], key: bytes, tokenizer: MockTokenizer) -> int:
     """The next token after ``token_ids``: a keyed hash of its last :data:`CONTEXT_WINDOW` ids."""
     tail = token_ids[-CONTEXT_WINDOW:]
-    data = struct.pack(f"<{len(tail)}Q", *(t & _MASK64 for t in tail))
+    packer = _PACKERS[len(tail)]
+    try:
+        data = packer.pack(*tail)
+    except struct.error:  # an id from a client's prompt beyond 64 bits
+        data = packer.pack(*(t & _MASK64 for t in tail))
     digest = hashlib.blake2b(data, digest_size=8, key=key).digest()
     return tokenizer.pick(int.from_bytes(digest, "little"))
