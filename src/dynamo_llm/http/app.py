@@ -52,7 +52,12 @@ from ..runtime.clock import Clock, SystemClock
 from ..runtime.context import EngineContext, StopReason
 from .aggregate import Aggregator
 from .connection import Connection, Headers, HttpRequest
-from .disconnect import DisconnectMonitor, error_for_stop, monitor_for_disconnects
+from .disconnect import (
+    DisconnectMonitor,
+    SseResponse,
+    error_for_stop,
+    monitor_for_disconnects,
+)
 from .exchange import ClientGone, Exchange, Waker
 from .openapi import openapi_document
 from .sse import SSE_HEADERS, ChunkRenderer
@@ -153,6 +158,10 @@ class App:
             for ctx in list(self._live):
                 ctx.kill(StopReason.SHUTDOWN)
             await self._wait_idle(kill_wait)
+
+    async def wait_until_idle(self) -> None:
+        """Return once no admitted request is in flight (every outcome recorded)."""
+        await self._idle.wait()
 
     async def _wait_idle(self, seconds: float) -> None:
         waiter = asyncio.ensure_future(self._idle.wait())
@@ -256,11 +265,11 @@ class App:
                 watchdog.cancel()
             if monitor is not None:
                 monitor.release_all()
+            record.release()
             if ctx is not None:
                 self._live.pop(ctx, None)
                 if not self._live:
                     self._idle.set()
-            record.release()
 
     async def _read_params(
         self, request: HttpRequest, conn: Connection, endpoint: Endpoint, record: Any
@@ -357,12 +366,12 @@ class App:
         stream = await exchange.handler_phase(
             self._open(served, requests, exchange.ctx, params.n or 1)
         )
-        headers = [*SSE_HEADERS, exchange.response_headers[-1]]
-        writer = await exchange.conn.start_stream(200, headers)
+        response = SseResponse(exchange, [*SSE_HEADERS, exchange.response_headers[-1]])
         try:
-            await monitor_for_disconnects(exchange, stream, writer, renderer)
+            await monitor_for_disconnects(exchange, stream, response, renderer)
         finally:
-            await exchange.conn.end_stream()
+            if response.writer is not None:
+                await exchange.conn.end_stream()
 
     async def _unary(
         self,

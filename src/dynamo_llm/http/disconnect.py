@@ -54,11 +54,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ..engines.base import EngineOutput
-from ..errors import Cancelled, DynamoError, ResponseTimeout, ServerShuttingDown, internal_error
+from ..errors import (
+    Cancelled,
+    DynamoError,
+    ResponseTimeout,
+    ServerShuttingDown,
+    internal_error,
+    render_error,
+)
 from ..metrics import Metrics
 from ..runtime.context import EngineContext, StopReason
 from ..runtime.tasks import cancel_and_wait
-from .connection import StreamWriter
+from .connection import Headers, StreamWriter
 from .sse import DONE, ChunkRenderer, error_frame
 
 if TYPE_CHECKING:
@@ -174,6 +181,45 @@ def error_for_stop(reason: StopReason | None) -> DynamoError:
     return Cancelled()
 
 
+class SseResponse:
+    """The SSE response of one request, started lazily with its first item.
+
+    Holding the status line back until the engine has produced something means that anything
+    going wrong before the first token (a failure, a first-token timeout, a shutdown) still
+    reaches the client as a proper HTTP status with a JSON body, not as a 200 carrying an error
+    frame.
+    """
+
+    __slots__ = ("_exchange", "_headers", "writer")
+
+    def __init__(self, exchange: Exchange, headers: Headers) -> None:
+        self._exchange = exchange
+        self._headers = headers
+        self.writer: StreamWriter | None = None
+
+    async def start(self) -> StreamWriter:
+        if self.writer is None:
+            self.writer = await self._exchange.conn.start_stream(200, self._headers)
+        return self.writer
+
+    async def finish(self, data: bytes) -> None:
+        """Write the last bytes; a client that left in the meantime changes nothing."""
+        writer = await self.start()
+        with contextlib.suppress(*writer.closed_errors):
+            await writer.send(data)
+
+    async def fail(self, error: DynamoError) -> None:
+        """End with ``error``: an HTTP error before the first item, an error frame after it."""
+        if self.writer is None:
+            conn = self._exchange.conn
+            if not conn.is_disconnected:
+                await conn.respond(
+                    error.status, self._exchange.response_headers, render_error(error)
+                )
+            return
+        await self.finish(error_frame(error))
+
+
 class _PumpState:
     __slots__ = ("in_source",)
 
@@ -188,7 +234,7 @@ _GONE = "gone"
 
 async def _pump(
     stream: AsyncIterator[EngineOutput],
-    writer: StreamWriter,
+    response: SseResponse,
     renderer: ChunkRenderer,
     exchange: Exchange,
     state: _PumpState,
@@ -201,18 +247,19 @@ async def _pump(
     touch = exchange.watchdog.touch
     on_tokens = exchange.record.on_tokens
     render = renderer.render
-    send = writer.send
-    closed_errors = writer.closed_errors
     next_item = stream.__anext__
     try:
+        state.in_source = True
+        try:
+            out = await next_item()
+        except StopAsyncIteration:
+            return _ENDED
+        finally:
+            state.in_source = False
+        writer = await response.start()
+        send = writer.send
+        closed_errors = writer.closed_errors
         while True:
-            state.in_source = True
-            try:
-                out = await next_item()
-            except StopAsyncIteration:
-                return _ENDED
-            finally:
-                state.in_source = False
             touch()
             on_tokens(out.num_tokens, out.prompt_tokens)
             try:
@@ -221,6 +268,13 @@ async def _pump(
                 return _GONE
             if ctx.is_stopped:
                 return _STOPPED
+            state.in_source = True
+            try:
+                out = await next_item()
+            except StopAsyncIteration:
+                return _ENDED
+            finally:
+                state.in_source = False
     except DynamoError as exc:
         return exc
     except Exception:
@@ -235,7 +289,7 @@ async def _pump(
 async def monitor_for_disconnects(
     exchange: Exchange,
     stream: AsyncIterator[EngineOutput],
-    writer: StreamWriter,
+    response: SseResponse,
     renderer: ChunkRenderer,
 ) -> None:
     """Stream ``stream`` to the client as SSE, settling the outcome exactly once (see above)."""
@@ -246,7 +300,9 @@ async def monitor_for_disconnects(
     handle.arm()
     record.mark_error("cancelled")
     state = _PumpState()
-    pump = asyncio.get_running_loop().create_task(_pump(stream, writer, renderer, exchange, state))
+    pump = asyncio.get_running_loop().create_task(
+        _pump(stream, response, renderer, exchange, state)
+    )
     pump.add_done_callback(waker.wake)
     try:
         while not pump.done():
@@ -254,11 +310,12 @@ async def monitor_for_disconnects(
                 handle.release()  # armed: the monitor counts the disconnect and kills the context
                 await cancel_and_wait(pump)
                 return
-            if exchange.watchdog.expired is not None:
-                record.mark_error("response_timeout")
+            expired = exchange.watchdog.expired
+            if expired is not None:
+                record.mark_error(expired.error_type)
                 handle.disarm()
                 await cancel_and_wait(pump)
-                await _send_last(writer, error_frame(exchange.watchdog.expired))
+                await response.fail(expired)
                 return
             if ctx.is_stopped and state.in_source:
                 await cancel_and_wait(pump)
@@ -277,12 +334,12 @@ async def monitor_for_disconnects(
         record.mark_error(result.error_type)
         handle.disarm()
         ctx.kill()
-        await _send_last(writer, error_frame(result))
+        await response.fail(result)
         return
     if result == _ENDED and not ctx.is_stopped:
         record.mark_ok()
         handle.disarm()
-        await _send_last(writer, renderer.finish() + DONE)
+        await response.finish(renderer.finish() + DONE)
         return
     # Stopped or killed before the source ended: never a success.
     reason = ctx.reason
@@ -290,18 +347,7 @@ async def monitor_for_disconnects(
         handle.release()
         return
     handle.disarm()
-    if reason in (StopReason.INACTIVITY_TIMEOUT, StopReason.DEADLINE):
-        record.mark_error("response_timeout")
-        await _send_last(writer, error_frame(exchange.watchdog.expired or ResponseTimeout()))
-        return
-    error = error_for_stop(reason)
+    error = exchange.watchdog.expired or error_for_stop(reason)
     record.mark_error(error.error_type)
-    if reason is StopReason.SHUTDOWN:
-        await _send_last(writer, error_frame(error))
-
-
-async def _send_last(writer: StreamWriter, data: bytes) -> None:
-    """Write the final frame; a client that left in the meantime changes nothing."""
-    if data:
-        with contextlib.suppress(*writer.closed_errors):
-            await writer.send(data)
+    if reason is not StopReason.EXPLICIT:
+        await response.fail(error)
