@@ -251,7 +251,9 @@ class Metrics:
         self.queued_requests = Gauge(
             f"{p}_queued_requests", "Requests admitted that have not produced a token yet", model
         )
-        self.disconnected_clients = Counter(
+        # A gauge that only ever goes up, as in Dynamo: a counter would be exposed as
+        # ``..._disconnected_clients_total`` and break dashboards built on Dynamo's name.
+        self.disconnected_clients = Gauge(
             f"{p}_disconnected_clients", "Clients that went away before the response was complete"
         )
         self.model_cancellation_total = Counter(
