@@ -21,9 +21,19 @@ for plain responses and SSE error frames alike.
     ├── AllWorkersBusy               503 overloaded_error            overload
     ├── NoWorkersAvailable           503 service_unavailable_error   unavailable
     ├── ResponseTimeout              504 timeout_error               response_timeout
+    │   └── WorkerResponseTimeout    504   quarantines the worker; not migratable
     ├── Cancelled                    499 cancelled                   cancelled
     │   └── ServerShuttingDown       503 service_unavailable_error   cancelled
-    └── EngineError                  500 internal_error              internal
+    ├── EngineError                  500 internal_error              internal
+    │   └── UpstreamError            502 upstream_error              internal (a worker's 5xx)
+    └── WorkerFault                  503 service_unavailable_error   unavailable
+        ├── WorkerUnreachable        503   connect failed / timed out
+        ├── WorkerDisconnected       503   dropped mid-stream, or ended without a terminal item
+        └── WorkerShuttingDown       503   the worker said it is going away
+
+Two more class attributes drive the router: ``quarantines`` (the worker that produced the error is
+reported down) and ``migratable`` (the request may be replayed on another worker, SPEC §9). Only
+worker faults set them; a client's cancellation, a 4xx or an overload never does.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ class DynamoError(Exception):
     error_type: ClassVar[str] = "internal"
     default_code: ClassVar[str | int | None] = None
     default_message: ClassVar[str] = "Internal server error"
+    quarantines: ClassVar[bool] = False
+    migratable: ClassVar[bool] = False
 
     def __init__(
         self, message: str | None = None, *, param: str | None = None, code: str | int | None = None
@@ -164,6 +176,48 @@ class EngineError(DynamoError):
     """The engine failed while generating. The message must be safe to show a client."""
 
     default_message = "The engine failed while generating"
+
+
+class WorkerResponseTimeout(ResponseTimeout):
+    """A worker went silent past the per-attempt inactivity or first-token limit."""
+
+    quarantines = True
+    default_message = "The worker stopped responding"
+
+
+class UpstreamError(EngineError):
+    """A worker answered with a 5xx; its message is passed on."""
+
+    status = 502
+    type = "upstream_error"
+    default_message = "The worker failed"
+
+
+class WorkerFault(DynamoError):
+    """The worker (not the request) is at fault: report it down; the request may migrate."""
+
+    status = 503
+    type = "service_unavailable_error"
+    error_type = "unavailable"
+    default_code = "worker_unavailable"
+    default_message = "The worker is unavailable"
+    quarantines = True
+    migratable = True
+
+
+class WorkerUnreachable(WorkerFault):
+    default_code = "worker_unreachable"
+    default_message = "Could not connect to the worker"
+
+
+class WorkerDisconnected(WorkerFault):
+    default_code = "worker_disconnected"
+    default_message = "The worker's stream ended before generation completed"
+
+
+class WorkerShuttingDown(WorkerFault):
+    default_code = "worker_shutting_down"
+    default_message = "The worker is shutting down"
 
 
 class _ErrorDetail(msgspec.Struct, omit_defaults=False):
