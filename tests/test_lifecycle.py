@@ -342,3 +342,32 @@ async def test_include_usage_adds_a_usage_chunk_before_done():
     assert usage_chunk["choices"] == []
     assert usage_chunk["usage"]["completion_tokens"] == 4
     assert usage_chunk["usage"]["prompt_tokens"] == 3
+
+
+async def test_worker_stop_route_stops_the_request_gracefully():
+    h = harness({"hang_after": 1})
+    h.app.control_routes = True
+    conn, task = h.start(chat_body(), path="/v1/chat/completions")
+    async with asyncio.timeout(5):
+        await h.engine.called.wait()
+        await h.engine.last.waiting.wait()
+    control = FakeConnection(b"")
+    request_id = h.engine.last.ctx.id
+    await h.app.handle(make_request(f"/v1/requests/{request_id}/stop"), control)
+    assert control.status == 200
+    assert json.loads(control.response_body) == {"id": request_id, "stopped": 1}
+    await finish(task)
+    call = h.engine.last
+    assert call.stopped.is_set() and not call.killed.is_set()
+    assert h.requests_total("error", "cancelled") == 1
+    missing = FakeConnection(b"")
+    await h.app.handle(make_request("/v1/requests/nope/stop"), missing)
+    assert missing.status == 404
+
+
+async def test_stop_route_is_off_unless_enabled():
+    h = harness()
+    conn = FakeConnection(b"")
+    await h.app.handle(make_request("/v1/requests/x/stop"), conn)
+    assert conn.status == 404
+    assert json.loads(conn.response_body)["error"]["code"] == "route_not_found"

@@ -94,9 +94,16 @@ class App:
     """Routes requests and owns every in-flight request's lifecycle."""
 
     def __init__(
-        self, config: Config, models: Sequence[ServedModel], metrics: Metrics, clock: Clock
+        self,
+        config: Config,
+        models: Sequence[ServedModel],
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        control_routes: bool = False,
     ) -> None:
         self.config = config
+        self.control_routes = control_routes
         self.metrics = metrics
         self.clock = clock
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
@@ -178,6 +185,12 @@ class App:
     async def handle(self, request: HttpRequest, conn: Connection) -> None:
         path = request.path
         method = request.method
+        if self.control_routes and path.startswith(_STOP_PREFIX) and path.endswith("/stop"):
+            if method == "POST":
+                await self._stop_request(conn, path[len(_STOP_PREFIX) : -len("/stop")])
+                return
+            await self._error(conn, MethodNotAllowed(f"Method {method} not allowed on {path}"))
+            return
         endpoint = self._post_routes.get(path)
         if endpoint is not None:
             if method == "POST":
@@ -423,6 +436,25 @@ class App:
 
     # --- other routes -------------------------------------------------------------------------
 
+    async def _stop_request(self, conn: Connection, request_id: str) -> None:
+        """Stop generating (gracefully) every request in flight with this id.
+
+        A frontend uses it to pass a graceful stop across the wire to a ``dynamo-llm worker``;
+        only workers enable it (it trusts the caller with every request id).
+        """
+        stopped = 0
+        for ctx in list(self._live):
+            if ctx.id == request_id and not ctx.is_stopped:
+                ctx.stop_generating(StopReason.EXPLICIT)
+                stopped += 1
+        if stopped == 0:
+            await self._error(
+                conn,
+                NotFound(f"No request `{request_id[:128]}` in flight", code="request_not_found"),
+            )
+            return
+        await self._json(conn, 200, {"id": request_id, "stopped": stopped})
+
     def _model_card(self, model: ServedModel) -> dict[str, Any]:
         card: dict[str, Any] = {
             "id": model.name,
@@ -482,6 +514,9 @@ class App:
         await conn.respond(200, [("content-type", "text/html; charset=utf-8")], _DOCS_HTML)
 
 
+_STOP_PREFIX = "/v1/requests/"
+
+
 def _completion_stop(params: CompletionRequest) -> tuple[str, ...]:
     stop = params.stop
     if stop is None:
@@ -510,11 +545,17 @@ def create_app(
     models: Sequence[ServedModel],
     metrics: Metrics | None = None,
     clock: Clock | None = None,
+    *,
+    control_routes: bool = False,
 ) -> App:
-    """Build the app; a fresh metrics registry and the system clock unless given."""
+    """Build the app; a fresh metrics registry and the system clock unless given.
+
+    ``control_routes`` enables ``POST /v1/requests/{id}/stop`` (for ``dynamo-llm worker``).
+    """
     return App(
         config,
         models,
         metrics if metrics is not None else Metrics(prefix=config.metrics_prefix),
         clock if clock is not None else SystemClock(),
+        control_routes=control_routes,
     )
