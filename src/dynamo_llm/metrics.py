@@ -291,6 +291,12 @@ class Metrics:
         self.worker_quarantined = Gauge(
             f"{p}_worker_quarantined", "1 while the worker is quarantined", ("worker",)
         )
+        self.worker_time_to_first_token_seconds = Histogram(
+            f"{p}_worker_time_to_first_token_seconds",
+            "Time to the first token, per worker",
+            ("worker",),
+            TTFT_BUCKETS,
+        )
         self.model_ready = Gauge(
             f"{p}_model_ready", "1 while at least one worker can take a request", model
         )

@@ -143,8 +143,19 @@ class App:
         if self._background:
             await asyncio.wait(self._background)
         self._background.clear()
-        for model in self.models.values():
-            await model.engine.aclose()
+        engines = {id(m.engine): m.engine for m in self.models.values()}
+        for engine in engines.values():
+            await engine.aclose()
+
+    def add_model(self, model: ServedModel) -> None:
+        """Serve another model (or replace one with the same name), e.g. found by discovery."""
+        self.models[model.name] = model
+        self.metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
+
+    def remove_model(self, name: str) -> None:
+        """Stop serving a model: new requests for it get 404; requests in flight finish."""
+        if self.models.pop(name, None) is not None:
+            self.metrics.model_ready.remove(name)
 
     @property
     def inflight(self) -> int:
