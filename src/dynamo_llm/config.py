@@ -15,6 +15,7 @@ from dataclasses import dataclass
 log = logging.getLogger("dynamo_llm.config")
 
 TRUTHY = {"1", "true", "on", "yes"}
+FALSY = {"0", "false", "off", "no"}
 
 
 def _int(environ: Mapping[str, str], name: str, default: int | None) -> int | None:
@@ -28,6 +29,11 @@ def _int(environ: Mapping[str, str], name: str, default: int | None) -> int | No
         return default
 
 
+def _int_or(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(environ, name, default)
+    return default if value is None else value
+
+
 def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     raw = environ.get(name)
     if raw is None or raw.strip() == "":
@@ -37,6 +43,19 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     except ValueError:
         log.warning("ignoring %s=%r: not a number", name, raw)
         return default
+
+
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in TRUTHY:
+        return True
+    if value in FALSY:
+        return False
+    log.warning("ignoring %s=%r: not a boolean", name, raw)
+    return default
 
 
 def _timeout(environ: Mapping[str, str], name: str) -> int | None:
@@ -53,9 +72,19 @@ class Config:
     http_port: int = 8000
     http_interface: str = "rsgi"
     model_name: str | None = None
-    engine: str = "echo"
+    engine: str = "mocker"
     token_echo_delay_ms: float = 10.0
     context_length: int | None = None
+    # The mocker's knobs (``DYN_MOCKER_*``); defaults are Dynamo's mocker's (SPEC §10).
+    mocker_num_gpu_blocks: int = 16384
+    mocker_block_size: int = 64
+    mocker_max_num_seqs: int = 256
+    mocker_max_num_batched_tokens: int = 8192
+    mocker_enable_prefix_caching: bool = True
+    mocker_speedup_ratio: float = 1.0
+    mocker_decode_speedup_ratio: float = 1.0
+    mocker_tokenizer: str | None = None
+    mocker_seed: int = 0
     backend_stream_timeout_secs: int | None = None
     first_token_timeout_secs: int | None = None
     request_timeout_secs: int | None = None
@@ -69,7 +98,7 @@ class Config:
         defaults = cls()
         return cls(
             http_host=environ.get("DYN_HTTP_HOST") or defaults.http_host,
-            http_port=_int(environ, "DYN_HTTP_PORT", defaults.http_port) or defaults.http_port,
+            http_port=_int_or(environ, "DYN_HTTP_PORT", defaults.http_port),
             http_interface=environ.get("DYN_HTTP_INTERFACE") or defaults.http_interface,
             model_name=environ.get("DYN_MODEL_NAME") or None,
             engine=environ.get("DYN_ENGINE") or defaults.engine,
@@ -77,6 +106,27 @@ class Config:
                 environ, "DYN_TOKEN_ECHO_DELAY_MS", defaults.token_echo_delay_ms
             ),
             context_length=_int(environ, "DYN_CONTEXT_LENGTH", None),
+            mocker_num_gpu_blocks=_int_or(
+                environ, "DYN_MOCKER_NUM_GPU_BLOCKS", defaults.mocker_num_gpu_blocks
+            ),
+            mocker_block_size=_int_or(environ, "DYN_MOCKER_BLOCK_SIZE", defaults.mocker_block_size),
+            mocker_max_num_seqs=_int_or(
+                environ, "DYN_MOCKER_MAX_NUM_SEQS", defaults.mocker_max_num_seqs
+            ),
+            mocker_max_num_batched_tokens=_int_or(
+                environ, "DYN_MOCKER_MAX_NUM_BATCHED_TOKENS", defaults.mocker_max_num_batched_tokens
+            ),
+            mocker_enable_prefix_caching=_bool(
+                environ, "DYN_MOCKER_ENABLE_PREFIX_CACHING", defaults.mocker_enable_prefix_caching
+            ),
+            mocker_speedup_ratio=_float(
+                environ, "DYN_MOCKER_SPEEDUP_RATIO", defaults.mocker_speedup_ratio
+            ),
+            mocker_decode_speedup_ratio=_float(
+                environ, "DYN_MOCKER_DECODE_SPEEDUP_RATIO", defaults.mocker_decode_speedup_ratio
+            ),
+            mocker_tokenizer=environ.get("DYN_MOCKER_TOKENIZER") or None,
+            mocker_seed=_int_or(environ, "DYN_MOCKER_SEED", defaults.mocker_seed),
             backend_stream_timeout_secs=_timeout(environ, "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS"),
             first_token_timeout_secs=_timeout(environ, "DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS"),
             request_timeout_secs=_timeout(environ, "DYN_HTTP_REQUEST_TIMEOUT_SECS"),
