@@ -50,6 +50,7 @@ from ..protocols.common import peek_model
 from ..protocols.completions import CompletionRequest, decode_completion_request, prompts
 from ..runtime.clock import Clock, SystemClock
 from ..runtime.context import EngineContext, StopReason
+from ..runtime.watchdog import Watchdog
 from .aggregate import Aggregator
 from .connection import Connection, Headers, HttpRequest
 from .disconnect import (
@@ -61,7 +62,6 @@ from .disconnect import (
 from .exchange import ClientGone, Exchange, Waker
 from .openapi import openapi_document
 from .sse import SSE_HEADERS, ChunkRenderer
-from .watchdog import Watchdog
 
 log = logging.getLogger("dynamo_llm.http")
 

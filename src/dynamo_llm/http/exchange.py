@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 from ..metrics import RequestRecord
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
+from ..runtime.watchdog import Watchdog
 from .connection import Connection
 from .disconnect import DisconnectMonitor, error_for_stop
-from .watchdog import Watchdog
 
 T = TypeVar("T")
 

@@ -1,17 +1,20 @@
-"""Per-request time limits at the HTTP layer (SPEC §4).
+"""Time limits on a stream of items (SPEC §4), for a request or for one attempt.
 
-Three limits, each optional:
+The HTTP layer watches each request (inactivity window ``2 x DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS``)
+and the router watches each attempt on a worker (the raw value, so it fires first and the worker
+is quarantined). Three limits, each optional:
 
-- **inactivity**: no item for the window (``2 x DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` here; the
-  router applies the raw value per attempt and fires first). The window restarts on every item,
-  so a slow but live stream is never cut.
+- **inactivity**: no item for the window. The window restarts on every item, so a slow but live
+  stream is never cut.
 - **first token**: no item within ``DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS`` of dispatch.
 - **deadline**: the whole request exceeds ``DYN_HTTP_REQUEST_TIMEOUT_SECS``.
 
 One clock timer serves all three. An item only records the time (``touch()``); the timer, when it
 fires, checks whether the silence is real and otherwise re-arms itself for the next possible
 expiry. So a 100-token stream costs one timer, not a hundred. On expiry the watchdog kills the
-request's context with the matching reason and calls ``on_expire`` (which wakes the handler).
+context with the matching reason and calls ``on_expire`` (the HTTP handler's waker). The error
+it records is an instance of ``error`` (``ResponseTimeout``, or the router's
+``WorkerResponseTimeout``, which quarantines the worker).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import ResponseTimeout
-from ..runtime.clock import Clock, TimerHandle
-from ..runtime.context import EngineContext, StopReason
+from .clock import Clock, TimerHandle
+from .context import EngineContext, StopReason
 
 
 class Watchdog:
@@ -28,6 +31,7 @@ class Watchdog:
         "_clock",
         "_ctx",
         "_deadline",
+        "_error",
         "_first_token",
         "_inactivity",
         "_on_expire",
@@ -46,9 +50,11 @@ class Watchdog:
         inactivity: float | None,
         first_token: float | None,
         deadline: float | None,
-        on_expire: Callable[[], None],
+        on_expire: Callable[[], None] | None = None,
+        error: type[ResponseTimeout] = ResponseTimeout,
     ) -> None:
         self._clock = clock
+        self._error = error
         self._ctx = ctx
         self._inactivity = inactivity
         self._first_token = first_token
@@ -97,14 +103,14 @@ class Watchdog:
         error: ResponseTimeout | None = None
         reason = StopReason.INACTIVITY_TIMEOUT
         if self._deadline and now >= self._started + self._deadline:
-            error = ResponseTimeout(
+            error = self._error(
                 f"Request exceeded the time limit of {self._deadline:g} s", code="deadline_exceeded"
             )
             reason = StopReason.DEADLINE
         elif self._first_token and not self.got_item and now >= self._started + self._first_token:
-            error = ResponseTimeout(f"No response from the engine within {self._first_token:g} s")
+            error = self._error(f"No response from the engine within {self._first_token:g} s")
         elif self._inactivity and now >= self.last_item + self._inactivity:
-            error = ResponseTimeout(
+            error = self._error(
                 f"The engine sent nothing for {self._inactivity:g} s; the request was stopped"
             )
         if error is None:
@@ -112,4 +118,5 @@ class Watchdog:
             return
         self.expired = error
         self._ctx.kill(reason)
-        self._on_expire()
+        if self._on_expire is not None:
+            self._on_expire()
