@@ -276,7 +276,9 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
         "counted once.",
     )
     parser.add_argument("--version", action="version", version=f"dynamo-llm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}"
+    )
     serve = sub.add_parser(
         "serve",
         help="run the frontend with an in-process engine (the mocker by default)",

@@ -1,0 +1,282 @@
+"""The command line: flags, environment variables, defaults, and a real ``serve`` process.
+
+Parsing is tested in process through :func:`dynamo_llm.cli.parse_config`; the commands that run
+a server are started as child processes (:class:`~dynamo_llm.testing.process.ServerProcess`)
+with ``--http-port 0``, their URL read from the readiness line on stderr.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from dynamo_llm.cli import build_parser, parse_config
+from dynamo_llm.config import Config
+from dynamo_llm.engines.echo import EchoEngine
+from dynamo_llm.engines.factory import build_engine, mocker_config
+from dynamo_llm.engines.mocker import MockerConfig, MockerEngine
+from dynamo_llm.http.server import HttpServer
+from dynamo_llm.runtime.clock import SystemClock
+from dynamo_llm.testing.process import READY_LINE, ServerProcess
+from dynamo_llm.worker import build_app
+
+ENGINE_FLAGS = [
+    "--engine",
+    "--model-name",
+    "--context-length",
+    "--num-gpu-blocks-override",
+    "--block-size",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--enable-prefix-caching",
+    "--no-enable-prefix-caching",
+    "--speedup-ratio",
+    "--decode-speedup-ratio",
+    "--tokenizer",
+    "--seed",
+    "--token-echo-delay-ms",
+]
+HTTP_FLAGS = [
+    "--http-host",
+    "--http-port",
+    "--http-interface",
+    "--body-limit-mb",
+    "--graceful-shutdown-timeout-secs",
+    "--backend-stream-timeout-secs",
+    "--first-token-timeout-secs",
+    "--request-timeout-secs",
+    "--metrics-prefix",
+    "--log-level",
+]
+MOCKER_ENV = {
+    "DYN_ENGINE": "mocker",
+    "DYN_MODEL_NAME": "from-env",
+    "DYN_CONTEXT_LENGTH": "4096",
+    "DYN_MOCKER_NUM_GPU_BLOCKS": "512",
+    "DYN_MOCKER_BLOCK_SIZE": "16",
+    "DYN_MOCKER_MAX_NUM_SEQS": "32",
+    "DYN_MOCKER_MAX_NUM_BATCHED_TOKENS": "2048",
+    "DYN_MOCKER_ENABLE_PREFIX_CACHING": "0",
+    "DYN_MOCKER_SPEEDUP_RATIO": "50",
+    "DYN_MOCKER_DECODE_SPEEDUP_RATIO": "2",
+    "DYN_MOCKER_TOKENIZER": "/models/tokenizer.json",
+    "DYN_MOCKER_SEED": "7",
+}
+
+
+def help_text(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser(Config()).parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_help_lists_every_flag_with_its_environment_variable(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = help_text(command, capsys)
+    for flag in ENGINE_FLAGS + HTTP_FLAGS:
+        assert flag in text, flag
+    flat = " ".join(text.split())  # argparse wraps lines, sometimes inside a name
+    for var in MOCKER_ENV:
+        assert var in flat.replace("- ", "-"), var
+    assert "default mocker" in flat
+
+
+def test_serve_and_worker_take_the_same_flags() -> None:
+    parser = build_parser(Config())
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    choices = subparsers.choices  # type: ignore[attr-defined]
+    serve = {s for a in choices["serve"]._actions for s in a.option_strings}
+    worker = {s for a in choices["worker"]._actions for s in a.option_strings}
+    assert serve == worker
+
+
+def test_without_flags_or_environment_serve_runs_the_mocker_with_dynamo_defaults() -> None:
+    command, config = parse_config(["serve"], {})
+    assert command == "serve"
+    assert config.engine == "mocker"
+    assert config.model_name is None
+    assert mocker_config(config) == MockerConfig()
+    assert mocker_config(config) == MockerConfig(
+        num_gpu_blocks=16384,
+        block_size=64,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        enable_prefix_caching=True,
+        speedup_ratio=1.0,
+        decode_speedup_ratio=1.0,
+        context_length=8192,
+        seed=0,
+        tokenizer=None,
+    )
+
+
+def test_environment_variables_feed_the_config() -> None:
+    _, config = parse_config(["worker"], MOCKER_ENV)
+    assert config.model_name == "from-env"
+    assert mocker_config(config) == MockerConfig(
+        num_gpu_blocks=512,
+        block_size=16,
+        max_num_seqs=32,
+        max_num_batched_tokens=2048,
+        enable_prefix_caching=False,
+        speedup_ratio=50.0,
+        decode_speedup_ratio=2.0,
+        context_length=4096,
+        seed=7,
+        tokenizer="/models/tokenizer.json",
+    )
+
+
+def test_flags_win_over_environment_variables() -> None:
+    argv = [
+        "worker",
+        "--engine=echo",
+        "--model-name=from-flag",
+        "--context-length=1000",
+        "--num-gpu-blocks-override=64",
+        "--block-size=8",
+        "--max-num-seqs=4",
+        "--max-num-batched-tokens=128",
+        "--enable-prefix-caching",
+        "--speedup-ratio=1000",
+        "--decode-speedup-ratio=3",
+        "--tokenizer=/other/tokenizer.json",
+        "--seed=11",
+        "--http-port=0",
+    ]
+    _, config = parse_config(argv, {**MOCKER_ENV, "DYN_HTTP_PORT": "9001"})
+    assert config.engine == "echo"
+    assert config.model_name == "from-flag"
+    assert config.http_port == 0
+    assert mocker_config(config) == MockerConfig(
+        num_gpu_blocks=64,
+        block_size=8,
+        max_num_seqs=4,
+        max_num_batched_tokens=128,
+        enable_prefix_caching=True,
+        speedup_ratio=1000.0,
+        decode_speedup_ratio=3.0,
+        context_length=1000,
+        seed=11,
+        tokenizer="/other/tokenizer.json",
+    )
+    _, config = parse_config(["serve", "--no-enable-prefix-caching"], {})
+    assert config.mocker_enable_prefix_caching is False
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", True), ("true", True), ("ON", True), ("0", False), ("no", False), ("maybe", True)],
+)
+def test_boolean_environment_values(value: str, expected: bool) -> None:
+    config = Config.from_env({"DYN_MOCKER_ENABLE_PREFIX_CACHING": value})
+    assert config.mocker_enable_prefix_caching is expected
+
+
+def test_unparsable_numbers_in_the_environment_fall_back_to_the_defaults() -> None:
+    config = Config.from_env({"DYN_MOCKER_SPEEDUP_RATIO": "fast", "DYN_MOCKER_BLOCK_SIZE": "x"})
+    assert config.mocker_speedup_ratio == 1.0
+    assert config.mocker_block_size == 64
+
+
+def test_dyn_http_port_zero_means_any_free_port() -> None:
+    assert Config.from_env({"DYN_HTTP_PORT": "0"}).http_port == 0
+    assert Config.from_env({}).http_port == 8000
+
+
+def test_the_factory_builds_the_engine_the_config_names() -> None:
+    clock = SystemClock()
+    mocker = build_engine(Config(), clock)
+    assert isinstance(mocker, MockerEngine)
+    assert mocker.context_length == 8192
+    small = build_engine(
+        Config(context_length=100_000, mocker_num_gpu_blocks=10, mocker_block_size=16), clock
+    )
+    assert isinstance(small, MockerEngine)
+    assert small.context_length == 160  # never larger than the KV cache
+    echo = build_engine(Config(engine="echo", context_length=50), clock)
+    assert isinstance(echo, EchoEngine)
+    assert echo.context_length == 50
+    with pytest.raises(ValueError, match="unknown engine"):
+        build_engine(Config(engine="gpt"), clock)
+
+
+async def test_serve_with_the_default_engine_answers_from_the_mocker_and_exposes_its_state() -> (
+    None
+):
+    _, config = parse_config(["serve", "--speedup-ratio", "1000", "--http-port", "0"], {})
+    app = build_app(config)
+    model = app.models["mocker"]
+    assert isinstance(model.engine, MockerEngine)
+    assert model.context_length == 8192
+    async with HttpServer(app, "127.0.0.1", 0) as server, httpx.AsyncClient() as client:
+        body = {"model": "mocker", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        resp = await client.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=10)
+        assert resp.status_code == 200, resp.text
+        answer = resp.json()
+        assert answer["usage"]["completion_tokens"] == 3
+        assert answer["choices"][0]["finish_reason"] == "length"
+        models = (await client.get(f"{server.base_url}/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == ["mocker"]
+        metrics = (await client.get(f"{server.base_url}/metrics")).text
+        assert 'dynamo_mocker_kv_blocks_total{model="mocker"} 16384.0' in metrics
+        assert 'dynamo_mocker_finished_requests_total{model="mocker"} 1.0' in metrics
+        assert 'dynamo_mocker_running_requests{model="mocker"} 0.0' in metrics
+        health = (await client.get(f"{server.base_url}/health")).json()
+        assert health["models"][0]["engine"] == "mocker"
+        assert health["models"][0]["kv_blocks_total"] == 16384
+
+
+def test_invalid_mocker_parameters_exit_with_status_2_and_say_why() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dynamo_llm", "worker", "--block-size", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "block_size must be at least 1" in result.stderr
+
+
+def test_serve_echo_process_answers_chat_and_exits_0_on_sigterm() -> None:
+    args = ["serve", "--engine", "echo", "--http-port", "0", "--token-echo-delay-ms", "0"]
+    with ServerProcess(args) as proc:
+        url = proc.wait_ready(timeout=30)
+        assert url.startswith("http://127.0.0.1:")
+        assert not url.endswith(":0")
+        match = READY_LINE.search(proc.log)
+        assert match is not None
+        assert match.group("command") == "serve"
+        assert match.group("models") == "echo"
+        body = {"model": "echo", "messages": [{"role": "user", "content": "hello there world"}]}
+        resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == "hello there world"
+        started = time.monotonic()
+        code = proc.stop(timeout=10, sig=signal.SIGTERM)
+        elapsed = time.monotonic() - started
+    assert code == 0, proc.log
+    assert elapsed < 5, f"took {elapsed:.1f}s to exit"
+    assert "panicked" not in proc.log
+
+
+def test_python_dash_m_without_a_command_prints_usage_and_exits_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dynamo_llm"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "serve" in result.stderr
+    assert "worker" in result.stderr
