@@ -400,13 +400,6 @@ async def test_a_validation_error_on_a_streaming_request_is_a_plain_json_error(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="http/app.py _read_params sets record.request_type only after decode_chat_request "
-    "has also run the value checks, so a streaming request rejected by a value check is "
-    "counted as request_type='unary' (Dynamo labels it from request.stream)",
-)
 async def test_a_streaming_request_rejected_by_a_value_check_is_counted_as_stream(
     shared: Frontend,
 ) -> None:
@@ -1005,17 +998,7 @@ async def test_a_control_character_in_a_header_is_refused_or_ignored_never_500(
     "server",
     [
         "rsgi",
-        pytest.param(
-            "asgi",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="http/server.py:86 binds the uvicorn socket with proto 0, so asyncio's "
-                "_set_nodelay skips TCP_NODELAY on accepted sockets; the header and body "
-                "writes then wait out the client's delayed ACK (~40 ms per response on a "
-                "keep-alive connection)",
-            ),
-        ),
+        "asgi",
     ],
 )
 async def test_responses_on_a_keep_alive_connection_are_not_delayed(server: str) -> None:

@@ -347,7 +347,7 @@ async def test_include_usage_adds_a_usage_chunk_before_done():
 async def test_worker_stop_route_stops_the_request_gracefully():
     h = harness({"hang_after": 1})
     h.app.control_routes = True
-    conn, task = h.start(chat_body(), path="/v1/chat/completions")
+    _, task = h.start(chat_body(), path="/v1/chat/completions")
     async with asyncio.timeout(5):
         await h.engine.called.wait()
         await h.engine.last.waiting.wait()

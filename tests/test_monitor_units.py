@@ -7,9 +7,9 @@ import gc
 import pytest
 
 from dynamo_llm.http.disconnect import DisconnectMonitor, HandleStatus
-from dynamo_llm.runtime.watchdog import Watchdog
 from dynamo_llm.metrics import Metrics, log_buckets, sanitize_prefix
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
+from dynamo_llm.runtime.watchdog import Watchdog
 
 LABELS = ("m", "chat_completions", "stream")
 

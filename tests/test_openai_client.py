@@ -412,20 +412,7 @@ ERROR_FRAME = (
 @pytest.mark.parametrize(
     "server",
     [
-        pytest.param(
-            "rsgi",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=TimeoutError,
-                reason="http/rsgi.py:98 RsgiConnection.end_stream is a no-op: granian ends a "
-                "streamed body only when its RSGIHTTPStreamTransport is freed, and the engine's "
-                "exception keeps it alive (its __traceback__ holds the frame of "
-                "http/disconnect.py _pump, whose `send` local is the transport's bound "
-                "send_bytes); an exception that outlives the request (here FakeEngine.error; "
-                "also any logged exc_info a handler keeps) leaves the body open after the "
-                "error frame and the client hangs",
-            ),
-        ),
+        "rsgi",
         "asgi",
     ],
 )

@@ -113,10 +113,21 @@ class EngineRequest:
 
     ``params`` is the validated OpenAI request (for sampling options an engine may honour);
     ``prompt`` is this sub-request's completions prompt (text or token ids), None for chat.
-    ``raw_body`` is the client's JSON body, for engines that forward it.
+    ``raw_body`` is the client's JSON body, for engines that forward it. ``worker_id`` is the
+    worker the client asked for (``X-Worker-Instance-Id``, used by the router's direct mode).
     """
 
-    __slots__ = ("endpoint", "id", "max_tokens", "model", "params", "prompt", "raw_body", "stop")
+    __slots__ = (
+        "endpoint",
+        "id",
+        "max_tokens",
+        "model",
+        "params",
+        "prompt",
+        "raw_body",
+        "stop",
+        "worker_id",
+    )
 
     def __init__(
         self,
@@ -129,6 +140,7 @@ class EngineRequest:
         max_tokens: int | None = None,
         stop: tuple[str, ...] = (),
         raw_body: bytes | None = None,
+        worker_id: str | None = None,
     ) -> None:
         self.id = id
         self.model = model
@@ -138,6 +150,7 @@ class EngineRequest:
         self.max_tokens = max_tokens
         self.stop = stop
         self.raw_body = raw_body
+        self.worker_id = worker_id
 
     def __repr__(self) -> str:
         return f"EngineRequest(id={self.id!r}, model={self.model!r}, endpoint={self.endpoint!r})"

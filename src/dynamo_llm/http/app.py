@@ -46,7 +46,7 @@ from ..protocols.chat import (
     max_output_tokens,
     stop_list,
 )
-from ..protocols.common import peek_model
+from ..protocols.common import peek_request
 from ..protocols.completions import CompletionRequest, decode_completion_request, prompts
 from ..runtime.clock import Clock, SystemClock
 from ..runtime.context import EngineContext, StopReason
@@ -81,6 +81,9 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     is_ready: Callable[[], bool] = lambda: True
     describe: Callable[[], dict[str, Any]] = lambda: {}
+    # The engine times each attempt itself (the router): the HTTP layer's first-token limit is
+    # then a safety net at twice the value, like the inactivity window, so the router fires first.
+    routed: bool = False
 
 
 def resolve_request_id(value: str | None) -> str:
@@ -256,7 +259,11 @@ class App:
                 self.clock,
                 ctx,
                 inactivity=config.http_inactivity_secs,
-                first_token=config.first_token_timeout_secs,
+                first_token=(
+                    config.first_token_timeout_secs * (2 if served.routed else 1)
+                    if config.first_token_timeout_secs
+                    else None
+                ),
                 deadline=config.request_timeout_secs,
                 on_expire=waker.wake,
             )
@@ -264,6 +271,10 @@ class App:
             conn.on_disconnect(waker.wake)
             ctx.on_stop(waker.wake)
             requests = self._engine_requests(endpoint, params, served, request_id, body)
+            worker_id = request.headers.get("x-worker-instance-id")
+            if worker_id:
+                for sub_request in requests:
+                    sub_request.worker_id = worker_id[:256]
             watchdog.start()
             if params.stream:
                 await self._stream(exchange, served, params, requests)
@@ -315,8 +326,9 @@ class App:
                 params = decode_completion_request(body)
         except DynamoError:
             # Label the failure with the model when it is one we serve; otherwise the fixed label.
-            name = peek_model(body) if body else None
+            name, stream = peek_request(body) if body else (None, False)
             record.model = name if name in self.models else UNKNOWN_MODEL
+            record.request_type = "stream" if stream else "unary"
             raise
         record.request_type = "stream" if params.stream else "unary"
         if params.model not in self.models:

@@ -276,7 +276,10 @@ async def _pump(
             finally:
                 state.in_source = False
     except DynamoError as exc:
-        return exc
+        # The traceback holds this frame, and the frame holds the server's transport: under
+        # granian a streamed body only ends when its transport is freed, so an error object that
+        # outlives the request (an engine may reuse one) must not keep it alive.
+        return exc.with_traceback(None)
     except Exception:
         log.exception("engine stream for request %s failed", ctx.id)
         return internal_error()

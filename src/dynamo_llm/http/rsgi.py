@@ -9,7 +9,7 @@ its own and only *waits* in the handler.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
@@ -19,22 +19,32 @@ from .app import App
 from .connection import Headers, HttpRequest
 
 
+async def _send_after_end(data: bytes) -> None:
+    raise ProtocolClosed("the response stream has ended")
+
+
 class _RsgiWriter:
     __slots__ = ("closed_errors", "send")
 
     def __init__(self, transport: Any) -> None:
-        self.send = transport.send_bytes
+        self.send: Callable[[bytes], Awaitable[None]] = transport.send_bytes
         self.closed_errors: tuple[type[BaseException], ...] = (ProtocolClosed, RuntimeError)
+
+    def detach(self) -> None:
+        # granian ends a streamed body when its transport object is freed: drop our reference
+        # now rather than whenever the last holder of this writer lets go of it.
+        self.send = _send_after_end
 
 
 class RsgiConnection:
-    __slots__ = ("_callbacks", "_disconnect", "_headers", "_proto", "disconnected")
+    __slots__ = ("_callbacks", "_disconnect", "_headers", "_proto", "_writer", "disconnected")
 
     def __init__(self, proto: Any, headers: Any) -> None:
         self._proto = proto
         self._headers = headers
         self._disconnect: Any = None
         self._callbacks: list[Callable[[], None]] = []
+        self._writer: _RsgiWriter | None = None
         self.disconnected = False
 
     @property
@@ -93,10 +103,13 @@ class RsgiConnection:
         self._proto.response_bytes(status, headers, body)
 
     async def start_stream(self, status: int, headers: Headers) -> _RsgiWriter:
-        return _RsgiWriter(self._proto.response_stream(status, headers))
+        self._writer = _RsgiWriter(self._proto.response_stream(status, headers))
+        return self._writer
 
     async def end_stream(self) -> None:
-        return None
+        if self._writer is not None:
+            self._writer.detach()
+            self._writer = None
 
 
 class RsgiApp:

@@ -19,7 +19,7 @@ classification carry over.
 from __future__ import annotations
 
 import re
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import msgspec
 
@@ -71,17 +71,28 @@ def struct_fields(cls: type[msgspec.Struct]) -> frozenset[str]:
 
 def peek_model(body: bytes) -> str | None:
     """The ``model`` of a body that may be invalid, for labelling its error; never raises."""
+    return peek_request(body)[0]
+
+
+def peek_request(body: bytes) -> tuple[str | None, bool]:
+    """``(model, stream)`` of a body that may be invalid, for labelling its error; never raises.
+
+    ``model`` is None unless it is a string; ``stream`` is True only for a literal ``true``.
+    """
     try:
-        return _peek_decoder.decode(body).model
+        peek = _peek_decoder.decode(body)
     except Exception:  # garbage in any shape is an expected input here
-        return None
+        return None, False
+    model = peek.model if isinstance(peek.model, str) else None
+    return model, peek.stream is True
 
 
-class _ModelOnly(msgspec.Struct):
-    model: str | None = None
+class _Peek(msgspec.Struct):
+    model: Any = None
+    stream: Any = None
 
 
-_peek_decoder = msgspec.json.Decoder(_ModelOnly)
+_peek_decoder = msgspec.json.Decoder(_Peek)
 
 # msgspec's ValidationError text: "<message>" or "<message> - at `$<path>`".
 _ERROR_RE = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.DOTALL)
