@@ -263,6 +263,7 @@ def test_health_and_metrics_show_the_scheduler(worker: str) -> None:
         "dynamo_mocker_preemptions_total",
         "dynamo_mocker_cancelled_requests_total",
         "dynamo_mocker_finished_requests_total",
+        "dynamo_mocker_passes_total",
     ):
         assert (name, frozenset({("model", MODEL)})) in samples, name
     assert value(samples, "dynamo_mocker_kv_blocks_total", model=MODEL) == 16384

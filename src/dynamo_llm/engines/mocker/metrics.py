@@ -45,6 +45,7 @@ _COUNTERS: tuple[tuple[str, str, _Reader], ...] = (
         lambda s: s.cancelled_total,
     ),
     ("finished_requests_total", "Requests that ran to completion", lambda s: s.finished_total),
+    ("passes_total", "Scheduler passes (simulated forward steps) run", lambda s: s.passes_total),
 )
 
 
