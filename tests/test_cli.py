@@ -247,26 +247,43 @@ def test_invalid_mocker_parameters_exit_with_status_2_and_say_why() -> None:
     assert "block_size must be at least 1" in result.stderr
 
 
-def test_serve_echo_process_answers_chat_and_exits_0_on_sigterm() -> None:
-    args = ["serve", "--engine", "echo", "--http-port", "0", "--token-echo-delay-ms", "0"]
-    with ServerProcess(args) as proc:
+@pytest.mark.parametrize(
+    ("args", "model", "sig"),
+    [
+        (["serve", "--engine", "echo", "--token-echo-delay-ms", "0"], "echo", signal.SIGTERM),
+        (["worker", "--speedup-ratio", "1000", "--model-name", "w"], "w", signal.SIGINT),
+    ],
+    ids=["serve-echo-sigterm", "worker-mocker-sigint"],
+)
+def test_a_server_process_answers_chat_and_exits_0_on_a_signal(
+    args: list[str], model: str, sig: signal.Signals
+) -> None:
+    with ServerProcess([*args, "--http-port", "0"]) as proc:
         url = proc.wait_ready(timeout=30)
         assert url.startswith("http://127.0.0.1:")
         assert not url.endswith(":0")
         match = READY_LINE.search(proc.log)
         assert match is not None
-        assert match.group("command") == "serve"
-        assert match.group("models") == "echo"
-        body = {"model": "echo", "messages": [{"role": "user", "content": "hello there world"}]}
+        assert match.group("command") == args[0]
+        assert match.group("models") == model
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "hello there world"}],
+            "max_tokens": 3,
+        }
         resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
         assert resp.status_code == 200, resp.text
-        assert resp.json()["choices"][0]["message"]["content"] == "hello there world"
+        answer = resp.json()
+        assert answer["usage"]["completion_tokens"] == 3
+        if model == "echo":
+            assert answer["choices"][0]["message"]["content"] == "hello there world"
         started = time.monotonic()
-        code = proc.stop(timeout=10, sig=signal.SIGTERM)
+        code = proc.stop(timeout=10, sig=sig)
         elapsed = time.monotonic() - started
     assert code == 0, proc.log
     assert elapsed < 5, f"took {elapsed:.1f}s to exit"
     assert "panicked" not in proc.log
+    assert "stopped" in proc.log
 
 
 def test_python_dash_m_without_a_command_prints_usage_and_exits_2() -> None:
