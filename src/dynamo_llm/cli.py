@@ -22,7 +22,9 @@ from collections.abc import Mapping, Sequence
 from . import __version__
 from .config import Config
 from .engines.factory import ENGINES
+from .fleet import build_routed_app
 from .http.server import INTERFACES
+from .router.policies import RouterMode
 from .runtime.clock import SystemClock
 from .worker import build_app, serve_until_signalled
 
@@ -297,7 +299,94 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     for command in (serve, worker):
         add_engine_arguments(command, defaults)
         add_http_arguments(command, defaults)
+    add_router_arguments(serve, defaults)
     return parser
+
+
+def add_router_arguments(parser: argparse.ArgumentParser, d: Config) -> None:
+    """Remote workers and how requests are routed to them (``serve`` only)."""
+    group = parser.add_argument_group(
+        "remote workers (router)",
+        "With --upstream or --upstream-file the frontend routes every request to an "
+        "OpenAI-compatible worker (dynamo-llm worker, vLLM, SGLang, llama.cpp, TGI, Ollama) "
+        "instead of running an in-process engine.",
+    )
+    group.add_argument(
+        "--upstream",
+        metavar="URL",
+        action="append",
+        default=list(d.upstreams),
+        help=_env_help(
+            "a worker's base URL (repeatable); its models are read from its /v1/models",
+            "DYN_UPSTREAMS=url1,url2",
+            "none",
+        ),
+    )
+    group.add_argument(
+        "--upstream-file",
+        metavar="PATH",
+        default=d.upstream_file,
+        help=_env_help(
+            "YAML or JSON mapping each model to a list of worker URLs; reloaded when it changes",
+            "DYN_UPSTREAM_FILE",
+            d.upstream_file,
+        ),
+    )
+    group.add_argument(
+        "--router-mode",
+        choices=[m.value for m in RouterMode],
+        default=d.router_mode,
+        help=_env_help(
+            "how a worker is chosen: round-robin, random, power-of-two (two random, fewer in "
+            "flight wins), least-loaded, kv (prefix-aware), direct (X-Worker-Instance-Id header)",
+            "DYN_ROUTER_MODE",
+            d.router_mode,
+        ),
+    )
+    group.add_argument(
+        "--max-inflight-per-worker",
+        metavar="N",
+        type=int,
+        default=d.max_inflight_per_worker,
+        help=_env_help(
+            "a worker with N requests in flight is busy; when all are, 503 all_workers_busy",
+            "DYN_MAX_INFLIGHT_PER_WORKER",
+            "no limit",
+        ),
+    )
+    group.add_argument(
+        "--router-kv-overlap-score-weight",
+        metavar="W",
+        type=float,
+        default=d.router_kv_overlap_score_weight,
+        help=_env_help(
+            "kv mode: weight of the blocks a worker would have to prefill against its load",
+            "DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT",
+            d.router_kv_overlap_score_weight,
+        ),
+    )
+    group.add_argument(
+        "--router-temperature",
+        metavar="T",
+        type=float,
+        default=d.router_temperature,
+        help=_env_help(
+            "kv mode: 0 always takes the best score; higher samples among good workers",
+            "DYN_ROUTER_TEMPERATURE",
+            d.router_temperature,
+        ),
+    )
+    group.add_argument(
+        "--worker-connect-timeout-secs",
+        metavar="S",
+        type=float,
+        default=d.worker_connect_timeout_secs,
+        help=_env_help(
+            "connecting to a worker taking longer marks it down",
+            "DYN_WORKER_CONNECT_TIMEOUT_SECS",
+            d.worker_connect_timeout_secs,
+        ),
+    )
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
@@ -325,7 +414,22 @@ def config_from_args(args: argparse.Namespace, base: Config) -> Config:
         graceful_shutdown_timeout_secs=args.graceful_shutdown_timeout_secs,
         metrics_prefix=args.metrics_prefix,
         log_level=args.log_level,
+        **_router_settings(args),
     )
+
+
+def _router_settings(args: argparse.Namespace) -> dict[str, object]:
+    if not hasattr(args, "router_mode"):  # the worker command does not route
+        return {}
+    return {
+        "upstreams": tuple(args.upstream),
+        "upstream_file": args.upstream_file,
+        "router_mode": args.router_mode,
+        "max_inflight_per_worker": args.max_inflight_per_worker or None,
+        "router_kv_overlap_score_weight": args.router_kv_overlap_score_weight,
+        "router_temperature": args.router_temperature,
+        "worker_connect_timeout_secs": args.worker_connect_timeout_secs,
+    }
 
 
 def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Config]:
@@ -344,7 +448,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         stream=sys.stderr,
     )
     try:
-        app = build_app(config, SystemClock())
+        if command == "serve" and config.routed:
+            app = build_routed_app(config, SystemClock())
+        else:
+            app = build_app(config, SystemClock(), control_routes=command == "worker")
     except ValueError as exc:
         print(f"dynamo-llm {command}: error: {exc}", file=sys.stderr)
         return 2

@@ -92,6 +92,20 @@ class Config:
     graceful_shutdown_timeout_secs: float = 5.0
     metrics_prefix: str | None = None
     log_level: str = "info"
+    # Remote workers and the router (SPEC §8). With any upstream, the frontend routes to the
+    # workers instead of running an in-process engine.
+    upstreams: tuple[str, ...] = ()
+    upstream_file: str | None = None
+    router_mode: str = "round-robin"
+    max_inflight_per_worker: int | None = None
+    router_kv_overlap_score_weight: float = 1.0
+    router_temperature: float = 0.0
+    worker_connect_timeout_secs: float = 5.0
+
+    @property
+    def routed(self) -> bool:
+        """True when requests go to remote workers rather than an in-process engine."""
+        return bool(self.upstreams or self.upstream_file)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -139,6 +153,23 @@ class Config:
             ),
             metrics_prefix=environ.get("DYN_METRICS_PREFIX") or None,
             log_level=(environ.get("DYN_LOG") or defaults.log_level).lower(),
+            upstreams=tuple(
+                u.strip() for u in (environ.get("DYN_UPSTREAMS") or "").split(",") if u.strip()
+            ),
+            upstream_file=environ.get("DYN_UPSTREAM_FILE") or None,
+            router_mode=environ.get("DYN_ROUTER_MODE") or defaults.router_mode,
+            max_inflight_per_worker=_int(environ, "DYN_MAX_INFLIGHT_PER_WORKER", None) or None,
+            router_kv_overlap_score_weight=_float(
+                environ,
+                "DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT",
+                defaults.router_kv_overlap_score_weight,
+            ),
+            router_temperature=_float(
+                environ, "DYN_ROUTER_TEMPERATURE", defaults.router_temperature
+            ),
+            worker_connect_timeout_secs=_float(
+                environ, "DYN_WORKER_CONNECT_TIMEOUT_SECS", defaults.worker_connect_timeout_secs
+            ),
         )
 
     def replace(self, **changes: object) -> Config:

@@ -71,11 +71,21 @@ def _describe_mocker(engine: MockerEngine) -> dict[str, Any]:
     }
 
 
-def build_app(config: Config, clock: Clock | None = None) -> App:
-    """The app serving the engine ``config`` names, with a fresh metrics registry."""
+def build_app(config: Config, clock: Clock | None = None, *, control_routes: bool = False) -> App:
+    """The app serving the engine ``config`` names, with a fresh metrics registry.
+
+    ``control_routes`` (on for ``dynamo-llm worker``) lets a frontend stop a request gracefully
+    across the wire (``POST /v1/requests/{id}/stop``).
+    """
     clock = clock if clock is not None else SystemClock()
     metrics = Metrics(prefix=config.metrics_prefix)
-    return create_app(config, build_models(config, clock, metrics), metrics, clock)
+    return create_app(
+        config,
+        build_models(config, clock, metrics),
+        metrics,
+        clock,
+        control_routes=control_routes,
+    )
 
 
 async def serve_until_signalled(
@@ -100,7 +110,8 @@ async def serve_until_signalled(
             stream = ready_stream if ready_stream is not None else sys.stderr
             print(
                 f"dynamo-llm {command}: serving {models} on {server.base_url} "
-                f"(engine {config.engine}, {config.http_interface}, version {__version__})",
+                f"(engine {'router' if app_is_routed(app) else config.engine}, "
+                f"{config.http_interface}, version {__version__})",
                 file=stream,
                 flush=True,
             )
@@ -114,6 +125,10 @@ async def serve_until_signalled(
         for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+def app_is_routed(app: App) -> bool:
+    return any(model.routed for model in app.models.values())
 
 
 def _native_thread_ids() -> set[int]:

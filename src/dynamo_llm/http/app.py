@@ -115,6 +115,8 @@ class App:
         self._idle = asyncio.Event()
         self._idle.set()
         self._background: list[asyncio.Task[None]] = []
+        self._lifecycle: list[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]
+        self._lifecycle = []
         self._get_routes: dict[str, Callable[[HttpRequest, Connection], Awaitable[None]]] = {
             "/v1/models": self._list_models,
             "/health": self._health,
@@ -132,19 +134,29 @@ class App:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
+    def add_lifecycle(
+        self, start: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``start`` when the app starts and ``close`` when it closes (before the engines)."""
+        self._lifecycle.append((start, close))
+
     async def astart(self) -> None:
-        """Start background work (the event-loop canary)."""
+        """Start background work (the event-loop canary) and the lifecycle hooks."""
         if not self._background:
             self._background.append(
                 asyncio.create_task(self.metrics.run_event_loop_canary(self.clock))
             )
+            for start, _ in self._lifecycle:
+                await start()
 
     async def aclose(self) -> None:
-        """Stop background work and close the engines."""
+        """Stop background work, run the close hooks (last added first), close the engines."""
         for task in self._background:
             task.cancel()
         if self._background:
             await asyncio.wait(self._background)
+            for _, close in reversed(self._lifecycle):
+                await close()
         self._background.clear()
         engines = {id(m.engine): m.engine for m in self.models.values()}
         for engine in engines.values():

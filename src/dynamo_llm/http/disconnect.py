@@ -247,6 +247,7 @@ async def _pump(
     touch = exchange.watchdog.touch
     on_tokens = exchange.record.on_tokens
     render = renderer.render
+    add_usage = renderer.add_usage
     next_item = stream.__anext__
     try:
         state.in_source = True
@@ -262,10 +263,19 @@ async def _pump(
         while True:
             touch()
             on_tokens(out.num_tokens, out.prompt_tokens)
-            try:
-                await send(out.raw if out.raw is not None else render(out))
-            except closed_errors:
-                return _GONE
+            raw = out.raw
+            if raw is None:
+                data = render(out)
+            else:
+                # Relayed bytes: the usage rides on the output, the frontend renders its chunk.
+                if out.usage is not None:
+                    add_usage(out.usage)
+                data = raw
+            if data:
+                try:
+                    await send(data)
+                except closed_errors:
+                    return _GONE
             if ctx.is_stopped:
                 return _STOPPED
             state.in_source = True

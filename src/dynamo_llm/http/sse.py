@@ -90,7 +90,7 @@ class ChunkRenderer:
 
     def render(self, out: EngineOutput) -> bytes:
         if out.usage is not None:
-            self._add_usage(out.usage)
+            self.add_usage(out.usage)
         index = out.index
         if (
             out.finish_reason is None
@@ -122,7 +122,8 @@ class ChunkRenderer:
         parts.append(b"}]}\n\n")
         return b"".join(parts)
 
-    def _add_usage(self, usage: Usage) -> None:
+    def add_usage(self, usage: Usage) -> None:
+        """Count a choice's usage towards the final usage chunk."""
         if self.usage is None:
             self.usage = Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
         else:

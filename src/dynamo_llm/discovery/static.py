@@ -1,0 +1,225 @@
+"""Static discovery: workers named by flags (``--upstream``) and a file (``--upstream-file``).
+
+- ``--upstream URL`` (repeatable) names a worker whose models are learned from its
+  ``GET /v1/models``. A worker that cannot be reached yet is asked again every
+  ``retry_interval`` seconds until it answers; it serves no model until then.
+- ``--upstream-file PATH`` is YAML or JSON mapping each model to its workers' URLs::
+
+      llama-3-8b:
+        - http://10.0.0.1:8000
+        - http://10.0.0.2:8000
+      qwen-7b: [http://10.0.0.3:8000]
+
+  The file is checked every ``reload_interval`` seconds and reloaded when it changes: new
+  workers are added, missing ones removed (their requests in flight finish), and a file that
+  does not parse is logged and ignored, keeping the last good set.
+
+A worker whose ``/v1/models`` says ``owned_by: dynamo-llm`` is one of ours, so a graceful stop
+can be passed to it across the wire. Every change of the model set is reported to
+``on_models(models)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from ..router.workers import Worker, WorkerSet
+from ..runtime.clock import Clock
+from ..runtime.tasks import cancel_and_wait
+
+log = logging.getLogger("dynamo_llm.discovery")
+
+ModelFetcher = Callable[[str], Awaitable[tuple[frozenset[str], bool]]]
+ModelsCallback = Callable[[frozenset[str]], None]
+
+
+def normalise_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url.removesuffix("/v1")
+
+
+def parse_upstream_file(text: str) -> dict[str, list[str]]:
+    """``{model: [url, ...]}`` from YAML or JSON text; raises ValueError when malformed."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not YAML or JSON: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError("the file must map each model name to a list of worker URLs")
+    out: dict[str, list[str]] = {}
+    for model, entry in data.items():
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model names must be non-empty strings, got {model!r}")
+        urls = [entry] if isinstance(entry, str) else entry
+        if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError(f"model {model!r}: expected a list of worker URLs")
+        out[model] = [normalise_url(u) for u in urls]
+    return out
+
+
+class _ModelCard(msgspec.Struct):
+    id: str
+    owned_by: str = ""
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelCard]
+
+
+_decode_models = msgspec.json.Decoder(_ModelList).decode
+
+
+def decode_model_list(body: bytes) -> tuple[frozenset[str], bool]:
+    """Model ids from a ``/v1/models`` body, and whether the worker is a dynamo-llm worker."""
+    listing = _decode_models(body)
+    ours = bool(listing.data) and all(card.owned_by == "dynamo-llm" for card in listing.data)
+    return frozenset(card.id for card in listing.data), ours
+
+
+class StaticDiscovery:
+    """Keeps a :class:`WorkerSet` in line with the flags and the upstream file."""
+
+    def __init__(
+        self,
+        workers: WorkerSet,
+        fetch_models: ModelFetcher,
+        clock: Clock,
+        *,
+        urls: Iterable[str] = (),
+        path: str | os.PathLike[str] | None = None,
+        on_models: ModelsCallback | None = None,
+        reload_interval: float = 1.0,
+        retry_interval: float = 2.0,
+    ) -> None:
+        self.workers = workers
+        self._fetch = fetch_models
+        self._clock = clock
+        self._urls = [normalise_url(u) for u in urls]
+        self._path = Path(path) if path is not None else None
+        self._on_models = on_models
+        self._reload_interval = reload_interval
+        self._retry_interval = retry_interval
+        self._file_workers: dict[str, frozenset[str]] = {}  # url -> models, from the file
+        self._pending: set[str] = set()  # --upstream workers whose models are not known yet
+        self._file_stamp: tuple[float, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._models: frozenset[str] = frozenset()
+
+    def models(self) -> frozenset[str]:
+        return self._models
+
+    async def start(self) -> None:
+        """Load the file, ask every ``--upstream`` worker for its models once, then keep watch."""
+        if self._path is not None:
+            self._reload_file(force=True)
+        self._pending = set(self._urls)
+        await self._learn_pending()
+        self._publish()
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+            self._task = None
+
+    async def _watch(self) -> None:
+        since_retry = 0.0
+        while True:
+            await self._clock.sleep(self._reload_interval)
+            changed = self._path is not None and self._reload_file()
+            since_retry += self._reload_interval
+            if self._pending and since_retry >= self._retry_interval:
+                since_retry = 0.0
+                changed = await self._learn_pending() or changed
+            if changed:
+                self._publish()
+
+    async def _learn_pending(self) -> bool:
+        learned = False
+        for url in sorted(self._pending):
+            try:
+                models, ours = await self._fetch(url)
+            except Exception as exc:  # unreachable, or not an OpenAI server: try again later
+                log.warning("worker %s: cannot list its models yet (%s)", url, _describe(exc))
+                continue
+            self._pending.discard(url)
+            extra = self._file_workers.get(url, frozenset())
+            self.workers.add(Worker(url, models | extra, is_ours=ours))
+            log.info("worker %s serves %s", url, ", ".join(sorted(models)) or "no model")
+            learned = True
+        return learned
+
+    def _reload_file(self, *, force: bool = False) -> bool:
+        assert self._path is not None
+        try:
+            stat = self._path.stat()
+        except OSError as exc:
+            if force:
+                raise ValueError(f"cannot read upstream file {self._path}: {exc}") from None
+            return False
+        stamp = (stat.st_mtime, stat.st_size)
+        if stamp == self._file_stamp and not force:
+            return False
+        self._file_stamp = stamp
+        try:
+            mapping = parse_upstream_file(self._path.read_text())
+        except (OSError, ValueError) as exc:
+            if force:
+                raise ValueError(f"upstream file {self._path}: {exc}") from None
+            log.error("upstream file %s: %s; keeping the previous workers", self._path, exc)
+            return False
+        wanted: dict[str, set[str]] = {}
+        for model, urls in mapping.items():
+            for url in urls:
+                wanted.setdefault(url, set()).add(model)
+        for url in set(self._file_workers) - set(wanted):
+            if url not in self._urls:
+                self.workers.remove(url)
+                log.info("worker %s removed (no longer in %s)", url, self._path)
+        for url, models in wanted.items():
+            existing = self.workers.get(url)
+            merged = frozenset(models) | (
+                existing.models if url in self._urls and existing else frozenset()
+            )
+            self.workers.add(Worker(url, merged, is_ours=existing.is_ours if existing else False))
+        self._file_workers = {url: frozenset(m) for url, m in wanted.items()}
+        log.info(
+            "upstream file %s: %d model(s), %d worker(s)", self._path, len(mapping), len(wanted)
+        )
+        return True
+
+    def _publish(self) -> None:
+        models = frozenset(self.workers.models())
+        if models != self._models:
+            self._models = models
+            if self._on_models is not None:
+                self._on_models(models)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def describe_worker(worker: Worker) -> dict[str, Any]:
+    """A worker's state for ``/health``."""
+    return {
+        "id": worker.id,
+        "url": worker.url,
+        "state": str(worker.state),
+        "inflight": worker.inflight,
+        "failures": worker.failures,
+        "ours": worker.is_ours,
+    }

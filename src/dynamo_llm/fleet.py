@@ -1,0 +1,151 @@
+"""A frontend in front of remote workers: the router, its workers, and static discovery.
+
+``dynamo-llm serve --upstream URL`` (or ``--upstream-file PATH``) builds the same app as with an
+in-process engine, but its models are whatever the workers serve, and each is served by the
+:class:`~dynamo_llm.router.engine.Router`. :class:`Fleet` owns the pieces and their lifetime: the
+pooled HTTP session, the :class:`~dynamo_llm.router.workers.WorkerSet` (quarantine and probes),
+the discovery task; it starts and stops with the app. It keeps the app's model list in line with
+discovery (a model appears once a worker serves it) and ``model_ready{model}`` in line with
+quarantine (1 while at least one of its workers is available).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+
+from .config import Config
+from .discovery.static import StaticDiscovery, decode_model_list, describe_worker
+from .engines.remote import WorkerClient, make_session
+from .http.app import App, ServedModel, create_app
+from .metrics import Metrics
+from .router.engine import AttemptLimits, Router
+from .router.kv_index import KvIndex
+from .router.policies import RouterMode, RoutingPolicy
+from .router.workers import Worker, WorkerSet
+from .runtime.clock import Clock
+
+log = logging.getLogger("dynamo_llm.fleet")
+
+PROBE_WITHIN = 2.0
+MODELS_WITHIN = 5.0
+
+
+class Fleet:
+    """Everything between the app and the remote workers, started and stopped with the app."""
+
+    def __init__(self, config: Config, app: App, clock: Clock, metrics: Metrics) -> None:
+        self.config = config
+        self.app = app
+        self.clock = clock
+        self.metrics = metrics
+        self.kv_index = KvIndex()
+        self.policy = RoutingPolicy(
+            RouterMode(config.router_mode),
+            kv_index=self.kv_index,
+            overlap_weight=config.router_kv_overlap_score_weight,
+            temperature=config.router_temperature,
+        )
+        self.workers = WorkerSet(
+            clock=clock,
+            probe=self._probe,
+            metrics=metrics,
+            max_inflight=config.max_inflight_per_worker,
+            kv_index=self.kv_index,
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._client: WorkerClient | None = None
+        self.router: Router | None = None
+        self.discovery: StaticDiscovery | None = None
+        self.workers.on_change(self._availability_changed)
+
+    async def start(self) -> None:
+        config = self.config
+        self._session = make_session(config.worker_connect_timeout_secs)
+        self._client = WorkerClient(self._session)
+        self.router = Router(
+            self.workers,
+            self.policy,
+            self._client,
+            self.clock,
+            metrics=self.metrics,
+            limits=AttemptLimits(
+                inactivity=config.backend_stream_timeout_secs,
+                first_token=config.first_token_timeout_secs,
+            ),
+        )
+        self.discovery = StaticDiscovery(
+            self.workers,
+            self._fetch_models,
+            self.clock,
+            urls=config.upstreams,
+            path=config.upstream_file,
+            on_models=self._models_changed,
+        )
+        await self.discovery.start()
+
+    async def aclose(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.aclose()
+        if self.router is not None:
+            await self.router.aclose()
+        else:
+            await self.workers.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _fetch_models(self, url: str) -> tuple[frozenset[str], bool]:
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=MODELS_WITHIN)
+        async with self._session.get(f"{url}/v1/models", timeout=timeout) as response:
+            response.raise_for_status()
+            return decode_model_list(await response.read())
+
+    async def _probe(self, worker: Worker) -> bool:
+        if self._client is None:
+            return False
+        return await self._client.probe(worker.url, within=PROBE_WITHIN)
+
+    def _models_changed(self, models: frozenset[str]) -> None:
+        assert self.router is not None
+        for name in set(self.app.models) - models:
+            log.info("model %s: no worker serves it any more", name)
+            self.app.remove_model(name)
+        for name in models - set(self.app.models):
+            log.info("model %s: served by %d worker(s)", name, len(self.workers.workers_for(name)))
+            self.app.add_model(self._served(name))
+        self._availability_changed(models)
+
+    def _served(self, name: str) -> ServedModel:
+        assert self.router is not None
+        workers = self.workers
+
+        def describe() -> dict[str, Any]:
+            return {"workers": [describe_worker(w) for w in workers.workers_for(name)]}
+
+        return ServedModel(
+            name,
+            self.router,
+            owned_by="dynamo-llm",
+            is_ready=lambda: workers.has_available(name),
+            describe=describe,
+            routed=True,
+        )
+
+    def _availability_changed(self, models: frozenset[str]) -> None:
+        for name in models:
+            if name in self.app.models:
+                ready = self.workers.has_available(name)
+                self.metrics.model_ready.labels(name).set(1 if ready else 0)
+
+
+def build_routed_app(config: Config, clock: Clock) -> App:
+    """The app for ``serve --upstream/--upstream-file``: models come from the workers."""
+    metrics = Metrics(prefix=config.metrics_prefix)
+    app = create_app(config, [], metrics, clock)
+    fleet = Fleet(config, app, clock, metrics)
+    app.add_lifecycle(fleet.start, fleet.aclose)
+    return app

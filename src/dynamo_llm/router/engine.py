@@ -1,0 +1,195 @@
+"""The router as an engine: each request goes to one worker of its model (SPEC §8).
+
+:class:`Router` implements the engine protocol, so the HTTP layer treats a fleet of remote
+workers exactly like an in-process engine. Per request it:
+
+1. chooses a worker with the routing policy over a snapshot of the model's workers (no worker
+   available: 503 ``no_workers_available``; all at their in-flight limit: 503
+   ``all_workers_busy``) and takes its in-flight slot in the same step, so the choice and the
+   count agree; a worker that vanished between the two is re-chosen once;
+2. opens the attempt on the worker through the :class:`~dynamo_llm.engines.remote.WorkerClient`,
+   under an *attempt context* linked to the request's, so a hang-up, a timeout or a shutdown
+   reaches the worker as a closed connection (or a graceful stop, for our own workers);
+3. relays the worker's outputs, timing the attempt with a :class:`~dynamo_llm.runtime.watchdog.
+   Watchdog` at the raw ``DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` (the HTTP layer's net is twice
+   that) and the first-token limit;
+4. reports the outcome: a fault that quarantines (connect failure, dropped stream, stream ended
+   without its terminal item, silence past the limit) takes the worker out of rotation; a clean
+   end resets its failure count. Client cancellations, 4xx answers and slow-but-live streams
+   never count against a worker.
+
+The in-flight slot, the attempt context's link and the upstream connection are all released in
+one ``finally``, whichever way the attempt ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..engines.base import EngineOutput, EngineRequest
+from ..engines.echo import content_text
+from ..errors import DynamoError, NoWorkersAvailable, WorkerResponseTimeout, WorkerUnreachable
+from ..metrics import Metrics
+from ..runtime.clock import Clock
+from ..runtime.context import EngineContext
+from ..runtime.watchdog import Watchdog
+from .kv_index import block_hashes
+from .policies import RoutingPolicy
+from .workers import InflightSlot, UnknownWorker, Worker, WorkerSet
+
+if TYPE_CHECKING:
+    from ..engines.remote import WorkerClient
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptLimits:
+    """Per-attempt time limits, in seconds (None: off)."""
+
+    inactivity: float | None = None
+    first_token: float | None = None
+
+
+def prompt_text(request: EngineRequest) -> str:
+    """The request's prompt as text, for prefix-aware routing."""
+    if request.endpoint == "completions":
+        prompt = request.prompt
+        if isinstance(prompt, list):
+            return " ".join(map(str, prompt))
+        return prompt or ""
+    messages = getattr(request.params, "messages", None) or []
+    return "\n".join(
+        f"{getattr(m, 'role', '')}: {content_text(getattr(m, 'content', None))}" for m in messages
+    )
+
+
+class Router:
+    """An engine that serves every model of a :class:`WorkerSet` through its workers."""
+
+    def __init__(
+        self,
+        workers: WorkerSet,
+        policy: RoutingPolicy,
+        client: WorkerClient,
+        clock: Clock,
+        *,
+        metrics: Metrics | None = None,
+        limits: AttemptLimits | None = None,
+    ) -> None:
+        self.workers = workers
+        self.policy = policy
+        self.client = client
+        self.clock = clock
+        self.metrics = metrics
+        self.limits = limits or AttemptLimits()
+        self._closed = False
+
+    def _acquire(
+        self, request: EngineRequest, hashes: list[int], exclude: set[str]
+    ) -> tuple[Worker, InflightSlot]:
+        for _ in range(2):
+            worker = self.workers.select(
+                request.model,
+                self.policy,
+                exclude=tuple(exclude),
+                hashes=hashes,
+                direct_id=request.worker_id,
+            )
+            try:
+                return worker, self.workers.acquire(worker.id, hashes=hashes)
+            except UnknownWorker:
+                exclude.add(worker.id)  # vanished since it was chosen: choose once more
+        raise NoWorkersAvailable(f"No worker can serve the model `{request.model}`")
+
+    async def generate(
+        self, request: EngineRequest, ctx: EngineContext
+    ) -> AsyncIterator[EngineOutput]:
+        hashes = block_hashes(prompt_text(request)) if self.policy.uses_prefix else []
+        exclude: set[str] = set()
+        while True:
+            worker, slot = self._acquire(request, hashes, exclude)
+            attempt = EngineContext(ctx.id)
+            ctx.link_child(attempt)
+            started = self.clock.now()
+            try:
+                stream = await self.client.open_stream(
+                    worker.url,
+                    request,
+                    attempt,
+                    first_token_timeout=self.limits.first_token,
+                    is_ours=worker.is_ours,
+                )
+            except BaseException as exc:
+                slot.release()
+                ctx.unlink_child(attempt)
+                if isinstance(exc, DynamoError):
+                    self.workers.report_down(worker.id, exc)
+                    if (
+                        isinstance(exc, WorkerUnreachable)
+                        and worker.id not in self.workers
+                        and worker.id not in exclude
+                        and not ctx.is_stopped
+                    ):
+                        # The worker left the set while we were connecting: choose once more.
+                        exclude.add(worker.id)
+                        continue
+                raise
+            return self._relay(stream, worker, slot, attempt, ctx=ctx, started=started)
+
+    async def _relay(
+        self,
+        stream: AsyncIterator[EngineOutput],
+        worker: Worker,
+        slot: InflightSlot,
+        attempt: EngineContext,
+        *,
+        ctx: EngineContext,
+        started: float,
+    ) -> AsyncIterator[EngineOutput]:
+        limits = self.limits
+        dog = Watchdog(
+            self.clock,
+            attempt,
+            inactivity=limits.inactivity,
+            first_token=limits.first_token,
+            deadline=None,
+            error=WorkerResponseTimeout,
+        )
+        dog.start()
+        touch = dog.touch
+        try:
+            waiting_first = True
+            async for out in stream:
+                touch()
+                if waiting_first and out.num_tokens > 0:
+                    waiting_first = False
+                    self._observe_ttft(worker, self.clock.now() - started)
+                yield out
+            if dog.expired is not None:
+                raise dog.expired
+            if not attempt.is_stopped:
+                self.workers.report_ok(worker.id)
+        except DynamoError as exc:
+            error = dog.expired or exc
+            self.workers.report_down(worker.id, error)
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            dog.cancel()
+            slot.release()
+            ctx.unlink_child(attempt)
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _observe_ttft(self, worker: Worker, seconds: float) -> None:
+        worker.last_ttft = seconds
+        if self.metrics is not None:
+            self.metrics.worker_time_to_first_token_seconds.labels(worker.id).observe(seconds)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.workers.aclose()
