@@ -89,13 +89,41 @@ def test_help_lists_every_flag_with_its_environment_variable(
     assert "default mocker" in flat
 
 
-def test_serve_and_worker_take_the_same_flags() -> None:
+ROUTER_FLAGS = {
+    "--upstream",
+    "--upstream-file",
+    "--router-mode",
+    "--max-inflight-per-worker",
+    "--router-kv-overlap-score-weight",
+    "--router-temperature",
+    "--worker-connect-timeout-secs",
+}
+
+
+def test_serve_and_worker_take_the_same_flags_but_only_serve_routes() -> None:
     parser = build_parser(Config())
     subparsers = next(a for a in parser._actions if a.dest == "command")
     choices = subparsers.choices  # type: ignore[attr-defined]
     serve = {s for a in choices["serve"]._actions for s in a.option_strings}
     worker = {s for a in choices["worker"]._actions for s in a.option_strings}
-    assert serve == worker
+    assert serve - ROUTER_FLAGS == worker
+    assert ROUTER_FLAGS <= serve
+
+
+def test_router_flags_and_environment_feed_the_config() -> None:
+    _, config = parse_config(
+        ["serve", "--upstream", "http://a:1", "--upstream", "b:2", "--router-mode", "kv"],
+        {"DYN_MAX_INFLIGHT_PER_WORKER": "7", "DYN_ROUTER_TEMPERATURE": "0.5"},
+    )
+    assert config.routed
+    assert config.upstreams == ("http://a:1", "b:2")
+    assert config.router_mode == "kv"
+    assert config.max_inflight_per_worker == 7
+    assert config.router_temperature == 0.5
+    _, from_env = parse_config(["serve"], {"DYN_UPSTREAMS": "http://x:1, http://y:2"})
+    assert from_env.upstreams == ("http://x:1", "http://y:2")
+    _, plain = parse_config(["serve"], {})
+    assert not plain.routed
 
 
 def test_without_flags_or_environment_serve_runs_the_mocker_with_dynamo_defaults() -> None:
