@@ -283,10 +283,11 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
     )
     serve = sub.add_parser(
         "serve",
-        help="run the frontend with an in-process engine (the mocker by default)",
+        help="run the frontend: an in-process engine (the mocker by default) or remote workers",
         description="Run the OpenAI-compatible frontend (/v1/chat/completions, /v1/completions, "
         "/v1/models, /health, /live, /metrics) in front of an in-process engine: the simulated "
-        "vLLM-like mocker unless --engine says otherwise.",
+        "vLLM-like mocker unless --engine says otherwise. With --upstream or --upstream-file it "
+        "routes every request to remote OpenAI-compatible workers instead.",
     )
     worker = sub.add_parser(
         "worker",
