@@ -134,14 +134,14 @@ async def test_client_hang_up_in_stream_phase_kills_engine_and_counts_once(hang_
     async with asyncio.timeout(5):
         await h.engine.called.wait()
         await h.engine.last.waiting.wait()
-    sent_before = len(conn.frames)
+    sent_before = len(events(conn))
     conn.hang_up()
     await finish(task)
     call = h.engine.last
     assert call.killed.is_set()
     assert call.ctx.reason is StopReason.CLIENT_DISCONNECT
     assert call.closed.is_set(), "the engine's stream was closed"
-    assert len(conn.frames) == sent_before == hang_after
+    assert len(events(conn)) == sent_before == hang_after
     assert (h.disconnects(), h.cancellations()) == (1, 1)
     assert h.requests_total("error", "cancelled") == 1
     assert h.total_requests() == 1
@@ -228,7 +228,7 @@ async def test_slow_engine_with_gaps_shorter_than_the_window_completes():
         await finish(task)
     assert h.clock.now() == 20.0
     assert events(conn)[-1] == "data: [DONE]\n\n"
-    assert len(conn.frames) == 6
+    assert len(events(conn)) == 6
     assert h.requests_total("success", "") == 1
     assert h.gauges_are_zero()
 
@@ -371,3 +371,18 @@ async def test_stop_route_is_off_unless_enabled():
     await h.app.handle(make_request("/v1/requests/x/stop"), conn)
     assert conn.status == 404
     assert json.loads(conn.response_body)["error"]["code"] == "route_not_found"
+
+
+async def test_a_burst_is_written_once_and_nothing_waits_behind_a_slow_engine():
+    # Four tokens ready at once, then the engine waits before the fifth.
+    h = harness({"tokens": ["a", "b", "c", "d", "e"], "gaps": [0, 0, 0, 0, 5.0]})
+    conn, task = h.start(chat_body())
+    async with asyncio.timeout(5):
+        await h.engine.called.wait()
+        await h.engine.last.waiting.wait()
+    assert len(conn.frames) == 1, "the burst went out as one write"
+    assert len(events(conn)) == 4, "and it was written before the engine waited"
+    await h.clock.advance(5.0)
+    await finish(task)
+    assert len(events(conn)) == 6  # five chunks and [DONE]
+    assert events(conn)[-1] == "data: [DONE]\n\n"

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest
-from dynamo_llm.engines.echo import EchoEngine, prompt_text
+from dynamo_llm.engines.echo import EchoEngine, prompt_tokens_of
 from dynamo_llm.errors import AllWorkersBusy, EngineError
 from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.runtime.context import EngineContext
@@ -48,7 +48,8 @@ class ScriptedEngine:
     async def generate(
         self, request: EngineRequest, ctx: EngineContext
     ) -> AsyncIterator[EngineOutput]:
-        text, _ = prompt_text(request)
+        tokens, _ = prompt_tokens_of(request)
+        text = "".join(tokens).lstrip()
         if text.startswith("overload"):
             return await self.overloaded.generate(request, ctx)
         if text.startswith("explode"):

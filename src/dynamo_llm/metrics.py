@@ -337,8 +337,10 @@ class RequestRecord:
 
     __slots__ = (
         "_clock",
+        "_itl",
         "_last_token_at",
         "_metrics",
+        "_output_tokens",
         "_queued",
         "_released",
         "admitted",
@@ -379,6 +381,8 @@ class RequestRecord:
         m.inflight_requests.labels(model).inc()
         m.queued_requests.labels(model).inc()
         m.requests_started_total.labels(model, self.endpoint, self.request_type).inc()
+        self._itl = m.inter_token_latency_seconds.labels(model)
+        self._output_tokens = m.output_tokens_total.labels(model)
 
     def mark_ok(self) -> None:
         self.status = "success"
@@ -388,25 +392,30 @@ class RequestRecord:
         self.status = "error"
         self.error_type = error_type
 
-    def on_tokens(self, num_tokens: int, prompt_tokens: int | None) -> None:
-        """An item carrying ``num_tokens`` tokens reached the client path."""
+    def on_tokens(
+        self, num_tokens: int, prompt_tokens: int | None, now: float | None = None
+    ) -> None:
+        """An item carrying ``num_tokens`` tokens reached the client path (at ``now``)."""
         if num_tokens <= 0:
             return
+        if now is None:
+            now = self._clock.now()
+        if self.first_token_at is not None:
+            # The per-token path: children looked up once, at admission.
+            self._itl.observe((now - self._last_token_at) / num_tokens, num_tokens)
+            self._last_token_at = now
+            self.output_tokens += num_tokens
+            self._output_tokens.value += num_tokens
+            return
         m = self._metrics
-        now = self._clock.now()
-        if self.first_token_at is None:
-            self.first_token_at = now
-            if self._queued:
-                self._queued = False
-                m.queued_requests.labels(self.model).dec()
-            m.time_to_first_token_seconds.labels(self.model).observe(now - self.started_at)
-            if prompt_tokens is not None:
-                self.prompt_tokens = prompt_tokens
-                m.input_sequence_tokens.labels(self.model).observe(prompt_tokens)
-        else:
-            m.inter_token_latency_seconds.labels(self.model).observe(
-                (now - self._last_token_at) / num_tokens, num_tokens
-            )
+        self.first_token_at = now
+        if self._queued:
+            self._queued = False
+            m.queued_requests.labels(self.model).dec()
+        m.time_to_first_token_seconds.labels(self.model).observe(now - self.started_at)
+        if prompt_tokens is not None:
+            self.prompt_tokens = prompt_tokens
+            m.input_sequence_tokens.labels(self.model).observe(prompt_tokens)
         self._last_token_at = now
         self.output_tokens += num_tokens
         m.output_tokens_total.labels(self.model).inc(num_tokens)

@@ -39,18 +39,21 @@ def content_text(content: object) -> str:
     return ""
 
 
-def prompt_text(request: EngineRequest) -> tuple[str, int]:
-    """The text to echo and the prompt's token count."""
+def prompt_tokens_of(request: EngineRequest) -> tuple[list[str], int]:
+    """The tokens to echo back, and the prompt's token count (each text tokenized once)."""
     if request.endpoint == "completions":
         prompt = request.prompt
         if isinstance(prompt, list):
-            text = " ".join(str(t) for t in prompt)
-            return text, len(prompt)
-        text = prompt or ""
-        return text, len(echo_tokens(text))
+            return [f" {t}" if i else str(t) for i, t in enumerate(prompt)], len(prompt)
+        tokens = echo_tokens(prompt or "")
+        return tokens, len(tokens)
     messages = getattr(request.params, "messages", None) or []
-    counted = sum(len(echo_tokens(content_text(getattr(m, "content", None)))) for m in messages)
-    last = content_text(getattr(messages[-1], "content", None)) if messages else ""
+    if not messages:
+        return [], 0
+    last = echo_tokens(content_text(getattr(messages[-1], "content", None)))
+    counted = len(last) + sum(
+        len(echo_tokens(content_text(getattr(m, "content", None)))) for m in messages[:-1]
+    )
     return last, counted
 
 
@@ -67,11 +70,10 @@ class EchoEngine:
     async def generate(
         self, request: EngineRequest, ctx: EngineContext
     ) -> AsyncIterator[EngineOutput]:
-        text, prompt_tokens = prompt_text(request)
+        tokens, prompt_tokens = prompt_tokens_of(request)
         check_context_length(
             request.endpoint, prompt_tokens, request.max_tokens, self.context_length
         )
-        tokens = echo_tokens(text)
         finish = "stop"
         if request.max_tokens is not None and len(tokens) > request.max_tokens:
             tokens = tokens[: request.max_tokens]

@@ -455,11 +455,13 @@ class App:
         ctx = exchange.ctx
         stream = await open_fanout(served.engine, requests, ctx, n=n)
         touch = exchange.watchdog.touch
+        now = exchange.watchdog.clock.now
         on_tokens = exchange.record.on_tokens
         try:
             async for out in stream:
-                touch()
-                on_tokens(out.num_tokens, out.prompt_tokens)
+                t = now()
+                touch(t)
+                on_tokens(out.num_tokens, out.prompt_tokens, t)
                 aggregator.add(out)
         finally:
             aclose = getattr(stream, "aclose", None)

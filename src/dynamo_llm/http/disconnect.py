@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING
 
 from ..engines.base import EngineOutput
@@ -63,6 +63,7 @@ from ..errors import (
     render_error,
 )
 from ..metrics import Metrics
+from ..runtime.coalesce import next_or_flush
 from ..runtime.context import EngineContext, StopReason
 from ..runtime.tasks import cancel_and_wait
 from .connection import Headers, StreamWriter
@@ -188,13 +189,18 @@ class SseResponse:
     going wrong before the first token (a failure, a first-token timeout, a shutdown) still
     reaches the client as a proper HTTP status with a JSON body, not as a 200 carrying an error
     frame.
+
+    Chunks are collected in ``pending`` and written together by ``flush()``, which the pump calls
+    when the engine has to wait for its next item (see :mod:`~dynamo_llm.runtime.coalesce`): a
+    burst of chunks costs one write, and nothing is held back while the engine is busy.
     """
 
-    __slots__ = ("_exchange", "_headers", "writer")
+    __slots__ = ("_exchange", "_headers", "pending", "writer")
 
     def __init__(self, exchange: Exchange, headers: Headers) -> None:
         self._exchange = exchange
         self._headers = headers
+        self.pending: list[bytes] = []
         self.writer: StreamWriter | None = None
 
     async def start(self) -> StreamWriter:
@@ -202,11 +208,27 @@ class SseResponse:
             self.writer = await self._exchange.conn.start_stream(200, self._headers)
         return self.writer
 
+    def _take(self, extra: bytes = b"") -> bytes:
+        pending = self.pending
+        if extra:
+            pending.append(extra)
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        return data
+
+    async def flush(self) -> None:
+        """Write the pending chunks (raises the writer's closed error if the client is gone)."""
+        if self.pending:
+            assert self.writer is not None
+            await self.writer.send(self._take())
+
     async def finish(self, data: bytes) -> None:
-        """Write the last bytes; a client that left in the meantime changes nothing."""
+        """Write what is pending and the last bytes; a client that left changes nothing."""
         writer = await self.start()
-        with contextlib.suppress(*writer.closed_errors):
-            await writer.send(data)
+        data = self._take(data)
+        if data:
+            with contextlib.suppress(*writer.closed_errors):
+                await writer.send(data)
 
     async def fail(self, error: DynamoError) -> None:
         """End with ``error``: an HTTP error before the first item, an error frame after it."""
@@ -226,7 +248,17 @@ class _PumpState:
     def __init__(self) -> None:
         self.in_source = False
 
+    async def flush(self, response: SseResponse) -> None:
+        # While writing, the pump is not waiting on the source: a stop from elsewhere must not
+        # interrupt the write of items already received.
+        self.in_source = False
+        try:
+            await response.flush()
+        finally:
+            self.in_source = True
 
+
+_MAX_PENDING = 64  # chunks held back at most during a burst
 _ENDED = "ended"
 _STOPPED = "stopped"
 _GONE = "gone"
@@ -241,14 +273,22 @@ async def _pump(
 ) -> str | DynamoError:
     """Forward items from the engine to the client until the source ends or something stops it.
 
-    The per-token path: one engine step, one timestamp, one render, one write.
+    The per-token path: one engine step, one timestamp, one render, and a write only when the
+    engine has to wait (or after a long burst), through :func:`next_or_flush`.
     """
     ctx = exchange.ctx
-    touch = exchange.watchdog.touch
+    watchdog = exchange.watchdog
+    now = watchdog.clock.now
     on_tokens = exchange.record.on_tokens
     render = renderer.render
     add_usage = renderer.add_usage
     next_item = stream.__anext__
+    pending = response.pending
+    append = pending.append
+
+    def flush() -> Awaitable[None]:
+        return state.flush(response)
+
     try:
         state.in_source = True
         try:
@@ -257,34 +297,37 @@ async def _pump(
             return _ENDED
         finally:
             state.in_source = False
-        writer = await response.start()
-        send = writer.send
-        closed_errors = writer.closed_errors
-        while True:
-            touch()
-            on_tokens(out.num_tokens, out.prompt_tokens)
-            raw = out.raw
-            if raw is None:
-                data = render(out)
-            else:
-                # Relayed bytes: the usage rides on the output, the frontend renders its chunk.
-                if out.usage is not None:
-                    add_usage(out.usage)
-                data = raw
-            if data:
+        closed_errors = (await response.start()).closed_errors
+        next_ready = next_or_flush(next_item, flush)  # reusable: one per stream, not per token
+        watchdog.got_item = True
+        try:
+            while True:
+                t = now()
+                watchdog.last_item = t  # Watchdog.touch, inlined on the per-token path
+                on_tokens(out.num_tokens, out.prompt_tokens, t)
+                raw = out.raw
+                if raw is None:
+                    append(render(out))
+                else:
+                    # Relayed bytes: the usage rides on the output; the frontend renders its chunk.
+                    if out.usage is not None:
+                        add_usage(out.usage)
+                    if raw:
+                        append(raw)
+                if ctx.state:  # not LIVE (ContextState.LIVE == 0): stopped or killed
+                    await response.flush()
+                    return _STOPPED
+                if len(pending) >= _MAX_PENDING:
+                    await response.flush()
+                state.in_source = True
                 try:
-                    await send(data)
-                except closed_errors:
-                    return _GONE
-            if ctx.is_stopped:
-                return _STOPPED
-            state.in_source = True
-            try:
-                out = await next_item()
-            except StopAsyncIteration:
-                return _ENDED
-            finally:
-                state.in_source = False
+                    out = await next_ready
+                except StopAsyncIteration:
+                    return _ENDED  # what is pending goes out with the last frame
+                finally:
+                    state.in_source = False
+        except closed_errors:
+            return _GONE
     except DynamoError as exc:
         # The traceback holds this frame, and the frame holds the server's transport: under
         # granian a streamed body only ends when its transport is freed, so an error object that

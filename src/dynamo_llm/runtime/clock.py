@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Protocol
+
+_monotonic = time.monotonic
 
 
 class TimerHandle(Protocol):
@@ -39,12 +42,18 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The running event loop's monotonic clock."""
+    """The event loop's monotonic clock.
+
+    ``now()`` is ``time.monotonic()``, which is what asyncio's own loops measure time with, so
+    ``call_at(now() + d)`` fires after ``d`` seconds. It is read on every token: going through
+    ``asyncio.get_running_loop().time()`` would cost a ``getpid()`` system call each time on
+    Python 3.11 (the running-loop check guards against forks).
+    """
 
     __slots__ = ()
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return _monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -37,6 +37,7 @@ class Watchdog:
         "_on_expire",
         "_started",
         "_timer",
+        "clock",
         "expired",
         "got_item",
         "last_item",
@@ -54,6 +55,7 @@ class Watchdog:
         error: type[ResponseTimeout] = ResponseTimeout,
     ) -> None:
         self._clock = clock
+        self.clock = clock
         self._error = error
         self._ctx = ctx
         self._inactivity = inactivity
@@ -71,9 +73,9 @@ class Watchdog:
         self._started = self.last_item = self._clock.now()
         self._arm()
 
-    def touch(self) -> None:
-        """An item arrived."""
-        self.last_item = self._clock.now()
+    def touch(self, now: float | None = None) -> None:
+        """An item arrived (at ``now``, when the caller already read the clock)."""
+        self.last_item = self._clock.now() if now is None else now
         self.got_item = True
 
     def cancel(self) -> None:
