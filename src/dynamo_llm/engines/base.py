@@ -19,7 +19,7 @@ Lifecycle and guarantees:
    it), and the engine must release everything in ``finally``.
 4. ``await engine.aclose()`` releases the engine's own resources at shutdown.
 
-Outputs are plain objects with ``__slots__``: an engine may build one per token, so they must be
+Outputs are msgspec Structs: an engine may build one per token, so they must be
 cheap. ``raw`` is for relaying engines: already-rendered SSE bytes the frontend passes on as they
 are (it still counts ``num_tokens``), so the hot path never parses and re-encodes a chunk it does
 not need to change.
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Literal, Protocol
+
+import msgspec
 
 from ..errors import ContextLengthExceeded
 from ..runtime.context import EngineContext
@@ -40,72 +42,30 @@ if TYPE_CHECKING:
 Endpoint = Literal["chat_completions", "completions"]
 
 
-class Usage:
+class Usage(msgspec.Struct, gc=False):
     """Token counts of one finished choice (or of a whole request once summed)."""
 
-    __slots__ = ("cached_tokens", "completion_tokens", "prompt_tokens")
-
-    def __init__(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
-        self.cached_tokens = cached_tokens
-
-    def __repr__(self) -> str:
-        return (
-            f"Usage(prompt_tokens={self.prompt_tokens}, completion_tokens="
-            f"{self.completion_tokens}, cached_tokens={self.cached_tokens})"
-        )
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Usage) and (
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.cached_tokens,
-        ) == (other.prompt_tokens, other.completion_tokens, other.cached_tokens)
-
-    __hash__ = None  # type: ignore[assignment]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
 
 
-class EngineOutput:
-    """One item of an engine's stream."""
+class EngineOutput(msgspec.Struct, gc=False):
+    """One item of an engine's stream.
 
-    __slots__ = (
-        "finish_reason",
-        "index",
-        "num_tokens",
-        "prompt_tokens",
-        "raw",
-        "text",
-        "token_ids",
-        "usage",
-    )
+    A msgspec Struct rather than a plain class: an engine may build one per token, and a Struct
+    is built about four times faster (its ``__init__`` is native). ``gc=False``: an output holds
+    no reference cycles, so the collector need not track it.
+    """
 
-    def __init__(
-        self,
-        text: str = "",
-        num_tokens: int = 1,
-        *,
-        index: int = 0,
-        token_ids: list[int] | None = None,
-        finish_reason: str | None = None,
-        usage: Usage | None = None,
-        prompt_tokens: int | None = None,
-        raw: bytes | None = None,
-    ) -> None:
-        self.text = text
-        self.num_tokens = num_tokens
-        self.index = index
-        self.token_ids = token_ids
-        self.finish_reason = finish_reason
-        self.usage = usage
-        self.prompt_tokens = prompt_tokens
-        self.raw = raw
-
-    def __repr__(self) -> str:
-        return (
-            f"EngineOutput(text={self.text!r}, num_tokens={self.num_tokens}, index={self.index}, "
-            f"finish_reason={self.finish_reason!r})"
-        )
+    text: str = ""
+    num_tokens: int = 1
+    index: int = 0
+    token_ids: list[int] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    prompt_tokens: int | None = None
+    raw: bytes | None = None
 
 
 class EngineRequest:

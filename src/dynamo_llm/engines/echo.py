@@ -98,7 +98,7 @@ class EchoEngine:
         for i, token in enumerate(tokens):
             if delay:
                 await sleep(delay)
-            if ctx.is_stopped:
+            if ctx.state:  # stopped or killed (LIVE is 0)
                 return
             if i == last:
                 yield EngineOutput(
