@@ -1,0 +1,301 @@
+"""The router's cost: streamed requests/s through the frontend against the same load sent direct.
+
+A fast fake worker (``python -m dynamo_llm.testing.bad_workers --behaviour ok --tokens 100``: an
+aiohttp server that streams ``--tokens`` chat chunks with no delay, then the usage chunk and
+``[DONE]``) runs pinned to ``--worker-cpu`` (default 1), the core this load generator pins
+itself to as well. ``dynamo-llm serve --upstream <worker>`` runs pinned to ``--frontend-cpu``
+(default 0), alone on its core, so its CPU time is the frontend's and nothing else's.
+
+In one run, for ``--rounds`` rounds (default 2), the same closed-loop load (``--concurrency``
+clients, default 32, each streaming a chat completion to its end and sending the next at once)
+goes first **direct** to the worker, then **through** the frontend, each for ``--warmup`` seconds
+uncounted and ``--duration`` seconds measured. Over each measured window the script reads the
+CPU time (user + system, every thread, ``/proc/<pid>/stat``) of the frontend, of the worker and
+its own, and how busy each core was, and reports:
+
+- streamed requests/s direct and through the frontend, and their **ratio** (through / direct);
+- the **frontend's CPU milliseconds per request** (and microseconds per streamed token);
+- the worker's and the load generator's CPU per request, for scale, and latency percentiles.
+
+The worker and the load generator share one core in both modes, so the direct figure is what
+that core sustains; through the frontend the same core does the same work per request and the
+frontend has a core of its own, so the ratio shows how much of that the frontend keeps (1.0: it
+is never the bottleneck) and the CPU per request what it costs.
+
+Every response is checked (HTTP 200, exactly ``--tokens`` content chunks, a usage chunk saying
+so, no error event, ``[DONE]``); any failure makes the script exit with status 1.
+
+Run: ``.venv/bin/python bench/bench_router.py`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+import _common
+
+MODEL = "bad-model"  # the fake worker's model name, learned by the frontend from /v1/models
+HEADERS = {"content-type": "application/json"}
+CONTENT_MARK = b'"content":"tok'
+DONE_LINE = b"data: [DONE]\n"
+
+
+# --- the fake worker --------------------------------------------------------------------------
+
+
+class FakeWorker:
+    """The ``ok`` bad worker as a child process; its URL from its first line.
+
+    It inherits this process's affinity: pin this process first (:func:`_common.pin_self`).
+    """
+
+    def __init__(self, tokens: int) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "dynamo_llm.testing.bad_workers",
+            "--behaviour",
+            "ok",
+            "--tokens",
+            str(tokens),
+            "--port",
+            "0",
+            "--model",
+            MODEL,
+        ]
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"the fake worker did not start: {line!r}")
+        self.url = line.removeprefix("listening on ")
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+# --- the load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    measuring: bool = False
+    requests: int = 0
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+async def stream_once(
+    session: aiohttp.ClientSession, url: str, body: bytes, tokens: int, tally: Tally
+) -> None:
+    t0 = time.perf_counter()
+    ttft = -1.0
+    chunks = 0
+    tail = b""
+    done = usage_ok = False
+    async with session.post(url, data=body, headers=HEADERS) as resp:
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
+        while data := await resp.content.readany():
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                tail += data
+                continue
+            lines, tail = tail + data[: cut + 1], data[cut + 1 :]
+            n = lines.count(CONTENT_MARK)
+            if n:
+                if ttft < 0:
+                    ttft = time.perf_counter() - t0
+                chunks += n
+            if b"event: error" in lines:
+                raise ValueError(f"error event: {lines[:300]!r}")
+            if b'"usage":' in lines:
+                usage_ok = f'"completion_tokens":{tokens},'.encode() in lines
+            done = done or DONE_LINE in lines
+    if not done or chunks != tokens or not usage_ok:
+        raise ValueError(
+            f"{chunks} content chunks (want {tokens}), usage ok {usage_ok}, [DONE] {done}"
+        )
+    if tally.measuring:
+        tally.requests += 1
+        tally.latencies.append(time.perf_counter() - t0)
+        tally.ttfts.append(ttft)
+
+
+async def client(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    tokens: int,
+    *,
+    stop: asyncio.Event,
+    tally: Tally,
+) -> None:
+    while not stop.is_set():
+        try:
+            await stream_once(session, url, body, tokens, tally)
+        except (ValueError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            tally.errors.append(f"{type(exc).__name__}: {exc}")
+            if len(tally.errors) <= 10:
+                print(f"request error: {tally.errors[-1]}", file=sys.stderr)
+            await asyncio.sleep(0.01)
+
+
+async def measure(args: argparse.Namespace, base_url: str, pids: dict[str, int]) -> dict[str, Any]:
+    """One closed-loop window against ``base_url``: rates and the CPU time of ``pids``."""
+    url = f"{base_url}/v1/chat/completions"
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "stream me some tokens"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        stop = asyncio.Event()
+        tally = Tally()
+        tasks = [
+            asyncio.create_task(client(session, url, body, args.tokens, stop=stop, tally=tally))
+            for _ in range(args.concurrency)
+        ]
+        await asyncio.sleep(args.warmup)
+        cpu0 = {name: _common.proc_cpu_seconds(pid) for name, pid in pids.items()}
+        self0, cores0, t0 = _common.self_cpu_seconds(), _common.core_ticks(), time.perf_counter()
+        tally.measuring = True
+        await asyncio.sleep(args.duration)
+        tally.measuring = False
+        t1 = time.perf_counter()
+        cpu1 = {name: _common.proc_cpu_seconds(pid) for name, pid in pids.items()}
+        self1, cores1 = _common.self_cpu_seconds(), _common.core_ticks()
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=30)
+        for task in pending:
+            task.cancel()
+        if pending:
+            tally.errors.append(f"{len(pending)} clients still streaming 30 s after the window")
+            await asyncio.wait(pending)
+    elapsed = t1 - t0
+    n = max(1, tally.requests)
+    cpu_ms = {name: 1000 * (cpu1[name] - cpu0[name]) / n for name in pids}
+    cpu_ms["load generator"] = 1000 * (self1 - self0) / n
+    return {
+        "rps": tally.requests / elapsed,
+        "requests": tally.requests,
+        "cpu_ms": cpu_ms,
+        "p50": _common.percentile(tally.latencies, 50),
+        "p99": _common.percentile(tally.latencies, 99),
+        "ttft50": _common.percentile(tally.ttfts, 50),
+        "cores": {
+            cpu: _common.core_usage(cores0, cores1, cpu)
+            for cpu in sorted({args.frontend_cpu, args.worker_cpu})
+        },
+        "errors": tally.errors,
+    }
+
+
+def describe(label: str, r: dict[str, Any], tokens: int) -> str:
+    cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in r["cpu_ms"].items())
+    cores = ", ".join(f"core {c} {busy:.0f}% busy" for c, (busy, _) in r["cores"].items())
+    return (
+        f"  {label:<8} {r['rps']:8.1f} req/s ({r['rps'] * tokens:9.0f} tokens/s)  "
+        f"p50 {1000 * r['p50']:6.1f} ms  p99 {1000 * r['p99']:6.1f} ms  "
+        f"TTFT p50 {1000 * r['ttft50']:5.1f} ms\n"
+        f"           CPU ms/request: {cpu}; {cores}"
+    )
+
+
+async def run(args: argparse.Namespace, worker: FakeWorker, frontend_url: str, fpid: int) -> int:
+    failed = False
+    ratios: list[float] = []
+    frontend_ms: list[float] = []
+    for k in range(1, args.rounds + 1):
+        print(f"round {k}:")
+        direct = await measure(args, worker.url, {"worker": worker.pid})
+        print(describe("direct", direct, args.tokens), flush=True)
+        routed = await measure(args, frontend_url, {"frontend": fpid, "worker": worker.pid})
+        print(describe("through", routed, args.tokens), flush=True)
+        ratio = routed["rps"] / direct["rps"] if direct["rps"] else float("nan")
+        per_request = routed["cpu_ms"]["frontend"]
+        print(
+            f"  ratio through/direct {ratio:.3f}; frontend CPU {per_request:.3f} ms per request "
+            f"({1000 * per_request / args.tokens:.1f} µs per streamed token; at that cost one "
+            f"core would serve about {1000 / per_request:.0f} req/s)"
+        )
+        ratios.append(ratio)
+        frontend_ms.append(per_request)
+        failed = failed or bool(direct["errors"] or routed["errors"])
+    print(
+        f"summary: ratio {' / '.join(f'{r:.3f}' for r in ratios)}; "
+        f"frontend CPU ms/request {' / '.join(f'{m:.3f}' for m in frontend_ms)}"
+    )
+    if failed:
+        print("FAILED: some responses were wrong (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frontend-cpu", type=int, default=0)
+    parser.add_argument("--worker-cpu", type=int, default=1, help="also the load generator's")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=100, help="streamed tokens per request")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.frontend_cpu == args.worker_cpu:
+        parser.error("the frontend needs a core of its own")
+    _common.check_cores(args.frontend_cpu, args.worker_cpu)
+
+    # The load generator and, inheriting it, the worker on one core; the frontend on the other.
+    _common.pin_self(args.worker_cpu)
+    worker = FakeWorker(args.tokens)
+    try:
+        if os.sched_getaffinity(worker.pid) != {args.worker_cpu}:
+            raise RuntimeError(f"the worker's affinity is {os.sched_getaffinity(worker.pid)}")
+        frontend = _common.start_server(
+            ["serve", "--upstream", worker.url, "--http-port", "0", "--log-level", "warning"],
+            args.frontend_cpu,
+        )
+        try:
+            assert frontend.url is not None
+            print(
+                f"cores: frontend (dynamo-llm serve --upstream) on core {args.frontend_cpu}; "
+                f"fake worker (bad_workers ok, {args.tokens} tokens) and this load generator on "
+                f"core {args.worker_cpu}\n"
+                f"machine: {_common.cpu_model()}, {os.cpu_count()} cores; Python "
+                f"{sys.version.split()[0]}; concurrency {args.concurrency}, warm-up "
+                f"{args.warmup:g} s, window {args.duration:g} s"
+            )
+            return asyncio.run(run(args, worker, frontend.url, frontend.pid))
+        finally:
+            frontend.stop()
+    finally:
+        worker.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
