@@ -530,16 +530,6 @@ async def test_a_worker_killed_mid_stream_fails_the_request_at_once_and_returns(
     assert not net.expired()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "router/engine.py:120 bounds the wait for the worker's headers by the first-token "
-        "limit only, and the router's inactivity Watchdog (engine.py:151-159) starts in _relay, "
-        "after the headers came: with DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS alone, a worker that "
-        "never answers is cut by the HTTP layer's 2x net, whose kill reaches the router as "
-        "Cancelled, so the worker is never quarantined and each request sent to it waits 2x"
-    ),
-)
 async def test_a_worker_that_never_answers_is_quarantined_by_the_inactivity_limit_alone(
     tmp_path: Path,
 ) -> None:

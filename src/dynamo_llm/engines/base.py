@@ -27,7 +27,7 @@ not need to change.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
@@ -66,6 +66,46 @@ class EngineOutput(msgspec.Struct, gc=False):
     usage: Usage | None = None
     prompt_tokens: int | None = None
     raw: bytes | None = None
+
+
+class OwnedStream:
+    """An engine stream that gives back what it holds when closed, even if never iterated.
+
+    An async generator's ``finally`` only runs once the generator has started; a stream that
+    ``generate()`` handed out but nobody iterated (the client left in between) would keep its
+    resources (a worker's in-flight slot, an upstream connection) forever. ``aclose()`` here
+    closes the generator and then runs ``release`` in every case; ``release`` must be
+    idempotent (the generator's own ``finally`` should call it too).
+    """
+
+    __slots__ = ("_gen", "_release")
+
+    def __init__(
+        self,
+        gen: AsyncGenerator[EngineOutput, None],
+        release: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._gen = gen
+        self._release = release
+
+    def __aiter__(self) -> OwnedStream:
+        return self
+
+    def __anext__(self) -> Awaitable[EngineOutput]:
+        return self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._gen.aclose()
+        finally:
+            await self._release()
+
+
+async def aclose_stream(stream: AsyncIterator[EngineOutput]) -> None:
+    """Close an engine stream if it can be closed (async generators and OwnedStream can)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class EngineRequest:

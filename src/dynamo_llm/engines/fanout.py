@@ -11,11 +11,11 @@ choice, so the summed usage matches OpenAI's.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
-from .base import Engine, EngineOutput, EngineRequest, Usage
+from .base import Engine, EngineOutput, EngineRequest, OwnedStream, Usage, aclose_stream
 
 _END = object()
 
@@ -42,19 +42,23 @@ async def open_fanout(
         for child in children:
             child.kill()
         for stream in streams:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose_stream(stream)
         raise
-    return _merge(streams, children, ctx, n)
+
+    async def release() -> None:
+        for stream in streams:
+            await aclose_stream(stream)
+        for child in children:
+            ctx.unlink_child(child)
+
+    return OwnedStream(_merge(streams, children, n), release)
 
 
 async def _merge(
     streams: list[AsyncIterator[EngineOutput]],
     children: list[EngineContext],
-    ctx: EngineContext,
     n: int,
-) -> AsyncIterator[EngineOutput]:
+) -> AsyncGenerator[EngineOutput, None]:
     queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
 
     async def drain(k: int, stream: AsyncIterator[EngineOutput]) -> None:
@@ -87,5 +91,3 @@ async def _merge(
     finally:
         for task in tasks:
             await cancel_and_wait(task)
-        for child in children:
-            ctx.unlink_child(child)

@@ -27,7 +27,7 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import Config
-from ..engines.base import Endpoint, Engine, EngineRequest
+from ..engines.base import Endpoint, Engine, EngineRequest, aclose_stream
 from ..engines.fanout import open_fanout
 from ..errors import (
     AllWorkersBusy,
@@ -464,9 +464,7 @@ class App:
                 on_tokens(out.num_tokens, out.prompt_tokens, t)
                 aggregator.add(out)
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose_stream(stream)
         if ctx.is_stopped:
             raise error_for_stop(ctx.reason)
         return aggregator.render()

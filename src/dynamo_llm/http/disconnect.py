@@ -53,7 +53,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING
 
-from ..engines.base import EngineOutput
+from ..engines.base import EngineOutput, aclose_stream
 from ..errors import (
     Cancelled,
     DynamoError,
@@ -337,9 +337,7 @@ async def _pump(
         log.exception("engine stream for request %s failed", ctx.id)
         return internal_error()
     finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose_stream(stream)
 
 
 async def monitor_for_disconnects(
@@ -381,6 +379,9 @@ async def monitor_for_disconnects(
         pump.remove_done_callback(waker.wake)
         if not pump.done():
             await cancel_and_wait(pump)
+        # The pump closes the stream when it ends; one cancelled before its first step never
+        # ran, and the engine must still get back what it holds for this request.
+        await aclose_stream(stream)
 
     result = pump.result() if not pump.cancelled() else _STOPPED
     if result == _GONE:

@@ -24,11 +24,11 @@ one ``finally``, whichever way the attempt ends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..engines.base import EngineOutput, EngineRequest
+from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
 from ..engines.echo import content_text
 from ..errors import DynamoError, NoWorkersAvailable, WorkerResponseTimeout, WorkerUnreachable
 from ..metrics import Metrics
@@ -62,6 +62,36 @@ def prompt_text(request: EngineRequest) -> str:
     return "\n".join(
         f"{getattr(m, 'role', '')}: {content_text(getattr(m, 'content', None))}" for m in messages
     )
+
+
+class _AttemptHold:
+    """What one attempt holds, given back exactly once (by the relay's ``finally``, or by
+    ``aclose()`` of a stream that was never iterated)."""
+
+    __slots__ = ("_attempt", "_ctx", "_dog", "_released", "_slot", "_stream")
+
+    def __init__(
+        self,
+        ctx: EngineContext,
+        attempt: EngineContext,
+        slot: InflightSlot,
+        dog: Watchdog,
+        stream: AsyncIterator[EngineOutput],
+    ) -> None:
+        self._ctx = ctx
+        self._attempt = attempt
+        self._slot = slot
+        self._dog = dog
+        self._stream = stream
+        self._released = False
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._dog.cancel()
+            self._slot.release()
+            self._ctx.unlink_child(self._attempt)
+            await aclose_stream(self._stream)
 
 
 class Router:
@@ -112,6 +142,17 @@ class Router:
             attempt = EngineContext(ctx.id)
             ctx.link_child(attempt)
             started = self.clock.now()
+            # The attempt's clock starts at dispatch: a worker that never even sends its
+            # headers is silent too, and must be quarantined by the inactivity limit alone.
+            dog = Watchdog(
+                self.clock,
+                attempt,
+                inactivity=self.limits.inactivity,
+                first_token=self.limits.first_token,
+                deadline=None,
+                error=WorkerResponseTimeout,
+            )
+            dog.start()
             try:
                 stream = await self.client.open_stream(
                     worker.url,
@@ -121,8 +162,13 @@ class Router:
                     is_ours=worker.is_ours,
                 )
             except BaseException as exc:
+                dog.cancel()
                 slot.release()
                 ctx.unlink_child(attempt)
+                if dog.expired is not None:
+                    # Our timer killed the attempt while it waited for the worker's headers.
+                    self.workers.report_down(worker.id, dog.expired)
+                    raise dog.expired from exc
                 if isinstance(exc, DynamoError):
                     self.workers.report_down(worker.id, exc)
                     if (
@@ -135,28 +181,20 @@ class Router:
                         exclude.add(worker.id)
                         continue
                 raise
-            return self._relay(stream, worker, slot, attempt, ctx=ctx, started=started)
+            held = _AttemptHold(ctx, attempt, slot, dog, stream)
+            relay = self._relay(stream, worker, attempt, dog, held.release, started=started)
+            return OwnedStream(relay, held.release)
 
     async def _relay(
         self,
         stream: AsyncIterator[EngineOutput],
         worker: Worker,
-        slot: InflightSlot,
         attempt: EngineContext,
+        dog: Watchdog,
+        release: Callable[[], Awaitable[None]],
         *,
-        ctx: EngineContext,
         started: float,
-    ) -> AsyncIterator[EngineOutput]:
-        limits = self.limits
-        dog = Watchdog(
-            self.clock,
-            attempt,
-            inactivity=limits.inactivity,
-            first_token=limits.first_token,
-            deadline=None,
-            error=WorkerResponseTimeout,
-        )
-        dog.start()
+    ) -> AsyncGenerator[EngineOutput, None]:
         touch = dog.touch
         try:
             waiting_first = True
@@ -177,12 +215,7 @@ class Router:
                 raise
             raise error from exc
         finally:
-            dog.cancel()
-            slot.release()
-            ctx.unlink_child(attempt)
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await release()
 
     def _observe_ttft(self, worker: Worker, seconds: float) -> None:
         worker.last_ttft = seconds

@@ -1,0 +1,162 @@
+"""The Router engine without sockets: a fake worker client, a fake clock."""
+
+import asyncio
+
+import pytest
+
+from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
+from dynamo_llm.errors import Cancelled, WorkerResponseTimeout, WorkerUnreachable
+from dynamo_llm.metrics import Metrics
+from dynamo_llm.protocols.completions import decode_completion_request
+from dynamo_llm.router.engine import AttemptLimits, Router
+from dynamo_llm.router.policies import RouterMode, RoutingPolicy
+from dynamo_llm.router.workers import Worker, WorkerSet
+from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
+
+MODEL = "m"
+
+
+class FakeClient:
+    """Stands in for WorkerClient: scripted per worker URL."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.behaviour: dict[str, str] = {}
+        self.opened: list[str] = []
+        self.closed: list[str] = []
+
+    async def open_stream(self, url, request, ctx, *, first_token_timeout=None, is_ours=False):
+        self.opened.append(url)
+        kind = self.behaviour.get(url, "ok")
+        if kind == "refuse":
+            raise WorkerUnreachable("connection refused")
+        if kind == "no-headers":
+            await ctx.killed()  # waits until someone kills the attempt
+            raise Cancelled("stopped while waiting for the worker")
+        return self._stream(url, ctx, kind)
+
+    async def _stream(self, url, ctx, kind):
+        try:
+            yield EngineOutput("a", prompt_tokens=2)
+            if kind == "silent":
+                await ctx.stopped()
+                return
+            yield EngineOutput("b", finish_reason="stop", usage=Usage(2, 2))
+        finally:
+            self.closed.append(url)
+
+
+def setup(*urls, limits=None):
+    clock = FakeClock()
+    metrics = Metrics()
+
+    async def probe(worker):
+        return True
+
+    workers = WorkerSet(clock=clock, probe=probe, metrics=metrics)
+    for url in urls:
+        workers.add(Worker(url, [MODEL]))
+    client = FakeClient(clock)
+    router = Router(
+        workers,
+        RoutingPolicy(RouterMode.ROUND_ROBIN),
+        client,
+        clock,
+        metrics=metrics,
+        limits=limits or AttemptLimits(),
+    )
+    return clock, workers, client, router
+
+
+def request(rid="r1"):
+    params = decode_completion_request(b'{"model": "m", "prompt": "hi", "stream": true}')
+    return EngineRequest(rid, MODEL, "completions", params, prompt="hi", max_tokens=16)
+
+
+def inflight(workers):
+    return {w.id: w.inflight for w in workers}
+
+
+async def test_a_stream_never_iterated_gives_its_worker_slot_back_when_closed():
+    _, workers, _client, router = setup("http://a")
+    stream = await router.generate(request(), EngineContext("r1"))
+    assert inflight(workers) == {"http://a": 1}
+    await stream.aclose()
+    assert inflight(workers) == {"http://a": 0}
+    await router.aclose()
+
+
+async def test_a_finished_stream_gives_the_slot_back_once():
+    _, workers, client, router = setup("http://a")
+    stream = await router.generate(request(), EngineContext("r1"))
+    texts = [out.text async for out in stream]
+    assert texts == ["a", "b"]
+    await stream.aclose()
+    assert inflight(workers) == {"http://a": 0}
+    assert client.closed == ["http://a"]
+    await router.aclose()
+
+
+async def test_a_worker_silent_before_its_headers_is_quarantined_by_the_attempt_timer():
+    clock, workers, client, router = setup("http://a", limits=AttemptLimits(inactivity=1.0))
+    client.behaviour["http://a"] = "no-headers"
+    ctx = EngineContext("r1")
+    task = asyncio.create_task(router.generate(request(), ctx))
+    await clock.advance(0.999)
+    assert not task.done()
+    await clock.advance(0.001)
+    with pytest.raises(WorkerResponseTimeout):
+        async with asyncio.timeout(5):
+            await task
+    assert workers.get("http://a").quarantined
+    assert not ctx.is_stopped, "only the attempt was stopped; the request decides what next"
+    assert inflight(workers) == {"http://a": 0}
+    await router.aclose()
+
+
+async def test_silence_mid_stream_quarantines_and_reports_a_response_timeout():
+    clock, workers, client, router = setup("http://a", limits=AttemptLimits(inactivity=1.0))
+    client.behaviour["http://a"] = "silent"
+    stream = await router.generate(request(), EngineContext("r1"))
+    assert (await stream.__anext__()).text == "a"
+    nxt = asyncio.ensure_future(stream.__anext__())
+    await clock.advance(1.0)
+    with pytest.raises(WorkerResponseTimeout):
+        async with asyncio.timeout(5):
+            await nxt
+    await stream.aclose()
+    assert workers.get("http://a").quarantined
+    assert inflight(workers) == {"http://a": 0}
+    await router.aclose()
+
+
+async def test_a_client_kill_is_not_held_against_the_worker():
+    _, workers, client, router = setup("http://a")
+    client.behaviour["http://a"] = "silent"
+    ctx = EngineContext("r1")
+    stream = await router.generate(request(), ctx)
+    await stream.__anext__()
+    nxt = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    ctx.kill(StopReason.CLIENT_DISCONNECT)
+    with pytest.raises(StopAsyncIteration):
+        async with asyncio.timeout(5):
+            await nxt
+    await stream.aclose()
+    assert not workers.get("http://a").quarantined
+    assert workers.get("http://a").failures == 0
+    await router.aclose()
+
+
+async def test_a_refused_connection_quarantines_and_the_next_request_goes_elsewhere():
+    _, workers, client, router = setup("http://a", "http://b")
+    client.behaviour["http://a"] = "refuse"
+    with pytest.raises(WorkerUnreachable):
+        await router.generate(request("r1"), EngineContext("r1"))
+    assert workers.get("http://a").quarantined
+    for i in range(3):
+        stream = await router.generate(request(f"r{i + 2}"), EngineContext(f"r{i + 2}"))
+        await stream.aclose()
+    assert client.opened == ["http://a", "http://b", "http://b", "http://b"]
+    assert inflight(workers) == {"http://a": 0, "http://b": 0}
+    await router.aclose()
