@@ -401,11 +401,9 @@ class App:
         params: ChatCompletionRequest | CompletionRequest,
         requests: list[EngineRequest],
     ) -> None:
-        chat = isinstance(params, ChatCompletionRequest)
         stream_options = params.stream_options
         renderer = ChunkRenderer(
-            "chat" if chat else "completions",
-            ("chatcmpl-" if chat else "cmpl-") + exchange.ctx.id,
+            *_response_naming(params, exchange.ctx),
             served.name,
             int(time.time()),
             include_usage=bool(stream_options is not None and stream_options.include_usage),
@@ -428,10 +426,8 @@ class App:
         params: ChatCompletionRequest | CompletionRequest,
         requests: list[EngineRequest],
     ) -> None:
-        chat = isinstance(params, ChatCompletionRequest)
         aggregator = Aggregator(
-            "chat" if chat else "completions",
-            ("chatcmpl-" if chat else "cmpl-") + exchange.ctx.id,
+            *_response_naming(params, exchange.ctx),
             served.name,
             int(time.time()),
             choices=len(requests),
@@ -550,6 +546,15 @@ class App:
 
 
 _STOP_PREFIX = "/v1/requests/"
+
+
+def _response_naming(
+    params: ChatCompletionRequest | CompletionRequest, ctx: EngineContext
+) -> tuple[str, str]:
+    """The response kind and id: ("chat", "chatcmpl-<id>") or ("completions", "cmpl-<id>")."""
+    if isinstance(params, ChatCompletionRequest):
+        return "chat", "chatcmpl-" + ctx.id
+    return "completions", "cmpl-" + ctx.id
 
 
 def _completion_stop(params: CompletionRequest) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import RequestTooLarge
 from ..runtime.tasks import cancel_and_wait
 from .app import App
-from .connection import Headers, HttpRequest
+from .connection import DisconnectSignal, Headers, HttpRequest
 from .exchange import ClientGone
 
 Scope = MutableMapping[str, Any]
@@ -49,34 +49,18 @@ class _AsgiWriter:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
 
-class AsgiConnection:
+class AsgiConnection(DisconnectSignal):
     def __init__(self, receive: Receive, send: Send) -> None:
+        super().__init__()
         self._receive = receive
         self._send = send
-        self._callbacks: list[Callable[[], None]] = []
         self._watcher: asyncio.Task[None] | None = None
         self._body_done = False
-        self.disconnected = False
-
-    @property
-    def is_disconnected(self) -> bool:
-        return self.disconnected
 
     def on_disconnect(self, callback: Callable[[], None]) -> None:
-        if self.disconnected:
-            callback()
-            return
-        self._callbacks.append(callback)
-        if self._watcher is None and self._body_done:
+        self._add_callback(callback)
+        if not self.disconnected and self._watcher is None and self._body_done:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    def _fire(self) -> None:
-        if self.disconnected:
-            return
-        self.disconnected = True
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
 
     async def _watch(self) -> None:
         while True:
@@ -101,7 +85,7 @@ class AsgiConnection:
             if not message.get("more_body", False):
                 break
         self._body_done = True
-        if self._callbacks and self._watcher is None:
+        if self._callbacks and self._watcher is None:  # registered while the body was read
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return b"".join(chunks)
 
@@ -122,7 +106,7 @@ class AsgiConnection:
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def aclose(self) -> None:
-        self._callbacks = []
+        self._forget_callbacks()
         if self._watcher is not None:
             await cancel_and_wait(self._watcher)
 

@@ -46,6 +46,44 @@ class StreamWriter(Protocol):
     def closed_errors(self) -> tuple[type[BaseException], ...]: ...
 
 
+class DisconnectSignal:
+    """The part of a connection adapter that reports the client going away, once.
+
+    ``on_disconnect`` registers a callback (called at once if the client already left) and
+    returns True for the first registration, when the adapter should start listening;
+    ``_fire()`` is what the adapter calls when its server says the client left.
+    """
+
+    __slots__ = ("_callbacks", "disconnected")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+        self.disconnected = False
+
+    @property
+    def is_disconnected(self) -> bool:
+        return self.disconnected
+
+    def _add_callback(self, callback: Callable[[], None]) -> bool:
+        if self.disconnected:
+            callback()
+            return False
+        first = not self._callbacks
+        self._callbacks.append(callback)
+        return first
+
+    def _fire(self, *_: object) -> None:
+        if self.disconnected:
+            return
+        self.disconnected = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def _forget_callbacks(self) -> None:
+        self._callbacks = []
+
+
 class Connection(Protocol):
     @property
     def is_disconnected(self) -> bool: ...

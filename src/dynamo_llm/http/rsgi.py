@@ -16,7 +16,7 @@ from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
 
 from ..errors import RequestTooLarge
 from .app import App
-from .connection import Headers, HttpRequest
+from .connection import DisconnectSignal, Headers, HttpRequest
 
 
 async def _send_after_end(data: bytes) -> None:
@@ -36,41 +36,24 @@ class _RsgiWriter:
         self.send = _send_after_end
 
 
-class RsgiConnection:
-    __slots__ = ("_callbacks", "_disconnect", "_headers", "_proto", "_writer", "disconnected")
+class RsgiConnection(DisconnectSignal):
+    __slots__ = ("_disconnect", "_headers", "_proto", "_writer")
 
     def __init__(self, proto: Any, headers: Any) -> None:
+        super().__init__()
         self._proto = proto
         self._headers = headers
         self._disconnect: Any = None
-        self._callbacks: list[Callable[[], None]] = []
         self._writer: _RsgiWriter | None = None
-        self.disconnected = False
-
-    @property
-    def is_disconnected(self) -> bool:
-        return self.disconnected
 
     def on_disconnect(self, callback: Callable[[], None]) -> None:
-        if self.disconnected:
-            callback()
-            return
-        self._callbacks.append(callback)
-        if self._disconnect is None:
+        if self._add_callback(callback) and self._disconnect is None:
             self._disconnect = self._proto.client_disconnect()
             self._disconnect.add_done_callback(self._fire)
 
-    def _fire(self, _future: Any) -> None:
-        if self.disconnected:
-            return
-        self.disconnected = True
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
-
     def detach(self) -> None:
         """The request is over: later disconnect notifications concern nobody."""
-        self._callbacks = []
+        self._forget_callbacks()
         if self._disconnect is not None and not self._disconnect.done():
             self._disconnect.remove_done_callback(self._fire)
 

@@ -114,9 +114,14 @@ class ChunkRenderer:
         else:
             parts.append(b',"text":')
             parts.append(_encode(out.text))
-        if self._with_token_ids and out.token_ids is not None:
-            parts.append(b',"token_ids":')
-            parts.append(_encode(out.token_ids))
+        if self._with_token_ids:
+            if out.prompt_token_ids is not None:
+                # vLLM's field, on the first chunk's choice: what a migration replays exactly.
+                parts.append(b',"prompt_token_ids":')
+                parts.append(_encode(out.prompt_token_ids))
+            if out.token_ids is not None:
+                parts.append(b',"token_ids":')
+                parts.append(_encode(out.token_ids))
         parts.append(b',"logprobs":null,"finish_reason":')
         parts.append(b"null" if out.finish_reason is None else _encode(out.finish_reason))
         parts.append(b"}]}\n\n")
