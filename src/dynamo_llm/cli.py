@@ -388,6 +388,18 @@ def add_router_arguments(parser: argparse.ArgumentParser, d: Config) -> None:
             d.worker_connect_timeout_secs,
         ),
     )
+    group.add_argument(
+        "--migration-limit",
+        metavar="N",
+        type=int,
+        default=d.migration_limit,
+        help=_env_help(
+            "a request whose worker fails (unreachable, dropped, shutting down) moves to another "
+            "worker at most N times, continuing where it stopped; 0 turns migration off",
+            "DYN_MIGRATION_LIMIT",
+            d.migration_limit,
+        ),
+    )
 
 
 def config_from_args(args: argparse.Namespace, base: Config) -> Config:
@@ -430,6 +442,7 @@ def _router_settings(args: argparse.Namespace) -> dict[str, object]:
         "router_kv_overlap_score_weight": args.router_kv_overlap_score_weight,
         "router_temperature": args.router_temperature,
         "worker_connect_timeout_secs": args.worker_connect_timeout_secs,
+        "migration_limit": max(0, args.migration_limit),
     }
 
 

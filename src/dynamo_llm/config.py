@@ -101,6 +101,8 @@ class Config:
     router_kv_overlap_score_weight: float = 1.0
     router_temperature: float = 0.0
     worker_connect_timeout_secs: float = 5.0
+    # Migration (SPEC §9): how many times a request may move to another worker; 0 is off.
+    migration_limit: int = 0
 
     @property
     def routed(self) -> bool:
@@ -169,6 +171,9 @@ class Config:
             ),
             worker_connect_timeout_secs=_float(
                 environ, "DYN_WORKER_CONNECT_TIMEOUT_SECS", defaults.worker_connect_timeout_secs
+            ),
+            migration_limit=max(
+                0, _int_or(environ, "DYN_MIGRATION_LIMIT", defaults.migration_limit)
             ),
         )
 

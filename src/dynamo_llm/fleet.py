@@ -75,6 +75,7 @@ class Fleet:
                 inactivity=config.backend_stream_timeout_secs,
                 first_token=config.first_token_timeout_secs,
             ),
+            migration_limit=config.migration_limit,
         )
         self.discovery = StaticDiscovery(
             self.workers,

@@ -9,7 +9,8 @@ Lifecycle and guarantees:
    :class:`~dynamo_llm.errors.DynamoError`, before any output exists, so the frontend can still
    answer with a plain HTTP error even for a streaming request.
 2. ``async for out in stream`` yields outputs. Each carries ``num_tokens`` new tokens for choice
-   ``index``; the first output of a stream carries ``prompt_tokens`` when the engine knows it;
+   ``index``; the first output of a stream carries ``prompt_tokens`` (and ``prompt_token_ids``)
+   when the engine knows it;
    the last carries ``finish_reason`` and ``usage``. The stream ends normally after the last
    output. A failure mid-stream is raised as a ``DynamoError`` (its class says what kind).
 3. ``ctx`` is the request's :class:`~dynamo_llm.runtime.context.EngineContext`. When it is stopped
@@ -66,6 +67,9 @@ class EngineOutput(msgspec.Struct, gc=False):
     usage: Usage | None = None
     prompt_tokens: int | None = None
     raw: bytes | None = None
+    # The prompt's token ids, on a stream's first output when the engine knows them (vLLM's
+    # ``prompt_token_ids`` with ``return_token_ids``): what a migration replays exactly.
+    prompt_token_ids: list[int] | None = None
 
 
 class OwnedStream:

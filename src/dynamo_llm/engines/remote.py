@@ -20,8 +20,8 @@ llama.cpp's server, TGI, Ollama, or our own ``dynamo-llm worker``):
    relay     a streaming client (the hot path)             ``raw`` bytes, ``num_tokens``
    tracked   a streaming client, ``track_tokens``          ``raw`` + ``text``/``token_ids``
    parsed    a unary client; a fan-out sub-request (n>1,   ``text``/``token_ids``, no raw
-             batch); ``track_tokens`` when the client
-             did not ask for token ids
+             batch); ``track_tokens`` when the client      (``prompt_token_ids`` on the
+             did not ask for token ids; ``relay=False``    first, when the worker sends them)
    ========  ============================================  ================================
 
    The relay never parses and re-encodes a chunk to pass it on. It reads whatever buffers the
@@ -171,6 +171,7 @@ class WorkerClient:
         is_ours: bool = False,
         track_tokens: bool = False,
         response_id: str | None = None,
+        relay: bool = True,
     ) -> RemoteStream:
         """Send ``request`` to the worker at ``url`` and return its stream (see the module doc).
 
@@ -180,6 +181,9 @@ class WorkerClient:
         ``track_tokens`` asks the worker for token ids (``return_token_ids``) and fills
         ``text``/``token_ids`` of every output, for migration. ``response_id`` is the id the
         client sees, by default ``chatcmpl-<request id>`` or ``cmpl-<request id>``.
+        ``relay=False`` forces the parsed mode (no ``raw`` bytes): the frontend renders every
+        output itself, as a migration needs, since its replay may go to another endpoint
+        (a chat request continued as token ids on ``/v1/completions``).
 
         Raises, before any output: :class:`WorkerUnreachable`, :class:`WorkerResponseTimeout`,
         :class:`WorkerDisconnected` (the worker closed without answering, twice),
@@ -193,7 +197,7 @@ class WorkerClient:
             and isinstance(params.prompt, list)
             and _is_batch(params.prompt)
         )
-        if not params.stream or subrequest:
+        if not params.stream or subrequest or not relay:
             mode = _Mode.PARSED
         elif track_tokens:
             mode = _Mode.TRACKED if params.return_token_ids else _Mode.PARSED
@@ -516,6 +520,7 @@ class _Choice(msgspec.Struct):
     text: str | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class _PromptDetails(msgspec.Struct):
@@ -535,6 +540,7 @@ class _Chunk(msgspec.Struct):
     choices: list[_Choice] | None = None
     usage: _Usage | None = None
     error: Any = None
+    prompt_token_ids: list[int] | None = None
 
 
 class _ModelCard(msgspec.Struct):
@@ -845,6 +851,7 @@ class RemoteStream:
         kept: list[bytes] = []
         texts: list[str] = []
         token_ids: list[int] | None = None
+        prompt_ids: list[int] | None = None
         finish_reason: str | None = None
         num_tokens = 0
         for event in part.split(b"\n\n"):
@@ -866,6 +873,8 @@ class RemoteStream:
                 self._learn(event, chunk)
             if chunk.usage is not None:
                 self._usage = _usage(chunk.usage)
+            if chunk.prompt_token_ids is not None:
+                prompt_ids = chunk.prompt_token_ids  # vLLM's chat puts them on the chunk
             choices = chunk.choices
             if not choices:
                 continue  # the usage-only chunk: its usage rides on the last output
@@ -875,6 +884,8 @@ class RemoteStream:
                 text = choice.delta.content if choice.delta is not None else choice.text
                 if text:
                     texts.append(text)
+                if choice.prompt_token_ids is not None:
+                    prompt_ids = choice.prompt_token_ids
                 ids = choice.token_ids
                 if ids:
                     token_ids = ids if token_ids is None else token_ids + ids
@@ -895,7 +906,13 @@ class RemoteStream:
                 raw = raw.replace(old, new)
             if not kept and usage is None:
                 return None
-        elif not texts and token_ids is None and finish_reason is None and usage is None:
+        elif (
+            not texts
+            and token_ids is None
+            and finish_reason is None
+            and usage is None
+            and prompt_ids is None
+        ):
             return None
         return EngineOutput(
             "".join(texts),
@@ -904,6 +921,7 @@ class RemoteStream:
             finish_reason=finish_reason,
             usage=usage,
             raw=raw,
+            prompt_token_ids=prompt_ids,
         )
 
 

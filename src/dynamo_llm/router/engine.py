@@ -24,23 +24,34 @@ one ``finally``, whichever way the attempt ends.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
 from ..engines.echo import content_text
-from ..errors import DynamoError, NoWorkersAvailable, WorkerResponseTimeout, WorkerUnreachable
+from ..errors import (
+    AllWorkersBusy,
+    Cancelled,
+    DynamoError,
+    NoWorkersAvailable,
+    WorkerResponseTimeout,
+    WorkerUnreachable,
+)
 from ..metrics import Metrics
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
 from ..runtime.watchdog import Watchdog
 from .kv_index import block_hashes
+from .migration import MigrationState, migration_budget
 from .policies import RoutingPolicy
 from .workers import InflightSlot, UnknownWorker, Worker, WorkerSet
 
 if TYPE_CHECKING:
     from ..engines.remote import WorkerClient
+
+log = logging.getLogger("dynamo_llm.router")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +105,19 @@ class _AttemptHold:
             await aclose_stream(self._stream)
 
 
+class _CurrentAttempt:
+    """The attempt a migrating request is reading; closing it gives back what it holds."""
+
+    __slots__ = ("stream", "worker")
+
+    def __init__(self, worker: Worker, stream: OwnedStream) -> None:
+        self.worker = worker
+        self.stream = stream
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class Router:
     """An engine that serves every model of a :class:`WorkerSet` through its workers."""
 
@@ -106,6 +130,7 @@ class Router:
         *,
         metrics: Metrics | None = None,
         limits: AttemptLimits | None = None,
+        migration_limit: int = 0,
     ) -> None:
         self.workers = workers
         self.policy = policy
@@ -113,6 +138,7 @@ class Router:
         self.clock = clock
         self.metrics = metrics
         self.limits = limits or AttemptLimits()
+        self.migration_limit = migration_limit
         self._closed = False
 
     def _acquire(
@@ -137,8 +163,104 @@ class Router:
     ) -> AsyncIterator[EngineOutput]:
         hashes = block_hashes(prompt_text(request)) if self.policy.uses_prefix else []
         exclude: set[str] = set()
+        budget = migration_budget(request, self.migration_limit)
+        if not budget:
+            _worker, stream = await self._attempt(request, ctx, hashes, exclude)
+            return stream
+        state = MigrationState(request, budget)
+        current = _CurrentAttempt(*await self._dispatch(state, request, ctx, hashes, exclude))
+        return OwnedStream(self._migrate(state, ctx, hashes, exclude, current), current.aclose)
+
+    async def _dispatch(
+        self,
+        state: MigrationState,
+        request: EngineRequest,
+        ctx: EngineContext,
+        hashes: list[int],
+        exclude: set[str],
+        *,
+        migration_type: str | None = None,
+        cause: DynamoError | None = None,
+    ) -> tuple[Worker, OwnedStream]:
+        """Open an attempt of a migratable request; a failed dispatch is retried on another
+        worker (a ``new_request`` migration) while the budget lasts."""
+        while True:
+            if ctx.is_stopped:
+                raise Cancelled(f"Context id {ctx.id} is stopped or killed") from cause
+            try:
+                return await self._attempt(
+                    request, ctx, hashes, exclude, migrating=True, migration_type=migration_type
+                )
+            except (NoWorkersAvailable, AllWorkersBusy) as exc:
+                if cause is not None:
+                    raise cause from exc  # nowhere to go: the client gets the failure itself
+                raise
+            except DynamoError as exc:
+                if not exc.migratable or ctx.is_stopped or not state.take_retry():
+                    raise
+                log.info("request %s: dispatch failed (%s); migrating", request.id, exc.code)
+                migration_type, cause = "new_request", exc
+
+    async def _migrate(
+        self,
+        state: MigrationState,
+        ctx: EngineContext,
+        hashes: list[int],
+        exclude: set[str],
+        current: _CurrentAttempt,
+    ) -> AsyncGenerator[EngineOutput, None]:
+        observe = state.observe
+        try:
+            while True:
+                try:
+                    async for out in current.stream:
+                        yield observe(out)
+                    return
+                except DynamoError as exc:
+                    # The attempt has already reported its worker down and given back what it
+                    # held (its relay's ``finally``); it must not be chosen again.
+                    exclude.add(current.worker.id)
+                    replay = state.next_replay() if exc.migratable and not ctx.is_stopped else None
+                    if replay is None:
+                        raise
+                    log.info(
+                        "request %s: stream from %s failed (%s) after %d tokens; migrating",
+                        state.request.id,
+                        current.worker.id,
+                        exc.code,
+                        state.generated,
+                    )
+                    await current.aclose()
+                    current.worker, current.stream = await self._dispatch(
+                        state,
+                        replay,
+                        ctx,
+                        hashes,
+                        exclude,
+                        migration_type="ongoing_request",
+                        cause=exc,
+                    )
+        finally:
+            await current.aclose()
+
+    async def _attempt(
+        self,
+        request: EngineRequest,
+        ctx: EngineContext,
+        hashes: list[int],
+        exclude: set[str],
+        *,
+        migrating: bool = False,
+        migration_type: str | None = None,
+    ) -> tuple[Worker, OwnedStream]:
+        """One attempt on one worker; the worker is added to ``exclude`` if opening fails."""
         while True:
             worker, slot = self._acquire(request, hashes, exclude)
+            if migration_type is not None:
+                # Counted once a worker took the replay: a migration actually attempted.
+                if self.metrics is not None:
+                    self.metrics.model_migration_total.labels(request.model, migration_type).inc()
+                migration_type = None
             attempt = EngineContext(ctx.id)
             ctx.link_child(attempt)
             started = self.clock.now()
@@ -154,13 +276,26 @@ class Router:
             )
             dog.start()
             try:
-                stream = await self.client.open_stream(
-                    worker.url,
-                    request,
-                    attempt,
-                    first_token_timeout=self.limits.first_token,
-                    is_ours=worker.is_ours,
-                )
+                if migrating:
+                    # Parsed outputs with token ids: what a replay needs, and what the frontend
+                    # renders itself whichever worker or endpoint produced them.
+                    stream = await self.client.open_stream(
+                        worker.url,
+                        request,
+                        attempt,
+                        first_token_timeout=self.limits.first_token,
+                        is_ours=worker.is_ours,
+                        track_tokens=True,
+                        relay=False,
+                    )
+                else:
+                    stream = await self.client.open_stream(
+                        worker.url,
+                        request,
+                        attempt,
+                        first_token_timeout=self.limits.first_token,
+                        is_ours=worker.is_ours,
+                    )
             except BaseException as exc:
                 dog.cancel()
                 slot.release()
@@ -168,6 +303,7 @@ class Router:
                 if dog.expired is not None:
                     # Our timer killed the attempt while it waited for the worker's headers.
                     self.workers.report_down(worker.id, dog.expired)
+                    exclude.add(worker.id)
                     raise dog.expired from exc
                 if isinstance(exc, DynamoError):
                     self.workers.report_down(worker.id, exc)
@@ -180,10 +316,11 @@ class Router:
                         # The worker left the set while we were connecting: choose once more.
                         exclude.add(worker.id)
                         continue
+                    exclude.add(worker.id)
                 raise
             held = _AttemptHold(ctx, attempt, slot, dog, stream)
             relay = self._relay(stream, worker, attempt, dog, held.release, started=started)
-            return OwnedStream(relay, held.release)
+            return worker, OwnedStream(relay, held.release)
 
     async def _relay(
         self,

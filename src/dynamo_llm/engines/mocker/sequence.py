@@ -209,6 +209,7 @@ class Sequence:
                 finish_reason=finish,
                 usage=usage,
                 prompt_tokens=self.prompt_len if generated == 1 else None,
+                prompt_token_ids=self.token_ids[: self.prompt_len] if generated == 1 else None,
             )
         )
         return finish is not None

@@ -1,0 +1,280 @@
+"""Migration: what a request has produced so far, and the replay that continues it (SPEC §9).
+
+When an attempt fails with a *migratable* error (the worker could not be reached, dropped the
+stream, ended it without its terminal item, or said it is shutting down) the router may send the
+request to another worker. The client must see one continuous stream, so the replay asks the new
+worker for exactly the rest of the answer:
+
+- **Token-exact**, when the first worker reported the prompt's token ids (vLLM's
+  ``prompt_token_ids``) and the id of every generated token (``return_token_ids``): the replay
+  is a completions request whose prompt is ``prompt ids + generated ids``, sent to
+  ``/v1/completions`` even for a chat request (the chat template was already applied). A
+  deterministic engine continues exactly where the first one stopped.
+- **Text continuation** otherwise (a worker that reports no token ids): a completions prompt
+  gets the generated text appended; a chat request gets the generated text as a final partial
+  assistant message with ``continue_final_message: true`` and ``add_generation_prompt: false``.
+
+Either way ``max_tokens`` (and ``min_tokens``) are reduced by what was generated, the sampling
+options are unchanged, and the replay's outputs are fixed up before the client sees them: they
+no longer carry the replay's own prompt (``prompt_tokens``, ``prompt_token_ids``), and the final
+``usage`` counts the *original* prompt and every token generated across attempts.
+
+Not replayable, so the budget is 0 whatever the limit: structured output (``response_format``
+``json_schema``/``json_object``, guided decoding in ``nvext``; the grammar's state cannot move)
+and ``n > 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ..engines.base import Endpoint, EngineOutput, EngineRequest, Usage
+from ..protocols.chat import ChatCompletionRequest, ChatMessage
+from ..protocols.completions import CompletionRequest
+
+__all__ = ["MigrationState", "migration_budget"]
+
+_STRUCTURED_FORMATS = frozenset({"json_schema", "json_object"})
+_GUIDED_FIELDS = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+)
+
+
+def migration_budget(request: EngineRequest, limit: int) -> int:
+    """How many times ``request`` may migrate: ``limit``, or 0 when it cannot be replayed."""
+    if limit <= 0:
+        return 0
+    params = request.params
+    if (params.n or 1) > 1:
+        return 0
+    response_format = getattr(params, "response_format", None)
+    if isinstance(response_format, dict) and response_format.get("type") in _STRUCTURED_FORMATS:
+        return 0
+    nvext = params.nvext
+    if nvext and any(nvext.get(name) is not None for name in _GUIDED_FIELDS):
+        return 0
+    return limit
+
+
+class MigrationState:
+    """One request's progress across attempts, and the replay that continues it."""
+
+    __slots__ = (
+        "_before",
+        "_exact",
+        "_finished",
+        "_prompt_ids",
+        "_prompt_tokens",
+        "_replaying",
+        "_texts",
+        "budget",
+        "generated",
+        "generated_ids",
+        "request",
+    )
+
+    def __init__(self, request: EngineRequest, budget: int) -> None:
+        self.request = request
+        self.budget = budget
+        self.generated = 0  # tokens generated so far, across attempts
+        self.generated_ids: list[int] = []
+        self._texts: list[str] = []
+        self._exact = True  # every generated token's id is known
+        self._prompt_ids: list[int] | None = None
+        self._prompt_tokens: int | None = None
+        self._replaying = False
+        self._before = 0  # tokens generated before the current replay
+        self._finished = False
+
+    @property
+    def is_token_exact(self) -> bool:
+        return self._exact and self._prompt_ids is not None
+
+    @property
+    def remaining_tokens(self) -> int | None:
+        """What is left of the request's ``max_tokens`` (None: no limit was set)."""
+        max_tokens = self.request.max_tokens
+        return None if max_tokens is None else max_tokens - self.generated
+
+    def observe(self, out: EngineOutput) -> EngineOutput:
+        """Record an output of the current attempt; return it as the client should see it."""
+        if out.num_tokens:
+            ids = out.token_ids
+            if ids is not None and len(ids) == out.num_tokens and self._exact:
+                self.generated_ids.extend(ids)
+            else:
+                self._exact = False
+            self.generated += out.num_tokens
+        if out.text:
+            self._texts.append(out.text)
+        if out.finish_reason is not None:
+            self._finished = True
+        if not self._replaying:
+            if out.prompt_token_ids is not None and self._prompt_ids is None:
+                self._prompt_ids = list(out.prompt_token_ids)
+                self._prompt_tokens = len(self._prompt_ids)
+            elif out.prompt_tokens is not None and self._prompt_tokens is None:
+                self._prompt_tokens = out.prompt_tokens
+            return out
+        # A replay's output: its prompt is not the client's.
+        if out.prompt_token_ids is not None or out.prompt_tokens is not None:
+            out = msgspec.structs.replace(out, prompt_token_ids=None, prompt_tokens=None)
+        if out.usage is not None:
+            out.usage = self._client_usage(out.usage)
+        return out
+
+    def _client_usage(self, replay: Usage) -> Usage:
+        prompt = self._prompt_tokens
+        if prompt is None:
+            # Text continuation without a reported prompt size: the replay's prompt less what
+            # it continues (exact when the worker's tokenizer round-trips the text).
+            prompt = max(0, replay.prompt_tokens - self._before)
+        return Usage(
+            prompt, self._before + replay.completion_tokens, min(replay.cached_tokens, prompt)
+        )
+
+    def next_replay(self) -> EngineRequest | None:
+        """Take one migration from the budget and build its replay; None when impossible."""
+        if self.budget <= 0 or self._finished:
+            return None
+        remaining = self.remaining_tokens
+        if remaining is not None and remaining <= 0:
+            return None
+        replay = self._build(remaining)
+        if replay is None:
+            return None
+        self.budget -= 1
+        self._replaying = True
+        self._before = self.generated
+        return replay
+
+    def take_retry(self) -> bool:
+        """Take one migration from the budget for a dispatch that failed before any output."""
+        if self.budget <= 0:
+            return False
+        self.budget -= 1
+        return True
+
+    def _build(self, remaining: int | None) -> EngineRequest | None:
+        request = self.request
+        if not self.generated:
+            return request  # nothing to continue: the request itself
+        params = request.params
+        min_tokens = params.min_tokens
+        if min_tokens is not None:
+            min_tokens = max(0, min_tokens - self.generated) or None
+        if self.is_token_exact:
+            assert self._prompt_ids is not None
+            prompt: list[int] = self._prompt_ids + self.generated_ids
+            return _replay(request, _as_completions(params, prompt, remaining, min_tokens), prompt)
+        text = "".join(self._texts)
+        if isinstance(params, ChatCompletionRequest):
+            return _replay(request, _continue_chat(params, text, remaining, min_tokens), None)
+        original = request.prompt if request.prompt is not None else params.prompt
+        if not isinstance(original, str):
+            return None  # token ids without the generated ids: no way to append the text
+        prompt_text = original + text
+        return _replay(
+            request,
+            msgspec.structs.replace(
+                params,
+                prompt=prompt_text,
+                max_tokens=remaining,
+                min_tokens=min_tokens,
+                echo=None,
+            ),
+            prompt_text,
+        )
+
+
+def _replay(
+    request: EngineRequest,
+    params: ChatCompletionRequest | CompletionRequest,
+    prompt: str | list[int] | None,
+) -> EngineRequest:
+    endpoint: Endpoint = (
+        "chat_completions" if isinstance(params, ChatCompletionRequest) else "completions"
+    )
+    max_tokens = (
+        params.max_completion_tokens or params.max_tokens
+        if isinstance(params, ChatCompletionRequest)
+        else params.max_tokens
+    )
+    return EngineRequest(
+        request.id,
+        request.model,
+        endpoint,
+        params,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        stop=request.stop,
+        worker_id=request.worker_id,
+    )
+
+
+def _as_completions(
+    params: ChatCompletionRequest | CompletionRequest,
+    prompt: list[int],
+    remaining: int | None,
+    min_tokens: int | None,
+) -> CompletionRequest:
+    if isinstance(params, CompletionRequest):
+        return msgspec.structs.replace(
+            params, prompt=prompt, max_tokens=remaining, min_tokens=min_tokens, echo=None
+        )
+    # A chat request continued as token ids: the template is already in the ids. Only the
+    # options a completions request has are carried over (sampling, stop, seed, extensions).
+    same: dict[str, Any] = {
+        name: getattr(params, name)
+        for name in (
+            "model",
+            "frequency_penalty",
+            "logit_bias",
+            "presence_penalty",
+            "seed",
+            "stop",
+            "stream",
+            "stream_options",
+            "temperature",
+            "top_p",
+            "user",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "ignore_eos",
+            "nvext",
+        )
+    }
+    ids: list[str | int | list[int]] = list(prompt)
+    return CompletionRequest(prompt=ids, max_tokens=remaining, min_tokens=min_tokens, **same)
+
+
+def _continue_chat(
+    params: ChatCompletionRequest, text: str, remaining: int | None, min_tokens: int | None
+) -> ChatCompletionRequest:
+    messages = list(params.messages)
+    last = messages[-1]
+    if params.continue_final_message and last.role == "assistant":
+        # The client was already continuing this message: continue it further.
+        messages[-1] = msgspec.structs.replace(last, content=last.text_content() + text)
+    else:
+        messages.append(ChatMessage(role="assistant", content=text))
+    budget: dict[str, int | None] = (
+        {"max_completion_tokens": remaining}
+        if params.max_completion_tokens is not None
+        else {"max_tokens": remaining}
+    )
+    return msgspec.structs.replace(
+        params,
+        messages=messages,
+        continue_final_message=True,
+        add_generation_prompt=False,
+        min_tokens=min_tokens,
+        **budget,
+    )
