@@ -51,7 +51,6 @@ from typing import Any
 import httpx
 import pytest
 
-from dynamo_llm.config import Config
 from dynamo_llm.testing.bad_workers import BadWorker
 from fleet_helpers import (
     HOLD,
@@ -66,7 +65,6 @@ from fleet_helpers import (
     send,
 )
 
-HAS_MIGRATION = hasattr(Config(), "migration_limit")
 SETTLE = 3.0
 GOOD = "good"  # the model of the healthy worker every bench keeps for invariant 5
 GOOD_TEXT = "".join(f"tok{i}" for i in range(5))  # what an ``ok`` worker says by default
@@ -418,7 +416,8 @@ async def test_worker_faults_fail_the_request_cleanly_and_leave_nothing_behind(
                     case = f"{name}/{kind}/{mode}"
                     # A fresh frontend: the fault quarantines the worker, which would decide the
                     # next case; the bad worker's record session is not warmed (it may refuse).
-                    async with bench(tmp_path, w["good"], {"m": [bad.url]}, env=LIMITS) as b:
+                    env = {**LIMITS, "DYN_MIGRATION_LIMIT": "0"}  # off, whatever the default
+                    async with bench(tmp_path, w["good"], {"m": [bad.url]}, env=env) as b:
                         await b.run(
                             case,
                             functools.partial(
