@@ -1,4 +1,5 @@
-"""The CI variant of ``bench/soak.py``: 20 seconds, a worker killed every 5 s.
+"""The CI variant of ``bench/soak.py``: 20 seconds, a worker killed every 5 s, migration off and
+on.
 
 Expected: the script's own invariants hold (gauges 0, ``requests_total`` == requests sent, no
 ``internal``, every completed text exactly the fault-free one) and it returns 0.
@@ -22,10 +23,27 @@ def load_soak():  # type: ignore[no-untyped-def]
     return module
 
 
+MIGRATION_BUG = (
+    "with --migration-limit 1, a client hang-up while the router is reading a migrating attempt "
+    "closes that attempt's stream while it is being iterated: _CurrentAttempt.aclose "
+    "(src/dynamo_llm/router/engine.py:118) -> OwnedStream.aclose (engines/base.py:103) raises "
+    "RuntimeError('aclose(): asynchronous generator is already running'), which "
+    "App._inference (src/dynamo_llm/http/app.py:304) records as `internal` (8-14 per 20 s soak)"
+)
+
+
 @pytest.mark.slow
-def test_a_20_second_soak_keeps_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "migration_limit",
+    ["0", pytest.param("1", marks=pytest.mark.xfail(strict=True, reason=MIGRATION_BUG))],
+)
+def test_a_20_second_soak_keeps_every_invariant(
+    migration_limit: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     soak = load_soak()
-    code = soak.main(["--duration", "20", "--kill-every", "5"])
+    code = soak.main(
+        ["--duration", "20", "--kill-every", "5", "--migration-limit", migration_limit]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "soak: passed" in out
