@@ -106,3 +106,29 @@ async def test_a_failing_flush_closes_the_started_wait_and_propagates():
         await next_or_flush(gen.__anext__, flush)
     await gen.aclose()
     assert source.closed
+
+
+async def test_a_failing_flush_unwinds_a_source_whose_cleanup_awaits():
+    gate = asyncio.Event()
+    cleaned = asyncio.Event()
+    steps = []
+
+    async def source():
+        try:
+            await gate.wait()
+            yield 1
+        finally:
+            steps.append("cleanup started")
+            await asyncio.sleep(0)  # cleanup that has to wait, like closing a connection
+            steps.append("cleanup done")
+            cleaned.set()
+
+    gen = source()
+
+    async def flush():
+        raise ConnectionResetError("client gone")
+
+    with pytest.raises(ConnectionResetError):
+        await next_or_flush(gen.__anext__, flush)
+    assert steps == ["cleanup started", "cleanup done"]
+    await gen.aclose()  # not "already running"

@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from dynamo_llm.testing.bad_workers import BadWorker
 from fleet_helpers import (
@@ -723,16 +722,6 @@ async def slow_loris(b: Bench) -> None:
     await b.assert_invariants("slow-loris")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a client gone mid-body is counted `internal`, not `cancelled` (SPEC §5): under granian "
-        "(RSGI) Connection.read_body (src/dynamo_llm/http/rsgi.py:72, and the chunked loop below "
-        "it) lets granian's RSGIProtocolClosed escape instead of raising ClientGone as the ASGI "
-        "path does (http/asgi.py:77-79); App._inference's `except Exception` "
-        "(src/dynamo_llm/http/app.py:304) then records internal and logs a traceback"
-    ),
-)
 async def test_a_slow_loris_that_hangs_up_mid_body_is_a_cancellation(tmp_path: Path) -> None:
     # Expected: other clients served meanwhile; the abandoned request, if a handler saw it, is
     # counted once as `cancelled`; nothing leaks.

@@ -23,19 +23,10 @@ def load_soak():  # type: ignore[no-untyped-def]
     return module
 
 
-MIGRATION_BUG = (
-    "with --migration-limit 1, a client hang-up while the router is reading a migrating attempt "
-    "closes that attempt's stream while it is being iterated: _CurrentAttempt.aclose "
-    "(src/dynamo_llm/router/engine.py:118) -> OwnedStream.aclose (engines/base.py:103) raises "
-    "RuntimeError('aclose(): asynchronous generator is already running'), which "
-    "App._inference (src/dynamo_llm/http/app.py:304) records as `internal` (8-14 per 20 s soak)"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "migration_limit",
-    ["0", pytest.param("1", marks=pytest.mark.xfail(strict=True, reason=MIGRATION_BUG))],
+    ["0", "1"],
 )
 def test_a_20_second_soak_keeps_every_invariant(
     migration_limit: str, capsys: pytest.CaptureFixture[str]

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from granian.rsgi import ProtocolClosed  # type: ignore[attr-defined]
+from granian.rsgi import ProtocolClosed, ProtocolError  # type: ignore[attr-defined]
 
 from ..errors import RequestTooLarge
 from .app import App
 from .connection import DisconnectSignal, Headers, HttpRequest
+from .exchange import ClientGone
 
 
 async def _send_after_end(data: bytes) -> None:
@@ -58,6 +59,14 @@ class RsgiConnection(DisconnectSignal):
             self._disconnect.remove_done_callback(self._fire)
 
     async def read_body(self, limit: int) -> bytes:
+        try:
+            return await self._read_body(limit)
+        except (ProtocolClosed, ProtocolError):
+            # The client went away (or broke the protocol) before its body was complete.
+            self._fire()
+            raise ClientGone from None
+
+    async def _read_body(self, limit: int) -> bytes:
         length = self._headers.get("content-length")
         if length is not None:
             try:

@@ -16,7 +16,6 @@ started when we learn that it must wait.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
@@ -40,19 +39,21 @@ class next_or_flush(Awaitable[T]):
             pending = source.send(None)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-        # The source must wait: write out what we hold first. If writing fails, the source's
-        # half-started await is unwound (GeneratorExit runs its ``finally``, as ``aclose()``
-        # would) before the error propagates.
+        # The source must wait: write out what we hold first. If writing fails (the client is
+        # gone, or we are cancelled), the source's half-started await is unwound with that same
+        # error, through the event loop since its cleanup may await, before the error goes on:
+        # a half-started async generator left behind would stay "running" for good, and closing
+        # it later would fail.
         try:
             yield from self._flush().__await__()
-        except BaseException:
-            _unwind(source)
+        except BaseException as exc:
+            yield from _unwind(source, pending, exc)
             raise
         while True:
             try:
                 sent = yield pending
             except GeneratorExit:
-                _unwind(source)
+                source.close()
                 raise
             except BaseException as exc:  # CancelledError and friends: deliver to the source
                 try:
@@ -66,6 +67,22 @@ class next_or_flush(Awaitable[T]):
                     return done.value  # type: ignore[no-any-return]
 
 
-def _unwind(source: Generator[Any, Any, Any]) -> None:
-    with contextlib.suppress(GeneratorExit, StopIteration):
-        source.throw(GeneratorExit())
+def _unwind(
+    source: Generator[Any, Any, Any], pending: Any, exc: BaseException
+) -> Generator[Any, Any, None]:
+    """Deliver ``exc`` to a started ``source`` and drive it until it has finished."""
+    del pending  # the source's pending future: nobody will wait for it now
+    try:
+        waiting = source.throw(exc)
+        while True:
+            try:
+                sent = yield waiting
+            except GeneratorExit:
+                source.close()
+                raise
+            except BaseException as again:  # cancelled once more: pass it on, keep unwinding
+                waiting = source.throw(again)
+            else:
+                waiting = source.send(sent)
+    except BaseException:  # the source's own ending (or our close): ``exc`` is what matters
+        return
