@@ -1,12 +1,13 @@
-"""Folding an engine's stream into one unary OpenAI response."""
+"""Folding an engine's stream into one unary OpenAI response (the protocols' response structs)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import msgspec
 
 from ..engines.base import EngineOutput, Usage
+from ..protocols.chat import ChatChoice, ChatCompletionResponse, ResponseMessage
+from ..protocols.common import PromptTokensDetails, UsageInfo
+from ..protocols.completions import CompletionChoice, CompletionResponse
 
 _encode = msgspec.json.encode
 
@@ -51,32 +52,45 @@ class Aggregator:
             self.usage.cached_tokens += out.usage.cached_tokens
 
     def render(self) -> bytes:
-        choices: list[dict[str, Any]] = []
-        for index, parts in enumerate(self._texts):
-            text = "".join(parts)
-            choice: dict[str, Any]
-            if self._chat:
-                choice = {"index": index, "message": {"role": "assistant", "content": text}}
-            else:
-                choice = {"index": index, "text": text}
-            if self._token_ids is not None:
-                choice["token_ids"] = self._token_ids[index]
-            choice["logprobs"] = None
-            choice["finish_reason"] = self._finish[index] or "stop"
-            choices.append(choice)
         usage = self.usage
-        return _encode(
-            {
-                "id": self._id,
-                "object": "chat.completion" if self._chat else "text_completion",
-                "created": self._created,
-                "model": self._model,
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                    "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-                },
-            }
+        usage_info = UsageInfo(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.prompt_tokens + usage.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
         )
+        token_ids = self._token_ids
+        response: ChatCompletionResponse | CompletionResponse
+        if self._chat:
+            response = ChatCompletionResponse(
+                id=self._id,
+                created=self._created,
+                model=self._model,
+                choices=[
+                    ChatChoice(
+                        index=index,
+                        message=ResponseMessage(content="".join(parts)),
+                        finish_reason=self._finish[index] or "stop",
+                        token_ids=token_ids[index] if token_ids is not None else None,
+                    )
+                    for index, parts in enumerate(self._texts)
+                ],
+                usage=usage_info,
+            )
+        else:
+            response = CompletionResponse(
+                id=self._id,
+                created=self._created,
+                model=self._model,
+                choices=[
+                    CompletionChoice(
+                        index=index,
+                        text="".join(parts),
+                        finish_reason=self._finish[index] or "stop",
+                        token_ids=token_ids[index] if token_ids is not None else None,
+                    )
+                    for index, parts in enumerate(self._texts)
+                ],
+                usage=usage_info,
+            )
+        return _encode(response)
