@@ -32,8 +32,13 @@ Cases run inside one test function per family so that their workers start once; 
 reported by name and the rest still run (the ledger is re-read from the metrics after a failure,
 so one wrong count does not fail every later case).
 
-Migration (``--migration-limit``) is not in ``Config`` yet: these are the migration-off cases.
-When it lands, the worker cases are to run again with ``DYN_MIGRATION_LIMIT=1``.
+The worker cases above run with migration off (``DYN_MIGRATION_LIMIT=0``). They run again with
+``DYN_MIGRATION_LIMIT=1`` and a healthy ``ok`` worker after the faulty one for the same model
+(section 2b): a migratable fault (refused connection, stream ended without its terminal item,
+SIGKILL mid-stream) gives the client one complete, correct answer and counts one migration; a
+fault that is not migratable (a timeout, the worker's own 500 or malformed output) ends as with
+migration off and counts none. A client that hangs up during a migrated stream reaches the
+replay's worker.
 """
 
 import asyncio
@@ -743,4 +748,195 @@ async def test_a_slow_loris_that_hangs_up_mid_body_is_a_cancellation(tmp_path: P
 
         await b.run("slow-loris-abandoned", abandoned)
         b.assert_no_failures()
+    assert not net.expired()
+
+
+# --- 2b. worker faults with migration on ---------------------------------------------------------
+
+# With ``DYN_MIGRATION_LIMIT=1`` the model "m" has two workers, the faulty one first and a healthy
+# ``ok`` one second; round-robin sends the (first) request to the faulty one. The ``ok`` worker
+# reports no prompt token ids, so the replay is a text continuation, and it answers every request
+# with its own ``tok0..tok4`` whatever the prompt: the client sees what the faulty worker sent
+# before it failed, then the ``ok`` worker's whole text. No ``max_tokens`` is set, so nothing caps
+# the replay.
+MIGRATION_ON = {**LIMITS, "DYN_MIGRATION_LIMIT": "1"}
+
+# fault -> (worker spec, what the faulty worker sent before failing, migration_type)
+MIGRATABLE: dict[str, tuple[dict[str, Any], str, str]] = {
+    # connect refused: nothing generated; the dispatch is retried elsewhere
+    "refuses-connections": ({"behaviour": "refuse"}, "", "new_request"),
+    # FEW=3 tokens, then the body ends without [DONE]
+    "stops-mid-stream": ({"behaviour": "stop-mid-stream"}, "tok0tok1tok2", "ongoing_request"),
+    # one token, then SIGKILL while it holds the second
+    "sigkill-mid-stream": (
+        {"behaviour": "ok", "tokens": 3, "gap": HOLD}, "tok0", "ongoing_request",
+    ),
+}  # fmt: skip
+# Not migratable (a timeout, the worker's own failure): the same outcome as with migration off
+# (WORKER_FAULTS), the ``ok`` worker never sees the request, ``model_migration_total`` stays 0.
+NOT_MIGRATABLE = ("never-answers", "answers-500", "malformed-sse")
+
+
+def texts_by_choice(reply: Reply, stream: bool) -> list[str]:
+    """The text of each choice of ``reply``, by index."""
+    out: dict[int, str] = {}
+    if not stream:
+        for c in json.loads(reply.body)["choices"]:
+            out[c["index"]] = c.get("text") or c.get("message", {}).get("content") or ""
+    else:
+        for event in reply.body.split(b"\n\n"):
+            if event.startswith(b"data: {"):
+                for c in json.loads(event[6:])["choices"]:
+                    text = c.get("text") or c.get("delta", {}).get("content") or ""
+                    out[c["index"]] = out.get(c["index"], "") + text
+    return [out[i] for i in sorted(out)]
+
+
+async def arrived_at(worker: BadWorker, ids: list[str]) -> list[str]:
+    """Which of ``ids`` ``worker`` has seen, once at least one has arrived."""
+    async with asyncio.timeout(5):
+        while True:
+            seen = [s["id"] for s in (await worker.record())["requests"] if s["id"] in ids]
+            if seen:
+                return seen
+            await asyncio.sleep(0.01)
+
+
+async def migrated_case(
+    b: Bench, bad: BadWorker, good: BadWorker, *, name: str, kind: str, stream: bool
+) -> None:
+    _, sent_before, migration_type = MIGRATABLE[name]
+    case = f"migrate/{name}/{kind}/{'stream' if stream else 'unary'}"
+    request_id = rid()
+    ids = upstream_ids(kind, request_id)
+    body = payload(kind, "m", stream=stream)
+    b.expect(kind, stream)
+    if name == "sigkill-mid-stream":
+        task = asyncio.create_task(send(b.fe, body, {"X-Request-Id": request_id}))
+        on_bad = await arrived_at(bad, ids)
+        await asyncio.sleep(0.2)  # its first token is out; it holds the second
+        await bad.kill()
+        reply = await task
+    else:
+        reply = await send(b.fe, body, {"X-Request-Id": request_id})
+        on_bad = [ids[0]] if name == "refuses-connections" else await arrived_at(bad, ids)
+    assert reply.status == 200, (case, reply.body[-300:])
+    if stream:
+        assert reply.body.count(b"data: [DONE]") == 1 and reply.done, (case, reply.body[-300:])
+        assert b"event: error" not in reply.body, (case, reply.body[-300:])
+    # Round-robin: exactly one (sub-)request went to the faulty worker first.
+    assert len(on_bad) == 1, (case, on_bad)
+    want = [GOOD_TEXT] * len(ids)
+    want[ids.index(on_bad[0])] = sent_before + GOOD_TEXT
+    assert texts_by_choice(reply, stream) == want, (case, reply.body[-600:])
+    assert b.fe.value("model_migration_total", migration_type=migration_type) == 1, case
+    assert b.fe.value("model_migration_total") == 1, case
+    assert b.fe.worker(bad.url).quarantined, f"{case}: the faulty worker is not quarantined"
+    assert not b.fe.worker(good.url).quarantined, case
+    assert b.fe.value("disconnected_clients") == 0, case
+    await b.assert_invariants(case)
+
+
+async def test_worker_faults_with_migration_on(tmp_path: Path) -> None:
+    specs = {name: spec for name, (spec, _, _) in MIGRATABLE.items()}
+    specs |= {name: WORKER_FAULTS[name][0] for name in NOT_MIGRATABLE}
+    async with (
+        asyncio.timeout(120) as net,
+        bad_workers(good={"behaviour": "ok"}, ok={"behaviour": "ok"}, **specs) as w,
+    ):
+        failures: list[str] = []
+        ok_worker = w["ok"]
+        for name in (*MIGRATABLE, *NOT_MIGRATABLE):
+            bad = w[name]
+            for kind in ENDPOINTS:
+                for mode in MODES:
+                    stream = mode == "stream"
+                    # A fresh frontend: the fault quarantines the faulty worker, which would
+                    # decide the next case (and round-robin starts again at the faulty one).
+                    models = {"m": [bad.url, ok_worker.url]}
+                    # The test reads the faulty worker's record too (unless it refuses): open
+                    # that session in the warm-up, before the baseline.
+                    warm = (ok_worker,) if name == "refuses-connections" else (ok_worker, bad)
+                    async with bench(tmp_path, w["good"], models, *warm, env=MIGRATION_ON) as b:
+                        if name in MIGRATABLE:
+                            case = f"migrate/{name}/{kind}/{mode}"
+                            body = functools.partial(
+                                migrated_case, b, bad, ok_worker, name=name, kind=kind,
+                                stream=stream,
+                            )  # fmt: skip
+                        else:
+                            case = f"migrate-off-by-cause/{name}/{kind}/{mode}"
+                            body = functools.partial(
+                                not_migrated_case, b, bad, ok_worker, name=name, kind=kind,
+                                stream=stream, case=case,
+                            )  # fmt: skip
+                        await b.run(case, body)
+                        failures += b.failures
+                    if name == "sigkill-mid-stream":
+                        await bad.restart()
+        assert not failures, "\n" + "\n".join(failures)
+    assert not net.expired()
+
+
+async def not_migrated_case(
+    b: Bench, bad: BadWorker, good: BadWorker, *, name: str, kind: str, stream: bool, case: str
+) -> None:
+    expected = outcome_for(WORKER_FAULTS[name][1], kind, "stream" if stream else "unary")
+    await worker_fault_case(b, bad, kind=kind, stream=stream, expected=expected, case=case)
+    # No sub-request the faulty worker had was retried on the ``ok`` one. (Round-robin may have
+    # sent the second prompt of a batch there in the first place.)
+    on_bad = {s["id"] for s in (await bad.record())["requests"]}
+    on_ok = {s["id"] for s in (await good.record())["requests"]}
+    assert on_bad and not on_bad & on_ok, f"{case}: retried on the ok worker: {on_bad & on_ok}"
+    assert b.fe.value("model_migration_total") == 0, case
+
+
+async def read_text(client: RawClient, text: str) -> None:
+    """Read a completions stream until its text so far is ``text``."""
+    seen = ""
+    while seen != text:
+        line = await client.reader.readline()
+        assert line and line != b"data: [DONE]\n", f"the stream ended after {seen!r}"
+        if line.startswith(b"data: {"):
+            seen += "".join(c["text"] for c in json.loads(line[6:])["choices"])
+            assert text.startswith(seen), f"{seen!r} is not the start of {text!r}"
+
+
+async def test_a_client_hang_up_during_a_migrated_stream_reaches_the_replay(
+    tmp_path: Path,
+) -> None:
+    # "m": a worker that stops after 3 tokens, then one that streams its tokens HOLD s apart. The
+    # client reads the 3 tokens and the replay's first one, then hangs up. Expected: the replay's
+    # worker records the disconnect; one migration (ongoing_request); one request, cancelled.
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        bad_workers(
+            good={"behaviour": "ok"},
+            stops={"behaviour": "stop-mid-stream"},
+            steady={"behaviour": "ok", "tokens": 5, "gap": HOLD},
+        ) as w,
+    ):
+        models = {"m": [w["stops"].url, w["steady"].url]}
+        # Default router limits: the replay's worker is silent for HOLD s, and must not time out.
+        env = {"DYN_MIGRATION_LIMIT": "1"}
+        async with bench(tmp_path, w["good"], models, w["steady"], env=env) as b:
+
+            async def hang_up() -> None:
+                request_id = rid()
+                body = payload("completions", "m", stream=True)
+                client = await RawClient.send(b.fe, body, {"X-Request-Id": request_id})
+                b.expect("completions", True, "cancelled")
+                # tok0 tok1 tok2 from "stops", then tok0 from the replay (events may coalesce)
+                await read_text(client, "tok0tok1tok2tok0")
+                replay = [s["id"] for s in (await w["steady"].record())["requests"]]
+                assert len(replay) == 1, replay
+                client.hang_up()
+                await b.assert_invariants("migrated-hang-up", (w["steady"], replay))
+                assert b.fe.value("model_migration_total", migration_type="ongoing_request") == 1
+                assert b.fe.value("model_migration_total") == 1
+                assert b.fe.value("disconnected_clients") == 1
+                assert b.fe.value("requests_total", error_type="cancelled") == 1
+
+            await b.run("migrated-hang-up", hang_up)
+            b.assert_no_failures()
     assert not net.expired()
