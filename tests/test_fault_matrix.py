@@ -148,10 +148,10 @@ class Bench:
         assert session is not None
         connector = session.connector
         assert connector is not None
-        acquired = len(connector._acquired)  # type: ignore[attr-defined]
+        acquired = len(connector._acquired)
         # A connection idle in the pool is reused or closed after its keep-alive (4 s): it holds
         # an fd that is not a leak. Count the fds without them.
-        idle = sum(len(c) for c in connector._conns.values())  # type: ignore[attr-defined]
+        idle = sum(len(c) for c in connector._conns.values())
         return Counts(len(tasks), acquired, len(os.listdir("/proc/self/fd")) - idle)
 
     def requests_total(self) -> Counter[Key]:
@@ -192,8 +192,8 @@ class Bench:
         if hung_up is not None:
             worker, ids = hung_up
             for request_id in ids:
-                seen = await worker.request_record(request_id)
-                assert seen["disconnected"], f"{case}: worker never saw {request_id} cancelled"
+                record = await worker.request_record(request_id)
+                assert record["disconnected"], f"{case}: worker never saw {request_id} cancelled"
         # 2. gauges back to 0
         await fe.app.wait_until_idle()
         assert fe.value("inflight_requests") == 0, case
