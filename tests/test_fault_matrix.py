@@ -792,6 +792,17 @@ def texts_by_choice(reply: Reply, stream: bool) -> list[str]:
     return [out[i] for i in sorted(out)]
 
 
+async def tokens_reached(b: Bench, wanted: float) -> None:
+    """Wait until the frontend has passed ``wanted`` tokens to its clients in all.
+
+    ``output_tokens_total`` is the frontend's own in-process state, counted as each item
+    reaches the client path; no event announces it, so it is re-read every few milliseconds.
+    """
+    async with asyncio.timeout(5):
+        while b.fe.value("output_tokens_total") < wanted:
+            await asyncio.sleep(0.005)
+
+
 async def arrived_at(worker: BadWorker, ids: list[str]) -> list[str]:
     """Which of ``ids`` ``worker`` has seen, once at least one has arrived."""
     async with asyncio.timeout(5):
@@ -812,9 +823,12 @@ async def migrated_case(
     body = payload(kind, "m", stream=stream)
     b.expect(kind, stream)
     if name == "sigkill-mid-stream":
+        # Kill once the faulty worker's first token has reached the frontend (it then holds the
+        # second); the other choices of a batch come from the ``ok`` worker, whole.
+        wanted = b.fe.value("output_tokens_total") + 1 + GOOD_TEXT.count("tok") * (len(ids) - 1)
         task = asyncio.create_task(send(b.fe, body, {"X-Request-Id": request_id}))
         on_bad = await arrived_at(bad, ids)
-        await asyncio.sleep(0.2)  # its first token is out; it holds the second
+        await tokens_reached(b, wanted)
         await bad.kill()
         reply = await task
     else:

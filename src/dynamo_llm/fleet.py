@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from .config import Config
-from .discovery.static import StaticDiscovery, decode_model_list, describe_worker
+from .discovery.static import StaticDiscovery, describe_worker
 from .engines.remote import WorkerClient, make_session
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
@@ -99,11 +99,9 @@ class Fleet:
             self._session = None
 
     async def _fetch_models(self, url: str) -> tuple[frozenset[str], bool]:
-        assert self._session is not None
-        timeout = aiohttp.ClientTimeout(total=MODELS_WITHIN)
-        async with self._session.get(f"{url}/v1/models", timeout=timeout) as response:
-            response.raise_for_status()
-            return decode_model_list(await response.read())
+        assert self._client is not None
+        models, ours = await self._client.list_models(url, within=MODELS_WITHIN)
+        return frozenset(models), ours
 
     async def _probe(self, worker: Worker) -> bool:
         if self._client is None:

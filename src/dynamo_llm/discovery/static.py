@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import yaml
 
 from ..router.workers import Worker, WorkerSet
@@ -67,25 +66,6 @@ def parse_upstream_file(text: str) -> dict[str, list[str]]:
             raise ValueError(f"model {model!r}: expected a list of worker URLs")
         out[model] = [normalise_url(u) for u in urls]
     return out
-
-
-class _ModelCard(msgspec.Struct):
-    id: str
-    owned_by: str = ""
-
-
-class _ModelList(msgspec.Struct):
-    data: list[_ModelCard]
-
-
-_decode_models = msgspec.json.Decoder(_ModelList).decode
-
-
-def decode_model_list(body: bytes) -> tuple[frozenset[str], bool]:
-    """Model ids from a ``/v1/models`` body, and whether the worker is a dynamo-llm worker."""
-    listing = _decode_models(body)
-    ours = bool(listing.data) and all(card.owned_by == "dynamo-llm" for card in listing.data)
-    return frozenset(card.id for card in listing.data), ours
 
 
 class StaticDiscovery:

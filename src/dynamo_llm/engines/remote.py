@@ -97,6 +97,7 @@ from ..errors import (
 from ..protocols.chat import ChatCompletionRequest, max_output_tokens
 from ..protocols.common import StreamOptions
 from ..protocols.completions import CompletionRequest
+from ..protocols.models import decode_model_list
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
 from .base import EngineOutput, EngineRequest, Usage
@@ -281,6 +282,10 @@ class WorkerClient:
 
         Raises :class:`WorkerUnreachable` when it cannot be asked, or the worker's error.
         """
+        return (await self.list_models(url, within=within))[0]
+
+    async def list_models(self, url: str, *, within: float) -> tuple[list[str], bool]:
+        """The model ids a worker serves, and whether it is a ``dynamo-llm worker``."""
         try:
             async with self.session.get(
                 url.rstrip("/") + "/v1/models", timeout=aiohttp.ClientTimeout(total=within)
@@ -294,10 +299,9 @@ class WorkerClient:
         if status >= 400:
             raise error_from_worker(status, body)
         try:
-            listing = _models_decoder.decode(body)
+            return decode_model_list(body)
         except msgspec.MsgspecError as exc:
             raise UpstreamError("The worker's /v1/models answer is malformed") from exc
-        return [card.id for card in listing.data]
 
 
 def _is_batch(prompt: list[str | int | list[int]]) -> bool:
@@ -543,16 +547,7 @@ class _Chunk(msgspec.Struct):
     prompt_token_ids: list[int] | None = None
 
 
-class _ModelCard(msgspec.Struct):
-    id: str
-
-
-class _ModelList(msgspec.Struct):
-    data: list[_ModelCard]
-
-
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
-_models_decoder = msgspec.json.Decoder(_ModelList)
 
 
 def _usage(usage: _Usage) -> Usage:
