@@ -1,0 +1,123 @@
+"""What the cases send and how they read answers: the official ``openai`` client, folded.
+
+A case sends the same request to the frontend and to an engine reached directly, and compares
+what each gives back. :func:`stream_chat` and :func:`stream_completion` fold a stream the way
+the OpenAI SDK users do (text concatenated, tool-call deltas merged by index, logprob entries
+concatenated) so a streamed answer compares with a unary one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from harness import MODEL
+from openai import OpenAI
+
+TIMEOUT = 180.0
+PROMPT = "The weather in Paris is"
+MESSAGES = [{"role": "user", "content": "Tell me about the weather in Paris."}]
+# Greedy decoding: the same request gets the same tokens from every instance of an engine.
+GREEDY: dict[str, Any] = {"temperature": 0.0}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Tokyo"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def only(*kinds: str) -> pytest.MarkDecorator:
+    """Run the case against these engine kinds only."""
+    return pytest.mark.parametrize("pair", kinds, indirect=True)
+
+
+def client(base_url: str, timeout: float = TIMEOUT, **kw: Any) -> OpenAI:
+    return OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout, **kw)
+
+
+@dataclass
+class Folded:
+    """A stream folded into what a unary answer holds, plus what only a stream shows."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    logprobs: list[Any] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    id: str = ""
+
+
+def _fold(chunks: Any, chat: bool) -> Folded:
+    out = Folded()
+    for chunk in chunks:
+        d = chunk.model_dump()
+        out.chunks.append(d)
+        out.id = out.id or d.get("id", "")
+        if d.get("usage"):
+            out.usage = d["usage"]
+        for choice in d.get("choices") or []:
+            if chat:
+                delta = choice.get("delta") or {}
+                out.text += delta.get("content") or ""
+                for tc in delta.get("tool_calls") or []:
+                    slot = out.tool_calls.setdefault(
+                        tc["index"], {"id": None, "name": "", "arguments": ""}
+                    )
+                    slot["id"] = slot["id"] or tc.get("id")
+                    fn = tc.get("function") or {}
+                    slot["name"] += fn.get("name") or ""
+                    slot["arguments"] += fn.get("arguments") or ""
+                lp = choice.get("logprobs") or {}
+                out.logprobs += lp.get("content") or []
+            else:
+                out.text += choice.get("text") or ""
+                lp = choice.get("logprobs") or {}
+                out.logprobs += lp.get("tokens") or []
+            out.token_ids += choice.get("token_ids") or []
+            if choice.get("finish_reason"):
+                out.finish_reason = choice["finish_reason"]
+    return out
+
+
+def stream_chat(c: OpenAI, max_tokens: int, **kw: Any) -> Folded:
+    kw.setdefault("messages", MESSAGES)
+    kw = {**GREEDY, **kw}
+    chunks = c.chat.completions.create(model=MODEL, max_tokens=max_tokens, stream=True, **kw)
+    return _fold(chunks, chat=True)
+
+
+def stream_completion(c: OpenAI, max_tokens: int, **kw: Any) -> Folded:
+    kw.setdefault("prompt", PROMPT)
+    kw = {**GREEDY, **kw}
+    chunks = c.completions.create(model=MODEL, max_tokens=max_tokens, stream=True, **kw)
+    return _fold(chunks, chat=False)
+
+
+def unary_chat(c: OpenAI, max_tokens: int, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("messages", MESSAGES)
+    kw = {**GREEDY, **kw}
+    r = c.chat.completions.create(model=MODEL, max_tokens=max_tokens, **kw)
+    return r.model_dump()
+
+
+def unary_completion(c: OpenAI, max_tokens: int, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("prompt", PROMPT)
+    kw = {**GREEDY, **kw}
+    r = c.completions.create(model=MODEL, max_tokens=max_tokens, **kw)
+    return r.model_dump()
+
+
+def raw_extras(model_dump: dict[str, Any], known: set[str]) -> set[str]:
+    """The keys of ``model_dump`` the SDK's model does not declare (kept as extras)."""
+    return set(model_dump) - known

@@ -1,0 +1,225 @@
+"""What works in front of real engines today, checked from both sides.
+
+Each case sends through the frontend what a client would, with the official ``openai`` client,
+and compares with the same request sent to an engine directly, then asks the engines
+(``/metrics``, ``/slots``, their logs) whether they did what the client was told.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from clients import (
+    PROMPT,
+    client,
+    only,
+    stream_chat,
+    stream_completion,
+    unary_chat,
+    unary_completion,
+)
+from engine_side import generated_tokens, is_generating, prefix_cache_hits, served_requests
+from harness import Engine, Pair, wait_until
+
+TOKENS = 40
+
+
+def _generated(fleet: Pair, marks: list[int]) -> float:
+    return sum(generated_tokens(e, m) for e, m in zip(fleet.engines, marks, strict=True))
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "unary"])
+def test_text_through_the_frontend_equals_the_engine_reached_directly(
+    fleet: Pair, api: str, stream: bool
+) -> None:
+    fe = fleet.frontend()
+    direct = client(fleet.engines[0].url + "/v1")
+    via = client(fe.base_url)
+    marks = [e.log_mark() for e in fleet.engines]
+    before = _generated(fleet, marks)
+    if stream:
+        send = stream_chat if api == "chat" else stream_completion
+        got, want = send(via, TOKENS), send(direct, TOKENS)
+        got_text, want_text = got.text, want.text
+        reasons = {got.finish_reason, want.finish_reason}
+    else:
+        send_unary = unary_chat if api == "chat" else unary_completion
+        got_u, want_u = send_unary(via, TOKENS), send_unary(direct, TOKENS)
+        if api == "chat":
+            got_text = got_u["choices"][0]["message"]["content"]
+            want_text = want_u["choices"][0]["message"]["content"]
+        else:
+            got_text, want_text = got_u["choices"][0]["text"], want_u["choices"][0]["text"]
+        reasons = {got_u["choices"][0]["finish_reason"], want_u["choices"][0]["finish_reason"]}
+    assert got_text == want_text
+    assert got_text.strip()
+    # The model never ends early, so both ran to max_tokens.
+    assert reasons == {"length"}
+    # The engines' own counters: two requests of TOKENS tokens each, nothing more.
+    assert _generated(fleet, marks) - before == 2 * TOKENS
+
+
+def _serving(fleet: Pair, marks: list[int]) -> Engine:
+    """The instance that took the request sent since ``marks`` (it is generating, or it
+    logged the request)."""
+
+    def which() -> Engine | None:
+        for e, m in zip(fleet.engines, marks, strict=True):
+            if is_generating(e) or served_requests(e, m):
+                return e
+        return None
+
+    found: Engine = wait_until(which, 30.0, 0.05, "an instance takes the request")
+    return found
+
+
+def _assert_engine_stops(fleet: Pair, e: Engine, mark: int) -> None:
+    """The engine stops generating soon after the hang-up, long before max_tokens."""
+    if e.kind == "llama-cpp-python":
+        # No view of its running requests: its log says it saw the client leave.
+        wait_until(
+            lambda: "Disconnected from client" in e.log_text(mark),
+            10.0,
+            0.1,
+            "llama_cpp.server logs the disconnect",
+        )
+    else:
+        wait_until(lambda: is_generating(e) is False, 10.0, 0.05, f"{e.name} idle")
+    if e.kind == "vllm":
+        wait_until(lambda: "Aborted request" in e.log_text(mark), 10.0, 0.1, "vLLM aborts")
+
+
+HANGUP_TOKENS = {"llama-server": 3000, "llama-cpp-python": 900, "vllm": 3000}
+
+
+@pytest.mark.parametrize("phase", ["mid-stream", "unary"])
+def test_client_hang_up_stops_the_engine(fleet: Pair, phase: str) -> None:
+    fe = fleet.frontend()
+    marks = [e.log_mark() for e in fleet.engines]
+    before = _generated(fleet, marks)
+    max_tokens = HANGUP_TOKENS[fleet.kind]
+    if phase == "mid-stream":
+        with httpx.stream(
+            "POST",
+            fe.base_url + "/completions",
+            timeout=60.0,
+            json={
+                "model": "tiny-llama",
+                "prompt": PROMPT,
+                "max_tokens": max_tokens,
+                "stream": True,
+            },
+        ) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for _ in range(5):
+                next(lines)
+            e = _serving(fleet, marks)
+        # Leaving the block closes the connection: the hang-up.
+    else:
+        c = client(fe.base_url, timeout=1.5)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APITimeoutError):
+            unary_completion(c, max_tokens)
+        assert time.monotonic() - t0 < 10
+        e = _serving(fleet, marks)
+    t_hangup = time.monotonic()
+    _assert_engine_stops(fleet, e, marks[fleet.engines.index(e)])
+    stopped_after = time.monotonic() - t_hangup
+    generated = _generated(fleet, marks) - before
+    assert generated < max_tokens / 2, (generated, stopped_after)
+
+
+def test_kv_routing_keeps_a_shared_prefix_on_one_worker(fleet: Pair) -> None:
+    fe = fleet.frontend(router_mode="kv")
+    c = client(fe.base_url)
+    # ~300 tokens shared, then a different question each time.
+    prefix = " ".join(["The weather in Paris is good and the weather in Rome is old."] * 20)
+    first_marks = [e.log_mark() for e in fleet.engines]
+    unary_completion(c, 2, prompt=prefix + " Question 0?")
+    first = _serving(fleet, first_marks)
+    marks = [e.log_mark() for e in fleet.engines]
+    hits_before = prefix_cache_hits(first, marks[fleet.engines.index(first)])
+    for i in range(1, 5):
+        unary_completion(c, 2, prompt=prefix + f" Question {i}?")
+    counts = {e.name: len(served_requests(e, m)) for e, m in zip(fleet.engines, marks, strict=True)}
+    assert counts[first.name] == 4, counts
+    assert sum(counts.values()) == 4, counts
+    # The engine reports the cache hit for the shared prefix.
+    hits = prefix_cache_hits(first, marks[fleet.engines.index(first)])
+    if first.kind == "llama-server":  # /slots shows the tokens kept, not a running total
+        assert hits >= 200, hits
+    else:
+        assert hits - (hits_before if first.kind == "vllm" else 0) >= 4 * 200, hits
+
+
+@pytest.mark.destructive
+def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
+    fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="zombie")
+    marks = [e.log_mark() for e in fleet.engines]
+    c = client(fe.base_url)
+    stream = c.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=HANGUP_TOKENS[fleet.kind],
+        stream=True,
+        temperature=0.0,
+    )
+    chunks = iter(stream)
+    next(chunks)
+    e = _serving(fleet, marks)
+    t0 = time.monotonic()
+    e.signal_group(signal.SIGSTOP)
+    try:
+        with pytest.raises(openai.APIError) as info:
+            for _ in chunks:
+                pass
+        waited = time.monotonic() - t0
+    finally:
+        e.signal_group(signal.SIGCONT)
+    assert "timeout" in str(info.value).lower() or "timed out" in str(info.value).lower()
+    assert 1.5 < waited < 10, waited
+    quarantined = {k: v for k, v in fe.metrics().items() if k[0].endswith("worker_quarantined")}
+    assert any(v == 1 for (_, labels), v in quarantined.items() if (("worker", e.url),) == labels)
+
+
+@only("vllm")
+@pytest.mark.destructive
+def test_migration_after_sigkill_is_token_exact_on_vllm(fleet: Pair) -> None:
+    fe = fleet.frontend(migration_limit=1, fresh="migration")
+    direct = stream_completion(client(fleet.engines[0].url + "/v1"), 600)
+    marks = [e.log_mark() for e in fleet.engines]
+    c = client(fe.base_url)
+    stream = c.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=600,
+        stream=True,
+        temperature=0.0,
+        stream_options={"include_usage": True},
+    )
+    got = ""
+    usage = None
+    killed: list[Engine] = []
+    for i, chunk in enumerate(stream):
+        if chunk.choices:
+            got += chunk.choices[0].text
+        if chunk.usage:
+            usage = chunk.usage
+        if i == 20:
+            e = _serving(fleet, marks)
+            e.signal_group(signal.SIGKILL)
+            killed.append(e)
+    assert killed
+    other = next(e for e in fleet.engines if e is not killed[0])
+    assert got == direct.text
+    assert usage is not None and usage.completion_tokens == 600
+    # The survivor finished it, from a replayed prompt (the original plus what was generated).
+    assert served_requests(other, marks[fleet.engines.index(other)])
+    metrics = fe.metrics()
+    assert sum(v for (n, _), v in metrics.items() if n.endswith("model_migration_total")) == 1
