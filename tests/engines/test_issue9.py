@@ -1,0 +1,329 @@
+"""Issue 9's nine problems, each shown against the real engines.
+
+Every case here fails today for the reason its ``xfail`` names (strict: the fix that makes one
+pass turns the run red until its mark is removed). Each compares with the engine reached
+directly, so what "right" means is what the engine itself does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from clients import (
+    PROMPT,
+    WEATHER_TOOL,
+    client,
+    only,
+    stream_chat,
+    stream_completion,
+    unary_chat,
+    unary_completion,
+)
+from engine_side import served_requests
+from harness import LLAMA_CPP_PYTHON_CTX, MODEL, Engine, Pair, metric_sum, paused, wait_until
+from test_conformance import _serving
+
+TOKENS = 30
+
+
+def problem(n: int, why: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, reason=f"issue 9 problem {n}: {why}")
+
+
+def _tool_kwargs(kind: str) -> dict[str, object]:
+    # vLLM: "required" is guided decoding into the tool's schema; llama-server: a grammar in
+    # the generic tool-call format (our template has no tool syntax of its own).
+    return {"tools": [WEATHER_TOOL], "tool_choice": "required"}
+
+
+# --- 1. tool_calls and logprobs ------------------------------------------------------------------
+
+
+@problem(1, "a unary answer loses the engine's logprobs")
+def test_unary_chat_keeps_the_engines_logprobs(fleet: Pair) -> None:
+    fe = fleet.frontend()
+    kw = {"logprobs": True, "top_logprobs": 2}
+    want = unary_chat(client(fleet.engines[0].url + "/v1"), TOKENS, **kw)
+    got = unary_chat(client(fe.base_url), TOKENS, **kw)
+    want_lp = want["choices"][0]["logprobs"]["content"]
+    assert len(want_lp) == TOKENS  # the engine gives one entry per token
+    got_lp = (got["choices"][0]["logprobs"] or {}).get("content") or []
+    assert [e["token"] for e in got_lp] == [e["token"] for e in want_lp]
+
+
+@only("vllm", "llama-server")
+@problem(1, "a unary answer says finish_reason tool_calls but loses the tool call")
+def test_unary_chat_keeps_the_engines_tool_calls(fleet: Pair) -> None:
+    fe = fleet.frontend()
+    kw = _tool_kwargs(fleet.kind)
+    want = unary_chat(client(fleet.engines[0].url + "/v1"), 60, **kw)
+    got = unary_chat(client(fe.base_url), 60, **kw)
+    want_calls = want["choices"][0]["message"]["tool_calls"]
+    assert want_calls, want  # the engine made the call
+    got_calls = got["choices"][0]["message"]["tool_calls"] or []
+    assert [c["function"] for c in got_calls] == [c["function"] for c in want_calls]
+
+
+@only("vllm", "llama-server")
+@problem(1, "with --migration-limit >= 1 a stream loses its logprobs and tool-call deltas")
+def test_streams_keep_logprobs_and_tool_calls_with_migration_on(fleet: Pair) -> None:
+    fe = fleet.frontend(migration_limit=1)
+    direct = client(fleet.engines[0].url + "/v1")
+    via = client(fe.base_url)
+    lp = {"logprobs": True, "top_logprobs": 1}
+    want, got = stream_chat(direct, TOKENS, **lp), stream_chat(via, TOKENS, **lp)
+    assert len(want.logprobs) == TOKENS
+    assert [e["token"] for e in got.logprobs] == [e["token"] for e in want.logprobs]
+    kw = _tool_kwargs(fleet.kind)
+    want, got = stream_chat(direct, 60, **kw), stream_chat(via, 60, **kw)
+    assert want.tool_calls
+    strip = [(t["name"], t["arguments"]) for t in want.tool_calls.values()]
+    assert [(t["name"], t["arguments"]) for t in got.tool_calls.values()] == strip
+
+
+# --- 2. engine-specific request fields -----------------------------------------------------------
+
+# A field the engine honours and the frontend does not know, and how it changes the answer.
+EXTRA_FIELDS = {
+    # llama.cpp's repetition penalty (OpenAI's names are frequency/presence_penalty).
+    "llama-server": {"repeat_penalty": 1.8, "cache_prompt": False},
+    "llama-cpp-python": {"repeat_penalty": 1.8},
+    # vLLM keeps only the last N prompt tokens: the usage and the text show it.
+    "vllm": {"truncate_prompt_tokens": 4},
+}
+
+
+@problem(2, "engine-specific fields sent through extra_body are refused with 400")
+def test_engine_specific_fields_reach_the_engine(fleet: Pair) -> None:
+    fe = fleet.frontend()
+    extra = EXTRA_FIELDS[fleet.kind]
+    direct = client(fleet.engines[0].url + "/v1")
+    plain = unary_completion(direct, TOKENS)
+    want = unary_completion(direct, TOKENS, extra_body=extra)
+    assert want["choices"][0]["text"] != plain["choices"][0]["text"]  # the field matters
+    got = unary_completion(client(fe.base_url), TOKENS, extra_body=extra)
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+
+
+# --- 3. response extras --------------------------------------------------------------------------
+
+
+@only("llama-server", "vllm")
+@problem(3, "keys an engine adds to the response, a choice or the usage are stripped")
+def test_engine_response_extras_reach_the_client(fleet: Pair) -> None:
+    fe = fleet.frontend()
+    want = unary_completion(client(fleet.engines[0].url + "/v1"), TOKENS)
+    got = unary_completion(client(fe.base_url), TOKENS)
+    # llama-server: "timings"; vLLM: "stop_reason" (and "token_ids": null) in each choice.
+    extras = {"llama-server": ("timings", None), "vllm": (None, "stop_reason")}[fleet.kind]
+    top, in_choice = extras
+    if top:
+        assert top in want
+        assert top in got, sorted(got)
+    if in_choice:
+        assert in_choice in want["choices"][0]
+        assert in_choice in got["choices"][0], sorted(got["choices"][0])
+
+
+# --- 4. usage ------------------------------------------------------------------------------------
+
+
+@only("llama-cpp-python")
+@problem(4, "llama_cpp.server sends no usage chunk and the frontend reports 0/0/0")
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "unary"])
+def test_usage_is_the_engines_or_absent(fleet: Pair, stream: bool) -> None:
+    fe = fleet.frontend()
+    want = unary_completion(client(fleet.engines[0].url + "/v1"), TOKENS)["usage"]
+    assert want["completion_tokens"] == TOKENS
+    if stream:
+        got = stream_completion(
+            client(fe.base_url), TOKENS, stream_options={"include_usage": True}
+        ).usage
+        # Exact, or absent when the engine gives no count: never made up.
+        assert got is None or {k: got[k] for k in want} == want, got
+    else:
+        got = unary_completion(client(fe.base_url), TOKENS)["usage"]
+        assert {k: got[k] for k in want} == want, got
+
+
+@only("llama-server")
+@pytest.mark.destructive
+@problem(4, "after a text-continuation migration prompt_tokens counts the replayed prompt")
+def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
+    fe = fleet.frontend(migration_limit=1, fresh="usage-migration")
+    tokens = 400
+    want = unary_completion(client(fleet.engines[0].url + "/v1"), tokens)["usage"]
+    marks = [e.log_mark() for e in fleet.engines]
+    stream = client(fe.base_url).completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=tokens,
+        stream=True,
+        temperature=0.0,
+        stream_options={"include_usage": True},
+    )
+    usage = None
+    for i, chunk in enumerate(stream):
+        if i == 10:
+            _serving(fleet, marks).signal_group(signal.SIGKILL)
+        if chunk.usage:
+            usage = chunk.usage.model_dump()
+    assert usage is not None
+    assert usage["prompt_tokens"] == want["prompt_tokens"], usage
+    assert usage["completion_tokens"] == tokens, usage
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    assert cached < want["prompt_tokens"], usage
+
+
+# --- 5. request ids ------------------------------------------------------------------------------
+
+
+@only("llama-cpp-python")
+@problem(5, "the client's X-Request-Id goes upstream and llama_cpp.server refuses a non-UUID")
+@pytest.mark.parametrize("n", [1, 2])
+def test_any_client_request_id_is_accepted(fleet: Pair, n: int) -> None:
+    fe = fleet.frontend()
+    r = httpx.post(
+        fe.base_url + "/completions",
+        timeout=60.0,
+        headers={"X-Request-Id": "client-id-1"},
+        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "n": n, "temperature": 0.0},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "client-id-1"
+    assert len(r.json()["choices"]) == n
+
+
+# --- 6. probes -----------------------------------------------------------------------------------
+
+
+def _quarantined(
+    fe_metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], url: str
+) -> float:
+    return metric_sum(fe_metrics, "dynamo_frontend_worker_quarantined", worker=url)
+
+
+@only("llama-cpp-python")
+@pytest.mark.destructive
+@problem(6, "the probe is GET /health, which llama_cpp.server does not have (404)")
+def test_a_quarantined_engine_without_health_comes_back(fleet: Pair) -> None:
+    fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="probe-404")
+    c = client(fe.base_url)
+    victim = fleet.engines[0]
+    assert victim.get("/health").status_code == 404  # what the probe meets
+    with paused(victim):
+        # Requests until one lands on the paused instance and times out there.
+        for _ in range(4):
+            with contextlib.suppress(openai.APIError):
+                unary_completion(c, 5)
+            if _quarantined(fe.metrics(), victim.url):
+                break
+        assert _quarantined(fe.metrics(), victim.url) == 1
+    # Alive again: after its back-off a probe must bring it back.
+    wait_until(
+        lambda: _quarantined(fe.metrics(), victim.url) == 0, 30.0, 0.5, "the worker is re-admitted"
+    )
+
+
+@only("vllm")
+@pytest.mark.destructive
+@problem(6, "a vLLM whose EngineCore is hung answers /health 200 and is re-admitted")
+def test_a_hung_engine_core_is_not_readmitted(fleet: Pair) -> None:
+    fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="probe-hung")
+    c = client(fe.base_url, timeout=30.0)
+    victim = fleet.engines[0]
+    with paused(victim, victim.child_pids()):
+        assert victim.get("/health", timeout=5.0).status_code == 200  # the HTTP server lives
+        failures = 0
+        for _ in range(8):
+            try:
+                unary_completion(c, 5)
+            except openai.APIError:
+                failures += 1
+            time.sleep(1.0)
+        # One request may meet the hung engine before it is known; after that, none.
+        assert failures <= 1, failures
+
+
+# --- 7. a 200 with an empty body -----------------------------------------------------------------
+
+
+@only("llama-cpp-python")
+@problem(7, "a 200 with an empty body quarantines the worker and the client gets 503")
+def test_an_empty_200_is_an_upstream_error_not_a_dead_worker(fleet: Pair) -> None:
+    fe = fleet.frontend()
+    long_prompt = "weather " * (2 * LLAMA_CPP_PYTHON_CTX)
+    body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 5, "stream": True}
+    direct = fleet.engines[0].post("/v1/completions", body)
+    assert direct.status_code == 200 and direct.content == b""  # what the engine does
+    r = httpx.post(fe.base_url + "/completions", json={**body, "stream": False}, timeout=60.0)
+    assert r.status_code == 502, r.text
+    metrics = fe.metrics()
+    assert all(_quarantined(metrics, e.url) == 0 for e in fleet.engines)
+
+
+# --- 8. metrics of relayed streams ---------------------------------------------------------------
+
+
+@only("vllm")
+@problem(8, "output tokens counted per SSE event, ITL per buffer, no input_sequence_tokens")
+def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair) -> None:
+    fe = fleet.frontend(fresh="metrics")
+    marks = [e.log_mark() for e in fleet.engines]
+
+    def engine_tokens() -> tuple[float, float]:
+        ms = [e.metrics() for e in fleet.engines]
+        return (
+            sum(metric_sum(m, "vllm:generation_tokens_total") for m in ms),
+            sum(metric_sum(m, "vllm:prompt_tokens_total") for m in ms),
+        )
+
+    gen0, prompt0 = engine_tokens()
+    c = client(fe.base_url)
+    requests, tokens = 4, 320
+    for _ in range(requests):
+        stream_completion(c, tokens)
+    gen1, prompt1 = engine_tokens()
+    assert gen1 - gen0 == requests * tokens
+    m = fe.metrics()
+    assert metric_sum(m, "dynamo_frontend_output_tokens_total") == gen1 - gen0
+    assert metric_sum(m, "dynamo_frontend_inter_token_latency_seconds_count") == requests * (
+        tokens - 1
+    )
+    assert metric_sum(m, "dynamo_frontend_input_sequence_tokens_count") == requests
+    assert metric_sum(m, "dynamo_frontend_input_sequence_tokens_sum") == prompt1 - prompt0
+    assert sum(len(served_requests(e, mk)) for e, mk in zip(fleet.engines, marks, strict=True))
+
+
+# --- 9. silence is not migrated ------------------------------------------------------------------
+
+
+@only("llama-server", "vllm")
+@pytest.mark.destructive
+@problem(9, "a silent worker is never migrated: the client gets timeout_error")
+def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
+    fe = fleet.frontend(migration_limit=1, backend_stream_timeout_secs=2, fresh="silent")
+    tokens = 400
+    want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
+    marks = [e.log_mark() for e in fleet.engines]
+    stream = client(fe.base_url).completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=tokens, stream=True, temperature=0.0
+    )
+    text = ""
+    victim: Engine | None = None
+    try:
+        for i, chunk in enumerate(stream):
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if i == 10:
+                victim = _serving(fleet, marks)
+                victim.signal_group(signal.SIGSTOP)
+    finally:
+        if victim is not None:
+            victim.signal_group(signal.SIGCONT)
+    assert text == want.text
