@@ -40,8 +40,37 @@ def only(*kinds: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("pair", kinds, indirect=True)
 
 
-def client(base_url: str, timeout: float = TIMEOUT, **kw: Any) -> OpenAI:
-    return OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout, **kw)
+_clients: dict[tuple[str, float], OpenAI] = {}
+
+
+def client(base_url: str, timeout: float = TIMEOUT) -> OpenAI:
+    """An OpenAI client (no retries) for ``base_url``, one per URL and timeout, closed by
+    :func:`close_clients` at the end of the run."""
+    c = _clients.get((base_url, timeout))
+    if c is None:
+        c = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout)
+        _clients[(base_url, timeout)] = c
+    return c
+
+
+_streams: list[Any] = []
+
+
+def tracked(stream: Any) -> Any:
+    """Register a stream a case reads by hand: it is closed when the case ends, however."""
+    _streams.append(stream)
+    return stream
+
+
+def close_streams() -> None:
+    while _streams:
+        _streams.pop().close()
+
+
+def close_clients() -> None:
+    for c in _clients.values():
+        c.close()
+    _clients.clear()
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clients import close_clients, close_streams
 from harness import KINDS, Engine, Pair
 from tiny_model import TinyModel, ensure_model
 
@@ -60,6 +61,12 @@ def tiny_model() -> TinyModel:
     return ensure_model()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _openai_clients() -> Iterator[None]:
+    yield
+    close_clients()
+
+
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(os.environ.get("DYN_ENGINES_LOG_DIR") or tmp_path_factory.mktemp("engine-logs"))
@@ -84,7 +91,8 @@ def pair(request: pytest.FixtureRequest, tiny_model: TinyModel, log_dir: Path) -
 
 
 @pytest.fixture
-def fleet(pair: Pair) -> Pair:
+def fleet(pair: Pair) -> Iterator[Pair]:
     """The pair of the case's engine kind, both instances up (restarted if a case killed one)."""
     pair.ensure_running()
-    return pair
+    yield pair
+    close_streams()

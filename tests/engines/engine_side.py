@@ -9,10 +9,10 @@ tokens generated  ``vllm:generation_       ``llamacpp:tokens_      its log: ``ll
                   tokens_total``           predicted_total``       context_print`` eval runs
 still generating  ``vllm:num_requests_     ``/slots``              (no view: its log says
                   running``                ``is_processing``       ``Disconnected``)
-requests served   uvicorn access log       ``log_server_r``        uvicorn access log
-                                           request lines
-prefix cache hit  ``vllm:prefix_cache_     ``/slots`` ``n_past``   its log: ``prefix-match
-                  hits_total``             / log ``n_past``        hit``
+requests served   uvicorn access log       log: ``processing       uvicorn access log
+                  (at a stream's start)    task`` (at the start)   (at a stream's start)
+prefix cache hit  ``vllm:prefix_cache_     ``llamacpp:prompt_      its log: ``prefix-match
+                  hits_total``             tokens_cached_total``   hit``
 ================  =======================  ======================  ===========================
 """
 
@@ -23,8 +23,11 @@ import re
 from harness import Engine, metric_sum
 
 _ACCESS = re.compile(r'"POST /v1/(?:chat/)?completions HTTP/1\.1" (\d+)')
-_LLAMA_SERVER_REQUEST = re.compile(r"request: POST /v1/(?:chat/)?completions \S+ (\d+)")
-_EVAL_RUNS = re.compile(r"llama_perf_context_print:\s+eval time =.*?/\s*(\d+) runs")
+_LLAMA_SERVER_TASK = re.compile(r"launch_slot_: .* processing task")
+_PERF = re.compile(
+    r"prompt eval time =[^/]*/\s*(\d+) tokens.*?\n"
+    r"llama_perf_context_print:\s+eval time =[^/]*/\s*(\d+) runs"
+)
 _PREFIX_HIT = re.compile(r"Llama\.generate: (\d+) prefix-match hit")
 
 
@@ -35,8 +38,11 @@ def generated_tokens(e: Engine, since: int = 0) -> float:
         return metric_sum(e.metrics(), "vllm:generation_tokens_total")
     if e.kind == "llama-server":
         return metric_sum(e.metrics(), "llamacpp:tokens_predicted_total")
-    # One eval run per generated token after the first (the first comes out of the prompt).
-    return sum(int(n) + 1 for n in _EVAL_RUNS.findall(e.log_text(since)))
+    # llama.cpp's perf counters, printed after each request: one eval run per generated token
+    # after the first, which comes out of the prompt's eval; a one-token prompt eval is
+    # counted among the runs instead.
+    pairs = _PERF.findall(e.log_text(since))
+    return sum(int(runs) + (1 if int(prompt) > 1 else 0) for prompt, runs in pairs)
 
 
 def is_generating(e: Engine) -> bool | None:
@@ -49,15 +55,18 @@ def is_generating(e: Engine) -> bool | None:
 
 
 def served_requests(e: Engine, since: int) -> list[int]:
-    """The statuses of the completion requests the engine logged since the mark."""
-    pattern = _LLAMA_SERVER_REQUEST if e.kind == "llama-server" else _ACCESS
-    return [int(s) for s in pattern.findall(e.log_text(since))]
+    """The statuses of the completion requests the engine logged since the mark (llama-server
+    logs no status: 200 stands for each task it started)."""
+    if e.kind == "llama-server":
+        return [200 for _ in _LLAMA_SERVER_TASK.findall(e.log_text(since))]
+    return [int(s) for s in _ACCESS.findall(e.log_text(since))]
 
 
 def prefix_cache_hits(e: Engine, since: int = 0) -> float:
-    """Prompt tokens the engine took from its prefix cache (vLLM: since its start)."""
+    """Prompt tokens the engine took from its prefix cache (a counter: subtract an earlier
+    reading taken at the same ``since``)."""
     if e.kind == "vllm":
         return metric_sum(e.metrics(), "vllm:prefix_cache_hits_total")
-    if e.kind == "llama-cpp-python":
-        return sum(int(n) for n in _PREFIX_HIT.findall(e.log_text(since)))
-    return sum(int(s.get("n_past", 0) or 0) for s in e.get("/slots").json())
+    if e.kind == "llama-server":
+        return metric_sum(e.metrics(), "llamacpp:prompt_tokens_cached_total")
+    return sum(int(n) for n in _PREFIX_HIT.findall(e.log_text(since)))

@@ -38,10 +38,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tiny-llama"
 KINDS = ("llama-server", "llama-cpp-python", "vllm")
-# Context per llama.cpp slot (llama-server) and of llama_cpp.server: long answers fit, an
-# over-long prompt is cheap to make.
-LLAMA_CTX = 4096
-LLAMA_CPP_PYTHON_CTX = 1024
+# Context per llama-server slot and of llama_cpp.server: long enough that an answer of
+# 30 000 tokens takes the fast llama.cpp engines (~3 000 tokens/s) about ten seconds, so a
+# case sees generation stop well before its end.
+LLAMA_CTX = 32768
+LLAMA_CPP_PYTHON_CTX = 32768
 VLLM_MAX_MODEL_LEN = 4096
 START_TIMEOUT = {"llama-server": 60.0, "llama-cpp-python": 90.0, "vllm": 420.0}
 REPO = Path(__file__).resolve().parents[2]

@@ -21,12 +21,13 @@ from clients import (
     only,
     stream_chat,
     stream_completion,
+    tracked,
     unary_chat,
     unary_completion,
 )
 from engine_side import served_requests
 from harness import LLAMA_CPP_PYTHON_CTX, MODEL, Engine, Pair, metric_sum, paused, wait_until
-from test_conformance import _serving
+from test_conformance import HANGUP_TOKENS, _serving
 
 TOKENS = 30
 
@@ -156,16 +157,18 @@ def test_usage_is_the_engines_or_absent(fleet: Pair, stream: bool) -> None:
 @problem(4, "after a text-continuation migration prompt_tokens counts the replayed prompt")
 def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
     fe = fleet.frontend(migration_limit=1, fresh="usage-migration")
-    tokens = 400
+    tokens = HANGUP_TOKENS[fleet.kind]
     want = unary_completion(client(fleet.engines[0].url + "/v1"), tokens)["usage"]
     marks = [e.log_mark() for e in fleet.engines]
-    stream = client(fe.base_url).completions.create(
-        model=MODEL,
-        prompt=PROMPT,
-        max_tokens=tokens,
-        stream=True,
-        temperature=0.0,
-        stream_options={"include_usage": True},
+    stream = tracked(
+        client(fe.base_url).completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=tokens,
+            stream=True,
+            temperature=0.0,
+            stream_options={"include_usage": True},
+        )
     )
     usage = None
     for i, chunk in enumerate(stream):
@@ -308,11 +311,13 @@ def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair) -> None:
 @problem(9, "a silent worker is never migrated: the client gets timeout_error")
 def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
     fe = fleet.frontend(migration_limit=1, backend_stream_timeout_secs=2, fresh="silent")
-    tokens = 400
+    tokens = HANGUP_TOKENS[fleet.kind]
     want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
-    stream = client(fe.base_url).completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=tokens, stream=True, temperature=0.0
+    stream = tracked(
+        client(fe.base_url).completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=tokens, stream=True, temperature=0.0
+        )
     )
     text = ""
     victim: Engine | None = None
