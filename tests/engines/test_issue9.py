@@ -193,13 +193,17 @@ def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
 @pytest.mark.parametrize("n", [1, 2])
 def test_any_client_request_id_is_accepted(fleet: Pair, n: int) -> None:
     fe = fleet.frontend()
-    r = httpx.post(
-        fe.base_url + "/completions",
-        timeout=60.0,
-        headers={"X-Request-Id": "client-id-1"},
-        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "n": n, "temperature": 0.0},
-    )
-    assert r.status_code == 200, r.text
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "n": n, "temperature": 0.0}
+    # What the engine accepts as a request id: a UUID, not the client's own string.
+    engine = fleet.engines[0]
+    uuid_id = {"X-Request-Id": "0b8e3f9e-8a4b-4a53-9b1e-6f7f2c1d9a10"}
+    assert engine.post("/v1/completions", {**body, "n": 1}, headers=uuid_id).status_code == 200
+    mine = {"X-Request-Id": "client-id-1"}
+    assert engine.post("/v1/completions", {**body, "n": 1}, headers=mine).status_code == 400
+    marks = [e.log_mark() for e in fleet.engines]
+    r = httpx.post(fe.base_url + "/completions", timeout=60.0, headers=mine, json=body)
+    statuses = [served_requests(e, m) for e, m in zip(fleet.engines, marks, strict=True)]
+    assert r.status_code == 200, (r.text, "engine statuses", statuses)
     assert r.headers["x-request-id"] == "client-id-1"
     assert len(r.json()["choices"]) == n
 
@@ -221,6 +225,7 @@ def test_a_quarantined_engine_without_health_comes_back(fleet: Pair) -> None:
     c = client(fe.base_url)
     victim = fleet.engines[0]
     assert victim.get("/health").status_code == 404  # what the probe meets
+    mark = victim.log_mark()
     with paused(victim):
         # Requests until one lands on the paused instance and times out there.
         for _ in range(4):
@@ -230,9 +235,13 @@ def test_a_quarantined_engine_without_health_comes_back(fleet: Pair) -> None:
                 break
         assert _quarantined(fe.metrics(), victim.url) == 1
     # Alive again: after its back-off a probe must bring it back.
-    wait_until(
-        lambda: _quarantined(fe.metrics(), victim.url) == 0, 30.0, 0.5, "the worker is re-admitted"
-    )
+    try:
+        wait_until(lambda: _quarantined(fe.metrics(), victim.url) == 0, 30.0, 0.5, "re-admitted")
+    except TimeoutError:
+        probes = victim.log_text(mark).count('"GET /health HTTP/1.1" 404')
+        raise AssertionError(
+            f"still quarantined; the engine answered {probes} probes 404"
+        ) from None
 
 
 @only("vllm")
