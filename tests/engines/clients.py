@@ -137,16 +137,13 @@ def unary_chat(c: OpenAI, max_tokens: int, **kw: Any) -> dict[str, Any]:
     kw.setdefault("messages", MESSAGES)
     kw = {**GREEDY, **kw}
     r = c.chat.completions.create(model=MODEL, max_tokens=max_tokens, **kw)
-    return r.model_dump()
+    out: dict[str, Any] = r.model_dump()
+    return out
 
 
 def unary_completion(c: OpenAI, max_tokens: int, **kw: Any) -> dict[str, Any]:
     kw.setdefault("prompt", PROMPT)
     kw = {**GREEDY, **kw}
     r = c.completions.create(model=MODEL, max_tokens=max_tokens, **kw)
-    return r.model_dump()
-
-
-def raw_extras(model_dump: dict[str, Any], known: set[str]) -> set[str]:
-    """The keys of ``model_dump`` the SDK's model does not declare (kept as extras)."""
-    return set(model_dump) - known
+    out: dict[str, Any] = r.model_dump()
+    return out
