@@ -17,6 +17,7 @@ import pytest
 
 from dynamo_llm.cli import parse_config
 from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
+from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
 from dynamo_llm.errors import (
     Cancelled,
     InvalidRequest,
@@ -150,7 +151,7 @@ def setup(*urls: str, limit: int = 1):
 def completion(max_tokens: int = 6, **extra: Any) -> EngineRequest:
     body = {"model": MODEL, "prompt": "hi", "stream": True, "max_tokens": max_tokens, **extra}
     params = decode_completion_request(msgspec.json.encode(body))
-    return EngineRequest("r1", MODEL, "completions", params, prompt="hi", max_tokens=max_tokens)
+    return COMPLETIONS.request(params, "hi", id="r1", model=MODEL, max_tokens=max_tokens)
 
 
 def chat(max_tokens: int = 6, **extra: Any) -> EngineRequest:
@@ -162,7 +163,7 @@ def chat(max_tokens: int = 6, **extra: Any) -> EngineRequest:
         **extra,
     }
     params = decode_chat_request(msgspec.json.encode(body))
-    return EngineRequest("r1", MODEL, "chat_completions", params, max_tokens=max_tokens)
+    return CHAT.request(params, id="r1", model=MODEL, max_tokens=max_tokens)
 
 
 def migrations(metrics: Metrics, kind: str) -> float:

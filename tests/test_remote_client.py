@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
+from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
 from dynamo_llm.engines.remote import (
     RemoteStream,
     WorkerClient,
@@ -86,15 +87,15 @@ def chat(
         max_tokens=max_tokens,
         return_token_ids=return_token_ids,
     )
-    return EngineRequest(
-        request_id or uuid.uuid4().hex, SERVED, "chat_completions", params, max_tokens=max_tokens
+    return CHAT.request(
+        params, id=request_id or uuid.uuid4().hex, model=SERVED, max_tokens=max_tokens
     )
 
 
 def completion(*, stream: bool = True, prompt: str | list[str] = "one two three") -> EngineRequest:
     params = CompletionRequest(model=SERVED, prompt=prompt, stream=stream)
     first = prompt if isinstance(prompt, str) else prompt[0]
-    return EngineRequest(uuid.uuid4().hex, SERVED, "completions", params, prompt=first)
+    return COMPLETIONS.request(params, first, id=uuid.uuid4().hex, model=SERVED, max_tokens=None)
 
 
 async def collect(stream: RemoteStream) -> list[EngineOutput]:
@@ -583,7 +584,7 @@ def test_upstream_body_forces_streaming_and_applies_the_attempts_changes() -> No
         max_completion_tokens=50,
         temperature=0.5,
     )
-    request = EngineRequest("r1", SERVED, "chat_completions", params, max_tokens=20)
+    request = CHAT.request(params, id="r1", model=SERVED, max_tokens=20)
     body = msgspec.json.decode(upstream_body(request, model="worker-name", return_token_ids=True))
     assert body == {
         "model": "worker-name",

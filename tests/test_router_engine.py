@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
+from dynamo_llm.engines.base import EngineOutput, Usage
+from dynamo_llm.engines.endpoints import COMPLETIONS
 from dynamo_llm.errors import Cancelled, WorkerResponseTimeout, WorkerUnreachable
 from dynamo_llm.metrics import Metrics
 from dynamo_llm.protocols.completions import decode_completion_request
@@ -70,7 +71,7 @@ def setup(*urls, limits=None):
 
 def request(rid="r1"):
     params = decode_completion_request(b'{"model": "m", "prompt": "hi", "stream": true}')
-    return EngineRequest(rid, MODEL, "completions", params, prompt="hi", max_tokens=16)
+    return COMPLETIONS.request(params, "hi", id=rid, model=MODEL, max_tokens=16)
 
 
 def inflight(workers):

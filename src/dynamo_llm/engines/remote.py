@@ -101,6 +101,7 @@ from ..protocols.models import decode_model_list
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
 from .base import EngineOutput, EngineRequest, Usage
+from .endpoints import family_of
 
 __all__ = ["RemoteStream", "WorkerClient", "error_from_worker", "make_session"]
 
@@ -191,8 +192,7 @@ class WorkerClient:
         :class:`Cancelled` (``ctx`` stopped meanwhile), or the worker's own error.
         """
         params = request.params
-        chat = isinstance(params, ChatCompletionRequest)
-        path = "/v1/chat/completions" if chat else "/v1/completions"
+        family = family_of(request)
         subrequest = (params.n or 1) > 1 or (
             isinstance(params, CompletionRequest)
             and isinstance(params.prompt, list)
@@ -212,7 +212,7 @@ class WorkerClient:
         }
         loop = asyncio.get_running_loop()
         deadline = None if first_token_timeout is None else loop.time() + first_token_timeout
-        resp = await self._post(url.rstrip("/") + path, body, headers, ctx, deadline)
+        resp = await self._post(url.rstrip("/") + family.path, body, headers, ctx, deadline)
         if resp.status >= 400:
             try:
                 error_body = await _read_bounded(resp, deadline)
@@ -220,7 +220,7 @@ class WorkerClient:
                 resp.close()
             raise error_from_worker(resp.status, error_body)
         if response_id is None:
-            response_id = ("chatcmpl-" if chat else "cmpl-") + request.id
+            response_id = family.response_id(request.id)
         return RemoteStream(
             self.session,
             url,

@@ -27,7 +27,13 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import Config
-from ..engines.base import Endpoint, Engine, EngineRequest, aclose_stream
+from ..engines.base import NO_ROUTING_HINT, Engine, EngineRequest, RoutingHint, aclose_stream
+from ..engines.endpoints import (
+    CHAT,
+    COMPLETIONS,
+    EndpointFamily,
+    P,
+)
 from ..engines.fanout import open_fanout
 from ..errors import (
     AllWorkersBusy,
@@ -39,15 +45,8 @@ from ..errors import (
     internal_error,
     render_error,
 )
-from ..metrics import UNKNOWN_MODEL, Metrics
-from ..protocols.chat import (
-    ChatCompletionRequest,
-    decode_chat_request,
-    max_output_tokens,
-    stop_list,
-)
+from ..metrics import UNKNOWN_MODEL, Metrics, RequestRecord
 from ..protocols.common import peek_request
-from ..protocols.completions import CompletionRequest, decode_completion_request, prompts
 from ..runtime.clock import Clock, SystemClock
 from ..runtime.context import EngineContext, StopReason
 from ..runtime.watchdog import Watchdog
@@ -67,7 +66,6 @@ log = logging.getLogger("dynamo_llm.http")
 
 JSON_HEADERS: Headers = [("content-type", "application/json")]
 _encode = msgspec.json.encode
-_DEFAULT_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 @dataclass
@@ -125,9 +123,9 @@ class App:
             "/openapi.json": self._openapi,
             "/docs": self._docs,
         }
-        self._post_routes: dict[str, Endpoint] = {
-            "/v1/chat/completions": "chat_completions",
-            "/v1/completions": "completions",
+        self._post_routes: dict[str, Callable[[HttpRequest, Connection], Awaitable[None]]] = {
+            CHAT.path: lambda request, conn: self._inference(request, conn, CHAT),
+            COMPLETIONS.path: lambda request, conn: self._inference(request, conn, COMPLETIONS),
         }
         for model in models:
             metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
@@ -217,10 +215,10 @@ class App:
                 return
             await self._error(conn, MethodNotAllowed(f"Method {method} not allowed on {path}"))
             return
-        endpoint = self._post_routes.get(path)
-        if endpoint is not None:
+        post_route = self._post_routes.get(path)
+        if post_route is not None:
             if method == "POST":
-                await self._inference(request, conn, endpoint)
+                await post_route(request, conn)
                 return
             await self._error(conn, MethodNotAllowed(f"Method {method} not allowed on {path}"))
             return
@@ -246,7 +244,10 @@ class App:
 
     # --- inference ----------------------------------------------------------------------------
 
-    async def _inference(self, request: HttpRequest, conn: Connection, endpoint: Endpoint) -> None:
+    async def _inference(
+        self, request: HttpRequest, conn: Connection, family: EndpointFamily[P]
+    ) -> None:
+        endpoint = family.endpoint
         record = self.metrics.begin(endpoint, self.clock)
         request_id = resolve_request_id(request.headers.get("x-request-id"))
         headers: Headers = [*JSON_HEADERS, ("x-request-id", request_id)]
@@ -254,7 +255,7 @@ class App:
         monitor: DisconnectMonitor | None = None
         watchdog: Watchdog | None = None
         try:
-            params, body = await self._read_params(request, conn, endpoint, record)
+            params, body = await self._read_params(request, conn, family, record)
             served = self.models.get(params.model)
             if served is None:
                 raise ModelNotFound(f"The model `{params.model}` does not exist.", param="model")
@@ -282,16 +283,19 @@ class App:
             exchange = Exchange(ctx, conn, record, monitor, watchdog, waker, headers)
             conn.on_disconnect(waker.wake)
             ctx.on_stop(waker.wake)
-            requests = self._engine_requests(endpoint, params, served, request_id, body)
             worker_id = request.headers.get("x-worker-instance-id")
-            if worker_id:
-                for sub_request in requests:
-                    sub_request.worker_id = worker_id[:256]
+            requests = family.split(
+                params,
+                request_id=request_id,
+                model=served.name,
+                raw_body=body,
+                routing=RoutingHint(worker_id=worker_id[:256]) if worker_id else NO_ROUTING_HINT,
+            )
             watchdog.start()
             if params.stream:
-                await self._stream(exchange, served, params, requests)
+                await self._stream(exchange, served, family, params, requests)
             else:
-                await self._unary(exchange, served, params, requests)
+                await self._unary(exchange, served, family, params, requests)
         except ClientGone:
             record.mark_error("cancelled")
         except DynamoError as exc:
@@ -319,8 +323,12 @@ class App:
                     self._idle.set()
 
     async def _read_params(
-        self, request: HttpRequest, conn: Connection, endpoint: Endpoint, record: Any
-    ) -> tuple[ChatCompletionRequest | CompletionRequest, bytes]:
+        self,
+        request: HttpRequest,
+        conn: Connection,
+        family: EndpointFamily[P],
+        record: RequestRecord,
+    ) -> tuple[P, bytes]:
         body = b""
         try:
             content_type = request.headers.get("content-type")
@@ -331,11 +339,7 @@ class App:
                     f"Content-Type must be application/json, got {content_type[:100]!r}"
                 )
             body = await conn.read_body(self.config.body_limit_bytes)
-            params: ChatCompletionRequest | CompletionRequest
-            if endpoint == "chat_completions":
-                params = decode_chat_request(body)
-            else:
-                params = decode_completion_request(body)
+            params = family.decode(body)
         except DynamoError:
             # Label the failure with the model when it is one we serve; otherwise the fixed label.
             name, stream = peek_request(body) if body else (None, False)
@@ -346,46 +350,6 @@ class App:
         if params.model not in self.models:
             record.model = UNKNOWN_MODEL
         return params, body
-
-    def _engine_requests(
-        self,
-        endpoint: Endpoint,
-        params: ChatCompletionRequest | CompletionRequest,
-        served: ServedModel,
-        request_id: str,
-        body: bytes,
-    ) -> list[EngineRequest]:
-        n = params.n or 1
-        if isinstance(params, ChatCompletionRequest):
-            max_tokens = max_output_tokens(params)
-            stop = stop_list(params)
-            batch: list[str | list[int] | None] = [None]
-        else:
-            max_tokens = (
-                params.max_tokens
-                if params.max_tokens is not None
-                else _DEFAULT_COMPLETIONS_MAX_TOKENS
-            )
-            stop = _completion_stop(params)
-            batch = list(prompts(params))
-        total = len(batch) * n
-        out = []
-        for p_index, prompt in enumerate(batch):
-            for i in range(n):
-                k = p_index * n + i
-                out.append(
-                    EngineRequest(
-                        request_id if total == 1 else f"{request_id}-{k}",
-                        served.name,
-                        endpoint,
-                        params,
-                        prompt=prompt,
-                        max_tokens=max_tokens,
-                        stop=stop,
-                        raw_body=body,
-                    )
-                )
-        return out
 
     def _open(
         self, served: ServedModel, requests: list[EngineRequest], ctx: EngineContext, n: int
@@ -398,16 +362,18 @@ class App:
         self,
         exchange: Exchange,
         served: ServedModel,
-        params: ChatCompletionRequest | CompletionRequest,
+        family: EndpointFamily[P],
+        params: P,
         requests: list[EngineRequest],
     ) -> None:
         stream_options = params.stream_options
         renderer = ChunkRenderer(
-            *_response_naming(params, exchange.ctx),
+            family.kind,
+            family.response_id(exchange.ctx.id),
             served.name,
             int(time.time()),
             include_usage=bool(stream_options is not None and stream_options.include_usage),
-            with_token_ids=bool(getattr(params, "return_token_ids", False)),
+            with_token_ids=params.return_token_ids,
         )
         stream = await exchange.handler_phase(
             self._open(served, requests, exchange.ctx, params.n or 1)
@@ -423,15 +389,17 @@ class App:
         self,
         exchange: Exchange,
         served: ServedModel,
-        params: ChatCompletionRequest | CompletionRequest,
+        family: EndpointFamily[P],
+        params: P,
         requests: list[EngineRequest],
     ) -> None:
         aggregator = Aggregator(
-            *_response_naming(params, exchange.ctx),
+            family.kind,
+            family.response_id(exchange.ctx.id),
             served.name,
             int(time.time()),
             choices=len(requests),
-            with_token_ids=bool(getattr(params, "return_token_ids", False)),
+            with_token_ids=params.return_token_ids,
         )
         work = asyncio.get_running_loop().create_task(
             self._collect(exchange, served, requests, params.n or 1, aggregator)
@@ -546,24 +514,6 @@ class App:
 
 
 _STOP_PREFIX = "/v1/requests/"
-
-
-def _response_naming(
-    params: ChatCompletionRequest | CompletionRequest, ctx: EngineContext
-) -> tuple[str, str]:
-    """The response kind and id: ("chat", "chatcmpl-<id>") or ("completions", "cmpl-<id>")."""
-    if isinstance(params, ChatCompletionRequest):
-        return "chat", "chatcmpl-" + ctx.id
-    return "completions", "cmpl-" + ctx.id
-
-
-def _completion_stop(params: CompletionRequest) -> tuple[str, ...]:
-    stop = params.stop
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,)
-    return tuple(stop)
 
 
 _DOCS_HTML = b"""<!doctype html>

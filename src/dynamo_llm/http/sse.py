@@ -12,6 +12,7 @@ import msgspec
 
 from ..engines.base import EngineOutput, Usage
 from ..errors import DynamoError, render_error
+from ..protocols.common import usage_info
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = [
@@ -30,14 +31,7 @@ def error_frame(exc: DynamoError) -> bytes:
 
 
 def usage_json(usage: Usage) -> bytes:
-    return _encode(
-        {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        }
-    )
+    return _encode(usage_info(usage))
 
 
 class ChunkRenderer:
@@ -129,12 +123,7 @@ class ChunkRenderer:
 
     def add_usage(self, usage: Usage) -> None:
         """Count a choice's usage towards the final usage chunk."""
-        if self.usage is None:
-            self.usage = Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-        else:
-            self.usage.prompt_tokens += usage.prompt_tokens
-            self.usage.completion_tokens += usage.completion_tokens
-            self.usage.cached_tokens += usage.cached_tokens
+        self.usage = usage if self.usage is None else self.usage + usage
 
     def finish(self) -> bytes:
         """What goes before ``[DONE]``: the usage chunk when asked for, else nothing."""

@@ -7,10 +7,18 @@ from .chat import (
     ChatMessage,
     ContentPart,
     ResponseMessage,
+    content_text,
     decode_chat_request,
     max_output_tokens,
 )
-from .common import PromptTokensDetails, StreamOptions, UsageInfo, peek_model, stop_list
+from .common import (
+    PromptTokensDetails,
+    StreamOptions,
+    UsageInfo,
+    peek_model,
+    stop_list,
+    usage_info,
+)
 from .completions import (
     CompletionChoice,
     CompletionRequest,
@@ -32,10 +40,12 @@ __all__ = [
     "ResponseMessage",
     "StreamOptions",
     "UsageInfo",
+    "content_text",
     "decode_chat_request",
     "decode_completion_request",
     "max_output_tokens",
     "peek_model",
     "prompts",
     "stop_list",
+    "usage_info",
 ]

@@ -49,6 +49,30 @@ class UsageInfo(msgspec.Struct, omit_defaults=True):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class UsageCounts(Protocol):
+    """Token counts as an engine reports them (``engines.base.Usage``)."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
+
+
+def usage_info(usage: UsageCounts) -> UsageInfo:
+    """The wire usage for these counts: the total, and the cached prompt tokens in the details.
+
+    The one shape of usage on the wire: a unary response's and a stream's usage chunk.
+    """
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+    )
+
+
 # --- decoding ----------------------------------------------------------------------------------
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
-from ..engines.echo import content_text
 from ..errors import (
     AllWorkersBusy,
     Cancelled,
@@ -40,6 +39,7 @@ from ..errors import (
     WorkerUnreachable,
 )
 from ..metrics import Metrics
+from ..protocols.chat import content_text
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
 from ..runtime.watchdog import Watchdog
@@ -69,10 +69,7 @@ def prompt_text(request: EngineRequest) -> str:
         if isinstance(prompt, list):
             return " ".join(map(str, prompt))
         return prompt or ""
-    messages = getattr(request.params, "messages", None) or []
-    return "\n".join(
-        f"{getattr(m, 'role', '')}: {content_text(getattr(m, 'content', None))}" for m in messages
-    )
+    return "\n".join(f"{m.role}: {content_text(m.content, '')}" for m in request.messages)
 
 
 class _AttemptHold:
@@ -150,7 +147,7 @@ class Router:
                 self.policy,
                 exclude=tuple(exclude),
                 hashes=hashes,
-                direct_id=request.worker_id,
+                direct_id=request.routing.worker_id,
             )
             try:
                 return worker, self.workers.acquire(worker.id, hashes=hashes)
