@@ -18,10 +18,15 @@ Sub-requests have ids ``<id>-<k>`` (just ``<id>`` when there is one) and choice 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Generic, Literal, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, Literal, NamedTuple, TypeVar
 
-from ..protocols.chat import ChatCompletionRequest, decode_chat_request, max_output_tokens
+from ..protocols.chat import (
+    ChatCompletionRequest,
+    ChatMessage,
+    decode_chat_request,
+    max_output_tokens,
+)
 from ..protocols.common import stop_list
 from ..protocols.completions import CompletionRequest, decode_completion_request, prompts
 from .base import NO_ROUTING_HINT, Endpoint, EngineRequest, RoutingHint, Sampling
@@ -57,16 +62,32 @@ def _sampling(params: ChatCompletionRequest | CompletionRequest) -> Sampling:
     )
 
 
+class _Content(NamedTuple):
+    messages: Sequence[ChatMessage] = ()
+    prompt: str | list[int] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
 class EndpointFamily(ABC, Generic[P]):
     """What the two families share: naming, and the split into sub-requests."""
 
-    endpoint: Endpoint
-    path: str
-    kind: Literal["chat", "completions"]
-    id_prefix: str
-
-    @abstractmethod
-    def decode(self, body: bytes) -> P:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        path: str,
+        kind: Literal["chat", "completions"],
+        id_prefix: str,
+        decode: Callable[[bytes], P],
+    ) -> None:
+        self.endpoint: Endpoint = endpoint
+        """The family's name in metrics labels and on an engine request."""
+        self.path = path
+        """Where the family is served (and where a relay sends it upstream)."""
+        self.kind: Literal["chat", "completions"] = kind
+        """The response shape, for the SSE renderer and the unary aggregator."""
+        self.id_prefix = id_prefix
+        self.decode: Callable[[bytes], P] = decode
         """Decode and validate a body; raises :class:`~dynamo_llm.errors.DynamoError`."""
 
     @abstractmethod
@@ -78,6 +99,9 @@ class EndpointFamily(ABC, Generic[P]):
         """The prompts of the request (None: the chat messages)."""
 
     @abstractmethod
+    def _content(self, params: P, prompt: str | list[int] | None) -> _Content:
+        """What the request asks about: the messages, or which prompt of the batch."""
+
     def request(
         self,
         params: P,
@@ -89,7 +113,25 @@ class EndpointFamily(ABC, Generic[P]):
         raw_body: bytes | None = None,
         routing: RoutingHint = NO_ROUTING_HINT,
     ) -> EngineRequest:
-        """One engine request for ``params`` (for completions, ``prompt`` is which prompt)."""
+        """One engine request for ``params``: for completions ``prompt`` says which prompt (None:
+        the request's only one), for chat it must be None. ``max_tokens`` is the budget
+        (:meth:`budget` for the client's own; a migration's replay gives what is left)."""
+        content = self._content(params, prompt)
+        return EngineRequest(
+            id=id,
+            model=model,
+            endpoint=self.endpoint,
+            params=params,
+            messages=content.messages,
+            prompt=content.prompt,
+            sampling=_sampling(params),
+            max_tokens=max_tokens,
+            stop=stop_list(params),
+            add_generation_prompt=content.add_generation_prompt,
+            continue_final_message=content.continue_final_message,
+            raw_body=raw_body,
+            routing=routing,
+        )
 
     def response_id(self, request_id: str) -> str:
         """The id of the response the client gets: ``chatcmpl-<id>`` or ``cmpl-<id>``."""
@@ -127,59 +169,24 @@ class EndpointFamily(ABC, Generic[P]):
 class ChatEndpoint(EndpointFamily[ChatCompletionRequest]):
     """``/v1/chat/completions``: one sub-request per choice, all on the same messages."""
 
-    endpoint: Endpoint = "chat_completions"
-    path = "/v1/chat/completions"
-    kind: Literal["chat", "completions"] = "chat"
-    id_prefix = "chatcmpl-"
-
-    def decode(self, body: bytes) -> ChatCompletionRequest:
-        return decode_chat_request(body)
-
     def budget(self, params: ChatCompletionRequest) -> int | None:
         return max_output_tokens(params)
 
     def batch(self, params: ChatCompletionRequest) -> Sequence[None]:
         return (None,)
 
-    def request(
-        self,
-        params: ChatCompletionRequest,
-        prompt: str | list[int] | None = None,
-        *,
-        id: str,
-        model: str,
-        max_tokens: int | None,
-        raw_body: bytes | None = None,
-        routing: RoutingHint = NO_ROUTING_HINT,
-    ) -> EngineRequest:
+    def _content(self, params: ChatCompletionRequest, prompt: str | list[int] | None) -> _Content:
         if prompt is not None:
             raise ValueError("a chat request has messages, not a prompt")
-        return EngineRequest(
-            id=id,
-            model=model,
-            endpoint="chat_completions",
-            params=params,
+        return _Content(
             messages=params.messages,
-            sampling=_sampling(params),
-            max_tokens=max_tokens,
-            stop=stop_list(params),
             add_generation_prompt=params.add_generation_prompt,
             continue_final_message=params.continue_final_message,
-            raw_body=raw_body,
-            routing=routing,
         )
 
 
 class CompletionsEndpoint(EndpointFamily[CompletionRequest]):
     """``/v1/completions``: one sub-request per prompt of the batch and choice."""
-
-    endpoint: Endpoint = "completions"
-    path = "/v1/completions"
-    kind: Literal["chat", "completions"] = "completions"
-    id_prefix = "cmpl-"
-
-    def decode(self, body: bytes) -> CompletionRequest:
-        return decode_completion_request(body)
 
     def budget(self, params: CompletionRequest) -> int | None:
         if params.max_tokens is not None:
@@ -189,39 +196,21 @@ class CompletionsEndpoint(EndpointFamily[CompletionRequest]):
     def batch(self, params: CompletionRequest) -> Sequence[str | list[int]]:
         return prompts(params)
 
-    def request(
-        self,
-        params: CompletionRequest,
-        prompt: str | list[int] | None = None,
-        *,
-        id: str,
-        model: str,
-        max_tokens: int | None,
-        raw_body: bytes | None = None,
-        routing: RoutingHint = NO_ROUTING_HINT,
-    ) -> EngineRequest:
-        """``prompt`` is the sub-request's prompt; None takes the request's only one."""
+    def _content(self, params: CompletionRequest, prompt: str | list[int] | None) -> _Content:
         if prompt is None:
             batch = prompts(params)
             if len(batch) != 1:
                 raise ValueError("a batch of prompts: say which one the request is for")
             prompt = batch[0]
-        return EngineRequest(
-            id=id,
-            model=model,
-            endpoint="completions",
-            params=params,
-            prompt=prompt,
-            sampling=_sampling(params),
-            max_tokens=max_tokens,
-            stop=stop_list(params),
-            raw_body=raw_body,
-            routing=routing,
-        )
+        return _Content(prompt=prompt)
 
 
-CHAT = ChatEndpoint()
-COMPLETIONS = CompletionsEndpoint()
+CHAT = ChatEndpoint(
+    "chat_completions", "/v1/chat/completions", "chat", "chatcmpl-", decode_chat_request
+)
+COMPLETIONS = CompletionsEndpoint(
+    "completions", "/v1/completions", "completions", "cmpl-", decode_completion_request
+)
 
 
 def family_of(request: EngineRequest) -> ChatEndpoint | CompletionsEndpoint:
