@@ -131,7 +131,7 @@ class Fleet:
             owned_by="dynamo-llm",
             is_ready=lambda: workers.has_available(name),
             describe=describe,
-            routed=True,
+            engine_enforces_first_token=True,
         )
 
     def _availability_changed(self, models: frozenset[str]) -> None:

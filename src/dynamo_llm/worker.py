@@ -35,6 +35,7 @@ from .engines.mocker.metrics import MockerMetrics
 from .http.app import App, ServedModel, create_app
 from .http.server import HttpServer
 from .metrics import Metrics
+from .router.engine import Router
 from .runtime.clock import Clock, SystemClock
 
 log = logging.getLogger("dynamo_llm")
@@ -128,7 +129,7 @@ async def serve_until_signalled(
 
 
 def app_is_routed(app: App) -> bool:
-    return any(model.routed for model in app.models.values())
+    return any(isinstance(model.engine, Router) for model in app.models.values())
 
 
 def _native_thread_ids() -> set[int]:
