@@ -1,6 +1,7 @@
 """A command's flags and ``--help``, generated from the options table; and back to a Config.
 
-:func:`add_arguments` adds, for one command, every row that applies to it: under its group,
+:func:`add_arguments` adds, for one command, every row (of the table the defaults are an
+instance of: :class:`~dynamo_llm.config.Config`) that applies to it: under its group,
 with its kind's argparse shape (a value, a repeatable value, ``--x/--no-x``), and a help line
 that names its variable and default. The parser's defaults are a :class:`Config` read from the
 environment, so a flag wins over its variable, which wins over the table's default, and
@@ -13,17 +14,22 @@ A repeatable flag (``--upstream``) adds to its variable's list rather than repla
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .options import CHOICE, Group, Option
-from .table import OPTIONS, Config
+from .options import CHOICE, Group, Option, rows_of
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    D = TypeVar("D", bound=DataclassInstance)
 
 
 def add_arguments(
     parser: argparse.ArgumentParser,
     command: str,
-    defaults: Config,
+    defaults: DataclassInstance,
     choices: Mapping[str, Sequence[str]],
 ) -> None:
     """Add to ``parser`` the flags of ``command``, defaulting to ``defaults``.
@@ -32,7 +38,7 @@ def add_arguments(
     layer above the configuration owns (the engines, the server interfaces, the router modes).
     """
     groups: dict[Group, argparse._ArgumentGroup] = {}
-    for row in OPTIONS:
+    for row in rows_of(type(defaults)):
         if not row.applies_to(command):
             continue
         group = groups.get(row.group)
@@ -112,14 +118,14 @@ def _env_shape(row: Option) -> str:
     return ""
 
 
-def config_from_args(args: argparse.Namespace, base: Config, command: str) -> Config:
+def config_from_args(args: argparse.Namespace, base: D, command: str) -> D:
     """``base`` with the values ``args`` parsed for ``command``'s flags."""
     changes: dict[str, object] = {}
-    for row in OPTIONS:
+    for row in rows_of(type(base)):
         if not row.applies_to(command):
             continue
         value = getattr(args, row.field)
         if row.kind.action == "append":
             value = tuple(value)
         changes[row.field] = row.finish(value)
-    return base.replace(**changes)
+    return dataclasses.replace(base, **changes)

@@ -19,6 +19,7 @@ Both sources go through the same two steps, so a flag and its variable always me
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -174,6 +175,12 @@ def option(
     return dataclasses.field(default=default, metadata={_ROW: row})
 
 
+def read_environment(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Each field of ``cls`` that has a variable, as :meth:`Option.read_env` reads it."""
+    return {row.field: row.read_env(environ) for row in rows_of(cls) if row.env is not None}
+
+
+@functools.cache
 def rows_of(cls: type) -> tuple[Option, ...]:
     """The rows declared on dataclass ``cls``, in field order, each naming its field."""
     return tuple(

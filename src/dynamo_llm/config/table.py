@@ -27,6 +27,7 @@ from .options import (
     lowercase,
     option,
     positive_or_off,
+    read_environment,
     rows_of,
     zero_is_default,
     zero_is_off,
@@ -363,7 +364,7 @@ class Config:
         ``environ`` is passed in (the entry point passes ``os.environ``); nothing here reads
         the process environment.
         """
-        return cls(**{row.field: row.read_env(environ) for row in OPTIONS if row.env})
+        return cls(**read_environment(cls, environ))
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
