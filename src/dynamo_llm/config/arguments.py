@@ -39,7 +39,7 @@ def add_arguments(
     """
     groups: dict[Group, argparse._ArgumentGroup] = {}
     for row in rows_of(type(defaults)):
-        if not row.applies_to(command):
+        if not row.has_flag_on(command):
             continue
         group = groups.get(row.group)
         if group is None:
@@ -122,7 +122,7 @@ def config_from_args(args: argparse.Namespace, base: D, command: str) -> D:
     """``base`` with the values ``args`` parsed for ``command``'s flags."""
     changes: dict[str, object] = {}
     for row in rows_of(type(base)):
-        if not row.applies_to(command):
+        if not row.has_flag_on(command):
             continue
         value = getattr(args, row.field)
         if row.kind.action == "append":

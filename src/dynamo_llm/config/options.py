@@ -121,6 +121,7 @@ class Option:
     help: str
     group: Group
     commands: tuple[Command, ...] = BOTH
+    """The commands that take the flag (the variable is read whatever the command)."""
     metavar: str | None = None
     """The flag's value in ``--help``; by default the flag's name in capitals."""
     choices: tuple[str, ...] | None = None
@@ -133,7 +134,8 @@ class Option:
     default: Any = None
     """The field's default, filled in by :func:`rows_of`."""
 
-    def applies_to(self, command: str) -> bool:
+    def has_flag_on(self, command: str) -> bool:
+        """True when ``command``'s parser has this option's flag."""
         return self.flag is not None and command in self.commands
 
     def finish(self, value: Any) -> Any:
