@@ -44,9 +44,10 @@ from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
 from ..runtime.watchdog import Watchdog
 from .kv_index import block_hashes
+from .membership import UnknownWorker, Worker, WorkerSet
 from .migration import MigrationState, migration_budget
 from .policies import RoutingPolicy
-from .workers import InflightSlot, UnknownWorker, Worker, WorkerSet
+from .slot import InflightSlot
 
 if TYPE_CHECKING:
     from ..engines.remote import WorkerClient
@@ -85,7 +86,7 @@ class _AttemptHold:
         self,
         ctx: EngineContext,
         attempt: EngineContext,
-        slot: InflightSlot,
+        slot: InflightSlot[Worker],
         dog: Watchdog,
         stream: AsyncIterator[EngineOutput],
     ) -> None:
@@ -143,7 +144,7 @@ class Router:
 
     def _acquire(
         self, request: EngineRequest, hashes: list[int], exclude: set[str]
-    ) -> tuple[Worker, InflightSlot]:
+    ) -> tuple[Worker, InflightSlot[Worker]]:
         for _ in range(2):
             worker = self.workers.select(
                 request.model,
