@@ -8,12 +8,14 @@ The socket-free core, bottom up:
 - ``quarantine``: a worker's health, its back-off and the probe that brings it back;
 - ``membership``: ``Worker`` and the ``WorkerSet`` of every registered worker, per model.
 
-On top of them, ``migration`` continues a failed request on another worker, and ``engine``'s
-``Router`` is the engine the HTTP layer serves, with the I/O to the workers (``WorkerClient``)
-injected.
+On top of them, ``attempt`` runs one request on one chosen worker (its context, its watchdog,
+reporting the worker down or ok), ``migration`` continues a failed request on another worker,
+and ``engine``'s ``Router`` is the engine the HTTP layer serves, with the I/O to the workers
+(``WorkerClient``) injected.
 """
 
-from .engine import AttemptLimits, Router
+from .attempt import Attempt, AttemptLimits
+from .engine import Router
 from .kv_index import DEFAULT_BLOCK_CHARS, KvIndex, block_hashes
 from .membership import ChangeCallback, Probe, UnknownWorker, Worker, WorkerSet, WorkerState
 from .migration import MigrationState, migration_budget
@@ -33,6 +35,7 @@ from .slot import InflightSlot, WorkerLoad
 __all__ = [
     "DEFAULT_BLOCK_CHARS",
     "WORKER_ID_HEADER",
+    "Attempt",
     "AttemptLimits",
     "ChangeCallback",
     "Health",
