@@ -23,7 +23,7 @@ from dynamo_llm.config import Config
 from dynamo_llm.fleet import Fleet, build_routed_app
 from dynamo_llm.http.app import App
 from dynamo_llm.http.server import HttpServer
-from dynamo_llm.router.workers import Worker, WorkerSet
+from dynamo_llm.router import Worker, WorkerSet
 from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.testing import Frontend
 from dynamo_llm.testing.bad_workers import BadWorker, spawn_bad_worker

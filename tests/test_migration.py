@@ -29,9 +29,9 @@ from dynamo_llm.errors import (
 from dynamo_llm.metrics import Metrics
 from dynamo_llm.protocols.chat import ChatCompletionRequest, decode_chat_request
 from dynamo_llm.protocols.completions import CompletionRequest, decode_completion_request
+from dynamo_llm.router import Worker, WorkerSet
 from dynamo_llm.router.engine import Router
 from dynamo_llm.router.policies import RouterMode, RoutingPolicy
-from dynamo_llm.router.workers import Worker, WorkerSet
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
 from dynamo_llm.testing.process import ServerProcess
 from fleet_helpers import (

@@ -9,9 +9,8 @@ from dynamo_llm.engines.base import EngineOutput, EngineRequest, OwnedStream, Us
 from dynamo_llm.errors import Cancelled, WorkerResponseTimeout, WorkerUnreachable
 from dynamo_llm.metrics import Metrics
 from dynamo_llm.protocols.completions import decode_completion_request
-from dynamo_llm.router.engine import AttemptLimits, Router
+from dynamo_llm.router import AttemptLimits, Router, Worker, WorkerSet
 from dynamo_llm.router.policies import RouterMode, RoutingPolicy
-from dynamo_llm.router.workers import Worker, WorkerSet
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
 from fleet_helpers import registered
 
