@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from dynamo_llm.engines.mocker import MockerConfig, MockerEngine
 from dynamo_llm.engines.mocker.sequence import StopMatcher
 from dynamo_llm.engines.mocker.tokens import render_chat
 from dynamo_llm.errors import ContextLengthExceeded, InvalidRequest
-from dynamo_llm.protocols.chat import ChatCompletionRequest
+from dynamo_llm.protocols.chat import ChatCompletionRequest, ChatMessage
 from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime import EngineContext, FakeClock
 
@@ -52,8 +51,8 @@ def chat(messages: list[Any], max_tokens: int = 8, seed: int | None = None) -> E
     return CHAT.request(params, id="r", model="mock", max_tokens=max_tokens)
 
 
-def message(role: str, content: Any) -> SimpleNamespace:
-    return SimpleNamespace(role=role, content=content)
+def message(role: str, content: Any) -> ChatMessage:
+    return ChatMessage(role=role, content=content)
 
 
 @contextlib.asynccontextmanager
