@@ -95,9 +95,10 @@ from ..errors import (
     WorkerUnreachable,
 )
 from ..protocols.chat import ChatCompletionRequest, max_output_tokens
-from ..protocols.common import StreamOptions
+from ..protocols.common import StreamOptions, UsageInfo
 from ..protocols.completions import CompletionRequest
 from ..protocols.models import decode_model_list
+from ..protocols.stream import StreamChunk
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
 from .base import EngineOutput, EngineRequest, Usage
@@ -514,43 +515,10 @@ def _clean_message(text: str) -> str:
 # --- parsing -----------------------------------------------------------------------------------
 
 
-class _Delta(msgspec.Struct):
-    content: str | None = None
+_chunk_decoder = msgspec.json.Decoder(StreamChunk)
 
 
-class _Choice(msgspec.Struct):
-    index: int = 0
-    delta: _Delta | None = None
-    text: str | None = None
-    finish_reason: str | None = None
-    token_ids: list[int] | None = None
-    prompt_token_ids: list[int] | None = None
-
-
-class _PromptDetails(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt_tokens_details: _PromptDetails | None = None
-
-
-class _Chunk(msgspec.Struct):
-    id: str | None = None
-    object: str | None = None
-    model: str | None = None
-    choices: list[_Choice] | None = None
-    usage: _Usage | None = None
-    error: Any = None
-    prompt_token_ids: list[int] | None = None
-
-
-_chunk_decoder = msgspec.json.Decoder(_Chunk)
-
-
-def _usage(usage: _Usage) -> Usage:
+def _usage(usage: UsageInfo) -> Usage:
     details = usage.prompt_tokens_details
     return Usage(
         usage.prompt_tokens or 0,
@@ -817,7 +785,7 @@ class RemoteStream:
             part = part.replace(old, new)
         return EngineOutput(raw=part, num_tokens=num_tokens)
 
-    def _learn(self, event: bytes, chunk: _Chunk) -> None:
+    def _learn(self, event: bytes, chunk: StreamChunk) -> None:
         """From the first event: the upstream's id, model name and JSON spacing."""
         self._seen_first = True
         self._deadline = None
@@ -920,7 +888,7 @@ class RemoteStream:
         )
 
 
-def _decode_chunk(name: bytes | None, data: bytes | None) -> _Chunk | None:
+def _decode_chunk(name: bytes | None, data: bytes | None) -> StreamChunk | None:
     """The chunk an event carries; None for [DONE], comments and events we ignore."""
     if data is None or data == b"[DONE]":
         return None
