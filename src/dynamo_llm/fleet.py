@@ -18,7 +18,6 @@ import aiohttp
 
 from .config import Config
 from .discovery.static import StaticDiscovery, describe_worker
-from .engines.remote import WorkerClient, make_session
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
 from .router.engine import AttemptLimits, Router
@@ -26,6 +25,7 @@ from .router.kv_index import KvIndex
 from .router.policies import RouterMode, RoutingPolicy
 from .router.workers import Worker, WorkerSet
 from .runtime.clock import Clock
+from .transport import WorkerClient, make_session
 
 log = logging.getLogger("dynamo_llm.fleet")
 

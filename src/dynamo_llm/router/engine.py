@@ -7,7 +7,7 @@ workers exactly like an in-process engine. Per request it:
    available: 503 ``no_workers_available``; all at their in-flight limit: 503
    ``all_workers_busy``) and takes its in-flight slot in the same step, so the choice and the
    count agree; a worker that vanished between the two is re-chosen once;
-2. opens the attempt on the worker through the :class:`~dynamo_llm.engines.remote.WorkerClient`,
+2. opens the attempt on the worker through the :class:`~dynamo_llm.transport.WorkerClient`,
    under an *attempt context* linked to the request's, so a hang-up, a timeout or a shutdown
    reaches the worker as a closed connection (or a graceful stop, for our own workers);
 3. relays the worker's outputs, timing the attempt with a :class:`~dynamo_llm.runtime.watchdog.
@@ -49,7 +49,7 @@ from .policies import RoutingPolicy
 from .workers import InflightSlot, UnknownWorker, Worker, WorkerSet
 
 if TYPE_CHECKING:
-    from ..engines.remote import WorkerClient
+    from ..transport import WorkerClient
 
 log = logging.getLogger("dynamo_llm.router")
 
