@@ -42,13 +42,15 @@ from typing import ClassVar
 
 import msgspec
 
+from .metrics import Outcome
+
 
 class DynamoError(Exception):
     """Base of every error a request can end with; renders as an OpenAI error body."""
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
-    error_type: ClassVar[str] = "internal"
+    error_type: ClassVar[Outcome] = Outcome.INTERNAL
     default_code: ClassVar[str | int | None] = None
     default_message: ClassVar[str] = "Internal server error"
     quarantines: ClassVar[bool] = False
@@ -66,7 +68,7 @@ class DynamoError(Exception):
 class InvalidRequest(DynamoError):
     status = 400
     type = "invalid_request_error"
-    error_type = "validation"
+    error_type = Outcome.VALIDATION
     default_message = "Invalid request"
 
 
@@ -90,7 +92,7 @@ class UnsupportedMediaType(InvalidRequest):
 class AuthenticationFailed(DynamoError):
     status = 401
     type = "authentication_error"
-    error_type = "validation"
+    error_type = Outcome.VALIDATION
     default_code = "invalid_api_key"
     default_message = "Invalid API key"
 
@@ -98,7 +100,7 @@ class AuthenticationFailed(DynamoError):
 class NotFound(DynamoError):
     status = 404
     type = "not_found_error"
-    error_type = "not_found"
+    error_type = Outcome.NOT_FOUND
     default_message = "Not found"
 
 
@@ -110,7 +112,7 @@ class ModelNotFound(NotFound):
 class MethodNotAllowed(DynamoError):
     status = 405
     type = "invalid_request_error"
-    error_type = "validation"
+    error_type = Outcome.VALIDATION
     default_code = "method_not_allowed"
     default_message = "Method not allowed"
 
@@ -118,7 +120,7 @@ class MethodNotAllowed(DynamoError):
 class NotImplementedParameter(DynamoError):
     status = 501
     type = "not_implemented_error"
-    error_type = "not_implemented"
+    error_type = Outcome.NOT_IMPLEMENTED
     default_code = "deprecated_parameter"
     default_message = "Not implemented"
 
@@ -126,7 +128,7 @@ class NotImplementedParameter(DynamoError):
 class TooManyRequests(DynamoError):
     status = 429
     type = "overloaded_error"
-    error_type = "overload"
+    error_type = Outcome.OVERLOAD
     default_code = "too_many_requests"
     default_message = "Too many requests, please retry later"
 
@@ -134,7 +136,7 @@ class TooManyRequests(DynamoError):
 class AllWorkersBusy(DynamoError):
     status = 503
     type = "overloaded_error"
-    error_type = "overload"
+    error_type = Outcome.OVERLOAD
     default_code = "all_workers_busy"
     default_message = "All workers are busy, please retry later"
 
@@ -142,7 +144,7 @@ class AllWorkersBusy(DynamoError):
 class NoWorkersAvailable(DynamoError):
     status = 503
     type = "service_unavailable_error"
-    error_type = "unavailable"
+    error_type = Outcome.UNAVAILABLE
     default_code = "no_workers_available"
     default_message = "Model temporarily unavailable: no worker can serve it"
 
@@ -150,7 +152,7 @@ class NoWorkersAvailable(DynamoError):
 class ResponseTimeout(DynamoError):
     status = 504
     type = "timeout_error"
-    error_type = "response_timeout"
+    error_type = Outcome.RESPONSE_TIMEOUT
     default_code = "response_timeout"
     default_message = "The engine stopped responding"
 
@@ -158,7 +160,7 @@ class ResponseTimeout(DynamoError):
 class Cancelled(DynamoError):
     status = 499
     type = "cancelled"
-    error_type = "cancelled"
+    error_type = Outcome.CANCELLED
     default_code = "cancelled"
     default_message = "Client closed request"
 
@@ -198,7 +200,7 @@ class WorkerFault(DynamoError):
 
     status = 503
     type = "service_unavailable_error"
-    error_type = "unavailable"
+    error_type = Outcome.UNAVAILABLE
     default_code = "worker_unavailable"
     default_message = "The worker is unavailable"
     quarantines = True
