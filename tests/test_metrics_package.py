@@ -25,7 +25,7 @@ SPEC_ERROR_TYPES = {
 }
 
 
-def test_metrics_package_imports_no_other_dynamo_llm_module():
+def test_metrics_package_imports_no_other_dynamo_llm_module() -> None:
     package = Path(dynamo_llm.metrics.__file__).parent
     for path in package.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -36,14 +36,15 @@ def test_metrics_package_imports_no_other_dynamo_llm_module():
                 assert not any(a.name.startswith("dynamo_llm") for a in node.names), path.name
 
 
-def test_outcome_values_are_the_spec_error_type_labels():
+def test_outcome_values_are_the_spec_error_type_labels() -> None:
     assert {o.value for o in Outcome} == SPEC_ERROR_TYPES
     assert Outcome.SUCCESS.status == "success"
     assert {o.status for o in Outcome if o is not Outcome.SUCCESS} == {"error"}
-    assert Outcome.CANCELLED == "cancelled"  # still equal to the label string
+    # Still equal to the label string (mypy does not model a StrEnum member's str equality).
+    assert Outcome.CANCELLED == "cancelled"  # type: ignore[comparison-overlap]
 
 
-def test_every_error_class_carries_an_outcome():
+def test_every_error_class_carries_an_outcome() -> None:
     classes = [errors.DynamoError]
     while classes:
         cls = classes.pop()
@@ -52,7 +53,7 @@ def test_every_error_class_carries_an_outcome():
         classes += cls.__subclasses__()
 
 
-def test_mark_error_takes_an_outcome_or_its_label_string():
+def test_mark_error_takes_an_outcome_or_its_label_string() -> None:
     metrics = Metrics()
     for outcome in (Outcome.OVERLOAD, "overload"):
         record = metrics.begin("completions", FakeClock())
@@ -72,7 +73,7 @@ class _Constant(Family):
         return family
 
 
-def test_a_scrape_time_family_is_exposed_once_added():
+def test_a_scrape_time_family_is_exposed_once_added() -> None:
     metrics = Metrics()
     metrics.add_family(_Constant("constant", "A constant", ("model",)))
     assert 'constant{model="a"} 3.0' in generate_latest(metrics.registry).decode()

@@ -825,7 +825,12 @@ def sdk() -> Iterator[tuple[openai.OpenAI, list[bytes]]]:
 
     with (
         httpx.Client(transport=httpx.MockTransport(answer)) as http,
-        openai.OpenAI(api_key="k", base_url="http://frontend/v1", http_client=http) as client,
+        # The SDK takes a legacy httpx client at run time but annotates only httpx2's.
+        openai.OpenAI(
+            api_key="k",
+            base_url="http://frontend/v1",
+            http_client=http,  # type: ignore[arg-type]
+        ) as client,
     ):
         yield client, sent
 
@@ -1001,23 +1006,17 @@ def test_rendered_chat_chunks_read_back_through_the_shared_chunk_shape() -> None
     first = renderer.render(EngineOutput("Hi", 1, token_ids=[5], prompt_token_ids=[1, 2]))
     last = renderer.render(EngineOutput("!", 1, finish_reason="stop", usage=Usage(2, 2, 1)))
     chunks = _read_frames(first, last, renderer.finish())
-    envelope = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m"}
-    assert chunks[0] == StreamChunk(
-        **envelope,
-        choices=[
-            ChunkChoice(
-                delta=ChunkDelta(role="assistant", content="Hi"),
-                prompt_token_ids=[1, 2],
-                token_ids=[5],
-            )
-        ],
+    envelope = StreamChunk(id="chatcmpl-1", object="chat.completion.chunk", created=7, model="m")
+    first_choice = ChunkChoice(
+        delta=ChunkDelta(role="assistant", content="Hi"), prompt_token_ids=[1, 2], token_ids=[5]
     )
-    assert chunks[1] == StreamChunk(
-        **envelope, choices=[ChunkChoice(delta=ChunkDelta(content="!"), finish_reason="stop")]
-    )
-    assert chunks[2] == StreamChunk(
-        **envelope, choices=[], usage=UsageInfo(2, 2, 4, PromptTokensDetails(cached_tokens=1))
-    )
+    last_choice = ChunkChoice(delta=ChunkDelta(content="!"), finish_reason="stop")
+    usage = UsageInfo(2, 2, 4, PromptTokensDetails(cached_tokens=1))
+    assert chunks == [
+        msgspec.structs.replace(envelope, choices=[first_choice]),
+        msgspec.structs.replace(envelope, choices=[last_choice]),
+        msgspec.structs.replace(envelope, choices=[], usage=usage),
+    ]
 
 
 def test_rendered_completion_chunks_read_back_through_the_shared_chunk_shape() -> None:

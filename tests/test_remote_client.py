@@ -66,7 +66,9 @@ def client(session: aiohttp.ClientSession) -> WorkerClient:
 
 
 def idle_connections(session: aiohttp.ClientSession) -> int:
-    return sum(len(conns) for conns in session.connector._conns.values())  # type: ignore[union-attr]
+    connector = session.connector
+    assert connector is not None
+    return sum(len(conns) for conns in connector._conns.values())
 
 
 def chat(
@@ -92,7 +94,9 @@ def chat(
 
 
 def completion(*, stream: bool = True, prompt: str | list[str] = "one two three") -> EngineRequest:
-    params = CompletionRequest(model=SERVED, prompt=prompt, stream=stream)
+    # A copy typed as the wire's list (list is invariant, so a list[str] is not one).
+    wire: str | list[str | int | list[int]] = prompt if isinstance(prompt, str) else list(prompt)
+    params = CompletionRequest(model=SERVED, prompt=wire, stream=stream)
     first = prompt if isinstance(prompt, str) else prompt[0]
     return EngineRequest(uuid.uuid4().hex, SERVED, "completions", params, prompt=first)
 

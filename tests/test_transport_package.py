@@ -24,18 +24,18 @@ def imports_of(package: str) -> set[str]:
     return {name for name in found if name.startswith("dynamo_llm.")}
 
 
-def test_transport_imports_neither_the_router_nor_the_http_layer():
+def test_transport_imports_neither_the_router_nor_the_http_layer() -> None:
     imported = imports_of("transport")
     assert "dynamo_llm.engines.base" in imported  # the sanity of the walk itself
     above = ("dynamo_llm.router", "dynamo_llm.http", "dynamo_llm.cli", "dynamo_llm.fleet")
     assert not [name for name in imported if name.startswith(above)]
 
 
-def test_engines_do_not_import_the_transport():
+def test_engines_do_not_import_the_transport() -> None:
     assert not [name for name in imports_of("engines") if name.startswith("dynamo_llm.transport")]
 
 
-def test_the_protocols_that_hold_the_stream_chunk_shape_stay_a_leaf():
+def test_the_protocols_that_hold_the_stream_chunk_shape_stay_a_leaf() -> None:
     imported = imports_of("protocols")
     assert "dynamo_llm.protocols.common" in imported
     assert not [
@@ -45,7 +45,7 @@ def test_the_protocols_that_hold_the_stream_chunk_shape_stay_a_leaf():
     ]
 
 
-def test_transport_exports_its_public_names():
+def test_transport_exports_its_public_names() -> None:
     assert sorted(dynamo_llm.transport.__all__) == [
         "RemoteStream",
         "WorkerClient",

@@ -26,11 +26,10 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from ..router.workers import Worker, WorkerSet
+from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 
@@ -191,15 +190,3 @@ class StaticDiscovery:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def describe_worker(worker: Worker) -> dict[str, Any]:
-    """A worker's state for ``/health``."""
-    return {
-        "id": worker.id,
-        "url": worker.url,
-        "state": str(worker.state),
-        "inflight": worker.inflight,
-        "failures": worker.failures,
-        "ours": worker.is_ours,
-    }
