@@ -17,13 +17,6 @@ import pytest
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
 from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
-from dynamo_llm.engines.remote import (
-    RemoteStream,
-    WorkerClient,
-    error_from_worker,
-    make_session,
-    upstream_body,
-)
 from dynamo_llm.errors import (
     AllWorkersBusy,
     Cancelled,
@@ -43,6 +36,13 @@ from dynamo_llm.protocols.common import StreamOptions
 from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime.context import EngineContext
 from dynamo_llm.testing.bad_workers import spawn_bad_worker
+from dynamo_llm.transport import (
+    RemoteStream,
+    WorkerClient,
+    error_from_worker,
+    make_session,
+    upstream_body,
+)
 
 SERVED = "served-model"
 SAFETY_NET = 10.0

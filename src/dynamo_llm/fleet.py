@@ -18,11 +18,11 @@ import aiohttp
 
 from .config import Config
 from .discovery.static import StaticDiscovery
-from .engines.remote import WorkerClient, make_session
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
 from .router import AttemptLimits, KvIndex, Router, RouterMode, RoutingPolicy, Worker, WorkerSet
 from .runtime.clock import Clock
+from .transport import WorkerClient, make_session
 
 log = logging.getLogger("dynamo_llm.fleet")
 

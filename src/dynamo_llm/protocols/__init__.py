@@ -26,18 +26,22 @@ from .completions import (
     decode_completion_request,
     prompts,
 )
+from .stream import ChunkChoice, ChunkDelta, StreamChunk
 
 __all__ = [
     "ChatChoice",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
     "ChatMessage",
+    "ChunkChoice",
+    "ChunkDelta",
     "CompletionChoice",
     "CompletionRequest",
     "CompletionResponse",
     "ContentPart",
     "PromptTokensDetails",
     "ResponseMessage",
+    "StreamChunk",
     "StreamOptions",
     "UsageInfo",
     "content_text",

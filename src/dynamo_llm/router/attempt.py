@@ -4,7 +4,7 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
 :class:`Attempt` does the rest for that one worker:
 
 1. it opens the request on the worker through the
-   :class:`~dynamo_llm.engines.remote.WorkerClient` under an *attempt context*, a child of the
+   :class:`~dynamo_llm.transport.WorkerClient` under an *attempt context*, a child of the
    request's context, so a hang-up, a timeout or a shutdown reaches the worker as a closed
    connection (or a graceful stop, for our own workers), while the attempt's own limits end only
    the attempt;
@@ -39,7 +39,7 @@ from .membership import Worker, WorkerSet
 from .slot import InflightSlot
 
 if TYPE_CHECKING:
-    from ..engines.remote import WorkerClient
+    from ..transport import WorkerClient
 
 __all__ = ["Attempt", "AttemptLimits"]
 

@@ -46,7 +46,7 @@ from .policies import RoutingPolicy
 from .slot import InflightSlot
 
 if TYPE_CHECKING:
-    from ..engines.remote import WorkerClient
+    from ..transport import WorkerClient
 
 log = logging.getLogger("dynamo_llm.router")
 
