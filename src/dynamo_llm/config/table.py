@@ -201,6 +201,16 @@ class Config:
         "server interface: rsgi (granian, fastest) or asgi (uvicorn)",
         group=HTTP,
     )
+    http2: bool = option(
+        False,
+        "--http2",
+        "DYN_HTTP2",
+        BOOL,
+        "also speak HTTP/2 cleartext (h2c, prior knowledge or upgrade) under --http-interface "
+        "rsgi; off by default: one HTTP/2 connection can hold many streams at once, so only turn "
+        "it on behind a proxy that needs it",
+        group=HTTP,
+    )
     body_limit_mb: int = option(
         45,
         "--body-limit-mb",

@@ -4,7 +4,8 @@ A :class:`Route` is methods, a path pattern and a handler. A pattern is a litera
 literal prefix and suffix around one ``{name}`` placeholder, which matches anything between them
 (slashes too: a request id or a model name may contain them). :class:`RouteTable` dispatches:
 the first route whose pattern matches the path answers; if its methods do not include the
-request's, the answer is 405. A path no route matches is 404. Both errors are written here and
+request's, the answer is 405 with an ``Allow`` header. A path no route matches is 404. Both
+quote the path clipped to a bounded length. Both errors are written here and
 nowhere else. A route may be switched off (``enabled``): it is then as if it were not in the
 table.
 """
@@ -14,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from ..errors import MethodNotAllowed, NotFound
+from ..errors import MethodNotAllowed, NotFound, clip
 from .connection import Connection, HttpRequest
-from .responses import respond_error
+from .responses import JSON_HEADERS, respond_error
 
 __all__ = ["GET", "POST", "Handler", "Route", "RouteTable"]
 
@@ -83,11 +84,17 @@ class RouteTable:
         found = self._find(path)
         if found is None:
             await respond_error(
-                conn, NotFound(f"No route for {method} {path}", code="route_not_found")
+                conn,
+                NotFound(f"No route for {clip(method, 16)} {clip(path)}", code="route_not_found"),
             )
             return
         route, args = found
         if method not in route.methods:
-            await respond_error(conn, MethodNotAllowed(f"Method {method} not allowed on {path}"))
+            allow = ", ".join(sorted(route.methods))
+            await respond_error(
+                conn,
+                MethodNotAllowed(f"Method {clip(method, 16)} not allowed on {clip(path)}"),
+                [*JSON_HEADERS, ("allow", allow)],
+            )
             return
         await route.handler(request, conn, args)
