@@ -12,10 +12,11 @@ table.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from ..errors import MethodNotAllowed, NotFound, clip
+from ..errors import AuthenticationFailed, MethodNotAllowed, NotFound, clip
 from .connection import Connection, HttpRequest
 from .responses import JSON_HEADERS, respond_error
 
@@ -52,12 +53,26 @@ class Route:
         return {name: path[len(head) : len(path) - len(tail)]}
 
 
+PROTECTED_PREFIX = "/v1/"
+"""With API keys configured, every path under this prefix needs one (as vLLM does); the
+operational routes (``/health``, ``/live``, ``/metrics``, ``/openapi.json``, ``/docs``) stay
+open so probes and scrapers need no credential."""
+
+_UNAUTHORIZED_HEADERS = [*JSON_HEADERS, ("www-authenticate", "Bearer")]
+
+
 class RouteTable:
-    """Dispatches a request to the first route matching its path (literal paths first)."""
+    """Dispatches a request to the first route matching its path (literal paths first).
 
-    __slots__ = ("_exact", "_patterns")
+    With ``api_keys``, a request under :data:`PROTECTED_PREFIX` must carry
+    ``Authorization: Bearer <one of them>``, checked before the path is matched (so a stranger
+    learns nothing about the routes) and in constant time per key.
+    """
 
-    def __init__(self, routes: Iterable[Route]) -> None:
+    __slots__ = ("_exact", "_keys", "_patterns")
+
+    def __init__(self, routes: Iterable[Route], api_keys: Iterable[str] = ()) -> None:
+        self._keys = tuple(key.encode() for key in api_keys if key)
         self._exact: dict[str, Route] = {}
         self._patterns: list[Route] = []
         for route in routes:
@@ -78,9 +93,25 @@ class RouteTable:
                 return route, args
         return None
 
+    def _is_authorised(self, request: HttpRequest) -> bool:
+        scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        presented = token.strip().encode()
+        # Every key is compared, so the time taken does not say which one nearly matched.
+        matches = [hmac.compare_digest(presented, key) for key in self._keys]
+        return any(matches)
+
     async def dispatch(self, request: HttpRequest, conn: Connection) -> None:
         path = request.path
         method = request.method
+        if self._keys and path.startswith(PROTECTED_PREFIX) and not self._is_authorised(request):
+            await respond_error(
+                conn,
+                AuthenticationFailed("Invalid or missing API key (Authorization: Bearer <key>)"),
+                _UNAUTHORIZED_HEADERS,
+            )
+            return
         found = self._find(path)
         if found is None:
             await respond_error(
