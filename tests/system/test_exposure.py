@@ -109,3 +109,50 @@ async def test_shutdown_refuses_new_work_and_turns_health_503_while_in_flight_re
     assert not net.expired()
     assert fe.value("requests_total", error_type="unavailable") == 1
     assert fe.value("requests_total") == 2
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on one connection and read until the server closes it (or goes quiet)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass  # still open: whatever it answered is in ``received``
+        return received
+
+
+_SMUGGLED = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+_TE_BODY = b"0\r\n\r\n" + _SMUGGLED
+CL_TE = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: " + str(len(_TE_BODY)).encode() + b"\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n" + _TE_BODY
+)
+
+
+@pytest.mark.parametrize("interface", ["rsgi", "asgi"])
+async def test_a_request_with_both_content_length_and_transfer_encoding_smuggles_nothing(
+    interface: str,
+) -> None:
+    async with running_frontend(FakeEngine(), interface=interface) as fe:
+        answer = await asyncio.to_thread(_exchange, fe.server.port, CL_TE)
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # one answer, to one request
+    assert answer.startswith(b"HTTP/1.1 4"), answer
+    assert b'"object":"list"' not in answer  # the smuggled GET /v1/models was not served
+    assert fe.value("requests_total", status="success") == 0
+
+
+@pytest.mark.parametrize("interface", ["rsgi", "asgi"])
+async def test_an_oversized_declared_body_gets_413_before_100_continue(interface: str) -> None:
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    async with running_frontend(FakeEngine(), interface=interface) as fe:
+        answer = await asyncio.to_thread(_exchange, fe.server.port, request)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b"100 Continue" not in answer
+    assert b"request_too_large" in answer
