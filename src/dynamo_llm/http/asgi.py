@@ -10,7 +10,8 @@ request with both ``Content-Length`` and ``Transfer-Encoding`` (the shape of req
 is refused with 400 and the connection closed, never processed by one of the two; a declared
 length over the body limit gets 413 before any of the body is read, so a client that sent
 ``Expect: 100-continue`` is not invited to send it. Either answer closes the connection, since
-an unread body would otherwise be taken for the next request.
+an unread body would otherwise be taken for the next request. (A chunked body that grows past
+the limit is answered 413 as it arrives; the server discards the rest.)
 """
 
 from __future__ import annotations
@@ -94,7 +95,6 @@ class AsgiConnection(DisconnectSignal):
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                self._close = True
                 raise RequestTooLarge(f"Request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
