@@ -63,6 +63,7 @@ class AppState:
         self.models = {m.name: m for m in served}
         self._idle.set()
         for model in served:
+            self.metrics.declare_model(model.name)
             self.metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
 
     # --- models -------------------------------------------------------------------------------
@@ -70,6 +71,7 @@ class AppState:
     def add_model(self, model: ServedModel) -> None:
         """Serve another model (or replace one with the same name), e.g. found by discovery."""
         self.models[model.name] = model
+        self.metrics.declare_model(model.name)
         self.metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
 
     def remove_model(self, name: str) -> None:
