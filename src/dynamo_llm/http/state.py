@@ -41,6 +41,10 @@ class ServedModel:
     engine_enforces_first_token: bool = False
 
 
+def _nothing() -> Sequence[str]:
+    return ()
+
+
 @dataclass(eq=False, repr=False)
 class AppState:
     """The configuration, metrics, clock, served models and requests in flight."""
@@ -56,6 +60,10 @@ class AppState:
     """The models served now, by name."""
     shutting_down: bool = field(default=False, init=False)
     """A graceful shutdown has begun: ``/live`` answers 503."""
+    waiting_for: Callable[[], Sequence[str]] = field(default_factory=lambda: _nothing, init=False)
+    """What the app still waits for before it can serve everything it was configured with
+    (e.g. workers that have not answered yet, set by whoever owns them): ``/health`` reports
+    it, and says ``loading`` while nothing is ready."""
     _live: dict[EngineContext, None] = field(default_factory=dict, init=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
