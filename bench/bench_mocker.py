@@ -42,7 +42,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 import _common
-from dynamo_llm.engines.base import EngineRequest
+from dynamo_llm.engines.endpoints import CHAT
 from dynamo_llm.engines.mocker import MockerConfig, MockerEngine, decode_ms
 from dynamo_llm.protocols.chat import decode_chat_request
 from dynamo_llm.runtime.context import EngineContext
@@ -253,9 +253,7 @@ async def engine_alone(args: argparse.Namespace) -> dict[str, float]:
         for k in range(args.engine_requests):
             params = decode_chat_request(chat_body(args, cid, k))
             rid = f"c{cid}r{k}"
-            request = EngineRequest(
-                rid, MODEL, "chat_completions", params, max_tokens=args.max_tokens
-            )
+            request = CHAT.request(params, id=rid, model=MODEL, max_tokens=args.max_tokens)
             async for out in await engine.generate(request, EngineContext(rid)):
                 tokens += out.num_tokens
         return tokens

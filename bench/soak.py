@@ -120,7 +120,7 @@ def unary_text(answer: dict[str, Any]) -> str:
 
 def stream_text(body: bytes) -> tuple[str, bool]:
     """The text of an SSE body, and whether it ended with ``[DONE]`` and no error."""
-    out = []
+    out: list[str] = []
     done = False
     for event in body.split(b"\n\n"):
         if event.startswith(b"event: error"):

@@ -23,7 +23,7 @@ from dynamo_llm.config import Config
 from dynamo_llm.fleet import Fleet, build_routed_app
 from dynamo_llm.http.app import App
 from dynamo_llm.http.server import HttpServer
-from dynamo_llm.router.workers import Worker
+from dynamo_llm.router import Worker, WorkerSet
 from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.testing import Frontend
 from dynamo_llm.testing.bad_workers import BadWorker, spawn_bad_worker
@@ -33,6 +33,13 @@ SAFETY_NET = 20.0
 HOLD = 30.0
 # Short router limits (seconds) so the fault tests end fast; the HTTP layer's net is twice that.
 LIMITS = {"DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS": "1", "DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS": "1"}
+
+
+def registered(workers: WorkerSet, url: str) -> Worker:
+    """The worker ``url`` of ``workers``; fails the test if it is not registered."""
+    worker = workers.get(url)
+    assert worker is not None, f"{url} is not registered"
+    return worker
 
 
 # --- the frontend --------------------------------------------------------------------------------
@@ -49,9 +56,7 @@ class RoutedFrontend(Frontend):
         fleet.workers.on_change(lambda _models: self._changed.set())
 
     def worker(self, url: str) -> Worker:
-        worker = self.fleet.workers.get(url)
-        assert worker is not None, f"{url} is not registered"
-        return worker
+        return registered(self.fleet.workers, url)
 
     async def until(self, predicate: Callable[[], bool]) -> None:
         """Return once ``predicate()`` holds, re-checking whenever the worker set changes."""

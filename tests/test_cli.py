@@ -91,6 +91,7 @@ def test_help_lists_every_flag_with_its_environment_variable(
 
 ROUTER_FLAGS = {
     "--upstream",
+    "--upstream-api-key",
     "--upstream-file",
     "--router-mode",
     "--max-inflight-per-worker",
@@ -104,7 +105,8 @@ ROUTER_FLAGS = {
 def test_serve_and_worker_take_the_same_flags_but_only_serve_routes() -> None:
     parser = build_parser(Config())
     subparsers = next(a for a in parser._actions if a.dest == "command")
-    choices = subparsers.choices  # type: ignore[attr-defined]
+    choices = subparsers.choices
+    assert isinstance(choices, dict)  # a subparsers action's choices: name -> parser
     serve = {s for a in choices["serve"]._actions for s in a.option_strings}
     worker = {s for a in choices["worker"]._actions for s in a.option_strings}
     assert serve - ROUTER_FLAGS == worker

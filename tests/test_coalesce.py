@@ -1,6 +1,7 @@
 """next_or_flush: a burst is written once; nothing is held back while the source waits."""
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -10,12 +11,12 @@ from dynamo_llm.runtime.coalesce import next_or_flush
 class Source:
     """Yields items; before item i it waits on gate[i] when one is set."""
 
-    def __init__(self, items, gates=None):
+    def __init__(self, items: list[int], gates: dict[int, asyncio.Event] | None = None) -> None:
         self.items = items
         self.gates = gates or {}
         self.closed = False
 
-    async def gen(self):
+    async def gen(self) -> AsyncGenerator[int, None]:
         try:
             for i, item in enumerate(self.items):
                 gate = self.gates.get(i)
@@ -26,11 +27,11 @@ class Source:
             self.closed = True
 
 
-async def drain(source, log):
+async def drain(source: Source, log: list[tuple[str, list[int]]]) -> list[int]:
     gen = source.gen()
-    out = []
+    out: list[int] = []
 
-    async def flush():
+    async def flush() -> None:
         log.append(("flush", list(out)))
 
     while True:
@@ -40,16 +41,16 @@ async def drain(source, log):
             return out
 
 
-async def test_items_ready_at_once_are_returned_without_flushing():
-    log = []
+async def test_items_ready_at_once_are_returned_without_flushing() -> None:
+    log: list[tuple[str, list[int]]] = []
     items = await drain(Source([1, 2, 3]), log)
     assert items == [1, 2, 3]
     assert log == []
 
 
-async def test_flush_happens_before_the_source_waits():
+async def test_flush_happens_before_the_source_waits() -> None:
     gate = asyncio.Event()
-    log = []
+    log: list[tuple[str, list[int]]] = []
     task = asyncio.create_task(drain(Source([1, 2, 3], {2: gate}), log))
     for _ in range(5):
         await asyncio.sleep(0)
@@ -59,7 +60,7 @@ async def test_flush_happens_before_the_source_waits():
         assert await task == [1, 2, 3]
 
 
-async def test_cancellation_while_waiting_reaches_the_source():
+async def test_cancellation_while_waiting_reaches_the_source() -> None:
     gate = asyncio.Event()
     source = Source([1, 2], {1: gate})
     task = asyncio.create_task(drain(source, []))
@@ -71,18 +72,18 @@ async def test_cancellation_while_waiting_reaches_the_source():
     assert source.closed
 
 
-async def test_source_errors_propagate_after_a_wait():
+async def test_source_errors_propagate_after_a_wait() -> None:
     gate = asyncio.Event()
 
-    async def failing():
+    async def failing() -> AsyncGenerator[int, None]:
         yield 1
         await gate.wait()
         raise ValueError("boom")
 
     gen = failing()
-    flushed = []
+    flushed: list[bool] = []
 
-    async def flush():
+    async def flush() -> None:
         flushed.append(True)
 
     assert await next_or_flush(gen.__anext__, flush) == 1
@@ -94,12 +95,12 @@ async def test_source_errors_propagate_after_a_wait():
     assert flushed == [True]
 
 
-async def test_a_failing_flush_closes_the_started_wait_and_propagates():
+async def test_a_failing_flush_closes_the_started_wait_and_propagates() -> None:
     gate = asyncio.Event()
     source = Source([1, 2], {0: gate})
     gen = source.gen()
 
-    async def flush():
+    async def flush() -> None:
         raise ConnectionResetError("client gone")
 
     with pytest.raises(ConnectionResetError):
@@ -108,12 +109,12 @@ async def test_a_failing_flush_closes_the_started_wait_and_propagates():
     assert source.closed
 
 
-async def test_a_failing_flush_unwinds_a_source_whose_cleanup_awaits():
+async def test_a_failing_flush_unwinds_a_source_whose_cleanup_awaits() -> None:
     gate = asyncio.Event()
     cleaned = asyncio.Event()
-    steps = []
+    steps: list[str] = []
 
-    async def source():
+    async def source() -> AsyncGenerator[int, None]:
         try:
             await gate.wait()
             yield 1
@@ -125,7 +126,7 @@ async def test_a_failing_flush_unwinds_a_source_whose_cleanup_awaits():
 
     gen = source()
 
-    async def flush():
+    async def flush() -> None:
         raise ConnectionResetError("client gone")
 
     with pytest.raises(ConnectionResetError):

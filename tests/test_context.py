@@ -5,7 +5,7 @@ import pytest
 from dynamo_llm.runtime import ContextState, EngineContext, StopReason
 
 
-def test_new_context_is_live_with_given_id():
+def test_new_context_is_live_with_given_id() -> None:
     ctx = EngineContext("req-1")
     assert ctx.id == "req-1"
     assert ctx.state is ContextState.LIVE
@@ -14,13 +14,13 @@ def test_new_context_is_live_with_given_id():
     assert ctx.reason is None
 
 
-def test_context_without_id_gets_a_uuid():
+def test_context_without_id_gets_a_uuid() -> None:
     import uuid
 
     uuid.UUID(EngineContext().id)
 
 
-def test_stop_sets_stopped_but_not_killed():
+def test_stop_sets_stopped_but_not_killed() -> None:
     ctx = EngineContext()
     ctx.stop_generating(StopReason.DEADLINE)
     assert ctx.is_stopped
@@ -28,13 +28,13 @@ def test_stop_sets_stopped_but_not_killed():
     assert ctx.reason is StopReason.DEADLINE
 
 
-def test_kill_is_also_stopped():
+def test_kill_is_also_stopped() -> None:
     ctx = EngineContext()
     ctx.kill(StopReason.CLIENT_DISCONNECT)
     assert ctx.is_stopped and ctx.is_killed
 
 
-def test_stop_after_kill_does_not_unkill():
+def test_stop_after_kill_does_not_unkill() -> None:
     ctx = EngineContext()
     ctx.kill(StopReason.CLIENT_DISCONNECT)
     ctx.stop(StopReason.EXPLICIT)
@@ -42,7 +42,7 @@ def test_stop_after_kill_does_not_unkill():
     assert ctx.state is ContextState.KILLED
 
 
-def test_first_control_records_the_reason():
+def test_first_control_records_the_reason() -> None:
     ctx = EngineContext()
     ctx.stop(StopReason.SHUTDOWN)
     ctx.kill(StopReason.CLIENT_DISCONNECT)
@@ -50,7 +50,7 @@ def test_first_control_records_the_reason():
     assert ctx.reason is StopReason.SHUTDOWN
 
 
-def test_controls_are_idempotent_and_callbacks_see_each_forward_move_once():
+def test_controls_are_idempotent_and_callbacks_see_each_forward_move_once() -> None:
     ctx = EngineContext()
     seen = []
     ctx.on_stop(lambda c: seen.append(c.state))
@@ -61,7 +61,7 @@ def test_controls_are_idempotent_and_callbacks_see_each_forward_move_once():
     assert seen == [ContextState.STOPPED, ContextState.KILLED]
 
 
-def test_controls_reach_children_in_link_order_before_the_parent():
+def test_controls_reach_children_in_link_order_before_the_parent() -> None:
     parent = EngineContext("p")
     order = []
     children = [EngineContext(f"c{i}") for i in range(3)]
@@ -74,7 +74,7 @@ def test_controls_reach_children_in_link_order_before_the_parent():
     assert all(c.is_killed and c.reason is StopReason.DEADLINE for c in children)
 
 
-def test_stop_propagates_as_stop_and_a_later_kill_upgrades_children():
+def test_stop_propagates_as_stop_and_a_later_kill_upgrades_children() -> None:
     parent, child = EngineContext(), EngineContext()
     parent.link_child(child)
     parent.stop()
@@ -83,7 +83,7 @@ def test_stop_propagates_as_stop_and_a_later_kill_upgrades_children():
     assert child.is_killed
 
 
-def test_linking_to_a_killed_parent_kills_the_child_at_once():
+def test_linking_to_a_killed_parent_kills_the_child_at_once() -> None:
     parent = EngineContext()
     parent.kill(StopReason.CLIENT_DISCONNECT)
     child = EngineContext()
@@ -92,7 +92,7 @@ def test_linking_to_a_killed_parent_kills_the_child_at_once():
     assert child.reason is StopReason.CLIENT_DISCONNECT
 
 
-def test_linking_to_a_stopped_parent_stops_the_child_at_once():
+def test_linking_to_a_stopped_parent_stops_the_child_at_once() -> None:
     parent = EngineContext()
     parent.stop(StopReason.SHUTDOWN)
     child = EngineContext()
@@ -100,7 +100,7 @@ def test_linking_to_a_stopped_parent_stops_the_child_at_once():
     assert child.is_stopped and not child.is_killed
 
 
-def test_unlinked_child_no_longer_follows():
+def test_unlinked_child_no_longer_follows() -> None:
     parent, child = EngineContext(), EngineContext()
     parent.link_child(child)
     parent.unlink_child(child)
@@ -108,7 +108,7 @@ def test_unlinked_child_no_longer_follows():
     assert not child.is_stopped
 
 
-def test_on_stop_fires_at_once_when_already_stopped_and_can_be_removed():
+def test_on_stop_fires_at_once_when_already_stopped_and_can_be_removed() -> None:
     ctx = EngineContext()
     ctx.stop()
     seen = []
@@ -121,7 +121,7 @@ def test_on_stop_fires_at_once_when_already_stopped_and_can_be_removed():
     assert seen == [1]
 
 
-async def test_stopped_waiter_wakes_on_stop_and_killed_waiter_only_on_kill():
+async def test_stopped_waiter_wakes_on_stop_and_killed_waiter_only_on_kill() -> None:
     ctx = EngineContext()
     stopped = asyncio.create_task(ctx.stopped())
     killed = asyncio.create_task(ctx.killed())
@@ -135,7 +135,7 @@ async def test_stopped_waiter_wakes_on_stop_and_killed_waiter_only_on_kill():
         await killed
 
 
-async def test_waiters_return_at_once_when_already_in_that_state():
+async def test_waiters_return_at_once_when_already_in_that_state() -> None:
     ctx = EngineContext()
     ctx.kill()
     async with asyncio.timeout(1):
@@ -144,7 +144,7 @@ async def test_waiters_return_at_once_when_already_in_that_state():
 
 
 @pytest.mark.parametrize("control", ["stop", "stop_generating", "kill"])
-def test_every_control_accepts_every_reason(control):
+def test_every_control_accepts_every_reason(control: str) -> None:
     for reason in StopReason:
         ctx = EngineContext()
         getattr(ctx, control)(reason)

@@ -20,7 +20,7 @@ KILL_WITHIN = 0.050
 pytestmark = pytest.mark.parametrize("interface", ["rsgi", "asgi"])
 
 
-def raw_request(path: str, payload: dict) -> bytes:
+def raw_request(path: str, payload: dict[str, object]) -> bytes:
     body = msgspec.json.encode(payload)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -60,10 +60,12 @@ CASES = {
 
 @pytest.mark.parametrize("how", ["rst", "fin"])
 @pytest.mark.parametrize("case", list(CASES))
-async def test_client_hang_up_kills_the_engine_context_at_once(interface, case, how):
+async def test_client_hang_up_kills_the_engine_context_at_once(
+    interface: str, case: str, how: str
+) -> None:
     path, stream, hang_after, request_type = CASES[case]
     endpoint = "chat_completions" if "chat" in path else "completions"
-    payload = {"model": MODEL, "stream": stream}
+    payload: dict[str, object] = {"model": MODEL, "stream": stream}
     if endpoint == "chat_completions":
         payload["messages"] = [{"role": "user", "content": "hi"}]
     else:
@@ -103,7 +105,7 @@ async def test_client_hang_up_kills_the_engine_context_at_once(interface, case, 
         assert fe.value("queued_requests") == 0
 
 
-async def test_frontend_serves_normally_after_many_hang_ups(interface):
+async def test_frontend_serves_normally_after_many_hang_ups(interface: str) -> None:
     engine = FakeEngine(tokens=["a", "b"], hang_after=1)
     async with running_frontend(engine, model=MODEL, interface=interface) as fe:
         async with asyncio.timeout(20):

@@ -304,7 +304,7 @@ async def check_rejected(
 ) -> None:
     raw = json.dumps(body).encode()
     # A body that names a served model is labelled with it; anything else is unknown_model.
-    model = body.get("model") if body.get("model") in fe.app.models else "unknown_model"
+    model = str(body["model"]) if body.get("model") in fe.app.models else "unknown_model"
     endpoint = "chat_completions" if path == CHAT else "completions"
     labels = {"model": model, "endpoint": endpoint, "status": "error"}
     error_type = "not_implemented" if status == 501 else "validation"

@@ -3,6 +3,7 @@ shutdown, without sockets (FakeConnection) and with a fake clock."""
 
 import asyncio
 import json
+from typing import Any
 
 import msgspec
 import pytest
@@ -17,7 +18,7 @@ from dynamo_llm.testing import FakeConnection, FakeEngine, make_request
 MODEL = "m"
 
 
-def chat_body(stream: bool = True, **extra) -> bytes:
+def chat_body(stream: bool = True, **extra: Any) -> bytes:
     return msgspec.json.encode(
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
     )
@@ -32,7 +33,7 @@ class Harness:
 
     def start(
         self, body: bytes, path: str = "/v1/chat/completions"
-    ) -> tuple[FakeConnection, asyncio.Task]:
+    ) -> tuple[FakeConnection, asyncio.Task[None]]:
         conn = FakeConnection(body)
         task = asyncio.create_task(self.app.handle(make_request(path), conn))
         return conn, task
@@ -57,19 +58,26 @@ class Harness:
         )
 
     def total_requests(self) -> float:
-        return sum(c.value for c in self.metrics.requests_total.children.values())
+        total: float = sum(c.value for c in self.metrics.requests_total.children.values())
+        return total
 
 
-def harness(engine_kwargs=None, **env) -> Harness:
+def harness(engine_kwargs: dict[str, Any] | None = None, **env: float) -> Harness:
     clock = FakeClock()
     engine = FakeEngine(clock=clock, **(engine_kwargs or {}))
     config = Config.from_env({k: str(v) for k, v in env.items()})
     return Harness(engine, clock, config)
 
 
-async def finish(task: asyncio.Task) -> None:
+async def finish(task: asyncio.Task[None]) -> None:
     async with asyncio.timeout(5):
         await task
+
+
+def response_json(conn: FakeConnection) -> Any:
+    """The unary response's body, parsed; fails the test if none was written."""
+    assert conn.response_body is not None, "no unary response"
+    return json.loads(conn.response_body)
 
 
 def events(conn: FakeConnection) -> list[str]:
@@ -77,7 +85,7 @@ def events(conn: FakeConnection) -> list[str]:
     return [e + "\n\n" for e in conn.text.split("\n\n") if e]
 
 
-async def test_stream_that_ends_sends_done_and_counts_success():
+async def test_stream_that_ends_sends_done_and_counts_success() -> None:
     h = harness()
     conn, task = h.start(chat_body())
     await finish(task)
@@ -91,7 +99,7 @@ async def test_stream_that_ends_sends_done_and_counts_success():
     assert h.gauges_are_zero()
 
 
-async def test_backend_error_mid_stream_sends_error_frame_and_is_not_a_disconnect():
+async def test_backend_error_mid_stream_sends_error_frame_and_is_not_a_disconnect() -> None:
     h = harness({"fail_after": 2, "error": EngineError("backend exploded")})
     conn, task = h.start(chat_body())
     await finish(task)
@@ -108,7 +116,7 @@ async def test_backend_error_mid_stream_sends_error_frame_and_is_not_a_disconnec
     assert h.gauges_are_zero()
 
 
-async def test_unexpected_exception_in_engine_is_sanitised():
+async def test_unexpected_exception_in_engine_is_sanitised() -> None:
     h = harness({"fail_after": 1, "error": ValueError("secret <object at 0xdeadbeef>")})
     conn, task = h.start(chat_body())
     await finish(task)
@@ -117,18 +125,20 @@ async def test_unexpected_exception_in_engine_is_sanitised():
     assert h.requests_total("error", "internal") == 1
 
 
-async def test_engine_error_before_first_item_is_an_http_error_not_a_200():
+async def test_engine_error_before_first_item_is_an_http_error_not_a_200() -> None:
     h = harness({"fail_after": 0, "error": EngineError("no capacity")})
     conn, task = h.start(chat_body())
     await finish(task)
     assert conn.status == 500
     assert conn.frames == []
-    assert json.loads(conn.response_body)["error"]["message"] == "no capacity"
+    assert response_json(conn)["error"]["message"] == "no capacity"
     assert h.requests_total("error", "internal") == 1
 
 
 @pytest.mark.parametrize("hang_after", [0, 2], ids=["before-first-item", "mid-stream"])
-async def test_client_hang_up_in_stream_phase_kills_engine_and_counts_once(hang_after):
+async def test_client_hang_up_in_stream_phase_kills_engine_and_counts_once(
+    hang_after: int,
+) -> None:
     h = harness({"hang_after": hang_after})
     conn, task = h.start(chat_body())
     async with asyncio.timeout(5):
@@ -148,7 +158,7 @@ async def test_client_hang_up_in_stream_phase_kills_engine_and_counts_once(hang_
     assert h.gauges_are_zero()
 
 
-async def test_client_hang_up_during_unary_request_kills_engine_and_writes_nothing():
+async def test_client_hang_up_during_unary_request_kills_engine_and_writes_nothing() -> None:
     h = harness({"hang_after": 1})
     conn, task = h.start(chat_body(stream=False))
     async with asyncio.timeout(5):
@@ -163,7 +173,7 @@ async def test_client_hang_up_during_unary_request_kills_engine_and_writes_nothi
     assert h.gauges_are_zero()
 
 
-async def test_zombie_engine_hits_the_inactivity_window_and_gets_an_error_frame():
+async def test_zombie_engine_hits_the_inactivity_window_and_gets_an_error_frame() -> None:
     # DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS=1: the HTTP layer waits 2 s.
     h = harness({"hang_after": 2, "honour_cancel": False}, DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS=1)
     conn, task = h.start(chat_body())
@@ -187,7 +197,7 @@ async def test_zombie_engine_hits_the_inactivity_window_and_gets_an_error_frame(
     assert h.gauges_are_zero()
 
 
-async def test_zombie_before_first_item_gets_a_504():
+async def test_zombie_before_first_item_gets_a_504() -> None:
     h = harness({"hang_after": 0, "honour_cancel": False}, DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS=1)
     conn, task = h.start(chat_body())
     async with asyncio.timeout(5):
@@ -196,11 +206,11 @@ async def test_zombie_before_first_item_gets_a_504():
     await h.clock.advance(2)
     await finish(task)
     assert conn.status == 504
-    assert json.loads(conn.response_body)["error"]["type"] == "timeout_error"
+    assert response_json(conn)["error"]["type"] == "timeout_error"
     assert h.requests_total("error", "response_timeout") == 1
 
 
-async def test_zombie_unary_request_gets_a_504():
+async def test_zombie_unary_request_gets_a_504() -> None:
     h = harness({"hang_after": 1, "honour_cancel": False}, DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS=1)
     conn, task = h.start(chat_body(stream=False))
     async with asyncio.timeout(5):
@@ -214,7 +224,7 @@ async def test_zombie_unary_request_gets_a_504():
     assert h.gauges_are_zero()
 
 
-async def test_slow_engine_with_gaps_shorter_than_the_window_completes():
+async def test_slow_engine_with_gaps_shorter_than_the_window_completes() -> None:
     # Window 2 x 5 = 10 s; five tokens 4 s apart: 20 s in all, never 10 s of silence.
     h = harness(
         {"gap": 4.0, "tokens": ["a", "b", "c", "d", "e"]}, DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS=5
@@ -233,7 +243,7 @@ async def test_slow_engine_with_gaps_shorter_than_the_window_completes():
     assert h.gauges_are_zero()
 
 
-async def test_first_token_timeout_gives_504_before_any_byte():
+async def test_first_token_timeout_gives_504_before_any_byte() -> None:
     h = harness({"gap": 10.0}, DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS=3)
     conn, task = h.start(chat_body())
     async with asyncio.timeout(5):
@@ -246,7 +256,7 @@ async def test_first_token_timeout_gives_504_before_any_byte():
     assert h.engine.last.killed.is_set()
 
 
-async def test_request_deadline_ends_a_live_stream_with_an_error_frame():
+async def test_request_deadline_ends_a_live_stream_with_an_error_frame() -> None:
     h = harness({"gap": 1.0, "tokens": ["t"] * 10}, DYN_HTTP_REQUEST_TIMEOUT_SECS=3)
     conn, task = h.start(chat_body())
     async with asyncio.timeout(5):
@@ -260,7 +270,7 @@ async def test_request_deadline_ends_a_live_stream_with_an_error_frame():
     assert h.requests_total("error", "response_timeout") == 1
 
 
-async def test_kill_that_happens_before_the_source_ends_is_a_cancellation():
+async def test_kill_that_happens_before_the_source_ends_is_a_cancellation() -> None:
     h = harness({"hang_after": 1})
     conn, task = h.start(chat_body())
     async with asyncio.timeout(5):
@@ -276,7 +286,7 @@ async def test_kill_that_happens_before_the_source_ends_is_a_cancellation():
     assert (h.disconnects(), h.cancellations()) == (0, 0)
 
 
-async def test_shutdown_waits_for_grace_then_kills_with_reason_shutdown():
+async def test_shutdown_waits_for_grace_then_kills_with_reason_shutdown() -> None:
     h = harness({"hang_after": 1}, DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS=5)
     conn, task = h.start(chat_body())
     async with asyncio.timeout(5):
@@ -296,7 +306,7 @@ async def test_shutdown_waits_for_grace_then_kills_with_reason_shutdown():
     assert h.gauges_are_zero()
 
 
-async def test_shutdown_returns_at_once_when_idle_and_lets_finishing_requests_finish():
+async def test_shutdown_returns_at_once_when_idle_and_lets_finishing_requests_finish() -> None:
     h = harness({"gap": 1.0})
     conn, task = h.start(chat_body())
     async with asyncio.timeout(5):
@@ -312,7 +322,7 @@ async def test_shutdown_returns_at_once_when_idle_and_lets_finishing_requests_fi
     assert h.requests_total("success", "") == 1
 
 
-async def test_batch_completion_hang_up_kills_every_sub_request():
+async def test_batch_completion_hang_up_kills_every_sub_request() -> None:
     h = harness({"hang_after": 1})
     body = msgspec.json.encode({"model": MODEL, "prompt": ["a", "b", "c"], "stream": True})
     conn, task = h.start(body, "/v1/completions")
@@ -334,7 +344,7 @@ async def test_batch_completion_hang_up_kills_every_sub_request():
     assert h.gauges_are_zero()
 
 
-async def test_include_usage_adds_a_usage_chunk_before_done():
+async def test_include_usage_adds_a_usage_chunk_before_done() -> None:
     h = harness()
     conn, task = h.start(chat_body(stream_options={"include_usage": True}))
     await finish(task)
@@ -344,7 +354,7 @@ async def test_include_usage_adds_a_usage_chunk_before_done():
     assert usage_chunk["usage"]["prompt_tokens"] == 3
 
 
-async def test_worker_stop_route_stops_the_request_gracefully():
+async def test_worker_stop_route_stops_the_request_gracefully() -> None:
     h = harness({"hang_after": 1})
     h.app.control_routes = True
     _, task = h.start(chat_body(), path="/v1/chat/completions")
@@ -355,7 +365,7 @@ async def test_worker_stop_route_stops_the_request_gracefully():
     request_id = h.engine.last.ctx.id
     await h.app.handle(make_request(f"/v1/requests/{request_id}/stop"), control)
     assert control.status == 200
-    assert json.loads(control.response_body) == {"id": request_id, "stopped": 1}
+    assert response_json(control) == {"id": request_id, "stopped": 1}
     await finish(task)
     call = h.engine.last
     assert call.stopped.is_set() and not call.killed.is_set()
@@ -365,15 +375,15 @@ async def test_worker_stop_route_stops_the_request_gracefully():
     assert missing.status == 404
 
 
-async def test_stop_route_is_off_unless_enabled():
+async def test_stop_route_is_off_unless_enabled() -> None:
     h = harness()
     conn = FakeConnection(b"")
     await h.app.handle(make_request("/v1/requests/x/stop"), conn)
     assert conn.status == 404
-    assert json.loads(conn.response_body)["error"]["code"] == "route_not_found"
+    assert response_json(conn)["error"]["code"] == "route_not_found"
 
 
-async def test_a_burst_is_written_once_and_nothing_waits_behind_a_slow_engine():
+async def test_a_burst_is_written_once_and_nothing_waits_behind_a_slow_engine() -> None:
     # Four tokens ready at once, then the engine waits before the fifth.
     h = harness({"tokens": ["a", "b", "c", "d", "e"], "gaps": [0, 0, 0, 0, 5.0]})
     conn, task = h.start(chat_body())

@@ -8,7 +8,8 @@ SIGKILLed mid-stream.
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,8 @@ import msgspec
 import pytest
 
 from dynamo_llm.cli import parse_config
-from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
+from dynamo_llm.engines.base import EngineOutput, EngineRequest, OwnedStream, Usage
+from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
 from dynamo_llm.errors import (
     Cancelled,
     InvalidRequest,
@@ -26,14 +28,21 @@ from dynamo_llm.errors import (
     WorkerUnreachable,
 )
 from dynamo_llm.metrics import Metrics
-from dynamo_llm.protocols.chat import decode_chat_request
+from dynamo_llm.protocols.chat import ChatCompletionRequest, decode_chat_request
 from dynamo_llm.protocols.completions import CompletionRequest, decode_completion_request
+from dynamo_llm.router import Worker, WorkerSet
 from dynamo_llm.router.engine import Router
 from dynamo_llm.router.policies import RouterMode, RoutingPolicy
-from dynamo_llm.router.workers import Worker, WorkerSet
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
 from dynamo_llm.testing.process import ServerProcess
-from fleet_helpers import SAFETY_NET, RoutedFrontend, bad_workers, path_of, routed_frontend
+from fleet_helpers import (
+    SAFETY_NET,
+    RoutedFrontend,
+    bad_workers,
+    path_of,
+    registered,
+    routed_frontend,
+)
 
 MODEL = "m"
 PROMPT_IDS = [7, 8, 9]
@@ -70,7 +79,9 @@ class Scripted:
         self.closed: list[str] = []
         self.holding = asyncio.Event()
 
-    async def open_stream(self, url, request, ctx, **kwargs):
+    async def open_stream(
+        self, url: str, request: EngineRequest, ctx: EngineContext, **kwargs: Any
+    ) -> AsyncGenerator[EngineOutput, None]:
         self.sent.append((url, request, kwargs))
         steps = self.steps or self.behaviour.get(url, [])
         step = steps.pop(0) if steps else "ok"
@@ -85,20 +96,28 @@ class Scripted:
             raise Cancelled("stopped while connecting")
         return self._stream(url, request, kind, int(at or 10**9))
 
-    async def _stream(self, url, request, kind, fail_at):
+    async def _stream(
+        self, url: str, request: EngineRequest, kind: str, fail_at: int
+    ) -> AsyncGenerator[EngineOutput, None]:
         try:
             prompt = request.prompt
             if isinstance(prompt, list):
                 ids = list(prompt)
             elif request.endpoint == "completions":
+                assert prompt is not None
                 ids = list(PROMPT_IDS) + _ids_of(prompt[len("hi") :])
             else:
+                assert isinstance(request.params, ChatCompletionRequest)
                 messages = request.params.messages
                 ids = list(PROMPT_IDS)
                 if messages[-1].role == "assistant":
-                    ids += _ids_of(messages[-1].content)
+                    content = messages[-1].content
+                    assert isinstance(content, str)
+                    ids += _ids_of(content)
             prompt_len = len(ids)
-            for k in range(request.max_tokens):
+            max_tokens = request.max_tokens
+            assert max_tokens is not None, "every request here has a budget"
+            for k in range(max_tokens):
                 if k == fail_at:
                     await asyncio.sleep(0)
                     if kind == "shutdown":
@@ -108,7 +127,7 @@ class Scripted:
                     raise WorkerDisconnected("dropped")
                 token = next_id(ids)
                 ids.append(token)
-                last = k == request.max_tokens - 1
+                last = k == max_tokens - 1
                 yield EngineOutput(
                     word(token),
                     token_ids=None if kind == "text" else [token],
@@ -125,11 +144,11 @@ def _ids_of(text: str) -> list[int]:
     return [int(w[1:]) for w in text.split()]
 
 
-def setup(*urls: str, limit: int = 1):
+def setup(*urls: str, limit: int = 1) -> tuple[Metrics, WorkerSet, Scripted, Router]:
     clock = FakeClock()
     metrics = Metrics()
 
-    async def probe(worker):
+    async def probe(worker: Worker) -> bool:
         return True
 
     workers = WorkerSet(clock=clock, probe=probe, metrics=metrics)
@@ -139,7 +158,8 @@ def setup(*urls: str, limit: int = 1):
     router = Router(
         workers,
         RoutingPolicy(RouterMode.ROUND_ROBIN),
-        client,
+        # Router annotates the concrete WorkerClient; the fake has the one method it calls.
+        client,  # type: ignore[arg-type]
         clock,
         metrics=metrics,
         migration_limit=limit,
@@ -150,7 +170,7 @@ def setup(*urls: str, limit: int = 1):
 def completion(max_tokens: int = 6, **extra: Any) -> EngineRequest:
     body = {"model": MODEL, "prompt": "hi", "stream": True, "max_tokens": max_tokens, **extra}
     params = decode_completion_request(msgspec.json.encode(body))
-    return EngineRequest("r1", MODEL, "completions", params, prompt="hi", max_tokens=max_tokens)
+    return COMPLETIONS.request(params, "hi", id="r1", model=MODEL, max_tokens=max_tokens)
 
 
 def chat(max_tokens: int = 6, **extra: Any) -> EngineRequest:
@@ -162,7 +182,7 @@ def chat(max_tokens: int = 6, **extra: Any) -> EngineRequest:
         **extra,
     }
     params = decode_chat_request(msgspec.json.encode(body))
-    return EngineRequest("r1", MODEL, "chat_completions", params, max_tokens=max_tokens)
+    return CHAT.request(params, id="r1", model=MODEL, max_tokens=max_tokens)
 
 
 def migrations(metrics: Metrics, kind: str) -> float:
@@ -173,8 +193,12 @@ def inflight(workers: WorkerSet) -> dict[str, int]:
     return {w.id: w.inflight for w in workers}
 
 
-async def collect(router: Router, request: EngineRequest, ctx: EngineContext | None = None):
+async def collect(
+    router: Router, request: EngineRequest, ctx: EngineContext | None = None
+) -> list[EngineOutput]:
     stream = await router.generate(request, ctx or EngineContext("r1"))
+    assert isinstance(stream, OwnedStream)
+    assert isinstance(stream, OwnedStream)
     outs: list[EngineOutput] = []
     try:
         async with asyncio.timeout(5):
@@ -189,17 +213,28 @@ def joined(outs: list[EngineOutput]) -> str:
     return "".join(o.text for o in outs)
 
 
+def token_ids(outs: list[EngineOutput]) -> list[int]:
+    """Every output's token ids, in order; each output must carry them."""
+    ids: list[int] = []
+    for out in outs:
+        assert out.token_ids is not None, out
+        ids += out.token_ids
+    return ids
+
+
 # --- the router, without sockets -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("make", [completion, chat], ids=["completions", "chat"])
-async def test_a_stream_dropped_mid_way_continues_token_exact_on_another_worker(make):
+async def test_a_stream_dropped_mid_way_continues_token_exact_on_another_worker(
+    make: Callable[[int], EngineRequest],
+) -> None:
     metrics, workers, client, router = setup("http://a", "http://b")
     client.behaviour["http://a"] = ["drop@2"]
     outs = await collect(router, make(6))
     ids, text = reference(6)
     assert joined(outs) == text
-    assert [t for o in outs for t in o.token_ids] == ids
+    assert token_ids(outs) == ids
     assert outs[-1].usage == Usage(3, 6)
     assert [o.finish_reason for o in outs].count("length") == 1
     assert sum(o.prompt_tokens is not None for o in outs) == 1, "the replay's prompt is hidden"
@@ -216,14 +251,16 @@ async def test_a_stream_dropped_mid_way_continues_token_exact_on_another_worker(
     }
     assert migrations(metrics, "ongoing_request") == 1
     assert migrations(metrics, "new_request") == 0
-    assert workers.get("http://a").quarantined
+    assert registered(workers, "http://a").quarantined
     assert inflight(workers) == {"http://a": 0, "http://b": 0}
     assert client.closed == ["http://a", "http://b"]
     await router.aclose()
 
 
 @pytest.mark.parametrize("make", [completion, chat], ids=["completions", "chat"])
-async def test_without_token_ids_the_replay_continues_the_text(make):
+async def test_without_token_ids_the_replay_continues_the_text(
+    make: Callable[[int], EngineRequest],
+) -> None:
     _metrics, _workers, client, router = setup("http://a", "http://b")
     client.behaviour["http://a"] = ["text@3"]
     outs = await collect(router, make(5))
@@ -234,29 +271,33 @@ async def test_without_token_ids_the_replay_continues_the_text(make):
     _, head = reference(3)
     if make is chat:
         assert replay.endpoint == "chat_completions"
+        assert isinstance(replay.params, ChatCompletionRequest)
         last = replay.params.messages[-1]
         assert (last.role, last.content) == ("assistant", head)
         assert replay.params.continue_final_message is True
         assert replay.params.add_generation_prompt is False
         assert replay.params.max_tokens == 2
     else:
+        assert isinstance(replay.params, CompletionRequest)
         assert replay.prompt == replay.params.prompt == "hi" + head
         assert replay.params.max_tokens == 2
     await router.aclose()
 
 
-async def test_a_refused_dispatch_migrates_as_a_new_request_after_quarantining_the_worker():
+async def test_a_refused_dispatch_migrates_as_a_new_request_after_quarantining_the_worker() -> None:
     metrics, workers, client, router = setup("http://a", "http://b")
     client.behaviour["http://a"] = ["refuse"]
     seen_quarantined: list[bool] = []
     open_stream = client.open_stream
 
-    async def spy(url, request, ctx, **kwargs):
+    async def spy(
+        url: str, request: EngineRequest, ctx: EngineContext, **kwargs: Any
+    ) -> AsyncGenerator[EngineOutput, None]:
         if url == "http://b":
-            seen_quarantined.append(workers.get("http://a").quarantined)
+            seen_quarantined.append(registered(workers, "http://a").quarantined)
         return await open_stream(url, request, ctx, **kwargs)
 
-    client.open_stream = spy
+    client.open_stream = spy  # type: ignore[method-assign]  # a spy on this one fake
     outs = await collect(router, completion(4))
     assert joined(outs) == reference(4)[1]
     assert outs[-1].usage == Usage(3, 4)
@@ -268,7 +309,7 @@ async def test_a_refused_dispatch_migrates_as_a_new_request_after_quarantining_t
     await router.aclose()
 
 
-async def test_the_failed_worker_is_excluded_even_when_it_would_be_chosen_again():
+async def test_the_failed_worker_is_excluded_even_when_it_would_be_chosen_again() -> None:
     # Three workers, limit 2: a fails, then b fails; c finishes. Round robin would pick a again.
     metrics, _workers, client, router = setup("http://a", "http://b", "http://c", limit=2)
     client.steps = ["drop@1", "shutdown@1"]
@@ -281,10 +322,13 @@ async def test_the_failed_worker_is_excluded_even_when_it_would_be_chosen_again(
     await router.aclose()
 
 
-async def test_when_the_budget_is_spent_the_last_error_reaches_the_client_and_is_not_counted():
+async def test_when_the_budget_is_spent_the_last_error_reaches_the_client_and_is_not_counted() -> (
+    None
+):
     metrics, workers, client, router = setup("http://a", "http://b", "http://c", limit=1)
     client.steps = ["drop@1", "drop@1"]
     stream = await router.generate(completion(5), EngineContext("r1"))
+    assert isinstance(stream, OwnedStream)
     texts = []
     with pytest.raises(WorkerDisconnected):
         async with asyncio.timeout(5):
@@ -298,7 +342,7 @@ async def test_when_the_budget_is_spent_the_last_error_reaches_the_client_and_is
     await router.aclose()
 
 
-async def test_with_no_other_worker_the_original_failure_reaches_the_client_uncounted():
+async def test_with_no_other_worker_the_original_failure_reaches_the_client_uncounted() -> None:
     metrics, workers, client, router = setup("http://a", limit=3)
     client.behaviour["http://a"] = ["refuse"]
     with pytest.raises(WorkerUnreachable):
@@ -313,14 +357,16 @@ async def test_with_no_other_worker_the_original_failure_reaches_the_client_unco
     [("timeout@2", WorkerResponseTimeout), ("reject", InvalidRequest)],
     ids=["response_timeout", "4xx"],
 )
-async def test_errors_that_are_not_migratable_reach_the_client(step, error):
+async def test_errors_that_are_not_migratable_reach_the_client(
+    step: str, error: type[Exception]
+) -> None:
     metrics, workers, client, router = setup("http://a", "http://b", limit=2)
     client.behaviour["http://a"] = [step]
     with pytest.raises(error):
         await collect(router, completion(5))
     assert len(client.sent) == 1
     assert migrations(metrics, "new_request") + migrations(metrics, "ongoing_request") == 0
-    assert workers.get("http://a").quarantined is (error is WorkerResponseTimeout)
+    assert registered(workers, "http://a").quarantined is (error is WorkerResponseTimeout)
     await router.aclose()
 
 
@@ -334,7 +380,7 @@ async def test_errors_that_are_not_migratable_reach_the_client(step, error):
     ],
     ids=["json_schema", "json_object", "guided", "n2"],
 )
-async def test_requests_that_cannot_be_replayed_are_not_migrated(extra):
+async def test_requests_that_cannot_be_replayed_are_not_migrated(extra: dict[str, Any]) -> None:
     metrics, _workers, client, router = setup("http://a", "http://b", limit=2)
     client.behaviour["http://a"] = ["drop@2"]
     with pytest.raises(WorkerDisconnected):
@@ -345,7 +391,7 @@ async def test_requests_that_cannot_be_replayed_are_not_migrated(extra):
     await router.aclose()
 
 
-async def test_migration_off_relays_as_before():
+async def test_migration_off_relays_as_before() -> None:
     _metrics, _workers, client, router = setup("http://a", "http://b", limit=0)
     client.behaviour["http://a"] = ["drop@2"]
     with pytest.raises(WorkerDisconnected):
@@ -354,11 +400,12 @@ async def test_migration_off_relays_as_before():
     await router.aclose()
 
 
-async def test_a_hang_up_while_the_replay_connects_stops_it_and_starts_nothing_more():
+async def test_a_hang_up_while_the_replay_connects_stops_it_and_starts_nothing_more() -> None:
     _metrics, workers, client, router = setup("http://a", "http://b", "http://c", limit=2)
     client.steps = ["drop@2", "hold"]
     ctx = EngineContext("r1")
     stream = await router.generate(completion(6), ctx)
+    assert isinstance(stream, OwnedStream)
     got = [await stream.__anext__(), await stream.__anext__()]
     nxt = asyncio.ensure_future(stream.__anext__())
     async with asyncio.timeout(5):
@@ -371,16 +418,17 @@ async def test_a_hang_up_while_the_replay_connects_stops_it_and_starts_nothing_m
     assert joined(got) == reference(2)[1]
     assert len(client.sent) == 2, "no third attempt"
     held = client.sent[1][0]
-    assert not workers.get(held).quarantined, "a hang-up is not the worker's fault"
+    assert not registered(workers, held).quarantined, "a hang-up is not the worker's fault"
     assert inflight(workers) == {"http://a": 0, "http://b": 0, "http://c": 0}
     await router.aclose()
 
 
-async def test_a_hang_up_after_a_migration_reaches_the_worker_generating_the_replay():
+async def test_a_hang_up_after_a_migration_reaches_the_worker_generating_the_replay() -> None:
     _metrics, workers, client, router = setup("http://a", "http://b", limit=1)
     client.behaviour["http://a"] = ["drop@1"]
     ctx = EngineContext("r1")
     stream = await router.generate(completion(6), ctx)
+    assert isinstance(stream, OwnedStream)
     await stream.__anext__()
     await stream.__anext__()  # the first token of the replay, from b
     assert client.sent[-1][0] == "http://b"
@@ -498,7 +546,9 @@ async def stream_and_kill(
 
 
 @pytest.mark.parametrize("kind", ["chat", "completions"])
-async def test_a_worker_killed_mid_stream_is_invisible_to_the_client(kind, tmp_path):
+async def test_a_worker_killed_mid_stream_is_invisible_to_the_client(
+    kind: str, tmp_path: Path
+) -> None:
     async with (
         asyncio.timeout(SAFETY_NET) as net,
         mocker_workers(2) as workers,
@@ -524,7 +574,9 @@ async def test_a_worker_killed_mid_stream_is_invisible_to_the_client(kind, tmp_p
     assert not net.expired()
 
 
-async def test_without_migration_a_killed_worker_ends_the_stream_with_an_error(tmp_path):
+async def test_without_migration_a_killed_worker_ends_the_stream_with_an_error(
+    tmp_path: Path,
+) -> None:
     async with (
         asyncio.timeout(SAFETY_NET) as net,
         mocker_workers(2) as workers,
@@ -538,7 +590,7 @@ async def test_without_migration_a_killed_worker_ends_the_stream_with_an_error(t
     assert not net.expired()
 
 
-async def test_a_unary_request_migrates_on_a_refused_connection(tmp_path):
+async def test_a_unary_request_migrates_on_a_refused_connection(tmp_path: Path) -> None:
     async with (
         asyncio.timeout(SAFETY_NET) as net,
         mocker_workers(1) as workers,
@@ -566,7 +618,9 @@ async def test_a_unary_request_migrates_on_a_refused_connection(tmp_path):
     assert not net.expired()
 
 
-async def test_without_token_ids_a_chat_continues_as_a_partial_assistant_message(tmp_path):
+async def test_without_token_ids_a_chat_continues_as_a_partial_assistant_message(
+    tmp_path: Path,
+) -> None:
     async with (
         asyncio.timeout(SAFETY_NET) as net,
         bad_workers(
@@ -615,7 +669,7 @@ async def test_without_token_ids_a_chat_continues_as_a_partial_assistant_message
     assert not net.expired()
 
 
-def test_the_migration_limit_comes_from_the_flag_or_the_environment():
+def test_the_migration_limit_comes_from_the_flag_or_the_environment() -> None:
     assert parse_config(["serve"], {})[1].migration_limit == 0
     assert parse_config(["serve"], {"DYN_MIGRATION_LIMIT": "3"})[1].migration_limit == 3
     flag = parse_config(["serve", "--migration-limit", "2"], {"DYN_MIGRATION_LIMIT": "3"})[1]

@@ -13,13 +13,13 @@ import contextlib
 import itertools
 import math
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest
+from dynamo_llm.engines.endpoints import COMPLETIONS
 from dynamo_llm.engines.mocker import MockerConfig, MockerEngine
+from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime import EngineContext, FakeClock
 
 
@@ -35,8 +35,8 @@ def decode_s(used_blocks: int, total_blocks: int) -> float:
 
 
 def completion(rid: str, prompt: list[int], max_tokens: int) -> EngineRequest:
-    params: Any = SimpleNamespace(prompt=prompt, seed=None)
-    return EngineRequest(rid, "mock", "completions", params, prompt=prompt, max_tokens=max_tokens)
+    params = CompletionRequest(model="mock", prompt=list[str | int | list[int]](prompt))
+    return COMPLETIONS.request(params, prompt, id=rid, model="mock", max_tokens=max_tokens)
 
 
 async def collect(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,10 +13,13 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest
+from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
 from dynamo_llm.engines.mocker import MockerConfig, MockerEngine
 from dynamo_llm.engines.mocker.sequence import StopMatcher
 from dynamo_llm.engines.mocker.tokens import render_chat
 from dynamo_llm.errors import ContextLengthExceeded, InvalidRequest
+from dynamo_llm.protocols.chat import ChatCompletionRequest, ChatMessage
+from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime import EngineContext, FakeClock
 
 SENTENCES = [
@@ -35,25 +37,22 @@ def completion(
     stop: tuple[str, ...] = (),
     seed: int | None = None,
 ) -> EngineRequest:
-    params: Any = SimpleNamespace(prompt=prompt, seed=seed)
-    return EngineRequest(
-        "r",
-        "mock",
-        "completions",
-        params,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        stop=stop,
+    params = CompletionRequest(
+        model="mock",
+        prompt=prompt if isinstance(prompt, str) else list[str | int | list[int]](prompt),
+        seed=seed,
+        stop=list(stop) or None,
     )
+    return COMPLETIONS.request(params, prompt, id="r", model="mock", max_tokens=max_tokens)
 
 
 def chat(messages: list[Any], max_tokens: int = 8, seed: int | None = None) -> EngineRequest:
-    params: Any = SimpleNamespace(messages=messages, seed=seed)
-    return EngineRequest("r", "mock", "chat_completions", params, max_tokens=max_tokens)
+    params = ChatCompletionRequest(model="mock", messages=messages, seed=seed)
+    return CHAT.request(params, id="r", model="mock", max_tokens=max_tokens)
 
 
-def message(role: str, content: Any) -> SimpleNamespace:
-    return SimpleNamespace(role=role, content=content)
+def message(role: str, content: Any) -> ChatMessage:
+    return ChatMessage(role=role, content=content)
 
 
 @contextlib.asynccontextmanager
@@ -256,7 +255,7 @@ async def test_chat_accepts_the_protocol_request_model() -> None:
         messages=[ChatMessage(role="user", content=[{"type": "text", "text": "hi"}])],
         seed=11,
     )
-    req = EngineRequest("r", "mock", "chat_completions", params, max_tokens=4)
+    req = CHAT.request(params, id="r", model="mock", max_tokens=4)
     outs = await run(req)
     again = await run(chat([message("user", "hi")], 4, seed=11))
     assert ids(outs) == ids(again)

@@ -27,13 +27,13 @@ def make_monitor() -> tuple[EngineContext, Metrics, DisconnectMonitor]:
     return ctx, metrics, DisconnectMonitor(ctx, metrics, *LABELS)
 
 
-def test_handles_start_armed_and_disabled():
+def test_handles_start_armed_and_disabled() -> None:
     _, _, monitor = make_monitor()
     assert monitor.connection.status is HandleStatus.CLOSED_UNEXPECTEDLY
     assert monitor.stream.status is HandleStatus.DISABLED
 
 
-def test_armed_connection_handle_release_kills_and_counts_once():
+def test_armed_connection_handle_release_kills_and_counts_once() -> None:
     ctx, metrics, monitor = make_monitor()
     monitor.connection.release()
     assert ctx.is_killed and ctx.reason is StopReason.CLIENT_DISCONNECT
@@ -43,7 +43,7 @@ def test_armed_connection_handle_release_kills_and_counts_once():
     assert counts(metrics) == (1, 1)
 
 
-def test_disarmed_connection_and_disabled_stream_do_nothing():
+def test_disarmed_connection_and_disabled_stream_do_nothing() -> None:
     ctx, metrics, monitor = make_monitor()
     monitor.connection.disarm()
     monitor.release_all()
@@ -51,7 +51,7 @@ def test_disarmed_connection_and_disabled_stream_do_nothing():
     assert counts(metrics) == (0, 0)
 
 
-def test_armed_stream_handle_fires_after_graceful_connection_handle():
+def test_armed_stream_handle_fires_after_graceful_connection_handle() -> None:
     ctx, metrics, monitor = make_monitor()
     monitor.connection.disarm()
     monitor.connection.release()
@@ -61,7 +61,7 @@ def test_armed_stream_handle_fires_after_graceful_connection_handle():
     assert counts(metrics) == (1, 1)
 
 
-def test_stream_report_waits_for_the_connection_handle():
+def test_stream_report_waits_for_the_connection_handle() -> None:
     ctx, metrics, monitor = make_monitor()
     monitor.stream.arm()
     monitor.stream.release()
@@ -72,7 +72,7 @@ def test_stream_report_waits_for_the_connection_handle():
     assert counts(metrics) == (1, 1)
 
 
-def test_client_leaving_between_phases_is_counted_once():
+def test_client_leaving_between_phases_is_counted_once() -> None:
     ctx, metrics, monitor = make_monitor()
     monitor.stream.arm()
     monitor.connection.release()  # still armed
@@ -81,7 +81,7 @@ def test_client_leaving_between_phases_is_counted_once():
     assert ctx.is_killed
 
 
-def test_disarmed_stream_handle_is_not_a_disconnect():
+def test_disarmed_stream_handle_is_not_a_disconnect() -> None:
     ctx, metrics, monitor = make_monitor()
     monitor.connection.disarm()
     monitor.stream.arm()
@@ -91,7 +91,7 @@ def test_disarmed_stream_handle_is_not_a_disconnect():
     assert not ctx.is_stopped
 
 
-def test_handle_dropped_without_release_counts_as_unexpected():
+def test_handle_dropped_without_release_counts_as_unexpected() -> None:
     ctx, metrics, monitor = make_monitor()
     monitor.connection.disarm()
     monitor.connection.release()
@@ -104,7 +104,7 @@ def test_handle_dropped_without_release_counts_as_unexpected():
     assert counts(metrics) == (1, 1)
 
 
-def test_request_record_defaults_to_internal_and_releases_once():
+def test_request_record_defaults_to_internal_and_releases_once() -> None:
     metrics = Metrics()
     clock = FakeClock()
     record = metrics.begin("chat_completions", clock)
@@ -121,7 +121,7 @@ def test_request_record_defaults_to_internal_and_releases_once():
     assert metrics.queued_requests.labels("m").value == 0
 
 
-def test_request_record_token_metrics():
+def test_request_record_token_metrics() -> None:
     metrics = Metrics()
     clock = FakeClock(100.0)
     record = metrics.begin("completions", clock)
@@ -144,7 +144,7 @@ def test_request_record_token_metrics():
     assert metrics.requests_total.labels("m", "completions", "stream", "success", "").value == 1
 
 
-def test_unadmitted_record_touches_no_gauge():
+def test_unadmitted_record_touches_no_gauge() -> None:
     metrics = Metrics()
     record = metrics.begin("chat_completions", FakeClock())
     record.mark_error("validation")
@@ -193,11 +193,11 @@ def test_unadmitted_record_touches_no_gauge():
         ),
     ],
 )
-def test_log_buckets_match_the_spec(args, expected):
+def test_log_buckets_match_the_spec(args: tuple[float, float, int], expected: list[float]) -> None:
     assert log_buckets(*args) == pytest.approx(expected)
 
 
-def test_metrics_prefix_is_sanitised():
+def test_metrics_prefix_is_sanitised() -> None:
     assert sanitize_prefix("nv-llm/http service") == "nv_llm_http_service"
     assert sanitize_prefix(None) == "dynamo_frontend"
     assert sanitize_prefix("___") == "dynamo_frontend"
@@ -207,9 +207,9 @@ def test_metrics_prefix_is_sanitised():
 # --- watchdog ---------------------------------------------------------------------------------
 
 
-def make_watchdog(clock, **limits):
+def make_watchdog(clock: FakeClock, **limits: float) -> tuple[EngineContext, Watchdog, list[float]]:
     ctx = EngineContext()
-    fired = []
+    fired: list[float] = []
     dog = Watchdog(
         clock,
         ctx,
@@ -222,7 +222,7 @@ def make_watchdog(clock, **limits):
     return ctx, dog, fired
 
 
-async def test_inactivity_window_restarts_on_every_item():
+async def test_inactivity_window_restarts_on_every_item() -> None:
     clock = FakeClock()
     ctx, dog, fired = make_watchdog(clock, inactivity=2.0)
     for _ in range(5):
@@ -238,7 +238,7 @@ async def test_inactivity_window_restarts_on_every_item():
     assert dog.expired is not None and dog.expired.error_type == "response_timeout"
 
 
-async def test_first_token_limit_only_applies_before_the_first_item():
+async def test_first_token_limit_only_applies_before_the_first_item() -> None:
     clock = FakeClock()
     _, dog, fired = make_watchdog(clock, first_token=3.0)
     await clock.advance(2.0)
@@ -252,7 +252,7 @@ async def test_first_token_limit_only_applies_before_the_first_item():
     assert ctx2.is_killed
 
 
-async def test_deadline_fires_even_when_items_keep_coming():
+async def test_deadline_fires_even_when_items_keep_coming() -> None:
     clock = FakeClock()
     ctx, dog, fired = make_watchdog(clock, inactivity=2.0, deadline=5.0)
     for _ in range(10):
@@ -262,7 +262,7 @@ async def test_deadline_fires_even_when_items_keep_coming():
     assert ctx.reason is StopReason.DEADLINE
 
 
-async def test_cancelled_watchdog_never_fires():
+async def test_cancelled_watchdog_never_fires() -> None:
     clock = FakeClock()
     ctx, dog, fired = make_watchdog(clock, inactivity=1.0)
     dog.cancel()
@@ -270,17 +270,17 @@ async def test_cancelled_watchdog_never_fires():
     assert fired == [] and not ctx.is_stopped
 
 
-async def test_no_limits_means_no_timer():
+async def test_no_limits_means_no_timer() -> None:
     clock = FakeClock()
     make_watchdog(clock)
     assert clock.pending_timers() == 0
 
 
-async def test_fake_clock_sleep_and_autojump_are_exact():
+async def test_fake_clock_sleep_and_autojump_are_exact() -> None:
     clock = FakeClock()
-    woke = []
+    woke: list[tuple[float, float]] = []
 
-    async def sleeper(d):
+    async def sleeper(d: float) -> None:
         await clock.sleep(d)
         woke.append((d, clock.now()))
 

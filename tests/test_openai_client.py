@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from dynamo_llm.engines.echo import EchoEngine
 from dynamo_llm.errors import EngineError
@@ -256,7 +257,7 @@ async def test_a_prompt_list_with_n_2_indexes_choices_prompt_major(interface: st
 async def test_max_tokens_cuts_the_text_with_finish_reason_length(
     interface: str, endpoint: str, limit: str, stream: bool
 ) -> None:
-    params = prompt_params(endpoint, **{limit: 3})
+    params = {**prompt_params(endpoint), limit: 3}
     if stream:
         params.update(stream=True, stream_options={"include_usage": True})
     async with running_frontend(echo(), interface=interface) as fe:
@@ -282,7 +283,7 @@ async def test_concurrent_requests_each_get_their_own_answer(interface: str) -> 
         ) as client:
 
             async def ask(i: int, prompt: str) -> str:
-                messages = [{"role": "user", "content": prompt}]
+                messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
                 if i % 2:
                     stream = await client.chat.completions.create(
                         model=MODEL, messages=messages, stream=True, max_tokens=50
@@ -392,6 +393,7 @@ async def test_client_error_statuses_map_to_the_sdk_exceptions(interface: str) -
             await create(fe, "async", "chat", model="nope", **prompt_params("chat"))
         with pytest.raises(openai.BadRequestError) as bad:
             await create(fe, "async", "chat", **prompt_params("chat", temperature=7))
+    assert isinstance(missing.value.body, dict) and isinstance(bad.value.body, dict)
     assert missing.value.body["code"] == "model_not_found"
     assert bad.value.body["param"] == "temperature"
     assert bad.value.message == (

@@ -12,16 +12,21 @@ import msgspec
 import openai
 import pytest
 
+from dynamo_llm.engines.base import EngineOutput, Usage
 from dynamo_llm.errors import DynamoError, InvalidRequest, NotImplementedParameter, render_error
+from dynamo_llm.http.sse import ChunkRenderer
 from dynamo_llm.protocols import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
+    ChunkChoice,
+    ChunkDelta,
     CompletionChoice,
     CompletionResponse,
     PromptTokensDetails,
     ResponseMessage,
+    StreamChunk,
     StreamOptions,
     UsageInfo,
     decode_chat_request,
@@ -820,7 +825,12 @@ def sdk() -> Iterator[tuple[openai.OpenAI, list[bytes]]]:
 
     with (
         httpx.Client(transport=httpx.MockTransport(answer)) as http,
-        openai.OpenAI(api_key="k", base_url="http://frontend/v1", http_client=http) as client,
+        # The SDK takes a legacy httpx client at run time but annotates only httpx2's.
+        openai.OpenAI(
+            api_key="k",
+            base_url="http://frontend/v1",
+            http_client=http,  # type: ignore[arg-type]
+        ) as client,
     ):
         yield client, sent
 
@@ -981,6 +991,62 @@ def test_completion_response_encodes_to_the_openai_shape() -> None:
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
     }
+
+
+# --- the streamed chunk ---------------------------------------------------------------------------
+
+
+def _read_frames(*frames: bytes) -> list[StreamChunk]:
+    decode = msgspec.json.Decoder(StreamChunk).decode
+    return [decode(frame.removeprefix(b"data: ").removesuffix(b"\n\n")) for frame in frames]
+
+
+def test_rendered_chat_chunks_read_back_through_the_shared_chunk_shape() -> None:
+    renderer = ChunkRenderer("chat", "chatcmpl-1", "m", 7, include_usage=True, with_token_ids=True)
+    first = renderer.render(EngineOutput("Hi", 1, token_ids=[5], prompt_token_ids=[1, 2]))
+    last = renderer.render(EngineOutput("!", 1, finish_reason="stop", usage=Usage(2, 2, 1)))
+    chunks = _read_frames(first, last, renderer.finish())
+    envelope = StreamChunk(id="chatcmpl-1", object="chat.completion.chunk", created=7, model="m")
+    first_choice = ChunkChoice(
+        delta=ChunkDelta(role="assistant", content="Hi"), prompt_token_ids=[1, 2], token_ids=[5]
+    )
+    last_choice = ChunkChoice(delta=ChunkDelta(content="!"), finish_reason="stop")
+    usage = UsageInfo(2, 2, 4, PromptTokensDetails(cached_tokens=1))
+    assert chunks == [
+        msgspec.structs.replace(envelope, choices=[first_choice]),
+        msgspec.structs.replace(envelope, choices=[last_choice]),
+        msgspec.structs.replace(envelope, choices=[], usage=usage),
+    ]
+
+
+def test_rendered_completion_chunks_read_back_through_the_shared_chunk_shape() -> None:
+    renderer = ChunkRenderer("completions", "cmpl-1", "m", 7, include_usage=True)
+    fast = renderer.render(EngineOutput(" a", 1))
+    other = renderer.render(EngineOutput(" b", 1, index=1, finish_reason="length"))
+    chunks = _read_frames(fast, other)
+    assert [chunk.choices for chunk in chunks] == [
+        [ChunkChoice(index=0, text=" a")],
+        [ChunkChoice(index=1, text=" b", finish_reason="length")],
+    ]
+    assert {chunk.object for chunk in chunks} == {"text_completion"}
+
+
+def test_the_usage_chunk_is_the_envelope_with_no_choices_and_every_count() -> None:
+    renderer = ChunkRenderer("completions", "cmpl-1", "m", 7, include_usage=True)
+    assert renderer.finish() == (
+        b'data: {"id":"cmpl-1","object":"text_completion","created":7,"model":"m","choices":[],'
+        b'"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0,'
+        b'"prompt_tokens_details":{"cached_tokens":0}}}\n\n'
+    )
+
+
+def test_a_workers_chunk_is_read_as_it_comes_with_fields_left_out_or_null() -> None:
+    chunk = msgspec.json.decode(
+        b'{"id":"x","choices":[],"system_fingerprint":"fp","usage":'
+        b'{"prompt_tokens":3,"completion_tokens":null,"prompt_tokens_details":null}}',
+        type=StreamChunk,
+    )
+    assert chunk == StreamChunk(id="x", choices=[], usage=UsageInfo(prompt_tokens=3))
 
 
 # --- peek_model ---------------------------------------------------------------------------------

@@ -16,13 +16,7 @@ import msgspec
 import pytest
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
-from dynamo_llm.engines.remote import (
-    RemoteStream,
-    WorkerClient,
-    error_from_worker,
-    make_session,
-    upstream_body,
-)
+from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
 from dynamo_llm.errors import (
     AllWorkersBusy,
     Cancelled,
@@ -42,6 +36,13 @@ from dynamo_llm.protocols.common import StreamOptions
 from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime.context import EngineContext
 from dynamo_llm.testing.bad_workers import spawn_bad_worker
+from dynamo_llm.transport import (
+    RemoteStream,
+    WorkerClient,
+    error_from_worker,
+    make_session,
+    upstream_body,
+)
 
 SERVED = "served-model"
 SAFETY_NET = 10.0
@@ -66,7 +67,9 @@ def client(session: aiohttp.ClientSession) -> WorkerClient:
 
 
 def idle_connections(session: aiohttp.ClientSession) -> int:
-    return sum(len(conns) for conns in session.connector._conns.values())  # type: ignore[union-attr]
+    connector = session.connector
+    assert connector is not None
+    return sum(len(conns) for conns in connector._conns.values())
 
 
 def chat(
@@ -86,15 +89,17 @@ def chat(
         max_tokens=max_tokens,
         return_token_ids=return_token_ids,
     )
-    return EngineRequest(
-        request_id or uuid.uuid4().hex, SERVED, "chat_completions", params, max_tokens=max_tokens
+    return CHAT.request(
+        params, id=request_id or uuid.uuid4().hex, model=SERVED, max_tokens=max_tokens
     )
 
 
 def completion(*, stream: bool = True, prompt: str | list[str] = "one two three") -> EngineRequest:
-    params = CompletionRequest(model=SERVED, prompt=prompt, stream=stream)
+    # A copy typed as the wire's list (list is invariant, so a list[str] is not one).
+    wire: str | list[str | int | list[int]] = prompt if isinstance(prompt, str) else list(prompt)
+    params = CompletionRequest(model=SERVED, prompt=wire, stream=stream)
     first = prompt if isinstance(prompt, str) else prompt[0]
-    return EngineRequest(uuid.uuid4().hex, SERVED, "completions", params, prompt=first)
+    return COMPLETIONS.request(params, first, id=uuid.uuid4().hex, model=SERVED, max_tokens=None)
 
 
 async def collect(stream: RemoteStream) -> list[EngineOutput]:
@@ -583,7 +588,7 @@ def test_upstream_body_forces_streaming_and_applies_the_attempts_changes() -> No
         max_completion_tokens=50,
         temperature=0.5,
     )
-    request = EngineRequest("r1", SERVED, "chat_completions", params, max_tokens=20)
+    request = CHAT.request(params, id="r1", model=SERVED, max_tokens=20)
     body = msgspec.json.decode(upstream_body(request, model="worker-name", return_token_ids=True))
     assert body == {
         "model": "worker-name",

@@ -1,17 +1,19 @@
 """The Router engine without sockets: a fake worker client, a fake clock."""
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 import pytest
 
-from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
+from dynamo_llm.engines.base import EngineOutput, EngineRequest, OwnedStream, Usage
+from dynamo_llm.engines.endpoints import COMPLETIONS
 from dynamo_llm.errors import Cancelled, WorkerResponseTimeout, WorkerUnreachable
 from dynamo_llm.metrics import Metrics
 from dynamo_llm.protocols.completions import decode_completion_request
-from dynamo_llm.router.engine import AttemptLimits, Router
+from dynamo_llm.router import AttemptLimits, Router, Worker, WorkerSet
 from dynamo_llm.router.policies import RouterMode, RoutingPolicy
-from dynamo_llm.router.workers import Worker, WorkerSet
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
+from fleet_helpers import registered
 
 MODEL = "m"
 
@@ -19,13 +21,21 @@ MODEL = "m"
 class FakeClient:
     """Stands in for WorkerClient: scripted per worker URL."""
 
-    def __init__(self, clock):
+    def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.behaviour: dict[str, str] = {}
         self.opened: list[str] = []
         self.closed: list[str] = []
 
-    async def open_stream(self, url, request, ctx, *, first_token_timeout=None, is_ours=False):
+    async def open_stream(
+        self,
+        url: str,
+        request: EngineRequest,
+        ctx: EngineContext,
+        *,
+        first_token_timeout: float | None = None,
+        is_ours: bool = False,
+    ) -> AsyncGenerator[EngineOutput, None]:
         self.opened.append(url)
         kind = self.behaviour.get(url, "ok")
         if kind == "refuse":
@@ -35,7 +45,9 @@ class FakeClient:
             raise Cancelled("stopped while waiting for the worker")
         return self._stream(url, ctx, kind)
 
-    async def _stream(self, url, ctx, kind):
+    async def _stream(
+        self, url: str, ctx: EngineContext, kind: str
+    ) -> AsyncGenerator[EngineOutput, None]:
         try:
             yield EngineOutput("a", prompt_tokens=2)
             if kind == "silent":
@@ -46,11 +58,13 @@ class FakeClient:
             self.closed.append(url)
 
 
-def setup(*urls, limits=None):
+def setup(
+    *urls: str, limits: AttemptLimits | None = None
+) -> tuple[FakeClock, WorkerSet, FakeClient, Router]:
     clock = FakeClock()
     metrics = Metrics()
 
-    async def probe(worker):
+    async def probe(worker: Worker) -> bool:
         return True
 
     workers = WorkerSet(clock=clock, probe=probe, metrics=metrics)
@@ -60,7 +74,8 @@ def setup(*urls, limits=None):
     router = Router(
         workers,
         RoutingPolicy(RouterMode.ROUND_ROBIN),
-        client,
+        # Router annotates the concrete WorkerClient; the fake has the one method it calls.
+        client,  # type: ignore[arg-type]
         clock,
         metrics=metrics,
         limits=limits or AttemptLimits(),
@@ -68,27 +83,29 @@ def setup(*urls, limits=None):
     return clock, workers, client, router
 
 
-def request(rid="r1"):
+def request(rid: str = "r1") -> EngineRequest:
     params = decode_completion_request(b'{"model": "m", "prompt": "hi", "stream": true}')
-    return EngineRequest(rid, MODEL, "completions", params, prompt="hi", max_tokens=16)
+    return COMPLETIONS.request(params, "hi", id=rid, model=MODEL, max_tokens=16)
 
 
-def inflight(workers):
+def inflight(workers: WorkerSet) -> dict[str, int]:
     return {w.id: w.inflight for w in workers}
 
 
-async def test_a_stream_never_iterated_gives_its_worker_slot_back_when_closed():
+async def test_a_stream_never_iterated_gives_its_worker_slot_back_when_closed() -> None:
     _, workers, _client, router = setup("http://a")
     stream = await router.generate(request(), EngineContext("r1"))
+    assert isinstance(stream, OwnedStream)
     assert inflight(workers) == {"http://a": 1}
     await stream.aclose()
     assert inflight(workers) == {"http://a": 0}
     await router.aclose()
 
 
-async def test_a_finished_stream_gives_the_slot_back_once():
+async def test_a_finished_stream_gives_the_slot_back_once() -> None:
     _, workers, client, router = setup("http://a")
     stream = await router.generate(request(), EngineContext("r1"))
+    assert isinstance(stream, OwnedStream)
     texts = [out.text async for out in stream]
     assert texts == ["a", "b"]
     await stream.aclose()
@@ -97,7 +114,7 @@ async def test_a_finished_stream_gives_the_slot_back_once():
     await router.aclose()
 
 
-async def test_a_worker_silent_before_its_headers_is_quarantined_by_the_attempt_timer():
+async def test_a_worker_silent_before_its_headers_is_quarantined_by_the_attempt_timer() -> None:
     clock, workers, client, router = setup("http://a", limits=AttemptLimits(inactivity=1.0))
     client.behaviour["http://a"] = "no-headers"
     ctx = EngineContext("r1")
@@ -108,16 +125,17 @@ async def test_a_worker_silent_before_its_headers_is_quarantined_by_the_attempt_
     with pytest.raises(WorkerResponseTimeout):
         async with asyncio.timeout(5):
             await task
-    assert workers.get("http://a").quarantined
+    assert registered(workers, "http://a").quarantined
     assert not ctx.is_stopped, "only the attempt was stopped; the request decides what next"
     assert inflight(workers) == {"http://a": 0}
     await router.aclose()
 
 
-async def test_silence_mid_stream_quarantines_and_reports_a_response_timeout():
+async def test_silence_mid_stream_quarantines_and_reports_a_response_timeout() -> None:
     clock, workers, client, router = setup("http://a", limits=AttemptLimits(inactivity=1.0))
     client.behaviour["http://a"] = "silent"
     stream = await router.generate(request(), EngineContext("r1"))
+    assert isinstance(stream, OwnedStream)
     assert (await stream.__anext__()).text == "a"
     nxt = asyncio.ensure_future(stream.__anext__())
     await clock.advance(1.0)
@@ -125,16 +143,17 @@ async def test_silence_mid_stream_quarantines_and_reports_a_response_timeout():
         async with asyncio.timeout(5):
             await nxt
     await stream.aclose()
-    assert workers.get("http://a").quarantined
+    assert registered(workers, "http://a").quarantined
     assert inflight(workers) == {"http://a": 0}
     await router.aclose()
 
 
-async def test_a_client_kill_is_not_held_against_the_worker():
+async def test_a_client_kill_is_not_held_against_the_worker() -> None:
     _, workers, client, router = setup("http://a")
     client.behaviour["http://a"] = "silent"
     ctx = EngineContext("r1")
     stream = await router.generate(request(), ctx)
+    assert isinstance(stream, OwnedStream)
     await stream.__anext__()
     nxt = asyncio.ensure_future(stream.__anext__())
     await asyncio.sleep(0)
@@ -143,19 +162,20 @@ async def test_a_client_kill_is_not_held_against_the_worker():
         async with asyncio.timeout(5):
             await nxt
     await stream.aclose()
-    assert not workers.get("http://a").quarantined
-    assert workers.get("http://a").failures == 0
+    assert not registered(workers, "http://a").quarantined
+    assert registered(workers, "http://a").failures == 0
     await router.aclose()
 
 
-async def test_a_refused_connection_quarantines_and_the_next_request_goes_elsewhere():
+async def test_a_refused_connection_quarantines_and_the_next_request_goes_elsewhere() -> None:
     _, workers, client, router = setup("http://a", "http://b")
     client.behaviour["http://a"] = "refuse"
     with pytest.raises(WorkerUnreachable):
         await router.generate(request("r1"), EngineContext("r1"))
-    assert workers.get("http://a").quarantined
+    assert registered(workers, "http://a").quarantined
     for i in range(3):
         stream = await router.generate(request(f"r{i + 2}"), EngineContext(f"r{i + 2}"))
+        assert isinstance(stream, OwnedStream)
         await stream.aclose()
     assert client.opened == ["http://a", "http://b", "http://b", "http://b"]
     assert inflight(workers) == {"http://a": 0, "http://b": 0}

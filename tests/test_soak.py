@@ -8,13 +8,14 @@ Expected: the script's own invariants hold (gauges 0, ``requests_total`` == requ
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 
-def load_soak():  # type: ignore[no-untyped-def]
+def load_soak() -> ModuleType:
     spec = importlib.util.spec_from_file_location("soak", SOAK)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -20,7 +20,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -35,6 +34,7 @@ from dynamo_llm.engines.mocker.tokens import (
     render_word,
     seed_key,
 )
+from dynamo_llm.protocols.chat import ChatMessage
 from dynamo_llm.testing.process import ServerProcess
 
 MODEL = "w"
@@ -45,7 +45,7 @@ TOKENIZER = WordTokenizer()
 
 
 def chat_prompt_ids(content: str) -> list[int]:
-    return TOKENIZER.encode(render_chat([SimpleNamespace(role="user", content=content)]))
+    return TOKENIZER.encode(render_chat([ChatMessage(role="user", content=content)]))
 
 
 def continuation(prompt_ids: list[int], n: int, seed: int = 0) -> list[int]:

@@ -24,6 +24,7 @@ for plain responses and SSE error frames alike.
     │   └── WorkerResponseTimeout    504   quarantines the worker; not migratable
     ├── Cancelled                    499 cancelled                   cancelled
     │   └── ServerShuttingDown       503 service_unavailable_error   cancelled
+    ├── ServerDraining               503 service_unavailable_error   unavailable (new work refused)
     ├── EngineError                  500 internal_error              internal
     │   └── UpstreamError            502 upstream_error              internal (a worker's 5xx)
     └── WorkerFault                  503 service_unavailable_error   unavailable
@@ -42,13 +43,15 @@ from typing import ClassVar
 
 import msgspec
 
+from .metrics import Outcome
+
 
 class DynamoError(Exception):
     """Base of every error a request can end with; renders as an OpenAI error body."""
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
-    error_type: ClassVar[str] = "internal"
+    error_type: ClassVar[Outcome] = Outcome.INTERNAL
     default_code: ClassVar[str | int | None] = None
     default_message: ClassVar[str] = "Internal server error"
     quarantines: ClassVar[bool] = False
@@ -66,7 +69,7 @@ class DynamoError(Exception):
 class InvalidRequest(DynamoError):
     status = 400
     type = "invalid_request_error"
-    error_type = "validation"
+    error_type = Outcome.VALIDATION
     default_message = "Invalid request"
 
 
@@ -90,7 +93,7 @@ class UnsupportedMediaType(InvalidRequest):
 class AuthenticationFailed(DynamoError):
     status = 401
     type = "authentication_error"
-    error_type = "validation"
+    error_type = Outcome.VALIDATION
     default_code = "invalid_api_key"
     default_message = "Invalid API key"
 
@@ -98,7 +101,7 @@ class AuthenticationFailed(DynamoError):
 class NotFound(DynamoError):
     status = 404
     type = "not_found_error"
-    error_type = "not_found"
+    error_type = Outcome.NOT_FOUND
     default_message = "Not found"
 
 
@@ -110,7 +113,7 @@ class ModelNotFound(NotFound):
 class MethodNotAllowed(DynamoError):
     status = 405
     type = "invalid_request_error"
-    error_type = "validation"
+    error_type = Outcome.VALIDATION
     default_code = "method_not_allowed"
     default_message = "Method not allowed"
 
@@ -118,7 +121,7 @@ class MethodNotAllowed(DynamoError):
 class NotImplementedParameter(DynamoError):
     status = 501
     type = "not_implemented_error"
-    error_type = "not_implemented"
+    error_type = Outcome.NOT_IMPLEMENTED
     default_code = "deprecated_parameter"
     default_message = "Not implemented"
 
@@ -126,7 +129,7 @@ class NotImplementedParameter(DynamoError):
 class TooManyRequests(DynamoError):
     status = 429
     type = "overloaded_error"
-    error_type = "overload"
+    error_type = Outcome.OVERLOAD
     default_code = "too_many_requests"
     default_message = "Too many requests, please retry later"
 
@@ -134,7 +137,7 @@ class TooManyRequests(DynamoError):
 class AllWorkersBusy(DynamoError):
     status = 503
     type = "overloaded_error"
-    error_type = "overload"
+    error_type = Outcome.OVERLOAD
     default_code = "all_workers_busy"
     default_message = "All workers are busy, please retry later"
 
@@ -142,7 +145,7 @@ class AllWorkersBusy(DynamoError):
 class NoWorkersAvailable(DynamoError):
     status = 503
     type = "service_unavailable_error"
-    error_type = "unavailable"
+    error_type = Outcome.UNAVAILABLE
     default_code = "no_workers_available"
     default_message = "Model temporarily unavailable: no worker can serve it"
 
@@ -150,7 +153,7 @@ class NoWorkersAvailable(DynamoError):
 class ResponseTimeout(DynamoError):
     status = 504
     type = "timeout_error"
-    error_type = "response_timeout"
+    error_type = Outcome.RESPONSE_TIMEOUT
     default_code = "response_timeout"
     default_message = "The engine stopped responding"
 
@@ -158,7 +161,7 @@ class ResponseTimeout(DynamoError):
 class Cancelled(DynamoError):
     status = 499
     type = "cancelled"
-    error_type = "cancelled"
+    error_type = Outcome.CANCELLED
     default_code = "cancelled"
     default_message = "Client closed request"
 
@@ -170,6 +173,16 @@ class ServerShuttingDown(Cancelled):
     type = "service_unavailable_error"
     default_code = "server_shutting_down"
     default_message = "The server is shutting down; please retry"
+
+
+class ServerDraining(DynamoError):
+    """A new request arrived after shutdown began: refused, so a load balancer moves on."""
+
+    status = 503
+    type = "service_unavailable_error"
+    error_type = Outcome.UNAVAILABLE
+    default_code = "server_shutting_down"
+    default_message = "The server is shutting down and takes no new requests; please retry"
 
 
 class EngineError(DynamoError):
@@ -198,7 +211,7 @@ class WorkerFault(DynamoError):
 
     status = 503
     type = "service_unavailable_error"
-    error_type = "unavailable"
+    error_type = Outcome.UNAVAILABLE
     default_code = "worker_unavailable"
     default_message = "The worker is unavailable"
     quarantines = True
@@ -233,10 +246,24 @@ class ErrorBody(msgspec.Struct):
 
 _encode = msgspec.json.Encoder().encode
 
+# An error body stays a few KiB whatever the client sent: messages that quote client input clip
+# it themselves (:func:`clip`), and these caps hold for every message and param in any case.
+MAX_MESSAGE_CHARS = 2048
+MAX_PARAM_CHARS = 256
+MAX_CODE_CHARS = 128
+
+
+def clip(text: str, limit: int = 128) -> str:
+    """``text`` as an error message may quote it: at most ``limit`` characters, marked if cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
 
 def render_error(exc: DynamoError) -> bytes:
     """The OpenAI error body for ``exc``: ``{"error": {message, type, param, code}}``."""
-    return _encode(ErrorBody(_ErrorDetail(exc.message, exc.type, exc.param, exc.code)))
+    param = exc.param if exc.param is None else clip(exc.param, MAX_PARAM_CHARS)
+    code = exc.code if not isinstance(exc.code, str) else clip(exc.code, MAX_CODE_CHARS)
+    message = clip(exc.message, MAX_MESSAGE_CHARS)
+    return _encode(ErrorBody(_ErrorDetail(message, exc.type, param, code)))
 
 
 def internal_error() -> DynamoError:

@@ -3,7 +3,7 @@
 ``dynamo-llm serve --upstream URL`` (or ``--upstream-file PATH``) builds the same app as with an
 in-process engine, but its models are whatever the workers serve, and each is served by the
 :class:`~dynamo_llm.router.engine.Router`. :class:`Fleet` owns the pieces and their lifetime: the
-pooled HTTP session, the :class:`~dynamo_llm.router.workers.WorkerSet` (quarantine and probes),
+pooled HTTP session, the :class:`~dynamo_llm.router.WorkerSet` (quarantine and probes),
 the discovery task; it starts and stops with the app. It keeps the app's model list in line with
 discovery (a model appears once a worker serves it) and ``model_ready{model}`` in line with
 quarantine (1 while at least one of its workers is available).
@@ -17,15 +17,12 @@ from typing import Any
 import aiohttp
 
 from .config import Config
-from .discovery.static import StaticDiscovery, describe_worker
-from .engines.remote import WorkerClient, make_session
+from .discovery.static import StaticDiscovery
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
-from .router.engine import AttemptLimits, Router
-from .router.kv_index import KvIndex
-from .router.policies import RouterMode, RoutingPolicy
-from .router.workers import Worker, WorkerSet
+from .router import AttemptLimits, KvIndex, Router, RouterMode, RoutingPolicy, Worker, WorkerSet
 from .runtime.clock import Clock
+from .transport import WorkerClient, make_session
 
 log = logging.getLogger("dynamo_llm.fleet")
 
@@ -63,7 +60,9 @@ class Fleet:
 
     async def start(self) -> None:
         config = self.config
-        self._session = make_session(config.worker_connect_timeout_secs)
+        self._session = make_session(
+            config.worker_connect_timeout_secs, api_key=config.upstream_api_key
+        )
         self._client = WorkerClient(self._session)
         self.router = Router(
             self.workers,
@@ -85,6 +84,7 @@ class Fleet:
             path=config.upstream_file,
             on_models=self._models_changed,
         )
+        self.app.waiting_for = self.discovery.pending
         await self.discovery.start()
 
     async def aclose(self) -> None:
@@ -123,7 +123,7 @@ class Fleet:
         workers = self.workers
 
         def describe() -> dict[str, Any]:
-            return {"workers": [describe_worker(w) for w in workers.workers_for(name)]}
+            return {"workers": [w.describe() for w in workers.workers_for(name)]}
 
         return ServedModel(
             name,
@@ -131,7 +131,7 @@ class Fleet:
             owned_by="dynamo-llm",
             is_ready=lambda: workers.has_available(name),
             describe=describe,
-            routed=True,
+            engine_enforces_first_token=True,
         )
 
     def _availability_changed(self, models: frozenset[str]) -> None:

@@ -28,7 +28,7 @@ not need to change.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
@@ -37,7 +37,7 @@ from ..errors import ContextLengthExceeded
 from ..runtime.context import EngineContext
 
 if TYPE_CHECKING:
-    from ..protocols.chat import ChatCompletionRequest
+    from ..protocols.chat import ChatCompletionRequest, ChatMessage
     from ..protocols.completions import CompletionRequest
 
 Endpoint = Literal["chat_completions", "completions"]
@@ -49,6 +49,14 @@ class Usage(msgspec.Struct, gc=False):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        """The counts of both: the one place usage is summed (over the choices of a request)."""
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.cached_tokens + other.cached_tokens,
+        )
 
 
 class EngineOutput(msgspec.Struct, gc=False):
@@ -112,49 +120,65 @@ async def aclose_stream(stream: AsyncIterator[EngineOutput]) -> None:
         await aclose()
 
 
-class EngineRequest:
-    """What an engine is asked to do: one prompt, one choice.
+class Sampling(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The client's sampling options, for an engine that honours them (None: not sent)."""
 
-    ``params`` is the validated OpenAI request (for sampling options an engine may honour);
-    ``prompt`` is this sub-request's completions prompt (text or token ids), None for chat.
-    ``raw_body`` is the client's JSON body, for engines that forward it. ``worker_id`` is the
-    worker the client asked for (``X-Worker-Instance-Id``, used by the router's direct mode).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+
+
+class RoutingHint(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What the client said about where its request should run.
+
+    ``worker_id`` is the worker it asked for (``X-Worker-Instance-Id``, at most 256
+    characters), which the router's direct mode obeys. What kv routing reads, the prompt's text,
+    is the request's own content (``messages`` or ``prompt``), not a hint.
     """
 
-    __slots__ = (
-        "endpoint",
-        "id",
-        "max_tokens",
-        "model",
-        "params",
-        "prompt",
-        "raw_body",
-        "stop",
-        "worker_id",
-    )
+    worker_id: str | None = None
 
-    def __init__(
-        self,
-        id: str,
-        model: str,
-        endpoint: Endpoint,
-        params: ChatCompletionRequest | CompletionRequest,
-        *,
-        prompt: str | list[int] | None = None,
-        max_tokens: int | None = None,
-        stop: tuple[str, ...] = (),
-        raw_body: bytes | None = None,
-        worker_id: str | None = None,
-    ) -> None:
-        self.id = id
-        self.model = model
-        self.endpoint: Endpoint = endpoint
-        self.params = params
-        self.prompt = prompt
-        self.max_tokens = max_tokens
-        self.stop = stop
-        self.raw_body = raw_body
-        self.worker_id = worker_id
+
+NO_ROUTING_HINT = RoutingHint()
+
+
+class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine is asked to do: one prompt, one choice.
+
+    Built by the endpoint family's descriptor (:mod:`~dynamo_llm.engines.endpoints`), which
+    reads the client's request once: an engine reads these typed fields, never the OpenAI
+    request itself.
+
+    - ``messages`` (chat) or ``prompt`` (completions: text or token ids; one prompt of a batch).
+    - ``sampling``, ``max_tokens`` (the completion budget; None: up to the context window),
+      ``stop`` (the stop sequences), and for chat the template switches
+      ``add_generation_prompt`` and ``continue_final_message``.
+    - ``params`` is the client's validated request and ``raw_body`` the JSON it sent, for an
+      engine that passes the request on (the router's transport re-encodes ``params`` with what
+      it changes, or forwards ``raw_body`` untouched).
+    - ``routing``: the client's routing hint.
+    """
+
+    id: str
+    model: str
+    endpoint: Endpoint
+    params: ChatCompletionRequest | CompletionRequest
+    messages: Sequence[ChatMessage] = ()
+    prompt: str | list[int] | None = None
+    sampling: Sampling = Sampling()
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    raw_body: bytes | None = None
+    routing: RoutingHint = NO_ROUTING_HINT
 
     def __repr__(self) -> str:
         return f"EngineRequest(id={self.id!r}, model={self.model!r}, endpoint={self.endpoint!r})"

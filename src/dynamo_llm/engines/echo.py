@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 
+from ..protocols.chat import content_text
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
 from .base import EngineOutput, EngineRequest, Usage, check_context_length
@@ -23,22 +24,6 @@ def echo_tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-def content_text(content: object) -> str:
-    """The text of a chat message's content (a string, or a list of parts with ``text``)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            text = part.get("text") if isinstance(part, dict) else getattr(part, "text", None)
-            if isinstance(text, str):
-                texts.append(text)
-        return "".join(texts)
-    return ""
-
-
 def prompt_tokens_of(request: EngineRequest) -> tuple[list[str], int]:
     """The tokens to echo back, and the prompt's token count (each text tokenized once)."""
     if request.endpoint == "completions":
@@ -47,13 +32,11 @@ def prompt_tokens_of(request: EngineRequest) -> tuple[list[str], int]:
             return [f" {t}" if i else str(t) for i, t in enumerate(prompt)], len(prompt)
         tokens = echo_tokens(prompt or "")
         return tokens, len(tokens)
-    messages = getattr(request.params, "messages", None) or []
+    messages = request.messages
     if not messages:
         return [], 0
-    last = echo_tokens(content_text(getattr(messages[-1], "content", None)))
-    counted = len(last) + sum(
-        len(echo_tokens(content_text(getattr(m, "content", None)))) for m in messages[:-1]
-    )
+    last = echo_tokens(content_text(messages[-1].content, ""))
+    counted = len(last) + sum(len(echo_tokens(content_text(m.content, ""))) for m in messages[:-1])
     return last, counted
 
 

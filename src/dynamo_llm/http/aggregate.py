@@ -6,7 +6,7 @@ import msgspec
 
 from ..engines.base import EngineOutput, Usage
 from ..protocols.chat import ChatChoice, ChatCompletionResponse, ResponseMessage
-from ..protocols.common import PromptTokensDetails, UsageInfo
+from ..protocols.common import usage_info
 from ..protocols.completions import CompletionChoice, CompletionResponse
 
 _encode = msgspec.json.encode
@@ -47,18 +47,10 @@ class Aggregator:
         if out.finish_reason is not None:
             self._finish[index] = out.finish_reason
         if out.usage is not None:
-            self.usage.prompt_tokens += out.usage.prompt_tokens
-            self.usage.completion_tokens += out.usage.completion_tokens
-            self.usage.cached_tokens += out.usage.cached_tokens
+            self.usage += out.usage
 
     def render(self) -> bytes:
-        usage = self.usage
-        usage_info = UsageInfo(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.prompt_tokens + usage.completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
-        )
+        usage = usage_info(self.usage)
         token_ids = self._token_ids
         response: ChatCompletionResponse | CompletionResponse
         if self._chat:
@@ -75,7 +67,7 @@ class Aggregator:
                     )
                     for index, parts in enumerate(self._texts)
                 ],
-                usage=usage_info,
+                usage=usage,
             )
         else:
             response = CompletionResponse(
@@ -91,6 +83,6 @@ class Aggregator:
                     )
                     for index, parts in enumerate(self._texts)
                 ],
-                usage=usage_info,
+                usage=usage,
             )
         return _encode(response)

@@ -1,142 +1,54 @@
 """The OpenAI-compatible HTTP application, independent of the server interface.
 
-:func:`create_app` builds an :class:`App` from the configuration, the served models, the
-metrics and the clock. Server adapters (``rsgi``, ``asgi``) hand it each request as an
-:class:`~dynamo_llm.http.connection.HttpRequest` and a
-:class:`~dynamo_llm.http.connection.Connection`; :meth:`App.handle` does the rest.
+:func:`create_app` assembles an :class:`App` from the configuration, the served models, the
+metrics and the clock: the shared state (:mod:`.state`) and the route table (:mod:`.routes`)
+holding the inference routes (:mod:`.inference`), the info routes (:mod:`.info`) and the
+worker's control route (:mod:`.control`). Server adapters (``rsgi``, ``asgi``) hand the app each
+request as an :class:`~dynamo_llm.http.connection.HttpRequest` and a
+:class:`~dynamo_llm.http.connection.Connection`; :meth:`App.handle` dispatches it.
 
-An inference request goes: read and validate the body (errors are plain JSON responses, counted
-with the fixed ``unknown_model`` label when the model is not served), admit it (in-flight and
-queued gauges), then the handler phase (admission by the engine, in a task, under the armed
-connection handle) and, for a streaming request, the stream phase
-(:func:`~dynamo_llm.http.disconnect.monitor_for_disconnects`). The outcome record is released in
-exactly one place, the ``finally`` of :meth:`App._inference`.
+The app also owns the lifecycle: background work and hooks started and stopped with it, and the
+graceful shutdown that lets requests in flight finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-from uuid import uuid4
-
-import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import Config
-from ..engines.base import Endpoint, Engine, EngineRequest, aclose_stream
-from ..engines.fanout import open_fanout
-from ..errors import (
-    AllWorkersBusy,
-    DynamoError,
-    MethodNotAllowed,
-    ModelNotFound,
-    NotFound,
-    UnsupportedMediaType,
-    internal_error,
-    render_error,
-)
-from ..metrics import UNKNOWN_MODEL, Metrics
-from ..protocols.chat import (
-    ChatCompletionRequest,
-    decode_chat_request,
-    max_output_tokens,
-    stop_list,
-)
-from ..protocols.common import peek_request
-from ..protocols.completions import CompletionRequest, decode_completion_request, prompts
+from ..metrics import Metrics
 from ..runtime.clock import Clock, SystemClock
-from ..runtime.context import EngineContext, StopReason
-from ..runtime.watchdog import Watchdog
-from .aggregate import Aggregator
-from .connection import Connection, Headers, HttpRequest
-from .disconnect import (
-    DisconnectMonitor,
-    SseResponse,
-    error_for_stop,
-    monitor_for_disconnects,
-)
-from .exchange import ClientGone, Exchange, Waker
-from .openapi import openapi_document
-from .sse import SSE_HEADERS, ChunkRenderer
+from ..runtime.context import StopReason
+from . import control, inference, info
+from .connection import Connection, HttpRequest
+from .routes import RouteTable
+from .state import AppState, ServedModel
+
+__all__ = ["App", "ServedModel", "create_app"]
 
 log = logging.getLogger("dynamo_llm.http")
 
-JSON_HEADERS: Headers = [("content-type", "application/json")]
-_encode = msgspec.json.encode
-_DEFAULT_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+Hook = Callable[[], Awaitable[None]]
 
 
-@dataclass
-class ServedModel:
-    """A model the frontend serves, and the engine that serves it."""
+@dataclass(eq=False, repr=False)
+class App(AppState):
+    """The app state plus what serving it needs: the route table, the lifecycle, shutdown."""
 
-    name: str
-    engine: Engine
-    context_length: int | None = None
-    owned_by: str = "dynamo-llm"
-    created: int = field(default_factory=lambda: int(time.time()))
-    is_ready: Callable[[], bool] = lambda: True
-    describe: Callable[[], dict[str, Any]] = lambda: {}
-    # The engine times each attempt itself (the router): the HTTP layer's first-token limit is
-    # then a safety net at twice the value, like the inactivity window, so the router fires first.
-    routed: bool = False
+    routes: RouteTable = field(default_factory=lambda: RouteTable(()), init=False)
+    """Every route the app answers (filled in by :func:`create_app`)."""
+    _background: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _lifecycle: list[tuple[Hook, Hook]] = field(default_factory=list, init=False)
 
-
-def resolve_request_id(value: str | None) -> str:
-    """The client's ``X-Request-Id`` when it is 1-128 printable ASCII characters, else a UUIDv4."""
-    if value and len(value) <= 128 and all(0x21 <= ord(c) <= 0x7E for c in value):
-        return value
-    return str(uuid4())
-
-
-class App:
-    """Routes requests and owns every in-flight request's lifecycle."""
-
-    def __init__(
-        self,
-        config: Config,
-        models: Sequence[ServedModel],
-        metrics: Metrics,
-        clock: Clock,
-        *,
-        control_routes: bool = False,
-    ) -> None:
-        self.config = config
-        self.control_routes = control_routes
-        self.metrics = metrics
-        self.clock = clock
-        self.models: dict[str, ServedModel] = {m.name: m for m in models}
-        self.shutting_down = False
-        self._live: dict[EngineContext, None] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._background: list[asyncio.Task[None]] = []
-        self._lifecycle: list[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]]
-        self._lifecycle = []
-        self._get_routes: dict[str, Callable[[HttpRequest, Connection], Awaitable[None]]] = {
-            "/v1/models": self._list_models,
-            "/health": self._health,
-            "/live": self._live_probe,
-            "/metrics": self._metrics,
-            "/openapi.json": self._openapi,
-            "/docs": self._docs,
-        }
-        self._post_routes: dict[str, Endpoint] = {
-            "/v1/chat/completions": "chat_completions",
-            "/v1/completions": "completions",
-        }
-        for model in models:
-            metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
+    async def handle(self, request: HttpRequest, conn: Connection) -> None:
+        await self.routes.dispatch(request, conn)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    def add_lifecycle(
-        self, start: Callable[[], Awaitable[None]], close: Callable[[], Awaitable[None]]
-    ) -> None:
+    def add_lifecycle(self, start: Hook, close: Hook) -> None:
         """Run ``start`` when the app starts and ``close`` when it closes (before the engines)."""
         self._lifecycle.append((start, close))
 
@@ -162,422 +74,21 @@ class App:
         for engine in engines.values():
             await engine.aclose()
 
-    def add_model(self, model: ServedModel) -> None:
-        """Serve another model (or replace one with the same name), e.g. found by discovery."""
-        self.models[model.name] = model
-        self.metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
-
-    def remove_model(self, name: str) -> None:
-        """Stop serving a model: new requests for it get 404; requests in flight finish."""
-        if self.models.pop(name, None) is not None:
-            self.metrics.model_ready.remove(name)
-
-    @property
-    def inflight(self) -> int:
-        return len(self._live)
-
     async def shutdown(self, grace: float | None = None, kill_wait: float = 5.0) -> None:
         """Graceful shutdown: ``/live`` turns 503; requests in flight get ``grace`` seconds to
         finish; the rest are killed with reason ``shutdown`` and awaited."""
         self.shutting_down = True
         grace = self.config.graceful_shutdown_timeout_secs if grace is None else grace
-        if self._live:
+        if self.inflight:
             log.info(
-                "shutting down: %d request(s) in flight, waiting up to %gs", len(self._live), grace
+                "shutting down: %d request(s) in flight, waiting up to %gs", self.inflight, grace
             )
-            await self._wait_idle(grace)
-        if self._live:
-            log.warning("shutting down: stopping %d request(s) still in flight", len(self._live))
-            for ctx in list(self._live):
+            await self.wait_idle(grace)
+        if self.inflight:
+            log.warning("shutting down: stopping %d request(s) still in flight", self.inflight)
+            for ctx in self.live_requests():
                 ctx.kill(StopReason.SHUTDOWN)
-            await self._wait_idle(kill_wait)
-
-    async def wait_until_idle(self) -> None:
-        """Return once no admitted request is in flight (every outcome recorded)."""
-        await self._idle.wait()
-
-    async def _wait_idle(self, seconds: float) -> None:
-        waiter = asyncio.ensure_future(self._idle.wait())
-        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        try:
-            await asyncio.wait([waiter, sleeper], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for fut in (waiter, sleeper):
-                fut.cancel()
-            await asyncio.wait([waiter, sleeper])
-
-    # --- routing ------------------------------------------------------------------------------
-
-    async def handle(self, request: HttpRequest, conn: Connection) -> None:
-        path = request.path
-        method = request.method
-        if self.control_routes and path.startswith(_STOP_PREFIX) and path.endswith("/stop"):
-            if method == "POST":
-                await self._stop_request(conn, path[len(_STOP_PREFIX) : -len("/stop")])
-                return
-            await self._error(conn, MethodNotAllowed(f"Method {method} not allowed on {path}"))
-            return
-        endpoint = self._post_routes.get(path)
-        if endpoint is not None:
-            if method == "POST":
-                await self._inference(request, conn, endpoint)
-                return
-            await self._error(conn, MethodNotAllowed(f"Method {method} not allowed on {path}"))
-            return
-        get_route = self._get_routes.get(path)
-        if get_route is None and path.startswith("/v1/models/"):
-            get_route = self._get_model
-        if get_route is not None:
-            if method in ("GET", "HEAD"):
-                await get_route(request, conn)
-                return
-            await self._error(conn, MethodNotAllowed(f"Method {method} not allowed on {path}"))
-            return
-        await self._error(conn, NotFound(f"No route for {method} {path}", code="route_not_found"))
-
-    async def _error(
-        self, conn: Connection, exc: DynamoError, headers: Headers = JSON_HEADERS
-    ) -> None:
-        if not conn.is_disconnected:
-            await conn.respond(exc.status, headers, render_error(exc))
-
-    async def _json(self, conn: Connection, status: int, payload: object) -> None:
-        await conn.respond(status, JSON_HEADERS, _encode(payload))
-
-    # --- inference ----------------------------------------------------------------------------
-
-    async def _inference(self, request: HttpRequest, conn: Connection, endpoint: Endpoint) -> None:
-        record = self.metrics.begin(endpoint, self.clock)
-        request_id = resolve_request_id(request.headers.get("x-request-id"))
-        headers: Headers = [*JSON_HEADERS, ("x-request-id", request_id)]
-        ctx: EngineContext | None = None
-        monitor: DisconnectMonitor | None = None
-        watchdog: Watchdog | None = None
-        try:
-            params, body = await self._read_params(request, conn, endpoint, record)
-            served = self.models.get(params.model)
-            if served is None:
-                raise ModelNotFound(f"The model `{params.model}` does not exist.", param="model")
-            ctx = EngineContext(request_id)
-            record.admit(served.name)
-            self._live[ctx] = None
-            self._idle.clear()
-            waker = Waker()
-            monitor = DisconnectMonitor(
-                ctx, self.metrics, served.name, endpoint, record.request_type
-            )
-            config = self.config
-            watchdog = Watchdog(
-                self.clock,
-                ctx,
-                inactivity=config.http_inactivity_secs,
-                first_token=(
-                    config.first_token_timeout_secs * (2 if served.routed else 1)
-                    if config.first_token_timeout_secs
-                    else None
-                ),
-                deadline=config.request_timeout_secs,
-                on_expire=waker.wake,
-            )
-            exchange = Exchange(ctx, conn, record, monitor, watchdog, waker, headers)
-            conn.on_disconnect(waker.wake)
-            ctx.on_stop(waker.wake)
-            requests = self._engine_requests(endpoint, params, served, request_id, body)
-            worker_id = request.headers.get("x-worker-instance-id")
-            if worker_id:
-                for sub_request in requests:
-                    sub_request.worker_id = worker_id[:256]
-            watchdog.start()
-            if params.stream:
-                await self._stream(exchange, served, params, requests)
-            else:
-                await self._unary(exchange, served, params, requests)
-        except ClientGone:
-            record.mark_error("cancelled")
-        except DynamoError as exc:
-            record.mark_error(exc.error_type)
-            if isinstance(exc, AllWorkersBusy):
-                self.metrics.model_rejection_total.labels(record.model, endpoint).inc()
-            if monitor is not None:
-                monitor.connection.disarm()
-            await self._error(conn, exc, headers)
-        except Exception:
-            log.exception("request %s failed", request_id)
-            record.mark_error("internal")
-            if monitor is not None:
-                monitor.connection.disarm()
-            await self._error(conn, internal_error(), headers)
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            if monitor is not None:
-                monitor.release_all()
-            record.release()
-            if ctx is not None:
-                self._live.pop(ctx, None)
-                if not self._live:
-                    self._idle.set()
-
-    async def _read_params(
-        self, request: HttpRequest, conn: Connection, endpoint: Endpoint, record: Any
-    ) -> tuple[ChatCompletionRequest | CompletionRequest, bytes]:
-        body = b""
-        try:
-            content_type = request.headers.get("content-type")
-            if content_type is not None and content_type.split(";", 1)[0].strip().lower() != (
-                "application/json"
-            ):
-                raise UnsupportedMediaType(
-                    f"Content-Type must be application/json, got {content_type[:100]!r}"
-                )
-            body = await conn.read_body(self.config.body_limit_bytes)
-            params: ChatCompletionRequest | CompletionRequest
-            if endpoint == "chat_completions":
-                params = decode_chat_request(body)
-            else:
-                params = decode_completion_request(body)
-        except DynamoError:
-            # Label the failure with the model when it is one we serve; otherwise the fixed label.
-            name, stream = peek_request(body) if body else (None, False)
-            record.model = name if name in self.models else UNKNOWN_MODEL
-            record.request_type = "stream" if stream else "unary"
-            raise
-        record.request_type = "stream" if params.stream else "unary"
-        if params.model not in self.models:
-            record.model = UNKNOWN_MODEL
-        return params, body
-
-    def _engine_requests(
-        self,
-        endpoint: Endpoint,
-        params: ChatCompletionRequest | CompletionRequest,
-        served: ServedModel,
-        request_id: str,
-        body: bytes,
-    ) -> list[EngineRequest]:
-        n = params.n or 1
-        if isinstance(params, ChatCompletionRequest):
-            max_tokens = max_output_tokens(params)
-            stop = stop_list(params)
-            batch: list[str | list[int] | None] = [None]
-        else:
-            max_tokens = (
-                params.max_tokens
-                if params.max_tokens is not None
-                else _DEFAULT_COMPLETIONS_MAX_TOKENS
-            )
-            stop = _completion_stop(params)
-            batch = list(prompts(params))
-        total = len(batch) * n
-        out = []
-        for p_index, prompt in enumerate(batch):
-            for i in range(n):
-                k = p_index * n + i
-                out.append(
-                    EngineRequest(
-                        request_id if total == 1 else f"{request_id}-{k}",
-                        served.name,
-                        endpoint,
-                        params,
-                        prompt=prompt,
-                        max_tokens=max_tokens,
-                        stop=stop,
-                        raw_body=body,
-                    )
-                )
-        return out
-
-    def _open(
-        self, served: ServedModel, requests: list[EngineRequest], ctx: EngineContext, n: int
-    ) -> asyncio.Task[Any]:
-        return asyncio.get_running_loop().create_task(
-            open_fanout(served.engine, requests, ctx, n=n)
-        )
-
-    async def _stream(
-        self,
-        exchange: Exchange,
-        served: ServedModel,
-        params: ChatCompletionRequest | CompletionRequest,
-        requests: list[EngineRequest],
-    ) -> None:
-        stream_options = params.stream_options
-        renderer = ChunkRenderer(
-            *_response_naming(params, exchange.ctx),
-            served.name,
-            int(time.time()),
-            include_usage=bool(stream_options is not None and stream_options.include_usage),
-            with_token_ids=bool(getattr(params, "return_token_ids", False)),
-        )
-        stream = await exchange.handler_phase(
-            self._open(served, requests, exchange.ctx, params.n or 1)
-        )
-        response = SseResponse(exchange, [*SSE_HEADERS, exchange.response_headers[-1]])
-        try:
-            await monitor_for_disconnects(exchange, stream, response, renderer)
-        finally:
-            if response.writer is not None:
-                await exchange.conn.end_stream()
-
-    async def _unary(
-        self,
-        exchange: Exchange,
-        served: ServedModel,
-        params: ChatCompletionRequest | CompletionRequest,
-        requests: list[EngineRequest],
-    ) -> None:
-        aggregator = Aggregator(
-            *_response_naming(params, exchange.ctx),
-            served.name,
-            int(time.time()),
-            choices=len(requests),
-            with_token_ids=bool(getattr(params, "return_token_ids", False)),
-        )
-        work = asyncio.get_running_loop().create_task(
-            self._collect(exchange, served, requests, params.n or 1, aggregator)
-        )
-        body = await exchange.handler_phase(work)
-        exchange.record.mark_ok()
-        await exchange.conn.respond(200, exchange.response_headers, body)
-
-    async def _collect(
-        self,
-        exchange: Exchange,
-        served: ServedModel,
-        requests: list[EngineRequest],
-        n: int,
-        aggregator: Aggregator,
-    ) -> bytes:
-        ctx = exchange.ctx
-        stream = await open_fanout(served.engine, requests, ctx, n=n)
-        touch = exchange.watchdog.touch
-        now = exchange.watchdog.clock.now
-        on_tokens = exchange.record.on_tokens
-        try:
-            async for out in stream:
-                t = now()
-                touch(t)
-                on_tokens(out.num_tokens, out.prompt_tokens, t)
-                aggregator.add(out)
-        finally:
-            await aclose_stream(stream)
-        if ctx.is_stopped:
-            raise error_for_stop(ctx.reason)
-        return aggregator.render()
-
-    # --- other routes -------------------------------------------------------------------------
-
-    async def _stop_request(self, conn: Connection, request_id: str) -> None:
-        """Stop generating (gracefully) every request in flight with this id.
-
-        A frontend uses it to pass a graceful stop across the wire to a ``dynamo-llm worker``;
-        only workers enable it (it trusts the caller with every request id).
-        """
-        stopped = 0
-        for ctx in list(self._live):
-            if ctx.id == request_id and not ctx.is_stopped:
-                ctx.stop_generating(StopReason.EXPLICIT)
-                stopped += 1
-        if stopped == 0:
-            await self._error(
-                conn,
-                NotFound(f"No request `{request_id[:128]}` in flight", code="request_not_found"),
-            )
-            return
-        await self._json(conn, 200, {"id": request_id, "stopped": stopped})
-
-    def _model_card(self, model: ServedModel) -> dict[str, Any]:
-        card: dict[str, Any] = {
-            "id": model.name,
-            "object": "model",
-            "created": model.created,
-            "owned_by": model.owned_by,
-        }
-        if model.context_length is not None:
-            card["context_window"] = model.context_length
-        return card
-
-    async def _list_models(self, request: HttpRequest, conn: Connection) -> None:
-        await self._json(
-            conn,
-            200,
-            {"object": "list", "data": [self._model_card(m) for m in self.models.values()]},
-        )
-
-    async def _get_model(self, request: HttpRequest, conn: Connection) -> None:
-        name = request.path[len("/v1/models/") :].lstrip("/")
-        model = self.models.get(name)
-        if model is None:
-            await self._error(
-                conn, ModelNotFound(f"The model `{name[:256]}` does not exist.", param="model")
-            )
-            return
-        await self._json(conn, 200, self._model_card(model))
-
-    async def _health(self, request: HttpRequest, conn: Connection) -> None:
-        models = []
-        any_ready = False
-        for model in self.models.values():
-            ready = model.is_ready()
-            any_ready = any_ready or ready
-            self.metrics.model_ready.labels(model.name).set(1 if ready else 0)
-            models.append({"model": model.name, "ready": ready, **model.describe()})
-        status = "healthy" if any_ready else "unhealthy"
-        await self._json(conn, 200 if any_ready else 503, {"status": status, "models": models})
-
-    async def _live_probe(self, request: HttpRequest, conn: Connection) -> None:
-        if self.shutting_down:
-            await self._json(
-                conn, 503, {"status": "shutting_down", "message": "Service is shutting down"}
-            )
-        else:
-            await self._json(conn, 200, {"status": "live", "message": "Service is live"})
-
-    async def _metrics(self, request: HttpRequest, conn: Connection) -> None:
-        await conn.respond(
-            200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(self.metrics.registry)
-        )
-
-    async def _openapi(self, request: HttpRequest, conn: Connection) -> None:
-        await conn.respond(200, JSON_HEADERS, openapi_document())
-
-    async def _docs(self, request: HttpRequest, conn: Connection) -> None:
-        await conn.respond(200, [("content-type", "text/html; charset=utf-8")], _DOCS_HTML)
-
-
-_STOP_PREFIX = "/v1/requests/"
-
-
-def _response_naming(
-    params: ChatCompletionRequest | CompletionRequest, ctx: EngineContext
-) -> tuple[str, str]:
-    """The response kind and id: ("chat", "chatcmpl-<id>") or ("completions", "cmpl-<id>")."""
-    if isinstance(params, ChatCompletionRequest):
-        return "chat", "chatcmpl-" + ctx.id
-    return "completions", "cmpl-" + ctx.id
-
-
-def _completion_stop(params: CompletionRequest) -> tuple[str, ...]:
-    stop = params.stop
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,)
-    return tuple(stop)
-
-
-_DOCS_HTML = b"""<!doctype html>
-<html><head><meta charset="utf-8"><title>dynamo-llm API</title></head>
-<body><h1>dynamo-llm</h1>
-<p>OpenAI-compatible API. The machine-readable description is at
-<a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>
-<ul>
-<li><code>POST /v1/chat/completions</code></li>
-<li><code>POST /v1/completions</code></li>
-<li><code>GET /v1/models</code>, <code>GET /v1/models/{id}</code></li>
-<li><code>GET /health</code>, <code>GET /live</code>, <code>GET /metrics</code></li>
-</ul></body></html>
-"""
+            await self.wait_idle(kill_wait)
 
 
 def create_app(
@@ -592,10 +103,15 @@ def create_app(
 
     ``control_routes`` enables ``POST /v1/requests/{id}/stop`` (for ``dynamo-llm worker``).
     """
-    return App(
+    app = App(
         config,
         models,
         metrics if metrics is not None else Metrics(prefix=config.metrics_prefix),
         clock if clock is not None else SystemClock(),
         control_routes=control_routes,
     )
+    app.routes = RouteTable(
+        [*inference.routes(app), *info.routes(app), *control.routes(app)],
+        api_keys=config.api_keys,
+    )
+    return app

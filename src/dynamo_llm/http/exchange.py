@@ -11,6 +11,7 @@ task is started to watch for any of these and nothing is polled.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..metrics import RequestRecord
@@ -19,6 +20,8 @@ from ..runtime.tasks import cancel_and_wait
 from ..runtime.watchdog import Watchdog
 from .connection import Connection
 from .disconnect import DisconnectMonitor, error_for_stop
+
+__all__ = ["ClientGone", "Exchange", "Waker"]
 
 T = TypeVar("T")
 
@@ -48,26 +51,35 @@ class Waker:
             self._fut = None
 
 
+@dataclass(slots=True, eq=False, kw_only=True)
 class Exchange:
-    __slots__ = ("conn", "ctx", "monitor", "record", "response_headers", "waker", "watchdog")
+    """What the phases of one admitted inference request share (see the module docstring)."""
 
-    def __init__(  # noqa: PLR0917
-        self,
-        ctx: EngineContext,
-        conn: Connection,
-        record: RequestRecord,
-        monitor: DisconnectMonitor,
-        watchdog: Watchdog,
-        waker: Waker,
-        response_headers: list[tuple[str, str]],
-    ) -> None:
-        self.ctx = ctx
-        self.conn = conn
-        self.record = record
-        self.monitor = monitor
-        self.watchdog = watchdog
-        self.waker = waker
-        self.response_headers = response_headers
+    ctx: EngineContext
+    """The request's engine context: stopping or killing it reaches every engine serving the
+    request; its id is the request id."""
+
+    conn: Connection
+    """The client's connection: where the answer goes, and what says the client went away."""
+
+    record: RequestRecord
+    """The outcome record (counters, gauges, latencies); marked as the request ends, released
+    by the handler's ``finally``."""
+
+    monitor: DisconnectMonitor
+    """The disconnect monitor and its two handles (connection, then stream)."""
+
+    watchdog: Watchdog
+    """Every time limit of the request (inactivity, first token, deadline), on one timer."""
+
+    waker: Waker
+    """The one future the handler sleeps on; everything that can end a phase wakes it."""
+
+    @property
+    def request_id(self) -> str:
+        """The request id (the client's ``X-Request-Id``, or a fresh one), sent back in
+        ``X-Request-Id`` with every answer."""
+        return self.ctx.id
 
     async def handler_phase(self, work: asyncio.Task[T]) -> T:
         """Await ``work`` holding the armed connection handle (SPEC §3, phase 1).

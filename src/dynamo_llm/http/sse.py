@@ -2,8 +2,10 @@
 
 Rendering is on the per-token path, so a renderer builds each request's constant JSON prefix
 once and then makes a chunk with one JSON string encode and two concatenations; it never builds
-a dict per token. Outputs that carry ``raw`` bytes (a relaying engine) are passed through as-is
-by the caller and never reach a renderer.
+a dict per token. The chunk's shape is :mod:`dynamo_llm.protocols.stream`, which the transport
+reads workers' chunks with: the envelope and the usage chunk are encoded from its Structs, and
+the per-token choice is written as bytes in its field order. Outputs that carry ``raw`` bytes (a
+relaying engine) are passed through as-is by the caller and never reach a renderer.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import msgspec
 
 from ..engines.base import EngineOutput, Usage
 from ..errors import DynamoError, render_error
+from ..protocols.common import usage_info
+from ..protocols.stream import CHAT_CHUNK, COMPLETION_CHUNK, StreamChunk
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = [
@@ -29,17 +33,6 @@ def error_frame(exc: DynamoError) -> bytes:
     return b"event: error\ndata: " + render_error(exc) + b"\n\n"
 
 
-def usage_json(usage: Usage) -> bytes:
-    return _encode(
-        {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        }
-    )
-
-
 class ChunkRenderer:
     """Renders one request's stream of :class:`EngineOutput` as OpenAI SSE chunks.
 
@@ -50,6 +43,7 @@ class ChunkRenderer:
 
     __slots__ = (
         "_chat",
+        "_chunk",
         "_envelope",
         "_fast_head",
         "_head",
@@ -70,17 +64,14 @@ class ChunkRenderer:
         with_token_ids: bool = False,
     ) -> None:
         self._chat = kind == "chat"
-        obj = b"chat.completion.chunk" if self._chat else b"text_completion"
-        self._envelope = (
-            b'{"id":'
-            + _encode(response_id)
-            + b',"object":"'
-            + obj
-            + b'","created":'
-            + str(created).encode()
-            + b',"model":'
-            + _encode(model)
+        self._chunk = StreamChunk(
+            id=response_id,
+            object=CHAT_CHUNK if self._chat else COMPLETION_CHUNK,
+            created=created,
+            model=model,
         )
+        # {"id":...,"object":...,"created":...,"model":... without its closing brace.
+        self._envelope = _encode(self._chunk)[:-1]
         self._head = b"data: " + self._envelope + b',"choices":[{"index":'
         self._fast_head = self._head + (b'0,"delta":{"content":' if self._chat else b'0,"text":')
         self._roles_sent: set[int] = set()
@@ -129,16 +120,12 @@ class ChunkRenderer:
 
     def add_usage(self, usage: Usage) -> None:
         """Count a choice's usage towards the final usage chunk."""
-        if self.usage is None:
-            self.usage = Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-        else:
-            self.usage.prompt_tokens += usage.prompt_tokens
-            self.usage.completion_tokens += usage.completion_tokens
-            self.usage.cached_tokens += usage.cached_tokens
+        self.usage = usage if self.usage is None else self.usage + usage
 
     def finish(self) -> bytes:
         """What goes before ``[DONE]``: the usage chunk when asked for, else nothing."""
         if not self.include_usage:
             return b""
-        usage = self.usage or Usage(0, 0)
-        return b"data: " + self._envelope + b',"choices":[],"usage":' + usage_json(usage) + b"}\n\n"
+        info = usage_info(self.usage or Usage(0, 0))
+        chunk = msgspec.structs.replace(self._chunk, choices=[], usage=info)
+        return b"data: " + _encode(chunk) + b"\n\n"

@@ -35,6 +35,7 @@ __all__ = [
     "ChatMessage",
     "ContentPart",
     "ResponseMessage",
+    "content_text",
     "decode_chat_request",
     "max_output_tokens",
     "stop_list",
@@ -44,6 +45,21 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 
 # One part of an array content: {"type": "text", "text": ...}, {"type": "image_url", ...}, ...
 ContentPart = dict[str, Any]
+
+
+def content_text(content: str | list[ContentPart] | None, sep: str = "\n") -> str:
+    """The text of a message's content: the string itself, or the ``text`` of its parts joined
+    by ``sep`` (parts without a string ``text``, an image or audio, are left out).
+
+    The one reading of a content for everything that needs its text: the mocker's chat template
+    and a migration's continued message join parts with newlines; the echo engine and the
+    router's prefix text join them with nothing.
+    """
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return sep.join(text for part in content if isinstance(text := part.get("text"), str))
 
 
 class ChatMessage(msgspec.Struct, omit_defaults=True):
@@ -56,16 +72,7 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
 
     def text_content(self) -> str:
         """The message's text: the string content, or its text parts joined by newlines."""
-        content = self.content
-        if content is None:
-            return ""
-        if isinstance(content, str):
-            return content
-        return "\n".join(
-            text
-            for part in content
-            if part.get("type") == "text" and isinstance(text := part.get("text"), str)
-        )
+        return content_text(self.content)
 
 
 class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -37,16 +37,44 @@ class StreamOptions(msgspec.Struct, omit_defaults=True):
 
 
 class PromptTokensDetails(msgspec.Struct):
-    cached_tokens: int = 0
+    cached_tokens: int | None = None
 
 
 class UsageInfo(msgspec.Struct, omit_defaults=True):
-    """Token usage of a response; ``prompt_tokens_details`` is omitted when None."""
+    """Token usage of a response or of a stream's usage chunk; a field is omitted when None.
 
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+    We write every count; the counts are optional for reading a worker's usage, which may leave
+    one out or send ``null`` (vLLM's ``completion_tokens`` may be null).
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
     prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class UsageCounts(Protocol):
+    """Token counts as an engine reports them (``engines.base.Usage``)."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
+
+
+def usage_info(usage: UsageCounts) -> UsageInfo:
+    """The wire usage for these counts: the total, and the cached prompt tokens in the details.
+
+    The one shape of usage on the wire: a unary response's and a stream's usage chunk.
+    """
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+    )
 
 
 # --- decoding ----------------------------------------------------------------------------------

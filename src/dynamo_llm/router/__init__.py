@@ -1,12 +1,24 @@
-"""The router's socket-free core: worker set, quarantine, routing policies, KV prefix index.
+"""The router: remote workers of each model, and the engine that dispatches to them.
 
-``WorkerSet`` knows every worker and its state and owns each worker's in-flight count;
-``RoutingPolicy`` / ``choose_worker`` choose one from a snapshot; ``KvIndex`` approximates each
-worker's prefix cache for the ``kv`` mode. The engine that dispatches to the chosen worker is
-built on top of these.
+The socket-free core, bottom up:
+
+- ``policies``: ``RoutingPolicy`` / ``choose_worker`` choose a worker from a snapshot (pure);
+- ``kv_index``: ``KvIndex`` approximates each worker's prefix cache for the ``kv`` mode;
+- ``slot``: a worker's in-flight load, and the ``InflightSlot`` a request holds on it;
+- ``quarantine``: a worker's health, its back-off and the probe that brings it back;
+- ``membership``: ``Worker`` and the ``WorkerSet`` of every registered worker, per model.
+
+On top of them, ``attempt`` runs one request on one chosen worker (its context, its watchdog,
+reporting the worker down or ok), ``migration`` continues a failed request on another worker,
+and ``engine``'s ``Router`` is the engine the HTTP layer serves, with the I/O to the workers
+(``WorkerClient``) injected.
 """
 
+from .attempt import Attempt, AttemptLimits
+from .engine import Router
 from .kv_index import DEFAULT_BLOCK_CHARS, KvIndex, block_hashes
+from .membership import ChangeCallback, Probe, UnknownWorker, Worker, WorkerSet, WorkerState
+from .migration import MigrationState, migration_budget
 from .policies import (
     WORKER_ID_HEADER,
     RoundRobin,
@@ -17,28 +29,28 @@ from .policies import (
     free_workers,
     kv_scores,
 )
-from .workers import (
-    ChangeCallback,
-    InflightSlot,
-    Probe,
-    UnknownWorker,
-    Worker,
-    WorkerSet,
-    WorkerState,
-)
+from .quarantine import Health, Quarantine
+from .slot import InflightSlot, WorkerLoad
 
 __all__ = [
     "DEFAULT_BLOCK_CHARS",
     "WORKER_ID_HEADER",
+    "Attempt",
+    "AttemptLimits",
     "ChangeCallback",
+    "Health",
     "InflightSlot",
     "KvIndex",
+    "MigrationState",
     "Probe",
+    "Quarantine",
     "RoundRobin",
+    "Router",
     "RouterMode",
     "RoutingPolicy",
     "UnknownWorker",
     "Worker",
+    "WorkerLoad",
     "WorkerSet",
     "WorkerState",
     "WorkerView",
@@ -46,4 +58,5 @@ __all__ = [
     "choose_worker",
     "free_workers",
     "kv_scores",
+    "migration_budget",
 ]

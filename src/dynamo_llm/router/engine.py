@@ -7,59 +7,48 @@ workers exactly like an in-process engine. Per request it:
    available: 503 ``no_workers_available``; all at their in-flight limit: 503
    ``all_workers_busy``) and takes its in-flight slot in the same step, so the choice and the
    count agree; a worker that vanished between the two is re-chosen once;
-2. opens the attempt on the worker through the :class:`~dynamo_llm.engines.remote.WorkerClient`,
-   under an *attempt context* linked to the request's, so a hang-up, a timeout or a shutdown
-   reaches the worker as a closed connection (or a graceful stop, for our own workers);
-3. relays the worker's outputs, timing the attempt with a :class:`~dynamo_llm.runtime.watchdog.
-   Watchdog` at the raw ``DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` (the HTTP layer's net is twice
-   that) and the first-token limit;
-4. reports the outcome: a fault that quarantines (connect failure, dropped stream, stream ended
-   without its terminal item, silence past the limit) takes the worker out of rotation; a clean
-   end resets its failure count. Client cancellations, 4xx answers and slow-but-live streams
-   never count against a worker.
+2. runs one :class:`~.attempt.Attempt` on it: the request is opened on the worker under an
+   attempt context linked to the request's, its outputs are relayed under the attempt's
+   watchdog, and the outcome is reported (a quarantining fault takes the worker out of
+   rotation; a clean end resets its failure count). A worker that left the set while we were
+   connecting to it is re-chosen once;
+3. for a request that may migrate (``DYN_MIGRATION_LIMIT``, :mod:`.migration`), reads the
+   attempt's outputs through a :class:`~.migration.MigrationState` and, when the attempt fails
+   with a migratable error, continues the request on another worker with the replay.
 
-The in-flight slot, the attempt context's link and the upstream connection are all released in
-one ``finally``, whichever way the attempt ends.
+Whatever the attempt holds (the in-flight slot, the attempt context's link, the upstream
+connection) is given back by the attempt, exactly once, whichever way it ends.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
-from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
-from ..engines.echo import content_text
+from ..engines.base import EngineOutput, EngineRequest, OwnedStream
 from ..errors import (
     AllWorkersBusy,
     Cancelled,
     DynamoError,
     NoWorkersAvailable,
-    WorkerResponseTimeout,
     WorkerUnreachable,
 )
 from ..metrics import Metrics
+from ..protocols.chat import content_text
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
-from ..runtime.watchdog import Watchdog
+from .attempt import Attempt, AttemptLimits
 from .kv_index import block_hashes
+from .membership import UnknownWorker, Worker, WorkerSet
 from .migration import MigrationState, migration_budget
 from .policies import RoutingPolicy
-from .workers import InflightSlot, UnknownWorker, Worker, WorkerSet
+from .slot import InflightSlot
 
 if TYPE_CHECKING:
-    from ..engines.remote import WorkerClient
+    from ..transport import WorkerClient
 
 log = logging.getLogger("dynamo_llm.router")
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptLimits:
-    """Per-attempt time limits, in seconds (None: off)."""
-
-    inactivity: float | None = None
-    first_token: float | None = None
 
 
 def prompt_text(request: EngineRequest) -> str:
@@ -69,40 +58,7 @@ def prompt_text(request: EngineRequest) -> str:
         if isinstance(prompt, list):
             return " ".join(map(str, prompt))
         return prompt or ""
-    messages = getattr(request.params, "messages", None) or []
-    return "\n".join(
-        f"{getattr(m, 'role', '')}: {content_text(getattr(m, 'content', None))}" for m in messages
-    )
-
-
-class _AttemptHold:
-    """What one attempt holds, given back exactly once (by the relay's ``finally``, or by
-    ``aclose()`` of a stream that was never iterated)."""
-
-    __slots__ = ("_attempt", "_ctx", "_dog", "_released", "_slot", "_stream")
-
-    def __init__(
-        self,
-        ctx: EngineContext,
-        attempt: EngineContext,
-        slot: InflightSlot,
-        dog: Watchdog,
-        stream: AsyncIterator[EngineOutput],
-    ) -> None:
-        self._ctx = ctx
-        self._attempt = attempt
-        self._slot = slot
-        self._dog = dog
-        self._stream = stream
-        self._released = False
-
-    async def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._dog.cancel()
-            self._slot.release()
-            self._ctx.unlink_child(self._attempt)
-            await aclose_stream(self._stream)
+    return "\n".join(f"{m.role}: {content_text(m.content, '')}" for m in request.messages)
 
 
 class _CurrentAttempt:
@@ -143,14 +99,14 @@ class Router:
 
     def _acquire(
         self, request: EngineRequest, hashes: list[int], exclude: set[str]
-    ) -> tuple[Worker, InflightSlot]:
+    ) -> tuple[Worker, InflightSlot[Worker]]:
         for _ in range(2):
             worker = self.workers.select(
                 request.model,
                 self.policy,
                 exclude=tuple(exclude),
                 hashes=hashes,
-                direct_id=request.worker_id,
+                direct_id=request.routing.worker_id,
             )
             try:
                 return worker, self.workers.acquire(worker.id, hashes=hashes)
@@ -261,103 +217,30 @@ class Router:
                 if self.metrics is not None:
                     self.metrics.model_migration_total.labels(request.model, migration_type).inc()
                 migration_type = None
-            attempt = EngineContext(ctx.id)
-            ctx.link_child(attempt)
-            started = self.clock.now()
-            # The attempt's clock starts at dispatch: a worker that never even sends its
-            # headers is silent too, and must be quarantined by the inactivity limit alone.
-            dog = Watchdog(
-                self.clock,
-                attempt,
-                inactivity=self.limits.inactivity,
-                first_token=self.limits.first_token,
-                deadline=None,
-                error=WorkerResponseTimeout,
+            attempt = Attempt(
+                worker,
+                slot,
+                ctx,
+                workers=self.workers,
+                clock=self.clock,
+                limits=self.limits,
+                metrics=self.metrics,
             )
-            dog.start()
             try:
-                if migrating:
-                    # Parsed outputs with token ids: what a replay needs, and what the frontend
-                    # renders itself whichever worker or endpoint produced them.
-                    stream = await self.client.open_stream(
-                        worker.url,
-                        request,
-                        attempt,
-                        first_token_timeout=self.limits.first_token,
-                        is_ours=worker.is_ours,
-                        track_tokens=True,
-                        relay=False,
-                    )
-                else:
-                    stream = await self.client.open_stream(
-                        worker.url,
-                        request,
-                        attempt,
-                        first_token_timeout=self.limits.first_token,
-                        is_ours=worker.is_ours,
-                    )
-            except BaseException as exc:
-                dog.cancel()
-                slot.release()
-                ctx.unlink_child(attempt)
-                if dog.expired is not None:
-                    # Our timer killed the attempt while it waited for the worker's headers.
-                    self.workers.report_down(worker.id, dog.expired)
+                stream = await attempt.open(self.client, request, migrating=migrating)
+            except DynamoError as exc:
+                if (
+                    isinstance(exc, WorkerUnreachable)
+                    and worker.id not in self.workers
+                    and worker.id not in exclude
+                    and not ctx.is_stopped
+                ):
+                    # The worker left the set while we were connecting: choose once more.
                     exclude.add(worker.id)
-                    raise dog.expired from exc
-                if isinstance(exc, DynamoError):
-                    self.workers.report_down(worker.id, exc)
-                    if (
-                        isinstance(exc, WorkerUnreachable)
-                        and worker.id not in self.workers
-                        and worker.id not in exclude
-                        and not ctx.is_stopped
-                    ):
-                        # The worker left the set while we were connecting: choose once more.
-                        exclude.add(worker.id)
-                        continue
-                    exclude.add(worker.id)
+                    continue
+                exclude.add(worker.id)
                 raise
-            held = _AttemptHold(ctx, attempt, slot, dog, stream)
-            relay = self._relay(stream, worker, attempt, dog, held.release, started=started)
-            return worker, OwnedStream(relay, held.release)
-
-    async def _relay(
-        self,
-        stream: AsyncIterator[EngineOutput],
-        worker: Worker,
-        attempt: EngineContext,
-        dog: Watchdog,
-        release: Callable[[], Awaitable[None]],
-        *,
-        started: float,
-    ) -> AsyncGenerator[EngineOutput, None]:
-        touch = dog.touch
-        try:
-            waiting_first = True
-            async for out in stream:
-                touch()
-                if waiting_first and out.num_tokens > 0:
-                    waiting_first = False
-                    self._observe_ttft(worker, self.clock.now() - started)
-                yield out
-            if dog.expired is not None:
-                raise dog.expired
-            if not attempt.is_stopped:
-                self.workers.report_ok(worker.id)
-        except DynamoError as exc:
-            error = dog.expired or exc
-            self.workers.report_down(worker.id, error)
-            if error is exc:
-                raise
-            raise error from exc
-        finally:
-            await release()
-
-    def _observe_ttft(self, worker: Worker, seconds: float) -> None:
-        worker.last_ttft = seconds
-        if self.metrics is not None:
-            self.metrics.worker_time_to_first_token_seconds.labels(worker.id).observe(seconds)
+            return worker, stream
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -26,15 +26,15 @@ and ``n > 1``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
-from ..engines.base import Endpoint, EngineOutput, EngineRequest, Usage
+from ..engines.base import EngineOutput, EngineRequest, Usage
+from ..engines.endpoints import CHAT, COMPLETIONS, EndpointFamily, P
 from ..protocols.chat import ChatCompletionRequest, ChatMessage
 from ..protocols.completions import CompletionRequest
 
 __all__ = ["MigrationState", "migration_budget"]
+
 
 _STRUCTURED_FORMATS = frozenset({"json_schema", "json_object"})
 _GUIDED_FIELDS = (
@@ -53,9 +53,10 @@ def migration_budget(request: EngineRequest, limit: int) -> int:
     params = request.params
     if (params.n or 1) > 1:
         return 0
-    response_format = getattr(params, "response_format", None)
-    if isinstance(response_format, dict) and response_format.get("type") in _STRUCTURED_FORMATS:
-        return 0
+    if isinstance(params, ChatCompletionRequest):
+        response_format = params.response_format
+        if response_format is not None and response_format.get("type") in _STRUCTURED_FORMATS:
+            return 0
     nvext = params.nvext
     if nvext and any(nvext.get(name) is not None for name in _GUIDED_FIELDS):
         return 0
@@ -172,49 +173,38 @@ class MigrationState:
         if self.is_token_exact:
             assert self._prompt_ids is not None
             prompt: list[int] = self._prompt_ids + self.generated_ids
-            return _replay(request, _as_completions(params, prompt, remaining, min_tokens), prompt)
+            replay = _as_completions(params, prompt, remaining, min_tokens)
+            return _replay(request, COMPLETIONS, replay, prompt, remaining)
         text = "".join(self._texts)
         if isinstance(params, ChatCompletionRequest):
-            return _replay(request, _continue_chat(params, text, remaining, min_tokens), None)
+            replay_chat = _continue_chat(params, text, remaining, min_tokens)
+            return _replay(request, CHAT, replay_chat, None, remaining)
         original = request.prompt if request.prompt is not None else params.prompt
         if not isinstance(original, str):
             return None  # token ids without the generated ids: no way to append the text
         prompt_text = original + text
-        return _replay(
-            request,
-            msgspec.structs.replace(
-                params,
-                prompt=prompt_text,
-                max_tokens=remaining,
-                min_tokens=min_tokens,
-                echo=None,
-            ),
-            prompt_text,
+        replay_completion = msgspec.structs.replace(
+            params, prompt=prompt_text, max_tokens=remaining, min_tokens=min_tokens, echo=None
         )
+        return _replay(request, COMPLETIONS, replay_completion, prompt_text, remaining)
 
 
 def _replay(
     request: EngineRequest,
-    params: ChatCompletionRequest | CompletionRequest,
+    family: EndpointFamily[P],
+    params: P,
     prompt: str | list[int] | None,
+    max_tokens: int | None,
 ) -> EngineRequest:
-    endpoint: Endpoint = (
-        "chat_completions" if isinstance(params, ChatCompletionRequest) else "completions"
-    )
-    max_tokens = (
-        params.max_completion_tokens or params.max_tokens
-        if isinstance(params, ChatCompletionRequest)
-        else params.max_tokens
-    )
-    return EngineRequest(
-        request.id,
-        request.model,
-        endpoint,
+    """The replay as an engine request: built like any other, keeping the id, the served model
+    name and the client's routing hint."""
+    return family.request(
         params,
-        prompt=prompt,
+        prompt,
+        id=request.id,
+        model=request.model,
         max_tokens=max_tokens,
-        stop=request.stop,
-        worker_id=request.worker_id,
+        routing=request.routing,
     )
 
 
@@ -230,29 +220,28 @@ def _as_completions(
         )
     # A chat request continued as token ids: the template is already in the ids. Only the
     # options a completions request has are carried over (sampling, stop, seed, extensions).
-    same: dict[str, Any] = {
-        name: getattr(params, name)
-        for name in (
-            "model",
-            "frequency_penalty",
-            "logit_bias",
-            "presence_penalty",
-            "seed",
-            "stop",
-            "stream",
-            "stream_options",
-            "temperature",
-            "top_p",
-            "user",
-            "top_k",
-            "min_p",
-            "repetition_penalty",
-            "ignore_eos",
-            "nvext",
-        )
-    }
     ids: list[str | int | list[int]] = list(prompt)
-    return CompletionRequest(prompt=ids, max_tokens=remaining, min_tokens=min_tokens, **same)
+    return CompletionRequest(
+        model=params.model,
+        prompt=ids,
+        max_tokens=remaining,
+        min_tokens=min_tokens,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=params.logit_bias,
+        presence_penalty=params.presence_penalty,
+        seed=params.seed,
+        stop=params.stop,
+        stream=params.stream,
+        stream_options=params.stream_options,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        user=params.user,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        ignore_eos=params.ignore_eos,
+        nvext=params.nvext,
+    )
 
 
 def _continue_chat(

@@ -63,16 +63,13 @@ class MockerEngine:
     def tokenize(self, request: EngineRequest) -> list[int]:
         """The prompt token ids the engine would compute for ``request``."""
         if request.endpoint == "chat_completions":
-            params = request.params
             text = render_chat(
-                getattr(params, "messages", None) or (),
-                add_generation_prompt=bool(getattr(params, "add_generation_prompt", True)),
-                continue_final=bool(getattr(params, "continue_final_message", False)),
+                request.messages,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final=request.continue_final_message,
             )
             return self.tokenizer.encode(text)
         prompt = request.prompt
-        if prompt is None:
-            prompt = getattr(request.params, "prompt", None)
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and all(type(t) is int for t in prompt):
@@ -104,7 +101,7 @@ class MockerEngine:
                     f"uses {len(prompt_ids)} of them, leaving none for the completion.",
                     param=param,
                 )
-        seed = getattr(request.params, "seed", None)
+        seed = request.sampling.seed
         seq = Sequence(
             request.id,
             prompt_ids,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ...metrics import Metrics, _Family
+from ...metrics import Family, Metrics
 from .scheduler import MockerSnapshot
 
 PREFIX = "dynamo_mocker"
@@ -49,7 +49,7 @@ _COUNTERS: tuple[tuple[str, str, _Reader], ...] = (
 )
 
 
-class _SnapshotFamily(_Family):
+class _SnapshotFamily(Family):
     """One metric, one sample per watched engine, computed from its snapshot at scrape time."""
 
     def __init__(
@@ -85,7 +85,7 @@ class MockerMetrics:
 
     def __init__(self, prefix: str = PREFIX) -> None:
         self._engines: dict[str, Callable[[], MockerSnapshot]] = {}
-        self.families: list[_Family] = []
+        self.families: list[Family] = []
         self.families += [
             _SnapshotFamily(f"{prefix}_{name}", doc, read, self._engines, counter=False)
             for name, doc, read in _GAUGES

@@ -26,9 +26,11 @@ import hashlib
 import re
 import struct
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import tokenizers
+
+from ...protocols.chat import ChatMessage, content_text
 
 CONTEXT_WINDOW = 4
 """How many trailing context tokens the next-token hash looks at."""
@@ -197,21 +199,11 @@ def load_tokenizer(path: str | None) -> MockTokenizer:
 # ---- prompts ----------------------------------------------------------------------------------
 
 
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    texts: list[str] = []
-    for part in content:
-        text = part.get("text") if isinstance(part, dict) else getattr(part, "text", None)
-        if isinstance(text, str):
-            texts.append(text)
-    return "\n".join(texts)
-
-
 def render_chat(
-    messages: Iterable[Any], *, add_generation_prompt: bool = True, continue_final: bool = False
+    messages: Iterable[ChatMessage],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final: bool = False,
 ) -> str:
     """Render chat messages with a fixed ChatML-style template.
 
@@ -223,8 +215,8 @@ def render_chat(
     parts: list[str] = []
     items = list(messages)
     for i, message in enumerate(items):
-        role = getattr(message, "role", None) or "user"
-        text = _content_text(getattr(message, "content", None))
+        role = message.role or "user"
+        text = content_text(message.content)
         if continue_final and i == len(items) - 1:
             parts.append(f"<|im_start|>{role}\n{text}")
             return "".join(parts)

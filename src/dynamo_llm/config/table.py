@@ -1,0 +1,425 @@
+"""The options table: :class:`Config`, one field per option.
+
+Each field is declared with :func:`~dynamo_llm.config.options.option`, which makes it a row:
+type and default, flag, variable, kind, commands, ``--help`` group and text. Adding an option
+is adding a field here; :meth:`Config.from_env`, the ``serve`` and ``worker`` parsers and their
+``--help`` are generated from the rows (:mod:`dynamo_llm.config.arguments`). Rows are listed in
+``--help`` order, grouped. Variable and flag names are Dynamo's, so runbooks carry over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .options import (
+    BOOL,
+    CHOICE,
+    FLOAT,
+    INT,
+    LIST,
+    SERVE,
+    TEXT,
+    Group,
+    Option,
+    at_least_zero,
+    lowercase,
+    option,
+    positive_or_off,
+    read_environment,
+    rows_of,
+    zero_is_default,
+    zero_is_off,
+)
+
+ENGINE = Group("engine")
+MOCKER = Group(
+    "mocker engine (--engine mocker)",
+    "Dynamo's mocker flags. Each scheduler pass takes the modelled prefill + decode time, "
+    "divided by the speedup ratios.",
+)
+ECHO = Group("echo engine (--engine echo)")
+HTTP = Group("HTTP server")
+TIMEOUTS = Group("timeouts (0 disables)")
+OPS = Group("metrics and logging")
+ROUTER = Group(
+    "remote workers (router)",
+    "With --upstream or --upstream-file the frontend routes every request to an "
+    "OpenAI-compatible worker (dynamo-llm worker, vLLM, SGLang, llama.cpp, TGI, Ollama) "
+    "instead of running an in-process engine.",
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the frontend and the worker are configured with; each field is an option."""
+
+    # ---- engine -------------------------------------------------------------------------------
+    engine: str = option(
+        "mocker",
+        "--engine",
+        "DYN_ENGINE",
+        CHOICE,
+        "in-process engine: mocker simulates a vLLM-like engine (batching, KV cache, prefix "
+        "caching, preemption) in scaled real time; echo streams the prompt back",
+        group=ENGINE,
+    )
+    model_name: str | None = option(
+        None,
+        "--model-name",
+        "DYN_MODEL_NAME",
+        TEXT,
+        "name the model is served under",
+        group=ENGINE,
+        unset="the engine's name",
+    )
+    context_length: int | None = option(
+        None,
+        "--context-length",
+        "DYN_CONTEXT_LENGTH",
+        INT,
+        "the model's context window in tokens (prompt + completion); longer requests get "
+        "400 context_length_exceeded",
+        group=ENGINE,
+        unset="mocker 8192 capped by its KV cache, echo unlimited",
+    )
+    # ---- the mocker (``DYN_MOCKER_*``); defaults are Dynamo's mocker's (SPEC §10) --------------
+    mocker_num_gpu_blocks: int = option(
+        16384,
+        "--num-gpu-blocks-override",
+        "DYN_MOCKER_NUM_GPU_BLOCKS",
+        INT,
+        "KV cache size in blocks",
+        group=MOCKER,
+        metavar="N",
+    )
+    mocker_block_size: int = option(
+        64,
+        "--block-size",
+        "DYN_MOCKER_BLOCK_SIZE",
+        INT,
+        "tokens per KV block",
+        group=MOCKER,
+        metavar="TOKENS",
+    )
+    mocker_max_num_seqs: int = option(
+        256,
+        "--max-num-seqs",
+        "DYN_MOCKER_MAX_NUM_SEQS",
+        INT,
+        "most requests in the running batch",
+        group=MOCKER,
+        metavar="N",
+    )
+    mocker_max_num_batched_tokens: int = option(
+        8192,
+        "--max-num-batched-tokens",
+        "DYN_MOCKER_MAX_NUM_BATCHED_TOKENS",
+        INT,
+        "most tokens computed in one pass (a decode counts 1, a prefill chunk its length)",
+        group=MOCKER,
+        metavar="N",
+    )
+    mocker_enable_prefix_caching: bool = option(
+        True,
+        "--enable-prefix-caching",
+        "DYN_MOCKER_ENABLE_PREFIX_CACHING",
+        BOOL,
+        "reuse KV blocks of a shared prompt prefix (--no-enable-prefix-caching turns it off)",
+        group=MOCKER,
+    )
+    mocker_speedup_ratio: float = option(
+        1.0,
+        "--speedup-ratio",
+        "DYN_MOCKER_SPEEDUP_RATIO",
+        FLOAT,
+        "run the simulation X times faster than the modelled GPU",
+        group=MOCKER,
+        metavar="X",
+    )
+    mocker_decode_speedup_ratio: float = option(
+        1.0,
+        "--decode-speedup-ratio",
+        "DYN_MOCKER_DECODE_SPEEDUP_RATIO",
+        FLOAT,
+        "additionally speed up the decode part of each pass X times",
+        group=MOCKER,
+        metavar="X",
+    )
+    mocker_tokenizer: str | None = option(
+        None,
+        "--tokenizer",
+        "DYN_MOCKER_TOKENIZER",
+        TEXT,
+        "a Hugging Face tokenizer.json to tokenize prompts and render output with (without "
+        "one, a deterministic word tokenizer)",
+        group=MOCKER,
+        metavar="PATH",
+    )
+    mocker_seed: int = option(
+        0,
+        "--seed",
+        "DYN_MOCKER_SEED",
+        INT,
+        "seed of the deterministic next-token function (a request's own seed wins)",
+        group=MOCKER,
+    )
+    # ---- the echo engine ----------------------------------------------------------------------
+    token_echo_delay_ms: float = option(
+        10.0,
+        "--token-echo-delay-ms",
+        "DYN_TOKEN_ECHO_DELAY_MS",
+        FLOAT,
+        "delay before each token",
+        group=ECHO,
+    )
+    # ---- the HTTP server ----------------------------------------------------------------------
+    http_host: str = option(
+        "127.0.0.1",
+        "--http-host",
+        "DYN_HTTP_HOST",
+        TEXT,
+        "address to listen on (0.0.0.0 for every interface)",
+        group=HTTP,
+    )
+    http_port: int = option(
+        8000,
+        "--http-port",
+        "DYN_HTTP_PORT",
+        INT,
+        "port to listen on (0 picks a free one; the readiness line on stderr names it)",
+        group=HTTP,
+    )
+    http_interface: str = option(
+        "rsgi",
+        "--http-interface",
+        "DYN_HTTP_INTERFACE",
+        CHOICE,
+        "server interface: rsgi (granian, fastest) or asgi (uvicorn)",
+        group=HTTP,
+    )
+    api_keys: tuple[str, ...] = option(
+        (),
+        "--api-key",
+        "DYN_API_KEY",
+        LIST,
+        "require Authorization: Bearer KEY on every /v1/ route (401 otherwise); repeat the flag "
+        "or separate keys with commas for several; prefer the variable (a flag shows in ps)",
+        group=HTTP,
+        metavar="KEY",
+        unset="none: no authentication",
+        secret=True,
+    )
+    http2: bool = option(
+        False,
+        "--http2",
+        "DYN_HTTP2",
+        BOOL,
+        "also speak HTTP/2 cleartext (h2c, prior knowledge or upgrade) under --http-interface "
+        "rsgi; off by default: one HTTP/2 connection can hold many streams at once, so only turn "
+        "it on behind a proxy that needs it",
+        group=HTTP,
+    )
+    body_limit_mb: int = option(
+        45,
+        "--body-limit-mb",
+        "DYN_HTTP_BODY_LIMIT_MB",
+        INT,
+        "largest request body accepted (413 above); 0 is the default",
+        group=HTTP,
+        normalize=zero_is_default,
+    )
+    graceful_shutdown_timeout_secs: float = option(
+        5.0,
+        "--graceful-shutdown-timeout-secs",
+        "DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS",
+        FLOAT,
+        "on SIGTERM/SIGINT, how long requests in flight may finish before they are stopped",
+        group=HTTP,
+    )
+    # ---- timeouts: unset, unparsable or 0 is off ----------------------------------------------
+    backend_stream_timeout_secs: int | None = option(
+        None,
+        "--backend-stream-timeout-secs",
+        "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS",
+        INT,
+        "end a request whose engine sends nothing for this long (the HTTP layer waits twice this)",
+        group=TIMEOUTS,
+        normalize=positive_or_off,
+    )
+    first_token_timeout_secs: int | None = option(
+        None,
+        "--first-token-timeout-secs",
+        "DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS",
+        INT,
+        "end a request with no first token within this long (504 before any byte was sent)",
+        group=TIMEOUTS,
+        normalize=positive_or_off,
+    )
+    request_timeout_secs: int | None = option(
+        None,
+        "--request-timeout-secs",
+        "DYN_HTTP_REQUEST_TIMEOUT_SECS",
+        INT,
+        "end any request running longer than this",
+        group=TIMEOUTS,
+        normalize=positive_or_off,
+    )
+    # ---- metrics and logging ------------------------------------------------------------------
+    metrics_prefix: str | None = option(
+        None,
+        "--metrics-prefix",
+        "DYN_METRICS_PREFIX",
+        TEXT,
+        "prefix of the frontend's metric names (the mocker's are always dynamo_mocker_*)",
+        group=OPS,
+        unset="dynamo_frontend",
+    )
+    log_level: str = option(
+        "info",
+        "--log-level",
+        "DYN_LOG",
+        CHOICE,
+        "log level",
+        group=OPS,
+        choices=LOG_LEVELS,
+        normalize=lowercase,
+    )
+    # ---- remote workers and the router (SPEC §8), serve only: with any upstream, the frontend
+    # routes to the workers instead of running an in-process engine ---------------------------
+    upstreams: tuple[str, ...] = option(
+        (),
+        "--upstream",
+        "DYN_UPSTREAMS",
+        LIST,
+        "a worker's base URL (repeatable); its models are read from its /v1/models",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="URL",
+        unset="none",
+    )
+    upstream_api_key: str | None = option(
+        None,
+        "--upstream-api-key",
+        "DYN_UPSTREAM_API_KEY",
+        TEXT,
+        "sent to every worker as Authorization: Bearer KEY (a vLLM or SGLang started with "
+        "--api-key, a dynamo-llm worker with --api-key); prefer the variable; not together with "
+        "credentials in a worker URL (http://user:pass@host, sent as basic auth)",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="KEY",
+        unset="none",
+        secret=True,
+    )
+    upstream_file: str | None = option(
+        None,
+        "--upstream-file",
+        "DYN_UPSTREAM_FILE",
+        TEXT,
+        "YAML or JSON mapping each model to a list of worker URLs; reloaded when it changes",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="PATH",
+        unset="none",
+    )
+    router_mode: str = option(
+        "round-robin",
+        "--router-mode",
+        "DYN_ROUTER_MODE",
+        CHOICE,
+        "how a worker is chosen: round-robin, random, power-of-two (two random, fewer in "
+        "flight wins), least-loaded, kv (prefix-aware), direct (X-Worker-Instance-Id header)",
+        group=ROUTER,
+        commands=SERVE,
+    )
+    max_inflight_per_worker: int | None = option(
+        None,
+        "--max-inflight-per-worker",
+        "DYN_MAX_INFLIGHT_PER_WORKER",
+        INT,
+        "a worker with N requests in flight is busy; when all are, 503 all_workers_busy "
+        "(0 is no limit)",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="N",
+        normalize=zero_is_off,
+        unset="no limit",
+    )
+    router_kv_overlap_score_weight: float = option(
+        1.0,
+        "--router-kv-overlap-score-weight",
+        "DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT",
+        FLOAT,
+        "kv mode: weight of the blocks a worker would have to prefill against its load",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="W",
+    )
+    router_temperature: float = option(
+        0.0,
+        "--router-temperature",
+        "DYN_ROUTER_TEMPERATURE",
+        FLOAT,
+        "kv mode: 0 always takes the best score; higher samples among good workers",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="T",
+    )
+    worker_connect_timeout_secs: float = option(
+        5.0,
+        "--worker-connect-timeout-secs",
+        "DYN_WORKER_CONNECT_TIMEOUT_SECS",
+        FLOAT,
+        "connecting to a worker taking longer marks it down",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="S",
+    )
+    # Migration (SPEC §9): how many times a request may move to another worker; 0 is off.
+    migration_limit: int = option(
+        0,
+        "--migration-limit",
+        "DYN_MIGRATION_LIMIT",
+        INT,
+        "a request whose worker fails (unreachable, dropped, shutting down) moves to another "
+        "worker at most N times, continuing where it stopped; 0 turns migration off",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="N",
+        normalize=at_least_zero,
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """The configuration ``environ`` describes: each option's variable, else its default.
+
+        ``environ`` is passed in (the entry point passes ``os.environ``); nothing here reads
+        the process environment.
+        """
+        return cls(**read_environment(cls, environ))
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def routed(self) -> bool:
+        """True when requests go to remote workers rather than an in-process engine."""
+        return bool(self.upstreams or self.upstream_file)
+
+    @property
+    def http_inactivity_secs(self) -> float | None:
+        """The HTTP layer's safety net: twice the backend stream timeout."""
+        t = self.backend_stream_timeout_secs
+        return 2.0 * t if t else None
+
+    @property
+    def body_limit_bytes(self) -> int:
+        return self.body_limit_mb * 1024 * 1024
+
+
+OPTIONS: tuple[Option, ...] = rows_of(Config)
+"""The options table, in ``--help`` order: one row per :class:`Config` field."""

@@ -1,0 +1,274 @@
+"""The stream phase of a streaming request: the SSE response, the pump and what ends it.
+
+:func:`monitor_for_disconnects` is the stream phase (the handles and the monitor are
+:mod:`~dynamo_llm.http.disconnect`). It arms the stream handle, pre-marks the
+outcome ``cancelled`` (a stream abandoned by its client is a cancellation, not an internal
+error), runs the *pump* (source -> client) in its own task and sleeps on the exchange's waker,
+then acts on the first thing that happened, checked in this order:
+
+=================================  ====================================  ====================
+event                              action                                client sees
+=================================  ====================================  ====================
+source ended (context live)        mark ok, disarm, usage chunk, [DONE]   ``data: [DONE]``
+source raised an error             mark its type, disarm, kill context    error frame
+source ended, context stopped      outcome from the stop reason, disarm   body ends
+client gone (future or write)      release armed -> monitor kills         nothing
+time limit (watchdog)              mark response_timeout, disarm, kill    error frame
+context stopped from elsewhere     stop the pump between items            per stop reason
+=================================  ====================================  ====================
+
+The pump forwards an item it has already received before a cancellation is acted on: a stop
+from elsewhere interrupts it only while it is waiting on the source. A kill that happened before
+the source ended makes the request a cancellation, never a success. The error frame is
+``event: error`` followed by ``data: {"error": {...}}``, which every SSE client dispatches and the
+OpenAI SDKs raise as ``APIError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable
+
+from ..engines.base import EngineOutput, aclose_stream
+from ..errors import DynamoError, internal_error, render_error
+from ..runtime.coalesce import next_or_flush
+from ..runtime.context import StopReason
+from ..runtime.tasks import cancel_and_wait
+from .connection import Headers, StreamWriter
+from .disconnect import error_for_stop
+from .exchange import Exchange
+from .responses import JSON_HEADERS, with_request_id
+from .sse import DONE, ChunkRenderer, error_frame
+
+__all__ = ["SseResponse", "monitor_for_disconnects"]
+
+log = logging.getLogger("dynamo_llm.http.stream")
+
+
+class SseResponse:
+    """The SSE response of one request, started lazily with its first item.
+
+    Holding the status line back until the engine has produced something means that anything
+    going wrong before the first token (a failure, a first-token timeout, a shutdown) still
+    reaches the client as a proper HTTP status with a JSON body, not as a 200 carrying an error
+    frame.
+
+    Chunks are collected in ``pending`` and written together by ``flush()``, which the pump calls
+    when the engine has to wait for its next item (see :mod:`~dynamo_llm.runtime.coalesce`): a
+    burst of chunks costs one write, and nothing is held back while the engine is busy.
+    """
+
+    __slots__ = ("_exchange", "_headers", "pending", "writer")
+
+    def __init__(self, exchange: Exchange, headers: Headers) -> None:
+        self._exchange = exchange
+        self._headers = headers
+        self.pending: list[bytes] = []
+        self.writer: StreamWriter | None = None
+
+    async def start(self) -> StreamWriter:
+        if self.writer is None:
+            self.writer = await self._exchange.conn.start_stream(200, self._headers)
+        return self.writer
+
+    def _take(self, extra: bytes = b"") -> bytes:
+        pending = self.pending
+        if extra:
+            pending.append(extra)
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        return data
+
+    async def flush(self) -> None:
+        """Write the pending chunks (raises the writer's closed error if the client is gone)."""
+        if self.pending:
+            assert self.writer is not None
+            await self.writer.send(self._take())
+
+    async def finish(self, data: bytes) -> None:
+        """Write what is pending and the last bytes; a client that left changes nothing."""
+        writer = await self.start()
+        data = self._take(data)
+        if data:
+            with contextlib.suppress(*writer.closed_errors):
+                await writer.send(data)
+
+    async def fail(self, error: DynamoError) -> None:
+        """End with ``error``: an HTTP error before the first item, an error frame after it."""
+        if self.writer is None:
+            conn = self._exchange.conn
+            if not conn.is_disconnected:
+                headers = with_request_id(JSON_HEADERS, self._exchange.request_id)
+                await conn.respond(error.status, headers, render_error(error))
+            return
+        await self.finish(error_frame(error))
+
+
+class _PumpState:
+    __slots__ = ("in_source",)
+
+    def __init__(self) -> None:
+        self.in_source = False
+
+    async def flush(self, response: SseResponse) -> None:
+        # While writing, the pump is not waiting on the source: a stop from elsewhere must not
+        # interrupt the write of items already received.
+        self.in_source = False
+        try:
+            await response.flush()
+        finally:
+            self.in_source = True
+
+
+_MAX_PENDING = 64  # chunks held back at most during a burst
+_ENDED = "ended"
+_STOPPED = "stopped"
+_GONE = "gone"
+
+
+async def _pump(
+    stream: AsyncIterator[EngineOutput],
+    response: SseResponse,
+    renderer: ChunkRenderer,
+    exchange: Exchange,
+    state: _PumpState,
+) -> str | DynamoError:
+    """Forward items from the engine to the client until the source ends or something stops it.
+
+    The per-token path: one engine step, one timestamp, one render, and a write only when the
+    engine has to wait (or after a long burst), through :func:`next_or_flush`.
+    """
+    ctx = exchange.ctx
+    watchdog = exchange.watchdog
+    now = watchdog.clock.now
+    on_tokens = exchange.record.on_tokens
+    render = renderer.render
+    add_usage = renderer.add_usage
+    next_item = stream.__anext__
+    pending = response.pending
+    append = pending.append
+
+    def flush() -> Awaitable[None]:
+        return state.flush(response)
+
+    try:
+        state.in_source = True
+        try:
+            out = await next_item()
+        except StopAsyncIteration:
+            return _ENDED
+        finally:
+            state.in_source = False
+        closed_errors = (await response.start()).closed_errors
+        next_ready = next_or_flush(next_item, flush)  # reusable: one per stream, not per token
+        watchdog.got_item = True
+        try:
+            while True:
+                t = now()
+                watchdog.last_item = t  # Watchdog.touch, inlined on the per-token path
+                on_tokens(out.num_tokens, out.prompt_tokens, t)
+                raw = out.raw
+                if raw is None:
+                    append(render(out))
+                else:
+                    # Relayed bytes: the usage rides on the output; the frontend renders its chunk.
+                    if out.usage is not None:
+                        add_usage(out.usage)
+                    if raw:
+                        append(raw)
+                if ctx.state:  # not LIVE (ContextState.LIVE == 0): stopped or killed
+                    await response.flush()
+                    return _STOPPED
+                if len(pending) >= _MAX_PENDING:
+                    await response.flush()
+                state.in_source = True
+                try:
+                    out = await next_ready
+                except StopAsyncIteration:
+                    return _ENDED  # what is pending goes out with the last frame
+                finally:
+                    state.in_source = False
+        except closed_errors:
+            return _GONE
+    except DynamoError as exc:
+        # The traceback holds this frame, and the frame holds the server's transport: under
+        # granian a streamed body only ends when its transport is freed, so an error object that
+        # outlives the request (an engine may reuse one) must not keep it alive.
+        return exc.with_traceback(None)
+    except Exception:
+        log.exception("engine stream for request %s failed", ctx.id)
+        return internal_error()
+    finally:
+        await aclose_stream(stream)
+
+
+async def monitor_for_disconnects(
+    exchange: Exchange,
+    stream: AsyncIterator[EngineOutput],
+    response: SseResponse,
+    renderer: ChunkRenderer,
+) -> None:
+    """Stream ``stream`` to the client as SSE, settling the outcome exactly once (see above)."""
+    handle = exchange.monitor.stream
+    record = exchange.record
+    ctx = exchange.ctx
+    waker = exchange.waker
+    handle.arm()
+    record.mark_error("cancelled")
+    state = _PumpState()
+    pump = asyncio.get_running_loop().create_task(
+        _pump(stream, response, renderer, exchange, state)
+    )
+    pump.add_done_callback(waker.wake)
+    try:
+        while not pump.done():
+            if exchange.conn.is_disconnected:
+                handle.release()  # armed: the monitor counts the disconnect and kills the context
+                await cancel_and_wait(pump)
+                return
+            expired = exchange.watchdog.expired
+            if expired is not None:
+                record.mark_error(expired.error_type)
+                handle.disarm()
+                await cancel_and_wait(pump)
+                await response.fail(expired)
+                return
+            if ctx.is_stopped and state.in_source:
+                await cancel_and_wait(pump)
+                break
+            await waker.wait()
+    finally:
+        pump.remove_done_callback(waker.wake)
+        if not pump.done():
+            await cancel_and_wait(pump)
+        # The pump closes the stream when it ends; one cancelled before its first step never
+        # ran, and the engine must still get back what it holds for this request.
+        await aclose_stream(stream)
+
+    result = pump.result() if not pump.cancelled() else _STOPPED
+    if result == _GONE:
+        handle.release()  # armed: a failed write is the client going away
+        return
+    if isinstance(result, DynamoError):
+        record.mark_error(result.error_type)
+        handle.disarm()
+        ctx.kill()
+        await response.fail(result)
+        return
+    if result == _ENDED and not ctx.is_stopped:
+        record.mark_ok()
+        handle.disarm()
+        await response.finish(renderer.finish() + DONE)
+        return
+    # Stopped or killed before the source ended: never a success.
+    reason = ctx.reason
+    if reason is StopReason.CLIENT_DISCONNECT:
+        handle.release()
+        return
+    handle.disarm()
+    error = exchange.watchdog.expired or error_for_stop(reason)
+    record.mark_error(error.error_type)
+    if reason is not StopReason.EXPLICIT:
+        await response.fail(error)

@@ -1,0 +1,67 @@
+"""One streamed chunk on the wire: the shape the SSE renderer writes and the transport reads.
+
+A streamed response is a run of ``data:`` events, each one chunk: ``chat.completion.chunk``
+(a ``delta`` per choice) or ``text_completion`` (a ``text`` per choice), then the usage-only
+chunk (``"choices":[]`` and ``usage``) when the client asked for it. These Structs are that
+shape, and both directions use them:
+
+- **Reading** (:mod:`dynamo_llm.transport`): a worker's chunk decodes into :class:`StreamChunk`.
+  Every field is optional, so a chunk is taken as the worker sends it (a field left out, or
+  ``null`` where we write a number); fields we do not read (``logprobs``, ``system_fingerprint``)
+  are skipped by the decoder. The top-level ``error`` and ``prompt_token_ids`` are what workers
+  add: an error event, and vLLM's chat prompt ids.
+- **Writing** (:mod:`dynamo_llm.http.sse`): ``omit_defaults`` leaves out every field still
+  None, so the renderer encodes a chunk's envelope (``id``, ``object``, ``created``,
+  ``model``) once per request and the usage chunk once per stream from these Structs.
+
+Neither side encodes or decodes a Struct per token. The renderer writes each token's choice as
+bytes after the envelope, in :class:`ChunkChoice`'s field order (plus ``"logprobs":null``),
+because a Struct encode per token costs more than two concatenations; the transport's raw relay
+passes a worker's chunks on as bytes and decodes only the first one and the last few.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .common import UsageInfo
+
+CHAT_CHUNK = "chat.completion.chunk"
+COMPLETION_CHUNK = "text_completion"
+
+
+class ChunkDelta(msgspec.Struct, omit_defaults=True):
+    """A chat choice's increment: ``role`` on a choice's first chunk, then ``content``."""
+
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct, omit_defaults=True):
+    """One choice of a chunk: a ``delta`` (chat) or a ``text`` (completions).
+
+    ``prompt_token_ids`` (vLLM's field, on a completion's first chunk) and ``token_ids`` are
+    there when token ids were asked for (``return_token_ids``).
+    """
+
+    index: int = 0
+    delta: ChunkDelta | None = None
+    text: str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+    finish_reason: str | None = None
+
+
+class StreamChunk(msgspec.Struct, omit_defaults=True):
+    """One chunk of a streamed response (the envelope, its choices, and the final usage)."""
+
+    id: str | None = None
+    object: str | None = None
+    created: int | None = None
+    model: str | None = None
+    choices: list[ChunkChoice] | None = None
+    usage: UsageInfo | None = None
+    error: Any = None
+    prompt_token_ids: list[int] | None = None

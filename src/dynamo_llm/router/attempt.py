@@ -1,0 +1,193 @@
+"""One attempt: a request dispatched to one chosen worker, timed, and its outcome reported.
+
+The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
+:class:`Attempt` does the rest for that one worker:
+
+1. it opens the request on the worker through the
+   :class:`~dynamo_llm.transport.WorkerClient` under an *attempt context*, a child of the
+   request's context, so a hang-up, a timeout or a shutdown reaches the worker as a closed
+   connection (or a graceful stop, for our own workers), while the attempt's own limits end only
+   the attempt;
+2. it relays the worker's outputs, timing them with a :class:`~dynamo_llm.runtime.watchdog.
+   Watchdog` at the raw ``DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` (the HTTP layer's net is twice
+   that) and the first-token limit; the clock starts at dispatch, so a worker that never even
+   sends its headers is silent too, and is quarantined by the inactivity limit alone;
+3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
+   stream, stream ended without its terminal item, silence past the limit; the watchdog's
+   verdict wins over the error it caused) goes to ``report_down``; a clean end to
+   ``report_ok``. Client cancellations, 4xx answers and slow-but-live streams never count
+   against a worker.
+
+What the attempt holds (the in-flight slot, the context's link, the watchdog's timer and the
+upstream stream) is given back exactly once: at once when opening fails, otherwise by the relay's
+``finally`` or by ``aclose()`` of a stream that was never iterated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
+from ..errors import DynamoError, WorkerResponseTimeout
+from ..metrics import Metrics
+from ..runtime.clock import Clock
+from ..runtime.context import EngineContext
+from ..runtime.watchdog import Watchdog
+from .membership import Worker, WorkerSet
+from .slot import InflightSlot
+
+if TYPE_CHECKING:
+    from ..transport import WorkerClient
+
+__all__ = ["Attempt", "AttemptLimits"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptLimits:
+    """Per-attempt time limits, in seconds (None: off)."""
+
+    inactivity: float | None = None
+    first_token: float | None = None
+
+
+class Attempt:
+    """One request on one worker, from its dispatch to the end of its stream."""
+
+    __slots__ = (
+        "_clock",
+        "_ctx",
+        "_dog",
+        "_limits",
+        "_metrics",
+        "_released",
+        "_slot",
+        "_started",
+        "_stream",
+        "_workers",
+        "context",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        worker: Worker,
+        slot: InflightSlot[Worker],
+        ctx: EngineContext,
+        *,
+        workers: WorkerSet,
+        clock: Clock,
+        limits: AttemptLimits,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.worker = worker
+        self.context = EngineContext(ctx.id)
+        self._ctx = ctx
+        self._slot = slot
+        self._workers = workers
+        self._clock = clock
+        self._limits = limits
+        self._metrics = metrics
+        self._dog = Watchdog(
+            clock,
+            self.context,
+            inactivity=limits.inactivity,
+            first_token=limits.first_token,
+            deadline=None,
+            error=WorkerResponseTimeout,
+        )
+        self._stream: AsyncIterator[EngineOutput] | None = None
+        self._started = 0.0
+        self._released = False
+
+    async def open(
+        self, client: WorkerClient, request: EngineRequest, *, migrating: bool = False
+    ) -> OwnedStream:
+        """Send ``request`` to the worker; the stream of its outputs once it answered.
+
+        When opening fails, everything is given back and the worker reported before the error
+        propagates (the watchdog's :class:`WorkerResponseTimeout` in place of the error it
+        caused).
+        """
+        worker, dog = self.worker, self._dog
+        self._ctx.link_child(self.context)
+        self._started = self._clock.now()
+        dog.start()
+        try:
+            if migrating:
+                # Parsed outputs with token ids: what a replay needs, and what the frontend
+                # renders itself whichever worker or endpoint produced them.
+                stream = await client.open_stream(
+                    worker.url,
+                    request,
+                    self.context,
+                    first_token_timeout=self._limits.first_token,
+                    is_ours=worker.is_ours,
+                    track_tokens=True,
+                    relay=False,
+                )
+            else:
+                stream = await client.open_stream(
+                    worker.url,
+                    request,
+                    self.context,
+                    first_token_timeout=self._limits.first_token,
+                    is_ours=worker.is_ours,
+                )
+        except BaseException as exc:
+            self._give_back()
+            if dog.expired is not None:
+                # Our timer killed the attempt while it waited for the worker's headers.
+                self._workers.report_down(worker.id, dog.expired)
+                raise dog.expired from exc
+            if isinstance(exc, DynamoError):
+                self._workers.report_down(worker.id, exc)
+            raise
+        self._stream = stream
+        return OwnedStream(self._relay(stream), self.aclose)
+
+    async def aclose(self) -> None:
+        """Give back what the attempt holds, and close the upstream stream. Idempotent."""
+        if self._give_back() and self._stream is not None:
+            await aclose_stream(self._stream)
+
+    def _give_back(self) -> bool:
+        if self._released:
+            return False
+        self._released = True
+        self._dog.cancel()
+        self._slot.release()
+        self._ctx.unlink_child(self.context)
+        return True
+
+    async def _relay(
+        self, stream: AsyncIterator[EngineOutput]
+    ) -> AsyncGenerator[EngineOutput, None]:
+        worker, dog = self.worker, self._dog
+        touch = dog.touch
+        try:
+            waiting_first = True
+            async for out in stream:
+                touch()
+                if waiting_first and out.num_tokens > 0:
+                    waiting_first = False
+                    self._observe_ttft(self._clock.now() - self._started)
+                yield out
+            if dog.expired is not None:
+                raise dog.expired
+            if not self.context.is_stopped:
+                self._workers.report_ok(worker.id)
+        except DynamoError as exc:
+            error = dog.expired or exc
+            self._workers.report_down(worker.id, error)
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            await self.aclose()
+
+    def _observe_ttft(self, seconds: float) -> None:
+        self.worker.last_ttft = seconds
+        if self._metrics is not None:
+            self._metrics.worker_time_to_first_token_seconds.labels(self.worker.id).observe(seconds)

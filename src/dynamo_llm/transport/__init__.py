@@ -1,0 +1,29 @@
+"""The router's transport: the HTTP client to OpenAI-compatible workers, and their SSE streams.
+
+One routing attempt goes to one worker through :meth:`WorkerClient.open_stream`; the worker's
+stream comes back as a :class:`RemoteStream`, relayed as raw bytes on the hot path and parsed
+only where a decision is needed. Cancellation crosses the wire (a closed connection, or a
+graceful stop for our own workers). The modules, in the order a request meets them:
+
+- :mod:`.client` — :class:`WorkerClient` (admission, probes, ``/v1/models``) and
+  :func:`make_session`, the pooled session it uses.
+- :mod:`.body` — :func:`upstream_body`, the JSON sent upstream.
+- :mod:`.errors` — the tables mapping a worker's statuses and aiohttp's exceptions to our error
+  classes (:func:`error_from_worker`).
+- :mod:`.stream` — :class:`RemoteStream`: the read loop, cancellation and the release of the
+  connection.
+- :mod:`.relay` — the raw relay's fast path, and the id and model rewrite.
+- :mod:`.events` — the slow path: SSE events parsed into the shared chunk shape
+  (:mod:`dynamo_llm.protocols.stream`).
+
+The transport sits below the router and beside the engines: it uses the engine types
+(:class:`~dynamo_llm.engines.base.EngineRequest`, :class:`~dynamo_llm.engines.base.EngineOutput`)
+but is not an engine, and it never imports the router or the HTTP layer.
+"""
+
+from .body import upstream_body
+from .client import WorkerClient, make_session
+from .errors import error_from_worker
+from .stream import RemoteStream
+
+__all__ = ["RemoteStream", "WorkerClient", "error_from_worker", "make_session", "upstream_body"]

@@ -1,0 +1,245 @@
+"""The HTTP client to OpenAI-compatible workers: admission of an attempt, probes, model lists.
+
+:meth:`WorkerClient.open_stream` runs one routing attempt against one worker (vLLM, SGLang,
+llama.cpp's server, TGI, Ollama, or our own ``dynamo-llm worker``). Its ``await`` is the
+**admission**: the request goes upstream as a stream (:mod:`.body`) with ``X-Request-Id``, and
+everything that can go wrong before the first byte of the body is raised there, as the error
+class the router acts on (:mod:`.errors`): connect refused or timed out ->
+:class:`WorkerUnreachable`; no response headers within ``first_token_timeout`` ->
+:class:`WorkerResponseTimeout`; a 4xx -> the matching 4xx :class:`DynamoError` with the worker's
+message, param and code; a 503 saying it is busy -> :class:`AllWorkersBusy`; a 503 saying it is
+shutting down -> :class:`WorkerShuttingDown`; another 5xx -> :class:`UpstreamError` with the
+worker's message. What it returns is the attempt's :class:`~.stream.RemoteStream`.
+
+The client only bounds the wait for the response headers and the first event with
+``first_token_timeout``; the caller (the router) owns the inactivity timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import aiohttp
+import msgspec
+
+from ..engines.base import EngineRequest
+from ..engines.endpoints import family_of
+from ..errors import Cancelled, UpstreamError, WorkerDisconnected, WorkerUnreachable
+from ..protocols.completions import CompletionRequest
+from ..protocols.models import decode_model_list
+from ..runtime.context import EngineContext
+from .body import upstream_body
+from .errors import admission_error, describe, error_from_worker
+from .stream import RemoteStream, StreamMode, post_stop
+
+__all__ = ["WorkerClient", "make_session"]
+
+
+def make_session(
+    connect_timeout: float,
+    limit: int = 0,
+    *,
+    keepalive_timeout: float = 4.0,
+    api_key: str | None = None,
+) -> aiohttp.ClientSession:
+    """A pooled session for talking to workers; the caller owns it and closes it.
+
+    Call it with a running event loop. ``limit`` bounds the connections open at once (0: no
+    bound; each in-flight stream holds one for its whole life, so a bound also bounds concurrent
+    streams, and waiting for a free slot is bounded only by the caller's timers). There is no
+    total or read timeout, because streams are long; ``connect_timeout`` bounds the TCP connect.
+    ``keepalive_timeout`` is shorter than the idle timeout of the common worker servers (uvicorn
+    closes idle connections after 5 s) so that a pooled connection is not reused just as the
+    worker closes it. ``api_key`` is sent to every worker as ``Authorization: Bearer``, on every
+    request the session makes (generation, probes, model lists, graceful stops).
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    connector = aiohttp.TCPConnector(
+        limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=60
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=None, sock_connect=connect_timeout, sock_read=None
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        trust_env=False,
+        raise_for_status=False,
+        headers=headers,
+    )
+
+
+class WorkerClient:
+    """Talks to OpenAI-compatible workers over a shared, pooled :class:`aiohttp.ClientSession`.
+
+    Stateless apart from the session, so one client serves every worker; each stream owns what
+    it starts.
+    """
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    async def open_stream(
+        self,
+        url: str,
+        request: EngineRequest,
+        ctx: EngineContext,
+        *,
+        model: str | None = None,
+        first_token_timeout: float | None = None,
+        is_ours: bool = False,
+        track_tokens: bool = False,
+        response_id: str | None = None,
+        relay: bool = True,
+    ) -> RemoteStream:
+        """Send ``request`` to the worker at ``url`` and return its stream (see the module doc).
+
+        ``model`` replaces the request's model name upstream (the worker's own name for it).
+        ``first_token_timeout`` bounds the wait for the response headers and the first event.
+        ``is_ours``: the worker is a ``dynamo-llm worker`` and understands a graceful stop.
+        ``track_tokens`` asks the worker for token ids (``return_token_ids``) and fills
+        ``text``/``token_ids`` of every output, for migration. ``response_id`` is the id the
+        client sees, by default ``chatcmpl-<request id>`` or ``cmpl-<request id>``.
+        ``relay=False`` forces the parsed mode (no ``raw`` bytes): the frontend renders every
+        output itself, as a migration needs, since its replay may go to another endpoint
+        (a chat request continued as token ids on ``/v1/completions``).
+
+        Raises, before any output: :class:`WorkerUnreachable`, :class:`WorkerResponseTimeout`,
+        :class:`WorkerDisconnected` (the worker closed without answering, twice),
+        :class:`Cancelled` (``ctx`` stopped meanwhile), or the worker's own error.
+        """
+        params = request.params
+        family = family_of(request)
+        subrequest = (params.n or 1) > 1 or (
+            isinstance(params, CompletionRequest)
+            and isinstance(params.prompt, list)
+            and _is_batch(params.prompt)
+        )
+        if not params.stream or subrequest or not relay:
+            mode = StreamMode.PARSED
+        elif track_tokens:
+            mode = StreamMode.TRACKED if params.return_token_ids else StreamMode.PARSED
+        else:
+            mode = StreamMode.RELAY
+        body = upstream_body(request, model=model, return_token_ids=track_tokens)
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "X-Request-Id": request.id,
+        }
+        loop = asyncio.get_running_loop()
+        deadline = None if first_token_timeout is None else loop.time() + first_token_timeout
+        resp = await self._post(url.rstrip("/") + family.path, body, headers, ctx, deadline)
+        if resp.status >= 400:
+            try:
+                error_body = await _read_bounded(resp, deadline)
+            finally:
+                resp.close()
+            raise error_from_worker(resp.status, error_body)
+        if response_id is None:
+            response_id = family.response_id(request.id)
+        return RemoteStream(
+            self.session,
+            url,
+            resp,
+            ctx,
+            request_id=request.id,
+            response_id=response_id,
+            model=request.model,
+            mode=mode,
+            is_ours=is_ours,
+            deadline=deadline,
+        )
+
+    async def _post(
+        self,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        ctx: EngineContext,
+        deadline: float | None,
+    ) -> aiohttp.ClientResponse:
+        if ctx.is_stopped:
+            raise Cancelled()
+        for attempt in (1, 2):
+            # One timer bounds the wait for headers; a stop of the context fires it at once, so
+            # a request abandoned during admission closes its connection too.
+            timer = asyncio.timeout_at(deadline)
+            try:
+                async with timer:
+                    remove = ctx.on_stop(functools.partial(_expire, timer))
+                    try:
+                        return await self.session.post(url, data=body, headers=headers)
+                    finally:
+                        remove()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                error = admission_error(exc, timer.expired(), ctx)
+                if error is None and attempt == 1:
+                    continue  # the worker closed a pooled connection just as we reused it
+                raise (error or WorkerDisconnected()) from exc
+        raise AssertionError("unreachable")
+
+    async def stop_request(self, url: str, request_id: str) -> bool:
+        """Ask one of our workers to stop generating ``request_id`` gracefully."""
+        return await post_stop(self.session, url, request_id)
+
+    async def probe(self, url: str, *, within: float) -> bool:
+        """A cheap health check: ``GET /health`` answers 2xx within ``within`` seconds."""
+        try:
+            async with self.session.get(
+                url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=within)
+            ) as resp:
+                await resp.read()
+                return resp.status < 300
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    async def fetch_models(self, url: str, *, within: float) -> list[str]:
+        """The model ids a worker serves, from its ``/v1/models``.
+
+        Raises :class:`WorkerUnreachable` when it cannot be asked, or the worker's error.
+        """
+        return (await self.list_models(url, within=within))[0]
+
+    async def list_models(self, url: str, *, within: float) -> tuple[list[str], bool]:
+        """The model ids a worker serves, and whether it is a ``dynamo-llm worker``."""
+        try:
+            async with self.session.get(
+                url.rstrip("/") + "/v1/models", timeout=aiohttp.ClientTimeout(total=within)
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise WorkerUnreachable(f"Could not list the worker's models: {describe(exc)}") from exc
+        if status >= 400:
+            raise error_from_worker(status, body)
+        try:
+            return decode_model_list(body)
+        except msgspec.MsgspecError as exc:
+            raise UpstreamError("The worker's /v1/models answer is malformed") from exc
+
+
+def _is_batch(prompt: list[str | int | list[int]]) -> bool:
+    return len(prompt) > 1 and not isinstance(prompt[0], int)
+
+
+def _expire(timer: asyncio.Timeout, _ctx: EngineContext) -> None:
+    if not timer.expired():
+        timer.reschedule(-1.0)
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, deadline: float | None) -> bytes:
+    """An error body, at most 64 KiB, read within the admission deadline."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout_at(deadline):
+            while size < 65536 and (part := await resp.content.read(65536 - size)):
+                parts.append(part)
+                size += len(part)
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    return b"".join(parts)

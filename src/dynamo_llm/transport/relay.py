@@ -1,0 +1,110 @@
+"""The raw relay: a worker's events passed on as bytes, its id and model name rewritten to ours.
+
+The relay never parses and re-encodes a chunk to pass it on. The stream cuts whatever buffers
+the socket gives at the last ``\\n\\n`` (keeping the tail for the next read), and the relay
+yields the complete events as one ``raw`` output whose ``num_tokens`` is the number of events in
+it (an event is about a token; the exact count comes with the usage at the end). Only the first
+event is parsed (by the slow path, :mod:`.events`), to learn the upstream's response id and
+model name; later buffers get a ``bytes.replace`` so that the client sees ``chatcmpl-<our id>``
+and our model name (skipped when they already match, as with our own worker and with vLLM,
+which both take the id from our ``X-Request-Id``).
+
+Everything that needs a decision (the chunk with a ``finish_reason``, the usage-only chunk,
+``[DONE]``, an error) comes at the end of a stream, so the relay looks only at the last bytes of
+a buffer's last event: a chunk still in progress has ``"finish_reason":null`` there. Any other
+buffer takes the slow path, where its events are parsed one by one. Measured on a loaded 2-core
+VM over 245-byte vLLM-shaped chunks, the relay costs 1.0-1.4 µs for a one-event buffer (0.35 of
+it building the ``EngineOutput``), plus 0.3 µs per id or model replace, and 0.3-0.7 µs per event
+in multi-event buffers; parsing the same events costs 2.2-3.5 µs each.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..engines.base import EngineOutput
+from ..protocols.stream import StreamChunk
+
+__all__ = ["RawRelay"]
+
+_encode = msgspec.json.encode
+
+
+class RawRelay:
+    """One stream's relay: what it learnt from the first event, and the fast path it enables.
+
+    ``fast`` is False when every buffer takes the slow path (the tracked and parsed modes); the
+    relay then only rewrites the raw events the slow path keeps, and records the upstream id.
+    ``rewrites`` are the ``(old, new)`` replacements learnt from the first event.
+    """
+
+    __slots__ = (
+        "_fast",
+        "_model",
+        "_null_finish",
+        "_null_finish_window",
+        "_response_id",
+        "rewrites",
+        "upstream_id",
+    )
+
+    def __init__(self, *, response_id: str, model: str, fast: bool) -> None:
+        self._response_id = response_id
+        self._model = model
+        self._fast = fast
+        self.rewrites: list[tuple[bytes, bytes]] = []
+        self._null_finish = b""
+        self._null_finish_window = 0
+        self.upstream_id: str | None = None
+
+    def learn(self, event: bytes, chunk: StreamChunk) -> None:
+        """From the first event: the upstream's id, model name and JSON spacing."""
+        sep = b": " if b'": ' in event and b'":"' not in event else b":"
+        null_finish = b'"finish_reason"' + sep + b"null"
+        at = event.rfind(null_finish)
+        if self._fast and at >= 0:
+            self._null_finish = null_finish
+            # How far from the end of a chunk its finish_reason may sit (room for a longer
+            # stop_reason or token_ids after it than in this chunk).
+            self._null_finish_window = len(event) - at + 2 + 96
+        if chunk.id is not None:
+            self.upstream_id = chunk.id
+            if chunk.id != self._response_id:
+                self.rewrites.append((_encode(chunk.id), _encode(self._response_id)))
+        if chunk.model is not None and chunk.model != self._model:
+            self.rewrites.append(
+                (b'"model"' + sep + _encode(chunk.model), b'"model"' + sep + _encode(self._model))
+            )
+
+    def pass_on(self, part: bytes) -> EngineOutput | None:
+        """Complete events passed on as bytes; None when the buffer needs the slow path.
+
+        Everything that needs a decision comes at the end of a stream, after the last content
+        chunk: the chunk with a ``finish_reason``, the usage-only chunk, ``[DONE]``, and an
+        error (a worker ends the stream after it). So only the buffer's last event is checked,
+        and only its last few bytes: an in-progress chunk has ``"finish_reason":null`` there,
+        and none of the others has. A leading comment also goes the slow way, to be dropped.
+        """
+        window = self._null_finish_window
+        if not window or part[0] == 58:  # 58 is ":", a comment line
+            return None
+        size = len(part)
+        start = size - window
+        at = part.find(self._null_finish, start if start > 0 else 0)
+        if at < 0:
+            return None
+        # The last boundary before the final one: it must come before that finish_reason.
+        last = part.rfind(b"\n\n", 0, size - 2)
+        if last > at:
+            return None
+        # One event is about one token (the exact count comes with the usage at the end).
+        num_tokens = 1 if last < 0 else part.count(b"\n\n")
+        for old, new in self.rewrites:
+            part = part.replace(old, new)
+        return EngineOutput(raw=part, num_tokens=num_tokens)
+
+    def rewrite(self, raw: bytes) -> bytes:
+        """Events the slow path kept, with the upstream's id and model name replaced by ours."""
+        for old, new in self.rewrites:
+            raw = raw.replace(old, new)
+        return raw
