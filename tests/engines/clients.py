@@ -8,6 +8,7 @@ concatenated) so a streamed answer compares with a unary one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,3 +148,35 @@ def unary_completion(c: OpenAI, max_tokens: int, **kw: Any) -> dict[str, Any]:
     r = c.completions.create(model=MODEL, max_tokens=max_tokens, **kw)
     out: dict[str, Any] = r.model_dump()
     return out
+
+
+def completion_stream(base_url: str, max_tokens: int, **kw: Any) -> Any:
+    """A streamed greedy completion of :data:`PROMPT` through ``base_url``, closed when the
+    case ends (:func:`tracked`)."""
+    kw = {"prompt": PROMPT, **GREEDY, **kw}
+    c = client(base_url)
+    return tracked(c.completions.create(model=MODEL, max_tokens=max_tokens, stream=True, **kw))
+
+
+@dataclass
+class Read:
+    """A completion stream read to its end, with something done to it on the way."""
+
+    text: str
+    usage: dict[str, Any] | None
+    before: str  # the text received before the action
+
+
+def read_with(stream: Any, at: int, action: Callable[[], None]) -> Read:
+    """Read ``stream`` to its end, calling ``action`` after its ``at``-th chunk."""
+    text, before = "", ""
+    usage = None
+    for i, chunk in enumerate(stream):
+        if chunk.choices:
+            text += chunk.choices[0].text
+        if chunk.usage:
+            usage = chunk.usage.model_dump()
+        if i == at:
+            before = text
+            action()
+    return Read(text, usage, before)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from clients import close_clients, close_streams
-from harness import KINDS, Engine, Pair
+from harness import FINDINGS, KINDS, Engine, Pair
 from tiny_model import TinyModel, ensure_model
 
 ENGINE_ENV = {
@@ -54,6 +54,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"engine and frontend logs: {log_dir}")
     for kind, secs in _started.items():
         terminalreporter.write_line(f"{kind}: two instances ready in {secs:.1f} s")
+    for finding in FINDINGS:
+        terminalreporter.write_line(finding)
 
 
 @pytest.fixture(scope="session")

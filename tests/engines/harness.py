@@ -46,6 +46,8 @@ LLAMA_CPP_PYTHON_CTX = 32768
 VLLM_MAX_MODEL_LEN = 4096
 START_TIMEOUT = {"llama-server": 60.0, "llama-cpp-python": 90.0, "vllm": 420.0}
 REPO = Path(__file__).resolve().parents[2]
+# What a case learnt about an engine that is not a pass or a fail (printed at the end).
+FINDINGS: list[str] = []
 
 
 def free_port() -> int:

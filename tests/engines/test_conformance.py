@@ -17,15 +17,16 @@ import pytest
 from clients import (
     PROMPT,
     client,
+    completion_stream,
     only,
+    read_with,
     stream_chat,
     stream_completion,
-    tracked,
     unary_chat,
     unary_completion,
 )
 from engine_side import generated_tokens, is_generating, prefix_cache_hits, served_requests
-from harness import LLAMA_CTX, MODEL, VLLM_MAX_MODEL_LEN, Engine, Pair, wait_until
+from harness import FINDINGS, LLAMA_CTX, MODEL, VLLM_MAX_MODEL_LEN, Engine, Pair, wait_until
 
 TOKENS = 40
 # About ten seconds of generation for each engine (vLLM on the CPU does ~150 tokens/s).
@@ -171,16 +172,7 @@ def test_kv_routing_keeps_a_shared_prefix_on_one_worker(fleet: Pair) -> None:
 def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
     fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="zombie")
     marks = [e.log_mark() for e in fleet.engines]
-    c = client(fe.base_url)
-    stream = tracked(
-        c.completions.create(
-            model="tiny-llama",
-            prompt=PROMPT,
-            max_tokens=HANGUP_TOKENS[fleet.kind],
-            stream=True,
-            temperature=0.0,
-        )
-    )
+    stream = completion_stream(fe.base_url, HANGUP_TOKENS[fleet.kind])
     chunks = iter(stream)
     next(chunks)
     e = _serving(fleet, marks)
@@ -206,33 +198,19 @@ def test_migration_after_sigkill_is_token_exact_on_vllm(fleet: Pair) -> None:
     fe = fleet.frontend(migration_limit=1, fresh="migration")
     direct = stream_completion(client(fleet.engines[0].url + "/v1"), 600)
     marks = [e.log_mark() for e in fleet.engines]
-    c = client(fe.base_url)
-    stream = tracked(
-        c.completions.create(
-            model="tiny-llama",
-            prompt=PROMPT,
-            max_tokens=600,
-            stream=True,
-            temperature=0.0,
-            stream_options={"include_usage": True},
-        )
-    )
-    got = ""
-    usage = None
+    stream = completion_stream(fe.base_url, 600, stream_options={"include_usage": True})
     killed: list[Engine] = []
-    for i, chunk in enumerate(stream):
-        if chunk.choices:
-            got += chunk.choices[0].text
-        if chunk.usage:
-            usage = chunk.usage
-        if i == 20:
-            e = _serving(fleet, marks)
-            e.signal_group(signal.SIGKILL)
-            killed.append(e)
+
+    def kill() -> None:
+        killed.append(_serving(fleet, marks))
+        killed[0].signal_group(signal.SIGKILL)
+
+    read = read_with(stream, 20, kill)
+    got, usage = read.text, read.usage
     assert killed
     other = next(e for e in fleet.engines if e is not killed[0])
     assert got == direct.text
-    assert usage is not None and usage.completion_tokens == 600
+    assert usage is not None and usage["completion_tokens"] == 600
     # The survivor finished it, from a replayed prompt (the original plus what was generated).
     assert served_requests(other, marks[fleet.engines.index(other)])
     metrics = fe.metrics()
@@ -266,21 +244,12 @@ def test_migration_after_sigkill_on_llama_server_continues_the_text(fleet: Pair)
     tokens = HANGUP_TOKENS[fleet.kind]  # long enough to be killed mid-stream
     want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
-    stream = tracked(
-        client(fe.base_url).completions.create(
-            model=MODEL, prompt=PROMPT, max_tokens=tokens, stream=True, temperature=0.0
-        )
-    )
-    got = ""
-    before_kill = ""
-    for i, chunk in enumerate(stream):
-        if chunk.choices:
-            got += chunk.choices[0].text
-        if i == 10:
-            before_kill = got
-            _serving(fleet, marks).signal_group(signal.SIGKILL)
+    stream = completion_stream(fe.base_url, tokens)
+    read = read_with(stream, 10, lambda: _serving(fleet, marks).signal_group(signal.SIGKILL))
+    got, before_kill = read.text, read.before
     assert before_kill and want.text.startswith(before_kill)
     assert got.startswith(before_kill) and len(got) > len(before_kill)
-    print(f"llama-server text-continuation migration token-exact: {got == want.text}")
+    same = "equals" if got == want.text else "differs from"
+    FINDINGS.append(f"llama-server, SIGKILL mid-stream: the migrated text {same} the unmigrated")
     metrics = fe.metrics()
     assert sum(v for (n, _), v in metrics.items() if n.endswith("model_migration_total")) == 1

@@ -18,10 +18,11 @@ from clients import (
     PROMPT,
     WEATHER_TOOL,
     client,
+    completion_stream,
     only,
+    read_with,
     stream_chat,
     stream_completion,
-    tracked,
     unary_chat,
     unary_completion,
 )
@@ -162,22 +163,8 @@ def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
     tokens = HANGUP_TOKENS[fleet.kind]
     want = unary_completion(client(fleet.engines[0].url + "/v1"), tokens)["usage"]
     marks = [e.log_mark() for e in fleet.engines]
-    stream = tracked(
-        client(fe.base_url).completions.create(
-            model=MODEL,
-            prompt=PROMPT,
-            max_tokens=tokens,
-            stream=True,
-            temperature=0.0,
-            stream_options={"include_usage": True},
-        )
-    )
-    usage = None
-    for i, chunk in enumerate(stream):
-        if i == 10:
-            _serving(fleet, marks).signal_group(signal.SIGKILL)
-        if chunk.usage:
-            usage = chunk.usage.model_dump()
+    stream = completion_stream(fe.base_url, tokens, stream_options={"include_usage": True})
+    usage = read_with(stream, 10, lambda: _serving(fleet, marks).signal_group(signal.SIGKILL)).usage
     assert usage is not None
     assert usage["prompt_tokens"] == want["prompt_tokens"], usage
     assert usage["completion_tokens"] == tokens, usage
@@ -325,21 +312,16 @@ def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
     tokens = HANGUP_TOKENS[fleet.kind]
     want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
-    stream = tracked(
-        client(fe.base_url).completions.create(
-            model=MODEL, prompt=PROMPT, max_tokens=tokens, stream=True, temperature=0.0
-        )
-    )
-    text = ""
-    victim: Engine | None = None
+    stream = completion_stream(fe.base_url, tokens)
+    victims: list[Engine] = []
+
+    def pause() -> None:
+        victims.append(_serving(fleet, marks))
+        victims[0].signal_group(signal.SIGSTOP)
+
     try:
-        for i, chunk in enumerate(stream):
-            if chunk.choices:
-                text += chunk.choices[0].text
-            if i == 10:
-                victim = _serving(fleet, marks)
-                victim.signal_group(signal.SIGSTOP)
+        text = read_with(stream, 10, pause).text
     finally:
-        if victim is not None:
-            victim.signal_group(signal.SIGCONT)
+        for v in victims:
+            v.signal_group(signal.SIGCONT)
     assert text == want.text
