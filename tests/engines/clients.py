@@ -167,10 +167,12 @@ class Read:
     before: str  # the text received before the action
 
 
-def read_with(stream: Any, at: int, action: Callable[[], None]) -> Read:
-    """Read ``stream`` to its end, calling ``action`` after its ``at``-th chunk."""
+def read_with(stream: Any, action: Callable[[], None], at: int = 2) -> Read:
+    """Read ``stream`` to its end, calling ``action`` after its ``at``-th chunk (early: a
+    busy vLLM packs many tokens into one chunk, so a stream may have few)."""
     text, before = "", ""
     usage = None
+    acted = False
     for i, chunk in enumerate(stream):
         if chunk.choices:
             text += chunk.choices[0].text
@@ -179,4 +181,7 @@ def read_with(stream: Any, at: int, action: Callable[[], None]) -> Read:
         if i == at:
             before = text
             action()
+            acted = True
+    if not acted:
+        raise RuntimeError(f"the stream ended before chunk {at}: nothing was done to it")
     return Read(text, usage, before)

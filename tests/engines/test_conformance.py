@@ -33,6 +33,9 @@ TOKENS = 40
 HANGUP_TOKENS = {"llama-server": 30000, "llama-cpp-python": 30000, "vllm": 3000}
 # A stopped request is idle on the engine this soon after the hang-up.
 STOPS_WITHIN = 3.0
+# --backend-stream-timeout-secs for the silence cases: a vLLM starved of CPU by a loaded
+# machine can pause for seconds between steps, and must not look silent.
+SILENCE_LIMIT = {"llama-server": 2, "llama-cpp-python": 2, "vllm": 5}
 
 
 def _generated(fleet: Pair, marks: list[int]) -> float:
@@ -170,7 +173,8 @@ def test_kv_routing_keeps_a_shared_prefix_on_one_worker(fleet: Pair) -> None:
 
 @pytest.mark.destructive
 def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
-    fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="zombie")
+    limit = SILENCE_LIMIT[fleet.kind]
+    fe = fleet.frontend(backend_stream_timeout_secs=limit, fresh="zombie")
     marks = [e.log_mark() for e in fleet.engines]
     stream = completion_stream(fe.base_url, HANGUP_TOKENS[fleet.kind])
     chunks = iter(stream)
@@ -187,7 +191,7 @@ def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
         e.signal_group(signal.SIGCONT)
     # The OpenAI-shaped error frame after the first token, of the timeout type.
     assert info.value.type == "timeout_error", (info.value.type, info.value.body)
-    assert 1.5 < waited < 10, waited
+    assert waited < limit + 5, waited
     quarantined = {k: v for k, v in fe.metrics().items() if k[0].endswith("worker_quarantined")}
     assert any(v == 1 for (_, labels), v in quarantined.items() if (("worker", e.url),) == labels)
 
@@ -205,7 +209,7 @@ def test_migration_after_sigkill_is_token_exact_on_vllm(fleet: Pair) -> None:
         killed.append(_serving(fleet, marks))
         killed[0].signal_group(signal.SIGKILL)
 
-    read = read_with(stream, 20, kill)
+    read = read_with(stream, kill)
     got, usage = read.text, read.usage
     assert killed
     other = next(e for e in fleet.engines if e is not killed[0])
@@ -245,7 +249,7 @@ def test_migration_after_sigkill_on_llama_server_continues_the_text(fleet: Pair)
     want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
     stream = completion_stream(fe.base_url, tokens)
-    read = read_with(stream, 10, lambda: _serving(fleet, marks).signal_group(signal.SIGKILL))
+    read = read_with(stream, lambda: _serving(fleet, marks).signal_group(signal.SIGKILL))
     got, before_kill = read.text, read.before
     assert before_kill and want.text.startswith(before_kill)
     assert got.startswith(before_kill) and len(got) > len(before_kill)

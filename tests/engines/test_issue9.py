@@ -28,14 +28,18 @@ from clients import (
 )
 from engine_side import served_requests
 from harness import LLAMA_CPP_PYTHON_CTX, MODEL, Engine, Pair, metric_sum, paused, wait_until
-from test_conformance import HANGUP_TOKENS, _serving
+from test_conformance import HANGUP_TOKENS, SILENCE_LIMIT, _serving
 
 TOKENS = 30
 COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 def problem(n: int, why: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"issue 9 problem {n}: {why}")
+    """Expected to fail, by a failed check or the error the client gets; anything else (a
+    harness error, an engine that did not start) is a real failure."""
+    return pytest.mark.xfail(
+        strict=True, raises=(AssertionError, openai.APIError), reason=f"issue 9 problem {n}: {why}"
+    )
 
 
 # vLLM makes a tool call of a random model by guided decoding into the tool's schema. llama.cpp
@@ -164,7 +168,7 @@ def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
     want = unary_completion(client(fleet.engines[0].url + "/v1"), tokens)["usage"]
     marks = [e.log_mark() for e in fleet.engines]
     stream = completion_stream(fe.base_url, tokens, stream_options={"include_usage": True})
-    usage = read_with(stream, 10, lambda: _serving(fleet, marks).signal_group(signal.SIGKILL)).usage
+    usage = read_with(stream, lambda: _serving(fleet, marks).signal_group(signal.SIGKILL)).usage
     assert usage is not None
     assert usage["prompt_tokens"] == want["prompt_tokens"], usage
     assert usage["completion_tokens"] == tokens, usage
@@ -235,7 +239,7 @@ def test_a_quarantined_engine_without_health_comes_back(fleet: Pair) -> None:
 @pytest.mark.destructive
 @problem(6, "a vLLM whose EngineCore is hung answers /health 200 and is re-admitted")
 def test_a_hung_engine_core_is_not_readmitted(fleet: Pair) -> None:
-    fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="probe-hung")
+    fe = fleet.frontend(backend_stream_timeout_secs=SILENCE_LIMIT["vllm"], fresh="probe-hung")
     c = client(fe.base_url, timeout=30.0)
     victim = fleet.engines[0]
     with paused(victim, victim.child_pids()):
@@ -308,7 +312,8 @@ def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair) -> None:
 @pytest.mark.destructive
 @problem(9, "a silent worker is never migrated: the client gets timeout_error")
 def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
-    fe = fleet.frontend(migration_limit=1, backend_stream_timeout_secs=2, fresh="silent")
+    limit = SILENCE_LIMIT[fleet.kind]
+    fe = fleet.frontend(migration_limit=1, backend_stream_timeout_secs=limit, fresh="silent")
     tokens = HANGUP_TOKENS[fleet.kind]
     want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
@@ -320,7 +325,7 @@ def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
         victims[0].signal_group(signal.SIGSTOP)
 
     try:
-        text = read_with(stream, 10, pause).text
+        text = read_with(stream, pause).text
     finally:
         for v in victims:
             v.signal_group(signal.SIGCONT)
