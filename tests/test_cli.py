@@ -97,6 +97,7 @@ ROUTER_FLAGS = {
     "--router-kv-overlap-score-weight",
     "--router-temperature",
     "--worker-connect-timeout-secs",
+    "--worker-probe-timeout-secs",
     "--migration-limit",
 }
 
