@@ -134,10 +134,12 @@ def no_stream_error(status: int, content_type: str, body: bytes) -> UpstreamNoSt
     """The error for a 2xx answer that carries no event stream (an empty body, a JSON body)."""
     summary = summarize_body(body)
     if not summary:
-        what = "an empty body"
-    else:
-        what = f"a {content_type or 'untyped'} body that is not an event stream: {summary}"
-    return UpstreamNoStream(f"The worker answered HTTP {status} with {what}")
+        return UpstreamNoStream(f"The worker answered HTTP {status} with an empty body")
+    kind = f" ({content_type})" if content_type else ""
+    return UpstreamNoStream(
+        f"The worker answered HTTP {status}{kind} with a body that is not an event stream: "
+        + summary
+    )
 
 
 def _error_fields(body: bytes) -> tuple[str, str | None, str | int | None, str | None]:
