@@ -19,6 +19,8 @@ next entry of ``script`` says, or as ``default`` once the script is used up:
 ``hang``        reads the request, never answers
 ``first-hang``  sends the headers and the first token, then goes silent
 ``drop``        sends the first token, then ends the body cleanly without ``[DONE]``
+``cut``         sends the headers, then closes the connection before any event (chunked, so
+                the client sees the body cut short, not ended)
 ``empty``       200 ``text/event-stream`` with an empty body (llama_cpp.server, over-long prompt)
 ``json-error``  200 ``application/json`` with an OpenAI error body
 ``http-500``    500 with an OpenAI error body
@@ -58,7 +60,7 @@ from .frontend import Frontend
 
 __all__ = ["BEHAVIOURS", "ScriptedWorker", "Seen", "routed_fleet", "scripted_worker"]
 
-BEHAVIOURS = ("ok", "hang", "first-hang", "drop", "empty", "json-error", "http-500")
+BEHAVIOURS = ("ok", "hang", "first-hang", "drop", "cut", "empty", "json-error", "http-500")
 GENERATION_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
@@ -219,6 +221,14 @@ class ScriptedWorker:
                 body=_error("the prompt is too long for this engine (scripted)", "internal_error"),
                 content_type="application/json",
             )
+        if behaviour == "cut":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(b": ")  # a first chunk, so the headers are on the wire
+            assert request.transport is not None
+            request.transport.close()
+            return resp
         if behaviour == "empty":
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
