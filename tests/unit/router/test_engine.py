@@ -13,7 +13,7 @@ from dynamo_llm.protocols.completions import decode_completion_request
 from dynamo_llm.router import AttemptLimits, Router, Worker, WorkerSet
 from dynamo_llm.router.policies import RouterMode, RoutingPolicy
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
-from fleet_helpers import registered
+from tests.system.fleet_helpers import registered
 
 MODEL = "m"
 

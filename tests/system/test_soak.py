@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
+SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 
 
 def load_soak() -> ModuleType:

@@ -29,7 +29,7 @@ import pytest
 
 from dynamo_llm.testing.bad_workers import BadWorker
 from dynamo_llm.testing.process import ServerProcess
-from fleet_helpers import (
+from tests.system.fleet_helpers import (
     HOLD,
     LIMITS,
     SAFETY_NET,

@@ -56,7 +56,7 @@ from typing import Any
 import httpx
 
 from dynamo_llm.testing.bad_workers import BadWorker
-from fleet_helpers import (
+from tests.system.fleet_helpers import (
     HOLD,
     LIMITS,
     SAFETY_NET,

@@ -21,7 +21,7 @@ from dynamo_llm.config import OPTIONS, SERVE, Config, Group, Option, add_argumen
 from dynamo_llm.config import config_from_args as apply_args
 from dynamo_llm.config.options import BOOL, CHOICE, FLOAT, INT, LIST, TEXT
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def test_every_config_field_is_one_row_with_its_own_flag_and_variable() -> None:

@@ -35,7 +35,7 @@ from dynamo_llm.router.engine import Router
 from dynamo_llm.router.policies import RouterMode, RoutingPolicy
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
 from dynamo_llm.testing.process import ServerProcess
-from fleet_helpers import (
+from tests.system.fleet_helpers import (
     SAFETY_NET,
     RoutedFrontend,
     bad_workers,
