@@ -1,9 +1,10 @@
-"""The transport package's seams: where it sits in the layers, and its public surface."""
+"""The packages' seams: where each sits in the layers, and the transport's public surface."""
 
 import ast
 from pathlib import Path
 
 import dynamo_llm
+import dynamo_llm.metrics
 import dynamo_llm.transport
 
 SRC = Path(dynamo_llm.__file__).parent
@@ -43,6 +44,17 @@ def test_the_protocols_that_hold_the_stream_chunk_shape_stay_a_leaf() -> None:
         for name in imported
         if not name.startswith("dynamo_llm.protocols.") and name != "dynamo_llm.errors"
     ]
+
+
+def test_metrics_package_imports_no_other_dynamo_llm_module() -> None:
+    package = Path(dynamo_llm.metrics.__file__).parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, (path.name, node.module)
+                assert not (node.module or "").startswith("dynamo_llm"), path.name
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("dynamo_llm") for a in node.names), path.name
 
 
 def test_transport_exports_its_public_names() -> None:
