@@ -23,23 +23,17 @@ from dynamo_llm.config import Config
 from dynamo_llm.fleet import Fleet, build_routed_app
 from dynamo_llm.http.app import App
 from dynamo_llm.http.server import HttpServer
-from dynamo_llm.router import Worker, WorkerSet
+from dynamo_llm.router import Worker
 from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.testing import Frontend
 from dynamo_llm.testing.bad_workers import BadWorker, spawn_bad_worker
+from tests.helpers import registered
 
 SAFETY_NET = 20.0
 # A worker that streams its first token, then waits this long before the next: "mid-stream".
 HOLD = 30.0
 # Short router limits (seconds) so the fault tests end fast; the HTTP layer's net is twice that.
 LIMITS = {"DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS": "1", "DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS": "1"}
-
-
-def registered(workers: WorkerSet, url: str) -> Worker:
-    """The worker ``url`` of ``workers``; fails the test if it is not registered."""
-    worker = workers.get(url)
-    assert worker is not None, f"{url} is not registered"
-    return worker
 
 
 # --- the frontend --------------------------------------------------------------------------------

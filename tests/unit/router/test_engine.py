@@ -8,14 +8,11 @@ import pytest
 from dynamo_llm.engines.base import EngineOutput, EngineRequest, OwnedStream, Usage
 from dynamo_llm.engines.endpoints import COMPLETIONS
 from dynamo_llm.errors import Cancelled, WorkerResponseTimeout, WorkerUnreachable
-from dynamo_llm.metrics import Metrics
 from dynamo_llm.protocols.completions import decode_completion_request
-from dynamo_llm.router import AttemptLimits, Router, Worker, WorkerSet
-from dynamo_llm.router.policies import RouterMode, RoutingPolicy
+from dynamo_llm.router import AttemptLimits, Router, WorkerSet
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
-from tests.system.fleet_helpers import registered
-
-MODEL = "m"
+from tests.helpers import registered
+from tests.unit.router.helpers import MODEL, inflight, router_over
 
 
 class FakeClient:
@@ -62,34 +59,14 @@ def setup(
     *urls: str, limits: AttemptLimits | None = None
 ) -> tuple[FakeClock, WorkerSet, FakeClient, Router]:
     clock = FakeClock()
-    metrics = Metrics()
-
-    async def probe(worker: Worker) -> bool:
-        return True
-
-    workers = WorkerSet(clock=clock, probe=probe, metrics=metrics)
-    for url in urls:
-        workers.add(Worker(url, [MODEL]))
     client = FakeClient(clock)
-    router = Router(
-        workers,
-        RoutingPolicy(RouterMode.ROUND_ROBIN),
-        # Router annotates the concrete WorkerClient; the fake has the one method it calls.
-        client,  # type: ignore[arg-type]
-        clock,
-        metrics=metrics,
-        limits=limits or AttemptLimits(),
-    )
+    _, workers, router = router_over(client, urls, clock, limits=limits or AttemptLimits())
     return clock, workers, client, router
 
 
 def request(rid: str = "r1") -> EngineRequest:
     params = decode_completion_request(b'{"model": "m", "prompt": "hi", "stream": true}')
     return COMPLETIONS.request(params, "hi", id=rid, model=MODEL, max_tokens=16)
-
-
-def inflight(workers: WorkerSet) -> dict[str, int]:
-    return {w.id: w.inflight for w in workers}
 
 
 async def test_a_stream_never_iterated_gives_its_worker_slot_back_when_closed() -> None:

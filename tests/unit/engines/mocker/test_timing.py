@@ -1,42 +1,24 @@
 """The mocker's timing model, checked exactly in simulated time.
 
-The expected times are computed here from SPEC §10's formulas, independently of the engine's
-own timing module. TTFT in the mocker is the simulated time from the moment the stream is first
-iterated (the request joins the waiting queue) to the moment its first output is delivered; on
-an idle engine that is exactly one pass: prefill(uncached prompt tokens) + one decode step.
+The expected times are computed from SPEC §10's formulas (``helpers.py``), independently of
+the engine's own timing module. TTFT in the mocker is the simulated time from the moment the
+stream is first iterated (the request joins the waiting queue) to the moment its first output is
+delivered; on an idle engine that is exactly one pass: prefill(uncached prompt tokens) + one
+decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
-from collections.abc import AsyncIterator
 
 import pytest
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest
-from dynamo_llm.engines.endpoints import COMPLETIONS
 from dynamo_llm.engines.mocker import MockerConfig, MockerEngine
-from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime import EngineContext, FakeClock
-
-
-def prefill_s(tokens: int) -> float:
-    if tokens == 0:
-        return 0.0
-    return (4.209989e-7 * tokens**2 + 1.518344e-2 * tokens + 16.50142) / 1000
-
-
-def decode_s(used_blocks: int, total_blocks: int) -> float:
-    u = used_blocks / total_blocks
-    return max(1.0, -25.74 * u**2 + 54.01 * u + 5.74) / 1000
-
-
-def completion(rid: str, prompt: list[int], max_tokens: int) -> EngineRequest:
-    params = CompletionRequest(model="mock", prompt=list[str | int | list[int]](prompt))
-    return COMPLETIONS.request(params, prompt, id=rid, model="mock", max_tokens=max_tokens)
+from tests.unit.engines.mocker.helpers import completion, decode_s, prefill_s, simulated
 
 
 async def collect(
@@ -49,13 +31,6 @@ async def collect(
         outs.append(out)
         times.append(engine.clock.now())
     return outs, times
-
-
-@contextlib.asynccontextmanager
-async def simulated(clock: FakeClock) -> AsyncIterator[None]:
-    async with asyncio.timeout(5) as net, clock.autojump():
-        yield
-    assert not net.expired()
 
 
 @pytest.fixture

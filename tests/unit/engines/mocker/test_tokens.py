@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from dynamo_llm.errors import ContextLengthExceeded, InvalidRequest
 from dynamo_llm.protocols.chat import ChatCompletionRequest, ChatMessage
 from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime import EngineContext, FakeClock
+from tests.unit.engines.mocker.helpers import simulated
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -53,13 +51,6 @@ def chat(messages: list[Any], max_tokens: int = 8, seed: int | None = None) -> E
 
 def message(role: str, content: Any) -> ChatMessage:
     return ChatMessage(role=role, content=content)
-
-
-@contextlib.asynccontextmanager
-async def simulated(clock: FakeClock) -> AsyncIterator[None]:
-    async with asyncio.timeout(5) as net, clock.autojump():
-        yield
-    assert not net.expired()
 
 
 async def run(req: EngineRequest, config: MockerConfig | None = None) -> list[EngineOutput]:
