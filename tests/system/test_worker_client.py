@@ -20,15 +20,10 @@ from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
 from dynamo_llm.errors import (
     AllWorkersBusy,
     Cancelled,
-    ContextLengthExceeded,
-    DynamoError,
     InvalidRequest,
-    ModelNotFound,
-    TooManyRequests,
     UpstreamError,
     WorkerDisconnected,
     WorkerResponseTimeout,
-    WorkerShuttingDown,
     WorkerUnreachable,
 )
 from dynamo_llm.protocols.chat import ChatCompletionRequest, ChatMessage
@@ -39,9 +34,7 @@ from dynamo_llm.testing.bad_workers import spawn_bad_worker
 from dynamo_llm.transport import (
     RemoteStream,
     WorkerClient,
-    error_from_worker,
     make_session,
-    upstream_body,
 )
 
 SERVED = "served-model"
@@ -160,7 +153,7 @@ async def test_relay_from_a_worker_using_our_id_needs_no_rewrite(client: WorkerC
         outputs = await collect(stream)
     assert not net.expired()
     assert stream.upstream_id == f"chatcmpl-{request.id}"
-    assert stream._rewrites == []
+    assert stream.rewrites == ()
     chunks = [msgspec.json.decode(d) for d in sse_events(b"".join(o.raw or b"" for o in outputs))]
     # The client asked for usage: it rides on the last output, for the frontend to render once.
     assert all(c["choices"] for c in chunks)
@@ -577,85 +570,6 @@ async def test_probe_and_models(client: WorkerClient) -> None:
     assert not net.expired()
 
 
-# --- pure parts ------------------------------------------------------------------------------
-
-
-def test_upstream_body_forces_streaming_and_applies_the_attempts_changes() -> None:
-    params = ChatCompletionRequest(
-        model=SERVED,
-        messages=[ChatMessage("user", "hi")],
-        n=3,
-        max_completion_tokens=50,
-        temperature=0.5,
-    )
-    request = CHAT.request(params, id="r1", model=SERVED, max_tokens=20)
-    body = msgspec.json.decode(upstream_body(request, model="worker-name", return_token_ids=True))
-    assert body == {
-        "model": "worker-name",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_completion_tokens": 20,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": 0.5,
-        "return_token_ids": True,
-    }
-
-
-@pytest.mark.parametrize(
-    ("status", "body", "cls", "message"),
-    [
-        (
-            400,
-            b'{"error":{"message":"too long","type":"invalid_request_error",'
-            b'"code":"context_length_exceeded","param":"messages"}}',
-            ContextLengthExceeded,
-            "too long",
-        ),
-        (
-            400,
-            b'{"object":"error","message":"bad temp","type":"BadRequestError","code":400}',
-            InvalidRequest,
-            "bad temp",
-        ),
-        (422, b'{"detail":"field required"}', InvalidRequest, "field required"),
-        (
-            404,
-            b'{"error":{"message":"no such model","type":"not_found_error",'
-            b'"code":"model_not_found"}}',
-            ModelNotFound,
-            "no such model",
-        ),
-        (429, b'{"error":"slow down","error_type":"overloaded"}', TooManyRequests, "slow down"),
-        (
-            503,
-            b'{"error":{"message":"bye","type":"service_unavailable_error",'
-            b'"code":"server_shutting_down"}}',
-            WorkerShuttingDown,
-            "bye",
-        ),
-        (500, b"Internal Server Error\nTraceback...", UpstreamError, "Internal Server Error"),
-        (
-            None,
-            b'{"error":{"message":"oops","type":"BadRequestError","code":400}}',
-            InvalidRequest,
-            "oops",
-        ),
-        (
-            None,
-            b'{"error":{"message":"stalled","type":"timeout_error"}}',
-            WorkerResponseTimeout,
-            "stalled",
-        ),
-    ],
-)
-def test_worker_errors_map_to_our_classes(
-    status: int | None, body: bytes, cls: type[DynamoError], message: str
-) -> None:
-    error = error_from_worker(status, body)
-    assert type(error) is cls
-    assert error.message == message
-
-
 # --- our own worker --------------------------------------------------------------------------
 
 
@@ -688,7 +602,7 @@ async def test_our_own_worker_is_relayed_as_is_and_stops_gracefully(
         assert not net.expired()
         assert sum(out.num_tokens for out in rest) < 500
         if request_id.startswith("id/"):
-            assert stream._rewrites == []  # same id, same model: nothing to rewrite
+            assert stream.rewrites == ()  # same id, same model: nothing to rewrite
         # The worker was told to stop (not hung up on): the connection went back to the pool.
         assert idle_connections(session) >= 1
     finally:
