@@ -28,6 +28,7 @@ from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.testing import Frontend
 from dynamo_llm.testing.bad_workers import BadWorker, spawn_bad_worker
 from tests.helpers import registered
+from tests.system.raw_http import raw_post, read_events
 
 SAFETY_NET = 20.0
 # A worker that streams its first token, then waits this long before the next: "mid-stream".
@@ -160,26 +161,14 @@ class RawClient:
         cls, fe: Frontend, payload: Mapping[str, Any], headers: Mapping[str, str]
     ) -> "RawClient":
         reader, writer = await asyncio.open_connection("127.0.0.1", fe.server.port)
-        body = msgspec.json.encode(payload)
-        head = (
-            f"POST {path_of(payload)} HTTP/1.1\r\nHost: localhost\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            + "\r\n"
-        )
-        writer.write(head.encode() + body)
+        lines = (f"{name}: {value}".encode() for name, value in headers.items())
+        writer.write(raw_post(path_of(payload), msgspec.json.encode(payload), *lines))
         await writer.drain()
         return cls(reader, writer)
 
     async def events(self, count: int) -> None:
         """Read until ``count`` SSE data lines have arrived."""
-        seen = 0
-        while seen < count:
-            line = await self.reader.readline()
-            assert line, "the frontend closed the stream early"
-            if line.startswith(b"data: "):
-                assert line != b"data: [DONE]\n"
-                seen += 1
+        await read_events(self.reader, count)
 
     async def rest(self) -> bytes:
         """The rest of a chunked response, up to its last chunk."""

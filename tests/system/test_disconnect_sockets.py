@@ -13,20 +13,12 @@ import msgspec
 import pytest
 
 from dynamo_llm.testing import FakeEngine, running_frontend
+from tests.system.raw_http import raw_post, read_events
 
 MODEL = "test-model"
 KILL_WITHIN = 0.050
 
 pytestmark = pytest.mark.parametrize("interface", ["rsgi", "asgi"])
-
-
-def raw_request(path: str, payload: dict[str, object]) -> bytes:
-    body = msgspec.json.encode(payload)
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
 
 
 def hang_up(writer: asyncio.StreamWriter, how: str) -> float:
@@ -39,15 +31,6 @@ def hang_up(writer: asyncio.StreamWriter, how: str) -> float:
         sock.shutdown(socket.SHUT_RDWR)
         writer.close()
     return t0
-
-
-async def read_events(reader: asyncio.StreamReader, count: int) -> None:
-    seen = 0
-    while seen < count:
-        line = await reader.readline()
-        assert line, "server closed early"
-        if line.startswith(b"data: "):
-            seen += 1
 
 
 CASES = {
@@ -74,7 +57,7 @@ async def test_client_hang_up_kills_the_engine_context_at_once(
     async with running_frontend(engine, model=MODEL, interface=interface) as fe:
         async with asyncio.timeout(10):
             reader, writer = await asyncio.open_connection("127.0.0.1", fe.server.port)
-            writer.write(raw_request(path, payload))
+            writer.write(raw_post(path, msgspec.json.encode(payload)))
             await writer.drain()
             await engine.called.wait()
             call = engine.last
@@ -111,16 +94,12 @@ async def test_frontend_serves_normally_after_many_hang_ups(interface: str) -> N
         async with asyncio.timeout(20):
             for i in range(20):
                 _, writer = await asyncio.open_connection("127.0.0.1", fe.server.port)
-                writer.write(
-                    raw_request(
-                        "/v1/chat/completions",
-                        {
-                            "model": MODEL,
-                            "stream": i % 2 == 0,
-                            "messages": [{"role": "user", "content": "x"}],
-                        },
-                    )
-                )
+                payload = {
+                    "model": MODEL,
+                    "stream": i % 2 == 0,
+                    "messages": [{"role": "user", "content": "x"}],
+                }
+                writer.write(raw_post("/v1/chat/completions", msgspec.json.encode(payload)))
                 await writer.drain()
                 while len(engine.calls) <= i:
                     engine.called.clear()

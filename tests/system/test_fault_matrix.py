@@ -68,6 +68,7 @@ from tests.system.fleet_helpers import (
     routed_frontend,
     send,
 )
+from tests.system.raw_http import raw_exchange, raw_post, status_of
 
 SETTLE = 3.0
 GOOD = "good"  # the model of the healthy worker every bench keeps for invariant 5
@@ -565,30 +566,6 @@ async def test_a_flapping_worker_costs_only_the_requests_it_held(tmp_path: Path)
 # --- 3. bad input --------------------------------------------------------------------------------
 
 
-def raw_post(path: str, body: bytes, *headers: bytes) -> bytes:
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n".encode()
-        + b"".join(h + b"\r\n" for h in headers)
-        + b"Connection: close\r\n\r\n"
-        + body
-    )
-
-
-async def raw_exchange(fe: RoutedFrontend, data: bytes) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", fe.server.port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        response = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    status_line = response.split(b"\r\n", 1)[0]
-    assert status_line.startswith(b"HTTP/1.1 "), response[:200]
-    return int(status_line.split()[1]), response
-
-
 GOOD_CHAT = json.dumps(payload("chat", GOOD, stream=False)).encode()
 
 # case: (path, raw body, expected status, requests_total{error_type}); all labelled
@@ -643,7 +620,8 @@ async def test_bad_input_is_refused_cleanly_and_leaves_nothing_behind(tmp_path: 
                 name: str = name, path: str = path, raw: bytes = raw, status: int = status,
                 error_type: str = error_type,
             ) -> None:  # fmt: skip
-                got, response = await raw_exchange(b.fe, raw_post(path, raw))
+                response = await raw_exchange(b.fe, raw_post(path, raw, close=True))
+                got = status_of(response)
                 b.expect("chat" if "chat" in path else "completions", False, error_type)
                 assert got == status, (name, response[:300])
                 body = response.split(b"\r\n\r\n", 1)[1]
@@ -656,9 +634,10 @@ async def test_bad_input_is_refused_cleanly_and_leaves_nothing_behind(tmp_path: 
         for name, header in BAD_HEADERS.items():
 
             async def header_case(name: str = name, header: bytes = header) -> None:
-                got, response = await raw_exchange(
-                    b.fe, raw_post("/v1/chat/completions", GOOD_CHAT, header)
+                response = await raw_exchange(
+                    b.fe, raw_post("/v1/chat/completions", GOOD_CHAT, header, close=True)
                 )
+                got = status_of(response)
                 assert got < 500, (name, response[:300])
                 if got == 200:
                     b.expect("chat", False)
@@ -680,7 +659,7 @@ LORIS_DELAY = 0.020
 async def loris(fe: RoutedFrontend, body: bytes, *, finish: bool) -> bytes:
     """Send ``body`` a byte every 20 ms; ``finish=False`` hangs up half way. The raw response."""
     reader, writer = await asyncio.open_connection("127.0.0.1", fe.server.port)
-    writer.write(raw_post("/v1/chat/completions", body)[: -len(body)])
+    writer.write(raw_post("/v1/chat/completions", body, close=True)[: -len(body)])
     sent = body if finish else body[: len(body) // 2]
     for i in range(len(sent)):
         writer.write(sent[i : i + 1])

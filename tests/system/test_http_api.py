@@ -32,6 +32,7 @@ from dynamo_llm.http.app import ServedModel
 from dynamo_llm.protocols import decode_chat_request, decode_completion_request
 from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.testing import FakeEngine, Frontend, running_frontend
+from tests.system.raw_http import raw_exchange, raw_post, status_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -909,36 +910,8 @@ async def test_error_responses_carry_the_request_id(shared: Frontend) -> None:
 # --- hostile headers ------------------------------------------------------------------------------
 
 
-async def raw_exchange(fe: Frontend, data: bytes) -> bytes:
-    """Send ``data`` on a fresh socket and read until the server closes it."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", fe.server.port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        async with asyncio.timeout(5):
-            return await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
 def raw_chat(extra_header: bytes) -> bytes:
-    body = json.dumps(chat_body()).encode()
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
-        b"Content-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\n"
-        + extra_header
-        + b"\r\nConnection: close\r\n\r\n"
-        + body
-    )
-
-
-def status_of(response: bytes) -> int:
-    status_line = response.split(b"\r\n", 1)[0]
-    assert status_line.startswith(b"HTTP/1.1 "), response[:200]
-    return int(status_line.split()[1])
+    return raw_post(CHAT, json.dumps(chat_body()).encode(), extra_header, close=True)
 
 
 def header_of(response: bytes, name: bytes) -> bytes | None:
