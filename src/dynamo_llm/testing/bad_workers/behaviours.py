@@ -1,62 +1,21 @@
-"""Misbehaving OpenAI-compatible workers, as real processes, for fault tests.
-
-::
-
-    python -m dynamo_llm.testing.bad_workers --behaviour zombie --port 0
-
-prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connections. Behaviours:
-
-======================  =========================================================================
-``ok``                  a fast fake worker: ``--tokens`` tokens ``tok0 tok1 ...`` (``--gap``
-                        seconds apart) for chat and completions; honours ``stream``,
-                        ``stream_options.include_usage``, ``max_tokens``, ``return_token_ids``
-                        (ids ``0..N-1``) and a graceful ``POST /v1/requests/<id>/stop``; answers
-                        400 to a request without messages / prompt or with ``max_tokens < 1``
-``slow``                ``ok`` with gaps (``--gap``, default 0.5 s) between events, but alive
-``refuse``              the port is bound but never listens: connections are refused
-``zombie``              accepts, reads the request, never answers (any route but ``/_record``)
-``zombie-after-first``  sends the headers and one event, then goes silent
-``stop-mid-stream``     sends a few events, then ends the body cleanly without ``[DONE]``
-``die-mid-stream``      sends a few events, then the process exits (``os._exit(1)``)
-``error-mid-stream``    sends a few events, then an ``event: error`` frame (internal error)
-``http-500``            answers 500 with an OpenAI error body
-``busy``                answers 503 ``all_workers_busy``
-``malformed-sse``       a 200 event stream whose first event is invalid JSON, then non-SSE text
-======================  =========================================================================
-
-Every behaviour that listens keeps a record of what it saw: ``GET /_record`` returns
-``{"requests": [{"id", "path", "body", "disconnected", "disconnected_at", "completed",
-"stopped"}]}``, where ``disconnected_at`` is ``time.monotonic()`` (system-wide on Linux, so it
-compares with the test's own clock). ``GET /_record?wait=<id>&within=<s>`` first waits until that
-request has ended (``arrived=<id>``: until it has arrived), a handshake that spares tests from
-sleeping. A client hang-up
-cancels the handler at once (aiohttp's ``handler_cancellation``), which is what a real engine
-server reacts to.
-
-:func:`spawn_bad_worker` runs one as a subprocess for a test. Flapping is left to the test
-(``await worker.kill()``, ``await worker.restart()``: same port, so the same URL).
-"""
+"""The behaviours: one aiohttp app that misbehaves as its :class:`Options` say, and keeps a
+record of what it saw (the table of behaviours and the record's shape are in the package's
+docstring, :mod:`dynamo_llm.testing.bad_workers`)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-__all__ = ["BEHAVIOURS", "BadWorker", "spawn_bad_worker"]
+__all__ = ["BEHAVIOURS", "FEW", "Options", "WorkerApp"]
 
 BEHAVIOURS = (
     "ok",
@@ -116,7 +75,9 @@ def _error_body(message: str, type_: str, code: str | None, param: str | None = 
     return _dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
-class _Worker:
+class WorkerApp:
+    """The aiohttp app of one bad worker: its routes, its behaviour, its record."""
+
     def __init__(self, options: Options) -> None:
         self.options = options
         self.seen: list[_Seen] = []
@@ -390,179 +351,3 @@ def _count_prompt(body: dict[str, Any]) -> int:
         if isinstance(content, str):
             total += len(content.split())
     return total
-
-
-# --- the process ---------------------------------------------------------------------------------
-
-
-def _announce(port: int) -> None:
-    sys.stdout.write(f"listening on http://127.0.0.1:{port}\n")
-    sys.stdout.flush()
-
-
-async def serve(options: Options, port: int) -> None:
-    """Run one bad worker on ``127.0.0.1:port`` until the process is stopped."""
-    if options.behaviour == "refuse":
-        # Bound but not listening: the kernel answers every SYN with a reset.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        try:
-            _announce(sock.getsockname()[1])
-            await asyncio.Event().wait()
-        finally:
-            sock.close()
-        return
-    worker = _Worker(options)
-    runner = web.AppRunner(worker.app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
-        await site.start()
-        _announce(runner.addresses[0][1])
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dynamo_llm.testing.bad_workers")
-    parser.add_argument("--behaviour", choices=BEHAVIOURS, required=True)
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--tokens", type=int, default=5)
-    parser.add_argument("--gap", type=float, default=0.0)
-    parser.add_argument("--model", default="bad-model")
-    parser.add_argument(
-        "--foreign-ids", action="store_true", help="use its own response ids, as vLLM may"
-    )
-    args = parser.parse_args(argv)
-    options = Options(args.behaviour, args.tokens, args.gap, args.model, args.foreign_ids)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(options, args.port))
-
-
-# --- the test helper -----------------------------------------------------------------------------
-
-
-class BadWorker:
-    """A running bad worker process: its ``url``, ``proc``, record, and controls."""
-
-    def __init__(self, options: Options, port: int = 0) -> None:
-        self.options = options
-        self.port = port
-        self.url = ""
-        self.proc: asyncio.subprocess.Process | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self, *, ready_within: float = 10.0) -> None:
-        o = self.options
-        args = [
-            sys.executable,
-            "-m",
-            "dynamo_llm.testing.bad_workers",
-            "--behaviour",
-            o.behaviour,
-            "--port",
-            str(self.port),
-            "--tokens",
-            str(o.tokens),
-            "--gap",
-            str(o.gap),
-            "--model",
-            o.model,
-        ]
-        if o.foreign_ids:
-            args.append("--foreign-ids")
-        self.proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
-        assert self.proc.stdout is not None
-        try:
-            async with asyncio.timeout(ready_within):
-                line = await self.proc.stdout.readline()
-        except BaseException:
-            await self.kill()
-            raise
-        text = line.decode().strip()
-        if not text.startswith("listening on "):
-            await self.kill()
-            raise RuntimeError(f"bad worker {o.behaviour} did not start: {text!r}")
-        self.url = text.removeprefix("listening on ")
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    async def record(
-        self, wait: str | None = None, *, arrived: str | None = None, within: float = 5.0
-    ) -> dict[str, Any]:
-        """``GET /_record``, after waiting (at most ``within`` s) for request ``wait`` to end or
-        for request ``arrived`` to arrive."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        query = {"within": str(within)}
-        if wait is not None:
-            query["wait"] = wait
-        if arrived is not None:
-            query["arrived"] = arrived
-        async with self._session.get(self.url + "/_record", params=query) as resp:
-            resp.raise_for_status()
-            result: dict[str, Any] = await resp.json()
-            return result
-
-    async def request_record(self, request_id: str, *, within: float = 5.0) -> dict[str, Any]:
-        """The record of one request, once it has ended."""
-        record = await self.record(request_id, within=within)
-        for seen in record["requests"]:
-            if seen["id"] == request_id:
-                return dict(seen)
-        raise LookupError(f"the worker never saw request {request_id}")
-
-    async def kill(self) -> None:
-        """SIGKILL the process (if it still runs) and reap it."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await proc.communicate()
-
-    async def restart(self) -> None:
-        """Kill it if it runs, and start it again on the same port (the same URL)."""
-        await self.kill()
-        await self.start()
-
-    async def aclose(self) -> None:
-        try:
-            await self.kill()
-        finally:
-            if self._session is not None:
-                await self._session.close()
-                self._session = None
-
-
-@contextlib.asynccontextmanager
-async def spawn_bad_worker(
-    behaviour: str,
-    *,
-    tokens: int = 5,
-    gap: float = 0.0,
-    model: str = "bad-model",
-    foreign_ids: bool = False,
-) -> AsyncIterator[BadWorker]:
-    """Run a bad worker process for the body of the ``async with``; it is killed and reaped after.
-
-    ::
-
-        async with spawn_bad_worker("zombie", tokens=5) as worker:
-            ...  # worker.url, await worker.record(), await worker.kill(), await worker.restart()
-    """
-    if behaviour not in BEHAVIOURS:
-        raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
-    worker = BadWorker(Options(behaviour, tokens, gap, model, foreign_ids))
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.aclose()
-
-
-if __name__ == "__main__":
-    main()
