@@ -2,8 +2,8 @@
 
 The frontend is ``build_routed_app`` served by granian on a loopback port, exactly as
 ``dynamo-llm serve --upstream-file`` runs it; the workers are processes from
-:mod:`dynamo_llm.testing.bad_workers`. Used by ``test_router_integration`` and
-``test_fault_matrix``.
+:mod:`dynamo_llm.testing.bad_workers`. Used by ``test_router_integration``,
+``test_fault_matrix``, ``test_migration`` and ``test_discovery``.
 """
 
 import asyncio
