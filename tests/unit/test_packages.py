@@ -67,3 +67,69 @@ def test_transport_exports_its_public_names() -> None:
     ]
     for name in dynamo_llm.transport.__all__:
         assert getattr(dynamo_llm.transport, name).__module__.startswith("dynamo_llm.transport.")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Each dynamo_llm module and the dynamo_llm modules it imports when it is imported
+    (module-level statements; ``if TYPE_CHECKING:`` blocks do not run, so they do not count)."""
+    modules: dict[str, tuple[Path, bool]] = {}
+    for path in SRC.rglob("*.py"):
+        parts = ("dynamo_llm", *path.relative_to(SRC).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_package) in modules.items():
+        package = name if is_package else name.rpartition(".")[0]
+        targets: list[str | None] = []
+        statements = list(ast.parse(path.read_text()).body)
+        while statements:
+            node = statements.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.If | ast.Try):
+                statements.extend(node.body)
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    module = ".".join([*base, *([module] if module else [])])
+                if module.startswith("dynamo_llm"):
+                    for alias in node.names:
+                        sub = f"{module}.{alias.name}"
+                        targets.append(sub if sub in modules else resolve(module))
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("dynamo_llm")]
+                targets.extend(resolve(n) for n in names)
+        graph[name] = {t for t in targets if t is not None and t != name}
+    return graph
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    graph = _module_graph()
+    assert graph.get("dynamo_llm.http.app")  # the walk works
+
+    def reaches(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        return seen
+
+    cycles = sorted(name for name in graph if name in reaches(name))
+    assert cycles == []
+
+
+def test_the_layers_below_http_never_import_it() -> None:
+    above = ("dynamo_llm.http", "dynamo_llm.cli", "dynamo_llm.fleet", "dynamo_llm.worker")
+    for package in ("engines", "router", "transport", "discovery", "runtime", "protocols"):
+        imported = imports_of(package)
+        assert not [name for name in imported if name.startswith(above)], package
