@@ -107,7 +107,12 @@ async def probe_worker(
             status, body = await _ask(session, base, path, model, left)
         except (TimeoutError, aiohttp.ClientError) as exc:
             elapsed = time.monotonic() - started
-            what = "no answer" if isinstance(exc, TimeoutError) else describe(exc)
+            if isinstance(exc, TimeoutError):
+                what = "no answer"
+            elif isinstance(exc, aiohttp.InvalidURL):
+                what = "invalid URL"  # its text is the URL, which may hold credentials
+            else:
+                what = describe(exc)
             what = f"{what} after {_ms(elapsed)}"
             steps.append(f"{_method(path)} {path}: {what}")
             return ProbeResult(False, path, "; ".join(steps))

@@ -48,6 +48,7 @@ from ..engines.base import EngineOutput
 from ..errors import UpstreamError, WorkerDisconnected, WorkerResponseTimeout
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
+from ..runtime.urls import redact_url
 from .errors import describe, no_stream_error
 from .events import EventParser
 from .relay import RawRelay
@@ -135,10 +136,10 @@ class RemoteStream:
         return self._relay.upstream_id
 
     @property
-    def _rewrites(self) -> list[tuple[bytes, bytes]]:
-        # The relay's (old, new) replacements; the tests check there are none when the worker
-        # used our id and model name.
-        return self._relay.rewrites
+    def rewrites(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The ``(old, new)`` replacements the relay applies to the worker's events, learnt from
+        its first chunk: none when the worker used our response id and model name."""
+        return tuple(self._relay.rewrites)
 
     def __aiter__(self) -> RemoteStream:
         return self
@@ -307,5 +308,5 @@ async def post_stop(session: aiohttp.ClientSession, url: str, request_id: str) -
         ) as resp:
             return resp.status < 300
     except (TimeoutError, aiohttp.ClientError) as exc:
-        log.debug("stop of request %s at %s failed: %s", request_id, url, describe(exc))
+        log.debug("stop of request %s at %s failed: %s", request_id, redact_url(url), describe(exc))
         return False
