@@ -2,8 +2,9 @@
 
 Against the worker client directly, over loopback: an empty 200 and a JSON body raise
 ``UpstreamNoStream`` (a 502 naming the worker's status and what its body said; it does not
-quarantine, it asks for a probe), while a connection cut before any event and a stream that
-started and ended without ``[DONE]`` stay ``WorkerDisconnected`` (quarantine, migratable).
+quarantine, it asks for a probe), while a connection cut before any event stays
+``WorkerDisconnected`` (quarantine, migratable), as does a stream that started and ended without
+``[DONE]`` (``test_worker_client``).
 """
 
 import asyncio
@@ -17,8 +18,8 @@ from dynamo_llm.engines.endpoints import COMPLETIONS
 from dynamo_llm.errors import UpstreamNoStream, WorkerDisconnected
 from dynamo_llm.protocols.completions import decode_completion_request
 from dynamo_llm.runtime import EngineContext
-from dynamo_llm.testing.health_workers import scripted_worker
-from dynamo_llm.transport import WorkerClient, make_session
+from dynamo_llm.testing.health_workers import scripted_worker, worker_client
+from dynamo_llm.transport import WorkerClient
 from dynamo_llm.transport.errors import no_stream_error, summarize_body
 
 SAFETY_NET = 10.0
@@ -26,11 +27,8 @@ SAFETY_NET = 10.0
 
 @pytest.fixture
 async def client() -> AsyncIterator[WorkerClient]:
-    session = make_session(connect_timeout=2.0)
-    try:
-        yield WorkerClient(session)
-    finally:
-        await session.close()
+    async with worker_client() as client:
+        yield client
 
 
 def completion(*, stream: bool = True) -> EngineRequest:
@@ -85,21 +83,6 @@ async def test_a_connection_cut_before_any_event_is_still_a_disconnect(
             await run(client, w.url)
     assert not net.expired()
     assert caught.value.quarantines and caught.value.migratable
-
-
-async def test_a_stream_that_started_and_ended_without_done_is_still_a_disconnect(
-    client: WorkerClient,
-) -> None:
-    async with asyncio.timeout(SAFETY_NET) as net, scripted_worker(model="m", default="drop") as w:
-        request = completion()
-        stream = await client.open_stream(w.url, request, EngineContext(request.id))
-        outputs: list[EngineOutput] = []
-        with pytest.raises(WorkerDisconnected) as caught:
-            async for out in stream:
-                outputs.append(out)
-    assert not net.expired()
-    assert sum(out.num_tokens for out in outputs) == 1
-    assert "without a terminal [DONE]" in caught.value.message
 
 
 @pytest.mark.parametrize(

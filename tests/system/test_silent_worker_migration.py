@@ -14,7 +14,9 @@ The frontend runs in this process in front of scripted fake workers on loopback
 """
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -69,6 +71,22 @@ async def closed(worker: ScriptedWorker) -> Seen:
     return seen
 
 
+@contextlib.asynccontextmanager
+async def pair(
+    behaviour: str, env: dict[str, str]
+) -> AsyncIterator[tuple[Frontend, Fleet, ScriptedWorker, ScriptedWorker]]:
+    """The routed frontend, its fleet, a silent worker (``behaviour``; round-robin takes it
+    first) and a good one, under the safety net (asserted not to have fired)."""
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        scripted_worker(model=MODEL, default=behaviour) as silent,
+        scripted_worker(model=MODEL) as good,
+        routed_fleet({MODEL: [silent.url, good.url]}, env) as (fe, fleet),
+    ):
+        yield fe, fleet, silent, good
+    assert not net.expired()
+
+
 def quarantined(fleet: Fleet, worker: ScriptedWorker) -> bool:
     registered = fleet.workers.get(worker.url)
     assert registered is not None
@@ -80,53 +98,41 @@ def quarantined(fleet: Fleet, worker: ScriptedWorker) -> bool:
 async def test_a_worker_silent_before_its_first_token_hands_the_request_on(
     kind: str, stream: bool
 ) -> None:
-    async with asyncio.timeout(SAFETY_NET) as net:
-        async with (
-            scripted_worker(model=MODEL, default="hang") as silent,
-            scripted_worker(model=MODEL) as good,
-            routed_fleet({MODEL: [silent.url, good.url]}, MIGRATION_ON) as (fe, fleet),
-        ):
-            response = await post(fe, payload(kind, stream=stream))
-            assert response.status_code == 200, response.content
-            assert text_of(response, stream) == GOOD_TEXT
-            if stream:
-                assert response.content.count(b"data: [DONE]") == 1
-                assert response.content.endswith(b"data: [DONE]\n\n")
-                assert b"event: error" not in response.content
-            await closed(silent)
-            assert quarantined(fleet, silent) and not quarantined(fleet, good)
-            assert migrations(fe, "new_request") == 1 and migrations(fe) == 1
-            assert len(good.requests()) == 1
-            assert fe.value("requests_total", status="success") == 1
-            assert fe.value("requests_total") == 1
-    assert not net.expired()
+    async with pair("hang", MIGRATION_ON) as (fe, fleet, silent, good):
+        response = await post(fe, payload(kind, stream=stream))
+        assert response.status_code == 200, response.content
+        assert text_of(response, stream) == GOOD_TEXT
+        if stream:
+            assert response.content.count(b"data: [DONE]") == 1
+            assert response.content.endswith(b"data: [DONE]\n\n")
+            assert b"event: error" not in response.content
+        await closed(silent)
+        assert quarantined(fleet, silent) and not quarantined(fleet, good)
+        assert migrations(fe, "new_request") == 1 and migrations(fe) == 1
+        assert len(good.requests()) == 1
+        assert fe.value("requests_total", status="success") == 1
+        assert fe.value("requests_total") == 1
 
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])
 async def test_a_worker_silent_after_its_first_token_hands_the_rest_on(kind: str) -> None:
-    async with asyncio.timeout(SAFETY_NET) as net:
-        async with (
-            scripted_worker(model=MODEL, default="first-hang") as silent,
-            scripted_worker(model=MODEL) as good,
-            routed_fleet({MODEL: [silent.url, good.url]}, MIGRATION_ON) as (fe, fleet),
-        ):
-            response = await post(fe, payload(kind, stream=True))
-            assert response.status_code == 200, response.content
-            # tok0 from the silent worker, then the good worker's whole text (it answers any
-            # continuation with tok0..tok4: no token ids, so the replay continues the text).
-            assert text_of(response, True) == "tok0" + GOOD_TEXT
-            assert response.content.count(b"data: [DONE]") == 1
-            assert b"event: error" not in response.content
-            await closed(silent)
-            assert quarantined(fleet, silent)
-            assert migrations(fe, "ongoing_request") == 1 and migrations(fe) == 1
-            [replay] = good.requests()
-            # The replay continues what the client already has.
-            body = replay.body
-            assert isinstance(body, dict)
-            continued = body.get("prompt") or body["messages"][-1]["content"]
-            assert str(continued).endswith("tok0")
-    assert not net.expired()
+    async with pair("first-hang", MIGRATION_ON) as (fe, fleet, silent, good):
+        response = await post(fe, payload(kind, stream=True))
+        assert response.status_code == 200, response.content
+        # tok0 from the silent worker, then the good worker's whole text (it answers any
+        # continuation with tok0..tok4: no token ids, so the replay continues the text).
+        assert text_of(response, True) == "tok0" + GOOD_TEXT
+        assert response.content.count(b"data: [DONE]") == 1
+        assert b"event: error" not in response.content
+        await closed(silent)
+        assert quarantined(fleet, silent)
+        assert migrations(fe, "ongoing_request") == 1 and migrations(fe) == 1
+        [replay] = good.requests()
+        # The replay continues what the client already has.
+        body = replay.body
+        assert isinstance(body, dict)
+        continued = body.get("prompt") or body["messages"][-1]["content"]
+        assert str(continued).endswith("tok0")
 
 
 async def test_the_http_safety_net_does_not_cut_a_request_the_router_is_moving() -> None:
@@ -160,25 +166,19 @@ async def test_the_http_safety_net_does_not_cut_a_request_the_router_is_moving()
 
 @pytest.mark.parametrize("behaviour", ["hang", "first-hang"])
 async def test_with_migration_off_the_client_gets_the_timeout(behaviour: str) -> None:
-    async with asyncio.timeout(SAFETY_NET) as net:
-        async with (
-            scripted_worker(model=MODEL, default=behaviour) as silent,
-            scripted_worker(model=MODEL) as good,
-            routed_fleet({MODEL: [silent.url, good.url]}, LIMITS) as (fe, fleet),
-        ):
-            response = await post(fe, payload("completions", stream=True))
-            if behaviour == "hang":
-                assert response.status_code == 504
-                error = json.loads(response.content)["error"]
-            else:
-                # The first token was sent: the timeout arrives as an error frame.
-                assert response.status_code == 200
-                frame = response.content.split(b"event: error\ndata: ", 1)[1].split(b"\n\n")[0]
-                error = json.loads(frame)["error"]
-            assert error["type"] == "timeout_error" and error["code"] == "response_timeout"
-            await closed(silent)
-            assert quarantined(fleet, silent)
-            assert good.requests() == [], "nothing moved"
-            assert migrations(fe) == 0
-            assert fe.value("requests_total", error_type="response_timeout") == 1
-    assert not net.expired()
+    async with pair(behaviour, LIMITS) as (fe, fleet, silent, good):
+        response = await post(fe, payload("completions", stream=True))
+        if behaviour == "hang":
+            assert response.status_code == 504
+            error = json.loads(response.content)["error"]
+        else:
+            # The first token was sent: the timeout arrives as an error frame.
+            assert response.status_code == 200
+            frame = response.content.split(b"event: error\ndata: ", 1)[1].split(b"\n\n")[0]
+            error = json.loads(frame)["error"]
+        assert error["type"] == "timeout_error" and error["code"] == "response_timeout"
+        await closed(silent)
+        assert quarantined(fleet, silent)
+        assert good.requests() == [], "nothing moved"
+        assert migrations(fe) == 0
+        assert fe.value("requests_total", error_type="response_timeout") == 1

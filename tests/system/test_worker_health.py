@@ -76,13 +76,20 @@ class Bench:
 
 
 @contextlib.asynccontextmanager
-async def bench(worker: ScriptedWorker, env: dict[str, str]) -> AsyncIterator[Bench]:
-    async with routed_fleet({MODEL: [worker.url]}, env) as (fe, fleet):
-        b = Bench(fe, fleet, worker)
+async def bench(**worker: Any) -> AsyncIterator[Bench]:
+    """A scripted worker (``worker`` are its options) behind the routed frontend, under the
+    safety net (asserted not to have fired)."""
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        scripted_worker(model=MODEL, **worker) as w,
+        routed_fleet({MODEL: [w.url]}, FAST) as (fe, fleet),
+    ):
+        b = Bench(fe, fleet, w)
         try:
             yield b
         finally:
             await b.http.aclose()
+    assert not net.expired()
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
@@ -102,11 +109,8 @@ def text_of(response: httpx.Response) -> str:
 
 async def test_a_worker_without_health_comes_back_on_its_completion_probe() -> None:
     # llama_cpp.server: no /health (404). Its first request ends early (one token, no [DONE]).
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        scripted_worker(model=MODEL, health="missing", script=["drop"]) as w,
-        bench(w, FAST) as b,
-    ):
+    async with bench(health="missing", script=["drop"]) as b:
+        w = b.worker
         dropped = await b.send()
         assert b"worker_disconnected" in dropped.content
         assert b.registered.quarantined
@@ -122,16 +126,12 @@ async def test_a_worker_without_health_comes_back_on_its_completion_probe() -> N
         # The probe is no client request: three requests sent, three counted.
         assert b.requests_total() == 3
         assert b.fe.value("requests_started_total") == 3
-    assert not net.expired()
 
 
 async def test_an_engine_hung_behind_a_live_health_stays_quarantined() -> None:
     # vLLM with a hung EngineCore: /health answers 200, generation never does.
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        scripted_worker(model=MODEL, default="hang") as w,
-        bench(w, FAST) as b,
-    ):
+    async with bench(default="hang") as b:
+        w = b.worker
         timed_out = await b.send()
         assert timed_out.status_code == 504
         assert error_of(timed_out)["code"] == "response_timeout"
@@ -148,7 +148,6 @@ async def test_an_engine_hung_behind_a_live_health_stays_quarantined() -> None:
         assert b.availability == [False], "it never came back"
         assert not [s for s in w.seen if s.path == "/health"], "a live /health proves nothing"
         assert b.requests_total() == 1
-    assert not net.expired()
 
 
 # --- problem 7: a 200 without an event stream ----------------------------------------------------
@@ -157,11 +156,8 @@ async def test_an_engine_hung_behind_a_live_health_stays_quarantined() -> None:
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
 async def test_an_empty_200_is_a_502_for_the_request_and_the_worker_stays(stream: bool) -> None:
     # llama_cpp.server on a prompt longer than its context: an empty 200, for this request only.
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        scripted_worker(model=MODEL, script=["empty"]) as w,
-        bench(w, FAST) as b,
-    ):
+    async with bench(script=["empty"]) as b:
+        w = b.worker
         failed = await b.send(stream=stream, prompt="a very long prompt " * 50)
         assert failed.status_code == 502
         error = error_of(failed)
@@ -178,15 +174,10 @@ async def test_an_empty_200_is_a_502_for_the_request_and_the_worker_stays(stream
         assert served.status_code == 200
         assert b.fe.value("requests_total", error_type="internal") == 1
         assert b.requests_total() == 2
-    assert not net.expired()
 
 
 async def test_a_json_error_in_a_200_is_a_502_with_the_workers_message() -> None:
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        scripted_worker(model=MODEL, script=["json-error"]) as w,
-        bench(w, FAST) as b,
-    ):
+    async with bench(script=["json-error"]) as b:
         failed = await b.send()
         assert failed.status_code == 502
         error = error_of(failed)
@@ -197,15 +188,10 @@ async def test_a_json_error_in_a_200_is_a_502_with_the_workers_message() -> None
         )
         await b.probe_settled()
         assert not b.registered.quarantined
-    assert not net.expired()
 
 
 async def test_a_worker_that_only_answers_empty_200s_is_quarantined_by_its_probe() -> None:
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        scripted_worker(model=MODEL, default="empty") as w,
-        bench(w, FAST) as b,
-    ):
+    async with bench(default="empty") as b:
         failed = await b.send()
         assert failed.status_code == 502
         await b.probe_settled()
@@ -213,19 +199,14 @@ async def test_a_worker_that_only_answers_empty_200s_is_quarantined_by_its_probe
         assert b.availability == [False]
         unavailable = await b.send()
         assert error_of(unavailable)["code"] == "no_workers_available"
-    assert not net.expired()
 
 
 async def test_a_stream_that_started_and_ended_without_done_still_quarantines() -> None:
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        scripted_worker(model=MODEL, script=["drop"]) as w,
-        bench(w, FAST) as b,
-    ):
+    async with bench(script=["drop"]) as b:
+        w = b.worker
         dropped = await b.send()
         assert dropped.status_code == 200  # its first token was sent
         assert b"event: error" in dropped.content
         assert b"worker_disconnected" in dropped.content
         assert b.registered.quarantined
         assert w.requests(probes=True) == [], "no probe before the back-off"
-    assert not net.expired()

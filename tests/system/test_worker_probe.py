@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dynamo_llm.testing.health_workers import scripted_worker
-from dynamo_llm.transport import WorkerClient, make_session
+from dynamo_llm.testing.health_workers import scripted_worker, worker_client
+from dynamo_llm.transport import WorkerClient
 from dynamo_llm.transport.probe import CHAT_PROBE, COMPLETIONS_PROBE, HEALTH_PROBE, MODELS_PROBE
 
 SAFETY_NET = 10.0
@@ -21,11 +21,8 @@ SAFETY_NET = 10.0
 
 @pytest.fixture
 async def client() -> AsyncIterator[WorkerClient]:
-    session = make_session(connect_timeout=2.0)
-    try:
-        yield WorkerClient(session)
-    finally:
-        await session.close()
+    async with worker_client() as client:
+        yield client
 
 
 async def test_the_probe_is_a_one_token_completion_of_the_workers_model(

@@ -56,9 +56,17 @@ from ..http.app import create_app
 from ..http.server import HttpServer
 from ..metrics import Metrics
 from ..runtime.clock import SystemClock
+from ..transport import WorkerClient, make_session
 from .frontend import Frontend
 
-__all__ = ["BEHAVIOURS", "ScriptedWorker", "Seen", "routed_fleet", "scripted_worker"]
+__all__ = [
+    "BEHAVIOURS",
+    "ScriptedWorker",
+    "Seen",
+    "routed_fleet",
+    "scripted_worker",
+    "worker_client",
+]
 
 BEHAVIOURS = ("ok", "hang", "first-hang", "drop", "cut", "empty", "json-error", "http-500")
 GENERATION_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -268,13 +276,15 @@ class _Answer:
         chunk = {"id": self.id, "object": kind, "created": 0, "model": self.model}
         return b"data: " + _dumps({**chunk, "choices": choices, **extra}) + b"\n\n"
 
-    def _choice(self, text: str, finish: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
-        if self.chat:
-            choice["delta"] = {"content": text}
+    def _choice(self, text: str, finish: str | None, *, whole: bool = False) -> dict[str, Any]:
+        """A choice carrying ``text``: a chunk's delta, or (``whole``) the unary message."""
+        if not self.chat:
+            content: dict[str, Any] = {"text": text}
+        elif whole:
+            content = {"message": {"role": "assistant", "content": text}}
         else:
-            choice["text"] = text
-        return {**choice, "logprobs": None, "finish_reason": finish}
+            content = {"delta": {"content": text}}
+        return {"index": 0, **content, "logprobs": None, "finish_reason": finish}
 
     def token(self, i: int) -> bytes:
         return self._chunk([self._choice(f"tok{i}", None)])
@@ -290,13 +300,9 @@ class _Answer:
 
     def unary(self) -> bytes:
         text = "".join(f"tok{i}" for i in range(self.count))
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": self.finish}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
         kind = "chat.completion" if self.chat else "text_completion"
-        return _dumps({"id": self.id, "object": kind, "model": self.model, "choices": [choice]})
+        choices = [self._choice(text, self.finish, whole=True)]
+        return _dumps({"id": self.id, "object": kind, "model": self.model, "choices": choices})
 
 
 @contextlib.asynccontextmanager
@@ -308,6 +314,16 @@ async def scripted_worker(**options: Any) -> AsyncIterator[ScriptedWorker]:
         yield worker
     finally:
         await worker.aclose()
+
+
+@contextlib.asynccontextmanager
+async def worker_client(connect_timeout: float = 2.0) -> AsyncIterator[WorkerClient]:
+    """The router's worker client over a fresh pooled session, closed afterwards."""
+    session = make_session(connect_timeout)
+    try:
+        yield WorkerClient(session)
+    finally:
+        await session.close()
 
 
 @contextlib.asynccontextmanager

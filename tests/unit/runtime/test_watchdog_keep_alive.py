@@ -5,6 +5,8 @@ layer's net (twice the router's limit) must then measure from the move, or it fi
 the new attempt's own limit does and cuts a request the router was saving.
 """
 
+import pytest
+
 from dynamo_llm.errors import ResponseTimeout
 from dynamo_llm.runtime import EngineContext, FakeClock
 from dynamo_llm.runtime.watchdog import Watchdog
@@ -28,31 +30,21 @@ def expired(dog: Watchdog) -> ResponseTimeout | None:
     return dog.expired
 
 
-async def test_a_keep_alive_restarts_the_first_token_window() -> None:
+@pytest.mark.parametrize("limit", ["first_token", "inactivity"])
+async def test_a_keep_alive_restarts_the_silence_window(limit: str) -> None:
     clock = FakeClock()
     ctx = EngineContext("r1")
-    dog = watchdog(clock, ctx, first_token=2.0)
-    await clock.advance(1.5)
-    ctx.keep_alive()  # a migration at 1.5 s
-    await clock.advance(1.9)  # 3.4 s: past the original 2 s, within 2 s of the move
+    dog = watchdog(clock, ctx, **{limit: 2.0})
+    await clock.advance(0.5)
+    if limit == "inactivity":
+        dog.touch()  # an item at 0.5 s: without the keep-alive, silent too long at 2.5 s
+    await clock.advance(1.0)
+    ctx.keep_alive()  # the router moved the request at 1.5 s
+    await clock.advance(1.9)  # 3.4 s: past the original window, within 2 s of the move
     assert expired(dog) is None and not ctx.is_stopped
     await clock.advance(0.2)  # 3.6 s: 2 s after the move, silent all along
     assert isinstance(expired(dog), ResponseTimeout)
     assert ctx.is_killed
-
-
-async def test_a_keep_alive_restarts_the_inactivity_window() -> None:
-    clock = FakeClock()
-    ctx = EngineContext("r1")
-    dog = watchdog(clock, ctx, inactivity=2.0)
-    await clock.advance(0.5)
-    dog.touch()  # an item at 0.5 s
-    await clock.advance(1.0)
-    ctx.keep_alive()  # the worker went quiet; the router moved the request at 1.5 s
-    await clock.advance(1.9)
-    assert expired(dog) is None
-    await clock.advance(0.2)
-    assert expired(dog) is not None
 
 
 async def test_a_keep_alive_does_not_extend_the_request_deadline() -> None:
