@@ -15,6 +15,7 @@ from msgspec import UNSET, UnsetType
 
 from .common import (
     MAX_N,
+    AcceptsUnknown,
     StreamOptions,
     UsageInfo,
     check_model,
@@ -74,13 +75,26 @@ class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True, omit_default
     nvext: dict[str, Any] | None = None
 
 
+class _LenientCompletionRequest(CompletionRequest, forbid_unknown_fields=False):
+    """A completions request with fields we do not know, for an engine that forwards them."""
+
+
 _decoder = msgspec.json.Decoder(CompletionRequest)
+_lenient: msgspec.json.Decoder[CompletionRequest] = msgspec.json.Decoder(_LenientCompletionRequest)
 _fields = struct_fields(CompletionRequest)
 
 
-def decode_completion_request(body: bytes) -> CompletionRequest:
-    """Decode and validate a completions body; raises :class:`~dynamo_llm.errors.DynamoError`."""
-    req = decode_request(_decoder, body, _fields)
+def decode_completion_request(
+    body: bytes, accepts_unknown: AcceptsUnknown | None = None
+) -> CompletionRequest:
+    """Decode and validate a completions body; raises :class:`~dynamo_llm.errors.DynamoError`.
+
+    Unknown top-level fields are a 400 unless ``accepts_unknown(model)`` says the model's engine
+    forwards them.
+    """
+    req: CompletionRequest = decode_request(
+        _decoder, body, _fields, lenient=_lenient, accepts_unknown=accepts_unknown
+    )
     _check_prompt_type(req.prompt)
     check_model(req.model)
     batch = _check_prompt_values(req.prompt)

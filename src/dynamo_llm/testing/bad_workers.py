@@ -25,13 +25,16 @@ prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connec
 ======================  =========================================================================
 
 Every behaviour that listens keeps a record of what it saw: ``GET /_record`` returns
-``{"requests": [{"id", "path", "body", "disconnected", "disconnected_at", "completed",
-"stopped"}]}``, where ``disconnected_at`` is ``time.monotonic()`` (system-wide on Linux, so it
-compares with the test's own clock). ``GET /_record?wait=<id>&within=<s>`` first waits until that
-request has ended (``arrived=<id>``: until it has arrived), a handshake that spares tests from
-sleeping. A client hang-up
-cancels the handler at once (aiohttp's ``handler_cancellation``), which is what a real engine
-server reacts to.
+``{"requests": [{"id", "upstream_id", "path", "body", "disconnected", "disconnected_at",
+"completed", "stopped"}]}``, where ``id`` is the frontend's id for the request
+(``X-Client-Request-Id``: the client's, ``<id>-<k>`` for a sub-request, the same for every
+attempt), ``upstream_id`` the attempt's own (``X-Request-Id``, which names the response and a
+graceful stop, as with vLLM and our worker), and ``disconnected_at`` is ``time.monotonic()``
+(system-wide on Linux, so it compares with the test's own clock).
+``GET /_record?wait=<id>&within=<s>`` first waits until that request has ended
+(``arrived=<id>``: until it has arrived), a handshake that spares tests from sleeping. A client
+hang-up cancels the handler at once (aiohttp's ``handler_cancellation``), which is what a real
+engine server reacts to.
 
 :func:`spawn_bad_worker` runs one as a subprocess for a test. Flapping is left to the test
 (``await worker.kill()``, ``await worker.restart()``: same port, so the same URL).
@@ -89,6 +92,7 @@ class _Seen:
     id: str
     path: str
     body: Any
+    upstream_id: str = ""
     disconnected: bool = False
     disconnected_at: float | None = None
     completed: bool = False
@@ -99,6 +103,7 @@ class _Seen:
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "upstream_id": self.upstream_id,
             "path": self.path,
             "body": self.body,
             "disconnected": self.disconnected,
@@ -169,7 +174,7 @@ class _Worker:
 
     async def stop(self, request: web.Request) -> web.Response:
         rid = request.match_info["id"]
-        live = [s for s in self.seen if s.id == rid and not s.ended.is_set()]
+        live = [s for s in self.seen if rid in (s.id, s.upstream_id) and not s.ended.is_set()]
         for s in live:
             s.stop.set()
         if not live:
@@ -185,8 +190,9 @@ class _Worker:
             body = json.loads(raw)
         except ValueError:
             body = None
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        seen = _Seen(rid, request.path, body)
+        upstream_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        rid = request.headers.get("X-Client-Request-Id") or upstream_id
+        seen = _Seen(rid, request.path, body, upstream_id)
         self.seen.append(seen)
         self._touch()
         try:
@@ -262,7 +268,7 @@ class _Stream:
         self.options = options
         self.seen = seen
         self.chat = seen.path.endswith("/chat/completions")
-        rid = uuid.uuid4().hex if options.foreign_ids else seen.id
+        rid = uuid.uuid4().hex if options.foreign_ids else seen.upstream_id
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + rid
         self.model = options.model
         limit = body.get("max_tokens", body.get("max_completion_tokens"))
