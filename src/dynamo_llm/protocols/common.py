@@ -15,8 +15,8 @@ not reported as it is.
 worker (the router) forwards what it does not know (``cache_prompt``, ``guided_json``, any
 ``extra_body`` field): for a model it serves, the ``accepts_unknown(model)`` predicate says yes
 and the body is decoded a third time into the request Struct's lenient twin, which validates the
-known fields exactly as strictly and ignores the rest (they travel on in the raw body, see
-:func:`decode_object`). An engine that serves the request itself cannot honour a field it does
+known fields exactly as strictly and ignores the rest (they travel on in the raw body, byte for
+byte: :func:`decode_object`). An engine that serves the request itself cannot honour a field it does
 not know, so for its models an unknown field stays a 400 ``unsupported_parameter`` that names it
 (at most :data:`MAX_LISTED` names, each cut to :data:`MAX_NAME` characters, are echoed). A body
 without unknown fields costs the same one decode either way.
@@ -138,16 +138,19 @@ def decode_request(
 
 
 def decode_object(body: bytes | None) -> dict[str, Any] | None:
-    """``body`` as the JSON object it is, every key kept (unknown ones, nested ones), for an
-    engine to patch and pass on; None when there is no body or it is not one a dict can hold
-    (a number no float can represent is valid JSON that a typed decode may never look at)."""
+    """The members of ``body``, each value still the JSON text the client wrote (a
+    ``msgspec.Raw``), for an engine to patch and pass on: replace the keys to change, encode the
+    dict, and every other value goes on byte for byte (unknown fields, keys nested in messages,
+    numbers as written). None when there is no body or it is not a JSON object."""
     if body is None:
         return None
     try:
-        obj = msgspec.json.decode(body)
+        return _decode_members(body)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return None
-    return obj if isinstance(obj, dict) else None
+
+
+_decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
 def struct_fields(cls: type[msgspec.Struct]) -> frozenset[str]:

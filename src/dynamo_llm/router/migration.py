@@ -284,19 +284,22 @@ def _field_names(params: msgspec.Struct) -> frozenset[str]:
 def _messages_as_sent(
     sent: Any, before: Iterable[ChatMessage], after: list[ChatMessage]
 ) -> list[Any]:
-    """The replay's messages as the client wrote them: a message the replay kept goes as sent
-    (keys we do not model included); a changed one is the client's with the changed keys."""
-    wire = sent if isinstance(sent, list) else []
+    """The replay's messages as the client wrote them: a message the replay kept goes byte for
+    byte; a changed one is the client's with the changed keys (keys we do not model kept)."""
+    wire = _decode_messages(sent) if isinstance(sent, msgspec.Raw) else []
     kept = list(before)
     out: list[Any] = []
     for i, message in enumerate(after):
-        original = wire[i] if i < len(wire) else None
-        if i < len(kept) and message == kept[i] and original is not None:
-            out.append(original)
-        else:
-            base = original if isinstance(original, dict) and i < len(kept) else {}
-            out.append({**base, **msgspec.to_builtins(message)})
+        if i < len(kept) and i < len(wire) and message == kept[i]:
+            out.append(wire[i])
+            continue
+        original = msgspec.json.decode(wire[i]) if i < len(kept) and i < len(wire) else None
+        base = original if isinstance(original, dict) else {}
+        out.append({**base, **msgspec.to_builtins(message)})
     return out
+
+
+_decode_messages = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
 def _as_completions(
