@@ -130,7 +130,13 @@ async def serve_until_signalled(
     ``graceful_shutdown_timeout_secs`` to finish, the rest are killed, and the server and the
     engines are closed. ``engine`` is what the readiness line says serves the models.
     """
-    server = HttpServer(app, config.http_host, config.http_port, interface=config.http_interface)
+    server = HttpServer(
+        app,
+        config.http_host,
+        config.http_port,
+        interface=config.http_interface,
+        http2=config.http2,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in _SIGNALS:

@@ -32,6 +32,7 @@ import yaml
 from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
+from ..runtime.urls import redact_url
 
 log = logging.getLogger("dynamo_llm.discovery")
 
@@ -131,12 +132,16 @@ class StaticDiscovery:
             try:
                 models, ours = await self._fetch(url)
             except Exception as exc:  # unreachable, or not an OpenAI server: try again later
-                log.warning("worker %s: cannot list its models yet (%s)", url, _describe(exc))
+                log.warning(
+                    "worker %s: cannot list its models yet (%s)", redact_url(url), _describe(exc)
+                )
                 continue
             self._pending.discard(url)
             extra = self._file_workers.get(url, frozenset())
             self.workers.add(Worker(url, models | extra, is_ours=ours))
-            log.info("worker %s serves %s", url, ", ".join(sorted(models)) or "no model")
+            log.info(
+                "worker %s serves %s", redact_url(url), ", ".join(sorted(models)) or "no model"
+            )
             learned = True
         return learned
 
@@ -165,10 +170,10 @@ class StaticDiscovery:
                 wanted.setdefault(url, set()).add(model)
         for url in set(self._file_workers) - set(wanted):
             if url not in self._urls:
-                self.workers.remove(url)
-                log.info("worker %s removed (no longer in %s)", url, self._path)
+                self.workers.remove(redact_url(url))
+                log.info("worker %s removed (no longer in %s)", redact_url(url), self._path)
         for url, models in wanted.items():
-            existing = self.workers.get(url)
+            existing = self.workers.get(redact_url(url))
             merged = frozenset(models) | (
                 existing.models if url in self._urls and existing else frozenset()
             )
