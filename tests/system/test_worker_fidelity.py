@@ -9,11 +9,11 @@ the worker app; our own ``dynamo-llm worker`` app for the graceful stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -25,10 +25,9 @@ from dynamo_llm.engines.echo import EchoEngine
 from dynamo_llm.engines.endpoints import CHAT
 from dynamo_llm.fleet import build_routed_app
 from dynamo_llm.http.app import ServedModel, create_app
-from dynamo_llm.http.server import HttpServer
 from dynamo_llm.runtime import EngineContext, StopReason
 from dynamo_llm.runtime.clock import SystemClock
-from dynamo_llm.testing import Frontend
+from dynamo_llm.testing import Frontend, serving
 from dynamo_llm.testing.recording_worker import Received, Script, recording_worker
 from dynamo_llm.worker import build_app
 
@@ -98,18 +97,12 @@ def is_uuid4(value: str) -> bool:
         return False
 
 
-@contextlib.asynccontextmanager
-async def routed(*urls: str, env: Mapping[str, str] | None = None) -> AsyncIterator[Frontend]:
+def routed(
+    *urls: str, env: Mapping[str, str] | None = None
+) -> AbstractAsyncContextManager[Frontend]:
     """The routed frontend on 127.0.0.1 in front of ``urls`` (learnt before it serves)."""
     config = Config.from_env(dict(env or {})).replace(upstreams=urls)
-    app = build_routed_app(config, SystemClock())
-    server = HttpServer(app, "127.0.0.1", 0)
-    await server.start()
-    try:
-        yield Frontend(app, server)
-    finally:
-        await app.shutdown(grace=0, kill_wait=5)
-        await server.stop()
+    return serving(build_routed_app(config, SystemClock()))
 
 
 async def post(fe: Frontend, path: str, body: Mapping[str, Any], **headers: str) -> httpx.Response:
@@ -188,21 +181,10 @@ async def test_known_fields_stay_strict_beside_unknown_ones(
 @pytest.mark.parametrize("engine", ["echo", "mocker"])
 async def test_an_in_process_engine_still_refuses_an_unknown_field_naming_it(engine: str) -> None:
     app = build_app(Config.from_env({"DYN_ENGINE": engine, "DYN_TOKEN_ECHO_DELAY_MS": "0"}))
-    server = HttpServer(app, "127.0.0.1", 0)
-    await server.start()
-    try:
-        async with asyncio.timeout(SAFETY_NET) as net:
-            body = {
-                "model": engine,
-                "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": 2,
-            }
-            fe = Frontend(app, server)
-            refused = await post(fe, "/v1/chat/completions", {**body, "cache_prompt": True})
-            served = await post(fe, "/v1/chat/completions", body)
-    finally:
-        await app.shutdown(grace=0, kill_wait=5)
-        await server.stop()
+    body = {"model": engine, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    async with asyncio.timeout(SAFETY_NET) as net, serving(app) as fe:
+        refused = await post(fe, "/v1/chat/completions", {**body, "cache_prompt": True})
+        served = await post(fe, "/v1/chat/completions", body)
     assert not net.expired()
     assert refused.status_code == 400
     assert refused.json()["error"] == {
@@ -215,18 +197,12 @@ async def test_an_in_process_engine_still_refuses_an_unknown_field_naming_it(eng
 
 
 async def test_the_names_an_error_echoes_are_bounded() -> None:
+    body: dict[str, Any] = {"model": "echo", "messages": [{"role": "user", "content": "x"}]}
+    body.update({f"f{i:05d}": i for i in range(20_000)})
+    body["a" * 5000] = 1
     app = build_app(Config.from_env({"DYN_ENGINE": "echo"}))
-    server = HttpServer(app, "127.0.0.1", 0)
-    await server.start()
-    try:
-        async with asyncio.timeout(SAFETY_NET) as net:
-            body: dict[str, Any] = {"model": "echo", "messages": [{"role": "user", "content": "x"}]}
-            body.update({f"f{i:05d}": i for i in range(20_000)})
-            body["a" * 5000] = 1
-            response = await post(Frontend(app, server), "/v1/chat/completions", body)
-    finally:
-        await app.shutdown(grace=0, kill_wait=5)
-        await server.stop()
+    async with asyncio.timeout(SAFETY_NET) as net, serving(app) as fe:
+        response = await post(fe, "/v1/chat/completions", body)
     assert not net.expired()
     assert response.status_code == 400
     error = response.json()["error"]
@@ -352,30 +328,28 @@ async def test_a_graceful_stop_reaches_our_worker_by_the_id_it_knows() -> None:
     worker_app = create_app(
         Config.from_env({}), [ServedModel(MODEL, engine)], clock=SystemClock(), control_routes=True
     )
-    worker = HttpServer(worker_app, "127.0.0.1", 0)
-    await worker.start()
     client_id = "not-a-uuid-7"
     words = " ".join(f"w{i}" for i in range(500))
     raw = json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": words}], "stream": True}
     ).encode()
-    try:
-        async with asyncio.timeout(SAFETY_NET) as net, routed(worker.base_url) as fe:
-            router = fe.app.models[MODEL].engine
-            request = CHAT.request(
-                CHAT.decode(raw), id=client_id, model=MODEL, max_tokens=None, raw_body=raw
-            )
-            ctx = EngineContext(client_id)
-            stream = await router.generate(request, ctx)
-            try:
-                first = await anext(aiter(stream))
-                ctx.stop()
-                rest = [out async for out in stream]
-            finally:
-                await aclose_stream(stream)
-    finally:
-        await worker_app.shutdown(grace=0, kill_wait=5)
-        await worker.stop()
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        serving(worker_app) as worker,
+        routed(worker.base_url) as fe,
+    ):
+        router = fe.app.models[MODEL].engine
+        request = CHAT.request(
+            CHAT.decode(raw), id=client_id, model=MODEL, max_tokens=None, raw_body=raw
+        )
+        ctx = EngineContext(client_id)
+        stream = await router.generate(request, ctx)
+        try:
+            first = await anext(aiter(stream))
+            ctx.stop()
+            rest = [out async for out in stream]
+        finally:
+            await aclose_stream(stream)
     assert not net.expired()
     assert first.num_tokens == 1
     assert sum(out.num_tokens for out in rest) < 499  # it stopped early, without an error

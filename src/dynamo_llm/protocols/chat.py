@@ -17,16 +17,15 @@ from msgspec import UNSET, UnsetType
 from ..errors import NotImplementedParameter
 from .common import (
     AcceptsUnknown,
+    RequestDecoder,
     StreamOptions,
     UsageInfo,
     check_model,
     check_positive,
     check_range,
     check_sampling,
-    decode_request,
     invalid_value,
     stop_list,
-    struct_fields,
 )
 
 __all__ = [
@@ -126,13 +125,7 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, omit_def
     nvext: dict[str, Any] | None = None
 
 
-class _LenientChatRequest(ChatCompletionRequest, forbid_unknown_fields=False):
-    """A chat request with fields we do not know, for an engine that forwards them."""
-
-
-_decoder = msgspec.json.Decoder(ChatCompletionRequest)
-_lenient: msgspec.json.Decoder[ChatCompletionRequest] = msgspec.json.Decoder(_LenientChatRequest)
-_fields = struct_fields(ChatCompletionRequest)
+_decoder = RequestDecoder(ChatCompletionRequest)
 
 
 def decode_chat_request(
@@ -143,9 +136,7 @@ def decode_chat_request(
     Unknown top-level fields are a 400 unless ``accepts_unknown(model)`` says the model's engine
     forwards them.
     """
-    req: ChatCompletionRequest = decode_request(
-        _decoder, body, _fields, lenient=_lenient, accepts_unknown=accepts_unknown
-    )
+    req = _decoder.decode(body, accepts_unknown)
     if req.functions is not None:
         raise NotImplementedParameter(
             "Validation: `functions` is deprecated. Please migrate to use `tools` instead.",

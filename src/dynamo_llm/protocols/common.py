@@ -31,14 +31,13 @@ classification carry over.
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Callable
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 import msgspec
 
 from ..errors import InvalidRequest
-
-T = TypeVar("T")
 
 MAX_N = 128
 MAX_STOP = 32
@@ -100,41 +99,46 @@ def usage_info(usage: UsageCounts) -> UsageInfo:
 # --- decoding ----------------------------------------------------------------------------------
 
 
-def decode_request(
-    decoder: msgspec.json.Decoder[T],
-    body: bytes,
-    fields: frozenset[str],
-    *,
-    lenient: msgspec.json.Decoder[T] | None = None,
-    accepts_unknown: AcceptsUnknown | None = None,
-) -> T:
-    """Decode ``body`` with ``decoder``, turning every failure into an :class:`InvalidRequest`.
+S = TypeVar("S", bound=msgspec.Struct)
 
-    ``fields`` are the request Struct's top-level field names, for listing unknown ones. A body
-    with unknown top-level fields whose ``model`` ``accepts_unknown`` is decoded with
-    ``lenient`` instead (the same Struct without ``forbid_unknown_fields``).
+
+class RequestDecoder(Generic[S]):
+    """Decodes and explains one request Struct (declared with ``forbid_unknown_fields``).
+
+    A body with unknown top-level fields is refused, naming them, unless ``accepts_unknown``
+    says its ``model``'s engine forwards them: it is then decoded into the Struct's lenient twin
+    (a subclass that ignores them), whose known fields are checked exactly as strictly.
     """
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        error = exc
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise _invalid_json(exc) from exc
-    obj = _untyped(body, error)
-    if isinstance(obj, InvalidRequest):
-        raise obj from error
-    unknown = sorted(key for key in obj if key not in fields)
-    if not unknown:
-        raise _from_validation_error(str(error)) from error
-    model = obj.get("model")
-    if lenient is None or accepts_unknown is None or not isinstance(model, str):
-        raise _unsupported(unknown) from error
-    if not accepts_unknown(model):
-        raise _unsupported(unknown) from error
-    try:
-        return lenient.decode(body)
-    except msgspec.ValidationError as exc:
-        raise _from_validation_error(str(exc)) from exc
+
+    __slots__ = ("_fields", "_lenient", "_strict")
+
+    def __init__(self, cls: type[S]) -> None:
+        twin = types.new_class(f"Lenient{cls.__name__}", (cls,), {"forbid_unknown_fields": False})
+        self._strict = msgspec.json.Decoder(cls)
+        self._lenient: msgspec.json.Decoder[S] = msgspec.json.Decoder(twin)
+        self._fields = struct_fields(cls)
+
+    def decode(self, body: bytes, accepts_unknown: AcceptsUnknown | None = None) -> S:
+        """``body`` as the Struct; every failure an :class:`InvalidRequest`."""
+        try:
+            return self._strict.decode(body)
+        except msgspec.ValidationError as exc:
+            error = exc
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise _invalid_json(exc) from exc
+        obj = _untyped(body, error)
+        if isinstance(obj, InvalidRequest):
+            raise obj from error
+        unknown = sorted(key for key in obj if key not in self._fields)
+        if not unknown:
+            raise _from_validation_error(str(error)) from error
+        model = obj.get("model")
+        if accepts_unknown is None or not isinstance(model, str) or not accepts_unknown(model):
+            raise _unsupported(unknown) from error
+        try:
+            return self._lenient.decode(body)
+        except msgspec.ValidationError as exc:
+            raise _from_validation_error(str(exc)) from exc
 
 
 def decode_object(body: bytes | None) -> dict[str, Any] | None:

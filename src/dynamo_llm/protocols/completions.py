@@ -16,16 +16,15 @@ from msgspec import UNSET, UnsetType
 from .common import (
     MAX_N,
     AcceptsUnknown,
+    RequestDecoder,
     StreamOptions,
     UsageInfo,
     check_model,
     check_range,
     check_sampling,
-    decode_request,
     invalid_type,
     invalid_value,
     stop_list,
-    struct_fields,
 )
 
 __all__ = [
@@ -75,13 +74,7 @@ class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True, omit_default
     nvext: dict[str, Any] | None = None
 
 
-class _LenientCompletionRequest(CompletionRequest, forbid_unknown_fields=False):
-    """A completions request with fields we do not know, for an engine that forwards them."""
-
-
-_decoder = msgspec.json.Decoder(CompletionRequest)
-_lenient: msgspec.json.Decoder[CompletionRequest] = msgspec.json.Decoder(_LenientCompletionRequest)
-_fields = struct_fields(CompletionRequest)
+_decoder = RequestDecoder(CompletionRequest)
 
 
 def decode_completion_request(
@@ -92,9 +85,7 @@ def decode_completion_request(
     Unknown top-level fields are a 400 unless ``accepts_unknown(model)`` says the model's engine
     forwards them.
     """
-    req: CompletionRequest = decode_request(
-        _decoder, body, _fields, lenient=_lenient, accepts_unknown=accepts_unknown
-    )
+    req = _decoder.decode(body, accepts_unknown)
     _check_prompt_type(req.prompt)
     check_model(req.model)
     batch = _check_prompt_values(req.prompt)

@@ -7,9 +7,9 @@ loop, so a test can read what it received without a control route::
         ...  # point a routed frontend at worker.url, send a request
         seen = worker.received[0]  # .path, .headers (lower-cased names), .body (bytes), .json
 
-It streams like vLLM: ``--tokens`` chunks ``tok0 tok1 ...`` whose response id is
-``chatcmpl-<X-Request-Id>`` (``cmpl-`` for completions), honouring ``max_tokens`` /
-``max_completion_tokens``, ``return_token_ids`` (ids ``0..N-1``) and
+It answers like the ``ok`` bad worker (:mod:`.bad_workers`) and like vLLM: ``tokens`` chunks
+``tok0 tok1 ...`` whose response id is ``chatcmpl-<X-Request-Id>`` (``cmpl-`` for completions),
+honouring ``max_tokens`` / ``max_completion_tokens``, ``return_token_ids`` (ids ``0..N-1``) and
 ``stream_options.include_usage``; a unary request gets the folded answer. What it does with each
 request is a :class:`Script`: ``"ok"``, or ``"cut@K"`` (K tokens, then the body ends without
 ``[DONE]``, which a frontend may migrate). Several workers may share one script, so that "the
@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+# The answers are the bad workers' ``ok`` ones (their chunks, usage and unary body).
+from .bad_workers import Options, _Seen, _Stream
 
 __all__ = ["Received", "RecordingWorker", "Script", "recording_worker"]
 
@@ -99,97 +101,22 @@ class RecordingWorker:
             self._arrived.notify_all()
         kind, cut_at = self.script.next()
         body = received.json
-        chat = request.path.endswith("/chat/completions")
-        prefix = "chatcmpl-" if chat else "cmpl-"
-        answer = _Answer(
-            id=prefix + received.headers.get("x-request-id", "none"),
-            model=self.model,
-            chat=chat,
-            body=body,
-            tokens=self.tokens,
-        )
+        upstream_id = received.headers.get("x-request-id", "none")
+        client_id = received.headers.get("x-client-request-id", upstream_id)
+        seen = _Seen(client_id, request.path, body, upstream_id)
+        answer = _Stream(Options("ok", self.tokens, model=self.model), seen, body)
         if not body.get("stream"):
-            return web.json_response(answer.unary())
+            return answer.unary()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if answer.chat:
+            await resp.write(answer.role())
         for i in range(answer.count):
             if kind == "cut" and i == cut_at:
                 return resp  # the body ends without [DONE]
-            await resp.write(answer.event(answer.token(i)))
-        await resp.write(answer.event(answer.finish()))
-        if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write(answer.event(answer.usage_chunk()))
-        await resp.write(b"data: [DONE]\n\n")
+            await resp.write(answer.token(i))
+        await resp.write(answer.tail())
         return resp
-
-
-class _Answer:
-    def __init__(
-        self, *, id: str, model: str, chat: bool, body: dict[str, Any], tokens: int
-    ) -> None:
-        self.id = id
-        self.model = model
-        self.chat = chat
-        limit = body.get("max_tokens", body.get("max_completion_tokens"))
-        self.count = tokens if limit is None else min(tokens, limit)
-        self.with_ids = bool(body.get("return_token_ids"))
-        self.created = int(time.time())
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
-
-    def _choice(self, text: str, ids: Iterable[int] | None, finish: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
-        if self.chat:
-            choice["delta"] = {"content": text}
-        else:
-            choice["text"] = text
-        choice["logprobs"] = None
-        choice["finish_reason"] = finish
-        if self.with_ids and ids is not None:
-            choice["token_ids"] = list(ids)
-        return choice
-
-    def token(self, i: int) -> dict[str, Any]:
-        return self._chunk([self._choice(f"tok{i}", [i], None)])
-
-    def finish(self) -> dict[str, Any]:
-        return self._chunk([self._choice("", None, "length")])
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": 3, "completion_tokens": self.count, "total_tokens": 3 + self.count}
-
-    def usage_chunk(self) -> dict[str, Any]:
-        return self._chunk([], usage=self.usage())
-
-    def unary(self) -> dict[str, Any]:
-        text = "".join(f"tok{i}" for i in range(self.count))
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": self.usage(),
-        }
-
-    @staticmethod
-    def event(obj: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
 @contextlib.asynccontextmanager
