@@ -145,11 +145,13 @@ async def serve_until_signalled(
     try:
         try:
             await server.start()
-            models = ", ".join(app.models)
+            models = ", ".join(app.models) or "no model yet"
+            waiting = app.waiting_for()
+            pending = f"; waiting for {len(waiting)} worker(s)" if waiting else ""
             stream = ready_stream if ready_stream is not None else sys.stderr
             print(
                 f"dynamo-llm {command}: serving {models} on {server.base_url} "
-                f"(engine {engine}, {config.http_interface}, version {__version__})",
+                f"(engine {engine}, {config.http_interface}, version {__version__}{pending})",
                 file=stream,
                 flush=True,
             )

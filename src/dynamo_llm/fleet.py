@@ -84,6 +84,7 @@ class Fleet:
             path=config.upstream_file,
             on_models=self._models_changed,
         )
+        self.app.waiting_for = self.discovery.pending
         await self.discovery.start()
 
     async def aclose(self) -> None:

@@ -156,3 +156,28 @@ async def test_an_oversized_declared_body_gets_413_before_100_continue(interface
     assert answer.startswith(b"HTTP/1.1 413"), answer
     assert b"100 Continue" not in answer
     assert b"request_too_large" in answer
+
+
+async def test_every_counter_and_gauge_has_a_sample_before_the_first_request() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with running_frontend(FakeEngine()) as fe:
+        families = list(text_string_to_metric_families(fe.metrics_text()))
+    empty = [
+        f.name
+        for f in families
+        if f.type in ("counter", "gauge") and not f.samples and "worker" not in f.name
+    ]
+    assert empty == []  # per-worker series appear with their worker
+    by_name = {f.name: f for f in families}
+    started = by_name["dynamo_frontend_requests_started"].samples
+    assert {(s.labels["endpoint"], s.labels["request_type"]) for s in started} == {
+        ("chat_completions", "unary"),
+        ("chat_completions", "stream"),
+        ("completions", "unary"),
+        ("completions", "stream"),
+    }
+    per_model = [
+        s for f in families if f.type == "counter" for s in f.samples if "model" in s.labels
+    ]
+    assert per_model and all(s.value == 0 for s in per_model)

@@ -100,12 +100,23 @@ class StaticDiscovery:
     def models(self) -> frozenset[str]:
         return self._models
 
+    def pending(self) -> list[str]:
+        """The ``--upstream`` workers that have not told their models yet (URLs redacted)."""
+        return [redact_url(url) for url in sorted(self._pending)]
+
     async def start(self) -> None:
         """Load the file, ask every ``--upstream`` worker for its models once, then keep watch."""
         if self._path is not None:
             self._reload_file(force=True)
         self._pending = set(self._urls)
         await self._learn_pending()
+        if self._pending:
+            log.info(
+                "waiting for %d worker(s) to answer /v1/models (their models are served once "
+                "they do; /health says loading until then): %s",
+                len(self._pending),
+                ", ".join(self.pending()),
+            )
         self._publish()
         self._task = asyncio.get_running_loop().create_task(self._watch())
 

@@ -85,8 +85,12 @@ class _Info:
             any_ready = any_ready or ready
             state.metrics.model_ready.labels(model.name).set(1 if ready else 0)
             models.append({"model": model.name, "ready": ready, **model.describe()})
-        status = "healthy" if any_ready else "unhealthy"
-        await respond_json(conn, 200 if any_ready else 503, {"status": status, "models": models})
+        waiting = list(state.waiting_for())
+        status = "healthy" if any_ready else "loading" if waiting else "unhealthy"
+        body: dict[str, object] = {"status": status, "models": models}
+        if waiting:
+            body["waiting_for"] = waiting
+        await respond_json(conn, 200 if any_ready else 503, body)
 
     async def live(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         if self._state.shutting_down:
