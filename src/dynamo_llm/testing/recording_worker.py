@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 # The answers are the bad workers' ``ok`` ones (their chunks, usage and unary body).
-from .bad_workers import Options, _Seen, _Stream
+from .bad_workers.behaviours import Options, _Seen, _Stream
 
 __all__ = ["Received", "RecordingWorker", "Script", "recording_worker"]
 
