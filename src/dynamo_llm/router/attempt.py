@@ -7,11 +7,16 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
    :class:`~dynamo_llm.transport.WorkerClient` under an *attempt context*, a child of the
    request's context, so a hang-up, a timeout or a shutdown reaches the worker as a closed
    connection (or a graceful stop, for our own workers), while the attempt's own limits end only
-   the attempt;
+   the attempt. The attempt context is named by the attempt's *upstream id*, a fresh UUID4, which
+   is the id the worker knows the attempt by: an id any engine accepts (``llama_cpp.server``
+   refuses any other), never reused by a fan-out sibling or a migration's next attempt; the
+   dispatch is logged (debug) with the client's id beside it;
 2. it relays the worker's outputs, timing them with a :class:`~dynamo_llm.runtime.watchdog.
    Watchdog` at the raw ``DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` (the HTTP layer's net is twice
    that) and the first-token limit; the clock starts at dispatch, so a worker that never even
-   sends its headers is silent too, and is quarantined by the inactivity limit alone;
+   sends its headers is silent too, and is quarantined by the inactivity limit alone. Its
+   verdict is a :class:`~dynamo_llm.errors.WorkerSilent`, which a migrating request survives
+   like a dropped stream;
 3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
    stream, stream ended without its terminal item, silence past the limit; the watchdog's
    verdict wins over the error it caused) goes to ``report_down``; a clean end to
@@ -25,12 +30,14 @@ upstream stream) is given back exactly once: at once when opening fails, otherwi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from uuid import uuid4
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
-from ..errors import DynamoError, WorkerResponseTimeout
+from ..errors import DynamoError, WorkerSilent
 from ..metrics import Metrics
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
@@ -42,6 +49,8 @@ if TYPE_CHECKING:
     from ..transport import WorkerClient
 
 __all__ = ["Attempt", "AttemptLimits"]
+
+log = logging.getLogger("dynamo_llm.router")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,7 @@ class Attempt:
         "_stream",
         "_workers",
         "context",
+        "upstream_id",
         "worker",
     )
 
@@ -82,7 +92,10 @@ class Attempt:
         metrics: Metrics | None = None,
     ) -> None:
         self.worker = worker
-        self.context = EngineContext(ctx.id)
+        self.upstream_id = str(uuid4())
+        """The id the worker knows this attempt by (``X-Request-Id``, a graceful stop): the
+        attempt context's own id."""
+        self.context = EngineContext(self.upstream_id)
         self._ctx = ctx
         self._slot = slot
         self._workers = workers
@@ -95,7 +108,7 @@ class Attempt:
             inactivity=limits.inactivity,
             first_token=limits.first_token,
             deadline=None,
-            error=WorkerResponseTimeout,
+            error=WorkerSilent,
         )
         self._stream: AsyncIterator[EngineOutput] | None = None
         self._started = 0.0
@@ -107,13 +120,13 @@ class Attempt:
         """Send ``request`` to the worker; the stream of its outputs once it answered.
 
         When opening fails, everything is given back and the worker reported before the error
-        propagates (the watchdog's :class:`WorkerResponseTimeout` in place of the error it
-        caused).
+        propagates (the watchdog's :class:`WorkerSilent` in place of the error it caused).
         """
         worker, dog = self.worker, self._dog
         self._ctx.link_child(self.context)
         self._started = self._clock.now()
         dog.start()
+        log.debug("request %s: to %s as upstream id %s", request.id, worker.id, self.upstream_id)
         try:
             if migrating:
                 # Parsed outputs with token ids: what a replay needs, and what the frontend

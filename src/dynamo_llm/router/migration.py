@@ -19,18 +19,29 @@ options are unchanged, and the replay's outputs are fixed up before the client s
 no longer carry the replay's own prompt (``prompt_tokens``, ``prompt_token_ids``), and the final
 ``usage`` counts the *original* prompt and every token generated across attempts.
 
+The replay is passed on like the request itself: its ``raw_body`` is the client's JSON with the
+replay's changes made (:func:`_replay_body`), so every field the frontend does not know, and
+every key nested in the messages, reaches the new worker too. A chat request continued on
+``/v1/completions`` leaves the fields only chat has behind (``messages``, ``tools``, ...) and
+keeps the rest, the unknown ones included.
+
 Not replayable, so the budget is 0 whatever the limit: structured output (``response_format``
-``json_schema``/``json_object``, guided decoding in ``nvext``; the grammar's state cannot move)
-and ``n > 1``.
+``json_schema``/``json_object``; guided decoding in ``nvext`` or as an engine's own top-level
+field, vLLM's ``guided_*``/``structured_outputs``, llama.cpp's ``grammar``/``json_schema``,
+SGLang's ``regex``/``ebnf``: the grammar's state cannot move) and ``n > 1``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 
 from ..engines.base import EngineOutput, EngineRequest, Usage
 from ..engines.endpoints import CHAT, COMPLETIONS, EndpointFamily, P
 from ..protocols.chat import ChatCompletionRequest, ChatMessage
+from ..protocols.common import decode_object, struct_fields
 from ..protocols.completions import CompletionRequest
 
 __all__ = ["MigrationState", "migration_budget"]
@@ -44,6 +55,24 @@ _GUIDED_FIELDS = (
     "guided_grammar",
     "structured_outputs",
 )
+
+
+class _Constraints(msgspec.Struct):
+    """The top-level fields by which an engine constrains its output to a grammar (fields the
+    frontend does not know, passed on as they are)."""
+
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    grammar: Any = None
+    json_schema: Any = None
+    regex: Any = None
+    ebnf: Any = None
+
+
+_decode_constraints = msgspec.json.Decoder(_Constraints).decode
 
 
 def migration_budget(request: EngineRequest, limit: int) -> int:
@@ -60,7 +89,17 @@ def migration_budget(request: EngineRequest, limit: int) -> int:
     nvext = params.nvext
     if nvext and any(nvext.get(name) is not None for name in _GUIDED_FIELDS):
         return 0
+    if request.raw_body is not None and _is_constrained(request.raw_body):
+        return 0
     return limit
+
+
+def _is_constrained(body: bytes) -> bool:
+    try:
+        found = _decode_constraints(body)
+    except msgspec.MsgspecError:
+        return False  # a number no float holds, somewhere: nothing that tells of a grammar
+    return any(value is not None for value in msgspec.structs.astuple(found))
 
 
 class MigrationState:
@@ -197,15 +236,70 @@ def _replay(
     max_tokens: int | None,
 ) -> EngineRequest:
     """The replay as an engine request: built like any other, keeping the id, the served model
-    name and the client's routing hint."""
+    name and the client's routing hint, and passed on as the client's JSON with its changes."""
     return family.request(
         params,
         prompt,
         id=request.id,
         model=request.model,
         max_tokens=max_tokens,
+        raw_body=_replay_body(request, params),
         routing=request.routing,
     )
+
+
+def _replay_body(
+    request: EngineRequest, replay: ChatCompletionRequest | CompletionRequest
+) -> bytes | None:
+    """The client's JSON with the replay's changes: what the replay changed of the fields we
+    know (removed when it cleared them or its endpoint has no such field), everything else as
+    the client sent it, unknown fields and the messages the replay left alone included.
+
+    None when the request has no body to patch: the transport then encodes the replay's Struct.
+    """
+    body = decode_object(request.raw_body)
+    if body is None:
+        return None
+    params = request.params
+    for name in _field_names(params) - _field_names(replay):
+        body.pop(name, None)
+    for name in _field_names(replay):
+        value = getattr(replay, name)
+        before = getattr(params, name, None)
+        if value == before:
+            continue  # unchanged: as the client sent it
+        if name == "messages" and isinstance(before, list):
+            body[name] = _messages_as_sent(body.get(name), before, value)
+        elif value is None:
+            body.pop(name, None)
+        else:
+            body[name] = msgspec.to_builtins(value)
+    return msgspec.json.encode(body)
+
+
+def _field_names(params: msgspec.Struct) -> frozenset[str]:
+    return struct_fields(type(params))
+
+
+def _messages_as_sent(
+    sent: Any, before: Iterable[ChatMessage], after: list[ChatMessage]
+) -> list[Any]:
+    """The replay's messages as the client wrote them: a message the replay kept goes byte for
+    byte; a changed one is the client's with the changed keys (keys we do not model kept)."""
+    wire = _decode_messages(sent) if isinstance(sent, msgspec.Raw) else []
+    kept = list(before)
+    out: list[Any] = []
+    for i, message in enumerate(after):
+        if i < len(kept) and i < len(wire) and message == kept[i]:
+            out.append(wire[i])
+            continue
+        original = msgspec.json.decode(wire[i]) if i < len(kept) and i < len(wire) else None
+        base = original if isinstance(original, dict) else {}
+        out.append({**base, **msgspec.to_builtins(message)})
+    return out
+
+
+_decode_messages = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
 def _as_completions(

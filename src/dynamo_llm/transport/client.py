@@ -2,14 +2,21 @@
 
 :meth:`WorkerClient.open_stream` runs one routing attempt against one worker (vLLM, SGLang,
 llama.cpp's server, TGI, Ollama, or our own ``dynamo-llm worker``). Its ``await`` is the
-**admission**: the request goes upstream as a stream (:mod:`.body`) with ``X-Request-Id``, and
-everything that can go wrong before the first byte of the body is raised there, as the error
-class the router acts on (:mod:`.errors`): connect refused or timed out ->
+**admission**: the request goes upstream as a stream (:mod:`.body`) with ``X-Request-Id``, the id
+of the context it runs under (the router runs each attempt under a context named by a fresh
+UUID, since some engines accept no other id), and ``X-Client-Request-Id``, the request's own id
+(the client's, ``<id>-<k>`` for a fan-out sub-request: for a worker's logs, and the same for
+every attempt). Everything that can go wrong before the first byte of the body is raised
+there, as the error class the router acts on (:mod:`.errors`): connect refused or timed out ->
 :class:`WorkerUnreachable`; no response headers within ``first_token_timeout`` ->
 :class:`WorkerResponseTimeout`; a 4xx -> the matching 4xx :class:`DynamoError` with the worker's
 message, param and code; a 503 saying it is busy -> :class:`AllWorkersBusy`; a 503 saying it is
 shutting down -> :class:`WorkerShuttingDown`; another 5xx -> :class:`UpstreamError` with the
-worker's message. What it returns is the attempt's :class:`~.stream.RemoteStream`.
+worker's message; a 2xx with a JSON body instead of an event stream ->
+:class:`UpstreamNoStream` (a failure of this request; the router probes the worker). What it
+returns is the attempt's :class:`~.stream.RemoteStream`.
+
+:meth:`WorkerClient.probe` is the active probe of a quarantined worker (:mod:`.probe`).
 
 The client only bounds the wait for the response headers and the first event with
 ``first_token_timeout``; the caller (the router) owns the inactivity timer.
@@ -30,7 +37,8 @@ from ..protocols.completions import CompletionRequest
 from ..protocols.models import decode_model_list
 from ..runtime.context import EngineContext
 from .body import upstream_body
-from .errors import admission_error, describe, error_from_worker
+from .errors import admission_error, describe, error_from_worker, no_stream_error
+from .probe import ProbeResult, probe_worker
 from .stream import RemoteStream, StreamMode, post_stop
 
 __all__ = ["WorkerClient", "make_session"]
@@ -106,6 +114,8 @@ class WorkerClient:
         ``relay=False`` forces the parsed mode (no ``raw`` bytes): the frontend renders every
         output itself, as a migration needs, since its replay may go to another endpoint
         (a chat request continued as token ids on ``/v1/completions``).
+        The worker knows the request by ``ctx.id`` (``X-Request-Id``), and a graceful stop
+        names it so (unless the worker says it used another id).
 
         Raises, before any output: :class:`WorkerUnreachable`, :class:`WorkerResponseTimeout`,
         :class:`WorkerDisconnected` (the worker closed without answering, twice),
@@ -125,10 +135,12 @@ class WorkerClient:
         else:
             mode = StreamMode.RELAY
         body = upstream_body(request, model=model, return_token_ids=track_tokens)
+        upstream_id = ctx.id
         headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
-            "X-Request-Id": request.id,
+            "X-Request-Id": upstream_id,
+            "X-Client-Request-Id": request.id,
         }
         loop = asyncio.get_running_loop()
         deadline = None if first_token_timeout is None else loop.time() + first_token_timeout
@@ -139,6 +151,14 @@ class WorkerClient:
             finally:
                 resp.close()
             raise error_from_worker(resp.status, error_body)
+        if _is_json(resp.content_type):
+            # A JSON answer to a streamed request (an error, llama_cpp.server's way): not an
+            # event stream, a failure of this request only.
+            try:
+                answer = await _read_bounded(resp, deadline)
+            finally:
+                resp.close()
+            raise no_stream_error(resp.status, resp.content_type, answer)
         if response_id is None:
             response_id = family.response_id(request.id)
         return RemoteStream(
@@ -146,7 +166,7 @@ class WorkerClient:
             url,
             resp,
             ctx,
-            request_id=request.id,
+            request_id=upstream_id,
             response_id=response_id,
             model=request.model,
             mode=mode,
@@ -186,16 +206,15 @@ class WorkerClient:
         """Ask one of our workers to stop generating ``request_id`` gracefully."""
         return await post_stop(self.session, url, request_id)
 
-    async def probe(self, url: str, *, within: float) -> bool:
-        """A cheap health check: ``GET /health`` answers 2xx within ``within`` seconds."""
-        try:
-            async with self.session.get(
-                url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=within)
-            ) as resp:
-                await resp.read()
-                return resp.status < 300
-        except (TimeoutError, aiohttp.ClientError):
-            return False
+    async def probe(
+        self, url: str, *, within: float, model: str | None = None, first: str | None = None
+    ) -> ProbeResult:
+        """Whether the worker at ``url`` generates: a 1-token completion of ``model`` (the
+        worker's own name for it), falling back to what the engine offers (:mod:`.probe`).
+
+        Truthy when it passed; ``first`` is the probe that decided last time (its ``path``).
+        """
+        return await probe_worker(self.session, url, within=within, model=model, first=first)
 
     async def fetch_models(self, url: str, *, within: float) -> list[str]:
         """The model ids a worker serves, from its ``/v1/models``.
@@ -220,6 +239,10 @@ class WorkerClient:
             return decode_model_list(body)
         except msgspec.MsgspecError as exc:
             raise UpstreamError("The worker's /v1/models answer is malformed") from exc
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
 
 
 def _is_batch(prompt: list[str | int | list[int]]) -> bool:

@@ -16,16 +16,21 @@ parsed    a unary client; a fan-out sub-request (n>1,   ``text``/``token_ids``, 
 The stream reads whatever buffers the socket gives and cuts them at the last ``\\n\\n``; the
 complete events go to the raw relay (:mod:`.relay`) in the relay mode, and to the slow path
 (:mod:`.events`) otherwise or when the relay passes a buffer over. The body ending without
-``[DONE]``, or the connection dropping, raises :class:`WorkerDisconnected`, unless our context
-was stopped, in which case the stream ends quietly.
+``[DONE]`` after its first event, or the connection dropping, raises
+:class:`WorkerDisconnected`, unless our context was stopped, in which case the stream ends
+quietly. A body that ends cleanly before any event (an empty 200, or text that is no event
+stream) raises :class:`UpstreamNoStream` instead: the worker answered, badly, and is probed
+rather than quarantined.
 
 **Cancellation crosses the wire.** The stream registers ``ctx.on_stop``. On a kill the upstream
 response is closed at once (``close()``, not ``release()``): the worker sees its socket close and
 aborts the request (vLLM, SGLang and llama.cpp do). On a graceful stop of one of our own workers
-(``is_ours``) the stream posts ``/v1/requests/<id>/stop`` in a task it owns and keeps reading
-until the worker ends the body; for any other worker, or if that post fails, it closes. Whatever
-way the stream ends (exhausted, failed, ``aclose()``, the consuming task cancelled, dropped), the
-connection is released: to the pool when the body was read to its end, closed otherwise.
+(``is_ours``) the stream posts ``/v1/requests/<id>/stop`` in a task it owns (``<id>`` is the
+id the worker knows: the attempt's upstream id, or the one the worker says it used) and keeps
+reading until the worker ends the body; for any other worker, or if that post fails, it closes.
+Whatever way the stream ends (exhausted, failed, ``aclose()``, the consuming task cancelled,
+dropped), the connection is released: to the pool when the body was read to its end, closed
+otherwise.
 
 The caller (the router) owns the inactivity timer: it wraps the stream. The stream only bounds
 the wait for the first event with the admission's ``first_token_timeout`` deadline.
@@ -46,7 +51,7 @@ from ..errors import UpstreamError, WorkerDisconnected, WorkerResponseTimeout
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
-from .errors import describe
+from .errors import describe, no_stream_error
 from .events import EventParser
 from .relay import RawRelay
 
@@ -133,10 +138,10 @@ class RemoteStream:
         return self._relay.upstream_id
 
     @property
-    def _rewrites(self) -> list[tuple[bytes, bytes]]:
-        # The relay's (old, new) replacements; the tests check there are none when the worker
-        # used our id and model name.
-        return self._relay.rewrites
+    def rewrites(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The ``(old, new)`` replacements the relay applies to the worker's events, learnt from
+        its first chunk: none when the worker used our response id and model name."""
+        return tuple(self._relay.rewrites)
 
     def __aiter__(self) -> RemoteStream:
         return self
@@ -244,6 +249,11 @@ class RemoteStream:
                 if not chunk:
                     if self._ended_quietly():
                         return
+                    if not parser.seen_first:
+                        # A clean end before any event: the worker answered, but not with a
+                        # stream (an empty 200). A failure of this request, not a dead worker.
+                        resp = self._resp
+                        raise no_stream_error(resp.status, resp.content_type, tail)
                     raise WorkerDisconnected(
                         "The worker's stream ended without a terminal [DONE] event"
                     )
