@@ -13,10 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from harness import MODEL
 from openai import OpenAI
 
+from tests.engines.harness import MODEL
+
 TIMEOUT = 180.0
+# About ten seconds of generation for each engine (vLLM on the CPU does ~150 tokens/s).
+HANGUP_TOKENS = {"llama-server": 30000, "llama-cpp-python": 30000, "vllm": 3000}
+# A stopped request is idle on the engine this soon after the hang-up.
+STOPS_WITHIN = 3.0
+# --backend-stream-timeout-secs for the silence cases: a vLLM starved of CPU by a loaded
+# machine can pause for seconds between steps, and must not look silent.
+SILENCE_LIMIT = {"llama-server": 2, "llama-cpp-python": 2, "vllm": 5}
 PROMPT = "The weather in Paris is"
 MESSAGES = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 # Greedy decoding: the same request gets the same tokens from every instance of an engine.

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import close_clients, close_streams
-from harness import FINDINGS, KINDS, Engine, Pair
-from tiny_model import TinyModel, ensure_model
+
+from tests.engines.clients import close_clients, close_streams
+from tests.engines.harness import FINDINGS, KINDS, Engine, Pair
+from tests.engines.tiny_model import TinyModel, ensure_model
 
 ENGINE_ENV = {
     "llama-server": "DYN_ENGINES_LLAMA_SERVER",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from harness import Engine, metric_sum
+from tests.engines.harness import Engine, Pair, metric_sum, wait_until
 
 _ACCESS = re.compile(r'"POST /v1/(?:chat/)?completions HTTP/1\.1" (\d+)')
 _LLAMA_SERVER_TASK = re.compile(r"launch_slot_: .* processing task")
@@ -70,3 +70,18 @@ def prefix_cache_hits(e: Engine, since: int = 0) -> float:
     if e.kind == "llama-server":
         return metric_sum(e.metrics(), "llamacpp:prompt_tokens_cached_total")
     return sum(int(n) for n in _PREFIX_HIT.findall(e.log_text(since)))
+
+
+def serving_engine(fleet: Pair, marks: list[int]) -> Engine:
+    """The instance that took the request sent since ``marks``: the one that logged it
+    (each engine logs a request when it starts)."""
+
+    def which() -> Engine | None:
+        for e, m in zip(fleet.engines, marks, strict=True):
+            # vLLM's running gauge may still show a request that just ended: logs only.
+            if served_requests(e, m) or (e.kind == "llama-server" and is_generating(e)):
+                return e
+        return None
+
+    found: Engine = wait_until(which, 30.0, 0.05, "an instance takes the request")
+    return found

@@ -14,8 +14,12 @@ import time
 import httpx
 import openai
 import pytest
-from clients import (
+
+from tests.engines.clients import (
+    HANGUP_TOKENS,
     PROMPT,
+    SILENCE_LIMIT,
+    STOPS_WITHIN,
     client,
     completion_stream,
     only,
@@ -25,17 +29,24 @@ from clients import (
     unary_chat,
     unary_completion,
 )
-from engine_side import generated_tokens, is_generating, prefix_cache_hits, served_requests
-from harness import FINDINGS, LLAMA_CTX, MODEL, VLLM_MAX_MODEL_LEN, Engine, Pair, wait_until
+from tests.engines.engine_side import (
+    generated_tokens,
+    is_generating,
+    prefix_cache_hits,
+    served_requests,
+    serving_engine,
+)
+from tests.engines.harness import (
+    FINDINGS,
+    LLAMA_CTX,
+    MODEL,
+    VLLM_MAX_MODEL_LEN,
+    Engine,
+    Pair,
+    wait_until,
+)
 
 TOKENS = 40
-# About ten seconds of generation for each engine (vLLM on the CPU does ~150 tokens/s).
-HANGUP_TOKENS = {"llama-server": 30000, "llama-cpp-python": 30000, "vllm": 3000}
-# A stopped request is idle on the engine this soon after the hang-up.
-STOPS_WITHIN = 3.0
-# --backend-stream-timeout-secs for the silence cases: a vLLM starved of CPU by a loaded
-# machine can pause for seconds between steps, and must not look silent.
-SILENCE_LIMIT = {"llama-server": 2, "llama-cpp-python": 2, "vllm": 5}
 
 
 def _generated(fleet: Pair, marks: list[int]) -> float:
@@ -75,21 +86,6 @@ def test_text_through_the_frontend_equals_the_engine_reached_directly(
     with contextlib.suppress(TimeoutError):
         wait_until(lambda: _generated(fleet, marks) - before >= 2 * TOKENS, 5.0, 0.1)
     assert _generated(fleet, marks) - before == 2 * TOKENS
-
-
-def _serving(fleet: Pair, marks: list[int]) -> Engine:
-    """The instance that took the request sent since ``marks``: the one that logged it
-    (each engine logs a request when it starts)."""
-
-    def which() -> Engine | None:
-        for e, m in zip(fleet.engines, marks, strict=True):
-            # vLLM's running gauge may still show a request that just ended: logs only.
-            if served_requests(e, m) or (e.kind == "llama-server" and is_generating(e)):
-                return e
-        return None
-
-    found: Engine = wait_until(which, 30.0, 0.05, "an instance takes the request")
-    return found
 
 
 def _assert_engine_stops(fleet: Pair, e: Engine, mark: int) -> None:
@@ -137,7 +133,7 @@ def test_client_hang_up_stops_the_engine(fleet: Pair, phase: str) -> None:
             lines = r.iter_lines()
             for _ in range(5):
                 next(lines)
-            e = _serving(fleet, marks)
+            e = serving_engine(fleet, marks)
         # Leaving the block closes the connection: the hang-up.
     else:
         # A unary client that gives up: its own connection, closed as the block ends (a
@@ -147,7 +143,7 @@ def test_client_hang_up_stops_the_engine(fleet: Pair, phase: str) -> None:
                 fe.base_url + "/completions",
                 json={"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens},
             )
-        e = _serving(fleet, marks)
+        e = serving_engine(fleet, marks)
     t_hangup = time.monotonic()
     _assert_engine_stops(fleet, e, marks[fleet.engines.index(e)])
     stopped_after = time.monotonic() - t_hangup
@@ -162,7 +158,7 @@ def test_kv_routing_keeps_a_shared_prefix_on_one_worker(fleet: Pair) -> None:
     prefix = " ".join(["The weather in Paris is good and the weather in Rome is old."] * 20)
     first_marks = [e.log_mark() for e in fleet.engines]
     unary_completion(c, 2, prompt=prefix + " Question 0?")
-    first = _serving(fleet, first_marks)
+    first = serving_engine(fleet, first_marks)
     marks = [e.log_mark() for e in fleet.engines]
     hits_before = prefix_cache_hits(first, marks[fleet.engines.index(first)])
     for i in range(1, 5):
@@ -183,7 +179,7 @@ def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
     stream = completion_stream(fe.base_url, HANGUP_TOKENS[fleet.kind])
     chunks = iter(stream)
     next(chunks)
-    e = _serving(fleet, marks)
+    e = serving_engine(fleet, marks)
     t0 = time.monotonic()
     e.signal_group(signal.SIGSTOP)
     try:
@@ -210,7 +206,7 @@ def test_migration_after_sigkill_is_token_exact_on_vllm(fleet: Pair) -> None:
     killed: list[Engine] = []
 
     def kill() -> None:
-        killed.append(_serving(fleet, marks))
+        killed.append(serving_engine(fleet, marks))
         killed[0].signal_group(signal.SIGKILL)
 
     read = read_with(stream, kill)
@@ -253,7 +249,7 @@ def test_migration_after_sigkill_on_llama_server_continues_the_text(fleet: Pair)
     want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
     stream = completion_stream(fe.base_url, tokens)
-    read = read_with(stream, lambda: _serving(fleet, marks).signal_group(signal.SIGKILL))
+    read = read_with(stream, lambda: serving_engine(fleet, marks).signal_group(signal.SIGKILL))
     got, before_kill = read.text, read.before
     assert before_kill and want.text.startswith(before_kill)
     assert got.startswith(before_kill) and len(got) > len(before_kill)

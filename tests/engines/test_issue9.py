@@ -14,8 +14,11 @@ import time
 import httpx
 import openai
 import pytest
-from clients import (
+
+from tests.engines.clients import (
+    HANGUP_TOKENS,
     PROMPT,
+    SILENCE_LIMIT,
     WEATHER_TOOL,
     client,
     completion_stream,
@@ -26,9 +29,16 @@ from clients import (
     unary_chat,
     unary_completion,
 )
-from engine_side import served_requests
-from harness import LLAMA_CPP_PYTHON_CTX, MODEL, Engine, Pair, metric_sum, paused, wait_until
-from test_conformance import HANGUP_TOKENS, SILENCE_LIMIT, _serving
+from tests.engines.engine_side import served_requests, serving_engine
+from tests.engines.harness import (
+    LLAMA_CPP_PYTHON_CTX,
+    MODEL,
+    Engine,
+    Pair,
+    metric_sum,
+    paused,
+    wait_until,
+)
 
 TOKENS = 30
 COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -168,7 +178,9 @@ def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
     want = unary_completion(client(fleet.engines[0].url + "/v1"), tokens)["usage"]
     marks = [e.log_mark() for e in fleet.engines]
     stream = completion_stream(fe.base_url, tokens, stream_options={"include_usage": True})
-    usage = read_with(stream, lambda: _serving(fleet, marks).signal_group(signal.SIGKILL)).usage
+    usage = read_with(
+        stream, lambda: serving_engine(fleet, marks).signal_group(signal.SIGKILL)
+    ).usage
     assert usage is not None
     assert usage["prompt_tokens"] == want["prompt_tokens"], usage
     assert usage["completion_tokens"] == tokens, usage
@@ -321,7 +333,7 @@ def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
     victims: list[Engine] = []
 
     def pause() -> None:
-        victims.append(_serving(fleet, marks))
+        victims.append(serving_engine(fleet, marks))
         victims[0].signal_group(signal.SIGSTOP)
 
     try:

@@ -1,0 +1,1 @@
+"""The real-engine conformance suite: run by scripts/test-engines (see README)."""
