@@ -102,9 +102,18 @@ class Attempt:
         self._released = False
 
     async def open(
-        self, client: WorkerClient, request: EngineRequest, *, migrating: bool = False
+        self,
+        client: WorkerClient,
+        request: EngineRequest,
+        *,
+        migrating: bool = False,
+        replay: bool = False,
     ) -> OwnedStream:
         """Send ``request`` to the worker; the stream of its outputs once it answered.
+
+        ``migrating``: the request may migrate, so its outputs must say what was generated
+        (token ids, text). ``replay``: it is a migration's replay, whose outputs the frontend
+        renders itself (it may run on another endpoint than the client's).
 
         When opening fails, everything is given back and the worker reported before the error
         propagates (the watchdog's :class:`WorkerResponseTimeout` in place of the error it
@@ -115,9 +124,9 @@ class Attempt:
         self._started = self._clock.now()
         dog.start()
         try:
-            if migrating:
-                # Parsed outputs with token ids: what a replay needs, and what the frontend
-                # renders itself whichever worker or endpoint produced them.
+            if replay:
+                # Parsed outputs with token ids: what a further replay needs, and what the
+                # frontend renders itself whichever worker or endpoint produced them.
                 stream = await client.open_stream(
                     worker.url,
                     request,
@@ -126,6 +135,18 @@ class Attempt:
                     is_ours=worker.is_ours,
                     track_tokens=True,
                     relay=False,
+                )
+            elif migrating:
+                # Token ids and text for a replay; the worker's own bytes still reach the client
+                # while nothing has migrated (when the client asked for token ids too, else the
+                # outputs are parsed, to leave out the ids it did not ask for).
+                stream = await client.open_stream(
+                    worker.url,
+                    request,
+                    self.context,
+                    first_token_timeout=self._limits.first_token,
+                    is_ours=worker.is_ours,
+                    track_tokens=True,
                 )
             else:
                 stream = await client.open_stream(

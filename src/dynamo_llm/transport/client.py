@@ -131,6 +131,7 @@ class WorkerClient:
             raise error_from_worker(resp.status, error_body)
         if response_id is None:
             response_id = family.response_id(request.id)
+        options = params.stream_options
         return RemoteStream(
             self.session,
             url,
@@ -142,6 +143,7 @@ class WorkerClient:
             mode=mode,
             is_ours=is_ours,
             deadline=deadline,
+            usage_chunk=not params.stream or (options is not None and options.include_usage),
         )
 
     async def _post(

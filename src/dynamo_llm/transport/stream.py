@@ -107,6 +107,7 @@ class RemoteStream:
         mode: StreamMode,
         is_ours: bool,
         deadline: float | None,
+        usage_chunk: bool = True,
     ) -> None:
         self._session = session
         self._url = url
@@ -120,7 +121,12 @@ class RemoteStream:
         self._aborted = False
         self._finished = False
         self._relay = RawRelay(response_id=response_id, model=model, fast=mode is StreamMode.RELAY)
-        self._parser = EventParser(self._relay, keep_raw=mode is not StreamMode.PARSED)
+        self._parser = EventParser(
+            self._relay,
+            keep_raw=mode is not StreamMode.PARSED,
+            sees_all=mode is not StreamMode.RELAY,
+            usage_chunk=usage_chunk,
+        )
         self._stop_task: asyncio.Task[None] | None = None
         self._gen = self._run()
         self._remove_callback = ctx.on_stop(self._on_stop)
@@ -231,6 +237,8 @@ class RemoteStream:
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                     if self._ended_quietly():
                         return
+                    if (held := parser.take_held()) is not None:
+                        yield held
                     raise WorkerDisconnected(
                         f"The worker's connection dropped mid-stream: {describe(exc)}"
                     ) from exc
@@ -243,6 +251,8 @@ class RemoteStream:
                 if not chunk:
                     if self._ended_quietly():
                         return
+                    if (held := parser.take_held()) is not None:
+                        yield held
                     raise WorkerDisconnected(
                         "The worker's stream ended without a terminal [DONE] event"
                     )
@@ -268,6 +278,8 @@ class RemoteStream:
                 if parser.failure is not None:
                     if self._ended_quietly():
                         return  # a worker told to stop may say so with an error
+                    if (held := parser.take_held()) is not None:
+                        yield held
                     raise parser.failure
                 if parser.done:
                     await self._drain()
