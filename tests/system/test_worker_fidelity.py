@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -380,12 +380,24 @@ async def test_without_a_usage_chunk_the_counts_come_from_the_token_ids_the_work
 # --- migration: every field, and the request's own usage ------------------------------------------
 
 
-async def first_events_then_kill(
-    fe: Frontend, workers: list[FidelityWorker], body: dict[str, Any], after: int
-) -> list[dict[str, Any]]:
-    """Stream ``body``; once ``after`` content chunks came, SIGKILL the worker holding it."""
-    chunks: list[dict[str, Any]] = []
-    done = 0
+class Seen:
+    """What a client saw of one stream: its chunks, its error frames, its [DONE]s."""
+
+    def __init__(self) -> None:
+        self.chunks: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.done = 0
+
+
+async def kill_mid_stream(
+    fe: Frontend,
+    workers: list[FidelityWorker],
+    body: dict[str, Any],
+    when: Callable[[list[dict[str, Any]]], bool],
+) -> Seen:
+    """Stream ``body``; once ``when(chunks so far)``, SIGKILL the worker holding it."""
+    seen = Seen()
+    event = None
     killed = False
     async with (
         httpx.AsyncClient(base_url=fe.base_url, timeout=SAFETY_NET) as http,
@@ -393,17 +405,36 @@ async def first_events_then_kill(
     ):
         assert resp.status_code == 200
         async for line in resp.aiter_lines():
-            assert not line.startswith("event: error"), line
-            if line == "data: [DONE]":
-                done += 1
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line == "data: [DONE]":
+                seen.done += 1
             elif line.startswith("data: "):
-                chunks.append(json.loads(line[6:]))
-            content = [c for c in chunks if c["choices"] and fold([c])[0]["content"]]
-            if not killed and len(content) >= after:
+                data = json.loads(line[6:])
+                if event == "error":
+                    seen.errors.append(data["error"])
+                else:
+                    seen.chunks.append(data)
+                event = None
+            if not killed and when(seen.chunks):
                 await (await holding(workers)).kill()  # SIGKILL: no goodbye on the wire
                 killed = True
-    assert killed and done == 1
-    return chunks
+    assert killed
+    return seen
+
+
+async def first_events_then_kill(
+    fe: Frontend, workers: list[FidelityWorker], body: dict[str, Any], after: int
+) -> list[dict[str, Any]]:
+    """Stream ``body``; once ``after`` content chunks came, SIGKILL the worker holding it; the
+    client must not notice."""
+
+    def enough(chunks: list[dict[str, Any]]) -> bool:
+        return sum(1 for c in chunks if c["choices"] and fold([c])[0]["content"]) >= after
+
+    seen = await kill_mid_stream(fe, workers, body, enough)
+    assert seen.errors == [] and seen.done == 1
+    return seen.chunks
 
 
 async def streamed_requests(worker: FidelityWorker) -> list[dict[str, Any]]:
@@ -482,6 +513,67 @@ async def test_a_text_migration_leaves_out_the_prompt_count_it_cannot_know() -> 
     assert choice["content"] == "".join(f"t{i} " for i in range(12))
     # The replay's prompt holds the continued text: its count is not the client's prompt.
     assert chunks[-1]["usage"] == {"completion_tokens": 12}
+
+
+async def test_a_migrated_stream_that_asked_for_token_ids_gets_the_workers_bytes_then_ours() -> (
+    None
+):
+    body = chat_body(return_token_ids=True, logprobs=True, stream_options={"include_usage": True})
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        spawn_fidelity_worker(hold_after=2, per_event=2) as a,
+        spawn_fidelity_worker(hold_after=2, per_event=2) as b,
+        routed(a, b, env=MIGRATION_ON) as fe,
+    ):
+        chunks = await first_events_then_kill(fe, [a, b], body, after=2)
+        survivor = b if a.proc is not None and a.proc.returncode is not None else a
+        theirs = await direct(survivor, body)
+    assert not net.expired()
+    choices = [ch for c in chunks for ch in c["choices"]]
+    assert [i for ch in choices for i in ch.get("token_ids") or ()] == list(range(1000, 1012))
+    # The fake's prompt ids (the template's two and the message's three words), from the first
+    # attempt's own first chunk: never the replay's.
+    assert [c["prompt_token_ids"] for c in chunks if "prompt_token_ids" in c] == [[1, 2, 3, 4, 5]]
+    assert sum("role" in (ch.get("delta") or {}) for ch in choices) == 1
+    (choice,) = fold(chunks).values()
+    assert choice["content"] == theirs["choices"][0]["message"]["content"]
+    assert choice["logprobs"] == theirs["choices"][0]["logprobs"]["content"]
+    assert chunks[-1]["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+async def test_a_chat_with_tools_migrates_as_chat_text_until_a_tool_call_begins() -> None:
+    body = chat_body(tools=TOOLS, stream_options={"include_usage": True})
+    # Before any tool call: continued as text on the chat endpoint, where the tool parser is.
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        spawn_fidelity_worker(hold_after=3) as a,
+        spawn_fidelity_worker(hold_after=3) as b,
+        routed(a, b, env=MIGRATION_ON) as fe,
+    ):
+        chunks = await first_events_then_kill(fe, [a, b], body, after=3)
+        survivor = b if a.proc is not None and a.proc.returncode is not None else a
+        replays = await streamed_requests(survivor)
+    assert not net.expired()
+    assert [r["path"] for r in replays] == ["/v1/chat/completions"]
+    assert replays[0]["body"]["messages"][-1] == {"role": "assistant", "content": "t0 t1 t2 "}
+    assert fold(chunks)[0]["calls"] == expected_calls()
+
+    # Once a call has begun streaming, the worker's parser holds its state: no migration.
+    def in_a_call(chunks: list[dict[str, Any]]) -> bool:
+        return bool(fold(chunks).get(0, {}).get("calls"))
+
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        spawn_fidelity_worker(hold_after=14) as a,
+        spawn_fidelity_worker(hold_after=14) as b,
+        routed(a, b, env=MIGRATION_ON) as fe,
+    ):
+        seen = await kill_mid_stream(fe, [a, b], body, in_a_call)
+        assert fe.value("model_migration_total") == 0
+    assert not net.expired()
+    assert [e["code"] for e in seen.errors] == ["worker_disconnected"]
+    assert seen.done == 0
 
 
 # --- problem 8: metrics count tokens, not events --------------------------------------------------

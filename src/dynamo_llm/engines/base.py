@@ -11,7 +11,8 @@ Lifecycle and guarantees:
 2. ``async for out in stream`` yields outputs. Each carries ``num_tokens`` new tokens for choice
    ``index``; the first output of a stream carries ``prompt_tokens`` (and ``prompt_token_ids``)
    when the engine knows it;
-   the last carries ``finish_reason`` and ``usage``. The stream ends normally after the last
+   the last carries ``finish_reason`` and ``usage`` (a count the engine does not know exactly
+   is None, and is left out of the response). The stream ends normally after the last
    output. A failure mid-stream is raised as a ``DynamoError`` (its class says what kind).
 3. ``ctx`` is the request's :class:`~dynamo_llm.runtime.context.EngineContext`. When it is stopped
    the engine stops producing within one token and ends the stream; when it is killed the engine
@@ -23,7 +24,8 @@ Lifecycle and guarantees:
 Outputs are msgspec Structs: an engine may build one per token, so they must be
 cheap. ``raw`` is for relaying engines: already-rendered SSE bytes the frontend passes on as they
 are (it still counts ``num_tokens``), so the hot path never parses and re-encodes a chunk it does
-not need to change.
+not need to change. ``chunks`` is for relaying engines too: where the frontend must fold or
+re-render a worker's stream, the worker's chunks as it sent them, so that no field is lost.
 """
 
 from __future__ import annotations

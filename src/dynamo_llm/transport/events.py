@@ -191,8 +191,9 @@ class EventParser:
             self._held = None
         if self.done:
             return self._with_tail(out)
-        if finish_reason is not None and not self._usage_chunk and self.failure is None:
-            # The usage chunk's other keys belong on this chunk: hold it until [DONE].
+        if self._finish_reason is not None and not self._usage_chunk and self.failure is None:
+            # The usage chunk's other keys belong on the finishing chunk: from it to [DONE]
+            # (a few bytes later), the outputs are held back.
             self._held = out
             self._relay.pause()
             return None
