@@ -137,35 +137,34 @@ class ChunkRenderer:
         return b"".join(parts)
 
     def _render_chunks(self, chunks: list[dict[str, Any]], index: int) -> bytes:
-        """A worker's chunks as it sent them, with our envelope and the choice index."""
+        """A worker's chunks as it sent them, with our envelope and the choice index.
+
+        The chunks are the output's own (decoded for it), so they are changed in place: a
+        copy would cost more than the encode.
+        """
         frames: list[bytes] = []
         envelope = self._chunk
-        drop = _ENVELOPE if self._with_token_ids else _ENVELOPE | _TOKEN_IDS
+        keep_ids = self._with_token_ids
         for chunk in chunks:
             choices = chunk.get("choices")
             if not choices:
                 self.add_tail(chunk)  # a usage chunk: its keys go on ours
                 continue
-            out: dict[str, Any] = {
-                "id": envelope.id,
-                "object": envelope.object,
-                "created": envelope.created,
-                "model": envelope.model,
-            }
-            for key, value in chunk.items():
-                if key == "choices":
-                    out[key] = [self._choice(choice, index, drop) for choice in value]
-                elif key not in drop:
-                    out[key] = value
-            frames.append(b"data: " + _encode(out) + b"\n\n")
-        return b"".join(frames)
-
-    def _choice(self, choice: Any, index: int, drop: frozenset[str]) -> Any:
-        if not isinstance(choice, dict):
-            return choice
-        out = {key: value for key, value in choice.items() if key not in drop}
-        out["index"] = index
-        return out
+            chunk["id"] = envelope.id
+            chunk["object"] = envelope.object
+            chunk["created"] = envelope.created
+            chunk["model"] = envelope.model
+            chunk.pop("usage", None)  # ours comes at the end
+            if not keep_ids:
+                chunk.pop("prompt_token_ids", None)
+            for choice in choices:
+                if isinstance(choice, dict):
+                    choice["index"] = index
+                    if not keep_ids:
+                        choice.pop("token_ids", None)
+                        choice.pop("prompt_token_ids", None)
+            frames.append(b"data: " + _encode(chunk) + b"\n\n")
+        return frames[0] if len(frames) == 1 else b"".join(frames)
 
     def add_tail(self, chunk: dict[str, Any]) -> None:
         """A worker's usage chunk: its other top-level keys go on the usage chunk we render."""

@@ -137,8 +137,11 @@ class MigrationState:
             self._texts.append(out.text)
         if out.finish_reason is not None:
             self._finished = True
-        if out.chunks is not None and not self._tool_call:
-            self._tool_call = any(_has_tool_call(chunk) for chunk in out.chunks)
+        if not self._tool_call:
+            if out.chunks is not None:
+                self._tool_call = any(_has_tool_call(chunk) for chunk in out.chunks)
+            elif out.raw:  # the worker's own bytes (the tracked mode): a call is in them
+                self._tool_call = any(mark in out.raw for mark in _TOOL_CALL_MARKS)
         if not self._replaying:
             if out.prompt_token_ids is not None and self._prompt_ids is None:
                 self._prompt_ids = list(out.prompt_token_ids)
@@ -325,6 +328,9 @@ def _continue_chat(
         min_tokens=min_tokens,
         **budget,
     )
+
+
+_TOOL_CALL_MARKS = (b'"tool_calls":[{', b'"tool_calls": [{')
 
 
 def _has_tool_call(chunk: dict[str, Any]) -> bool:
