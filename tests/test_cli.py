@@ -91,6 +91,7 @@ def test_help_lists_every_flag_with_its_environment_variable(
 
 ROUTER_FLAGS = {
     "--upstream",
+    "--upstream-api-key",
     "--upstream-file",
     "--router-mode",
     "--max-inflight-per-worker",

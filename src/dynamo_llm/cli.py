@@ -130,7 +130,13 @@ async def serve_until_signalled(
     ``graceful_shutdown_timeout_secs`` to finish, the rest are killed, and the server and the
     engines are closed. ``engine`` is what the readiness line says serves the models.
     """
-    server = HttpServer(app, config.http_host, config.http_port, interface=config.http_interface)
+    server = HttpServer(
+        app,
+        config.http_host,
+        config.http_port,
+        interface=config.http_interface,
+        http2=config.http2,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in _SIGNALS:
@@ -139,11 +145,13 @@ async def serve_until_signalled(
     try:
         try:
             await server.start()
-            models = ", ".join(app.models)
+            models = ", ".join(app.models) or "no model yet"
+            waiting = app.waiting_for()
+            pending = f"; waiting for {len(waiting)} worker(s)" if waiting else ""
             stream = ready_stream if ready_stream is not None else sys.stderr
             print(
                 f"dynamo-llm {command}: serving {models} on {server.base_url} "
-                f"(engine {engine}, {config.http_interface}, version {__version__})",
+                f"(engine {engine}, {config.http_interface}, version {__version__}{pending})",
                 file=stream,
                 flush=True,
             )

@@ -24,6 +24,7 @@ for plain responses and SSE error frames alike.
     │   └── WorkerResponseTimeout    504   quarantines the worker; not migratable
     ├── Cancelled                    499 cancelled                   cancelled
     │   └── ServerShuttingDown       503 service_unavailable_error   cancelled
+    ├── ServerDraining               503 service_unavailable_error   unavailable (new work refused)
     ├── EngineError                  500 internal_error              internal
     │   └── UpstreamError            502 upstream_error              internal (a worker's 5xx)
     └── WorkerFault                  503 service_unavailable_error   unavailable
@@ -174,6 +175,16 @@ class ServerShuttingDown(Cancelled):
     default_message = "The server is shutting down; please retry"
 
 
+class ServerDraining(DynamoError):
+    """A new request arrived after shutdown began: refused, so a load balancer moves on."""
+
+    status = 503
+    type = "service_unavailable_error"
+    error_type = Outcome.UNAVAILABLE
+    default_code = "server_shutting_down"
+    default_message = "The server is shutting down and takes no new requests; please retry"
+
+
 class EngineError(DynamoError):
     """The engine failed while generating. The message must be safe to show a client."""
 
@@ -235,10 +246,24 @@ class ErrorBody(msgspec.Struct):
 
 _encode = msgspec.json.Encoder().encode
 
+# An error body stays a few KiB whatever the client sent: messages that quote client input clip
+# it themselves (:func:`clip`), and these caps hold for every message and param in any case.
+MAX_MESSAGE_CHARS = 2048
+MAX_PARAM_CHARS = 256
+MAX_CODE_CHARS = 128
+
+
+def clip(text: str, limit: int = 128) -> str:
+    """``text`` as an error message may quote it: at most ``limit`` characters, marked if cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
 
 def render_error(exc: DynamoError) -> bytes:
     """The OpenAI error body for ``exc``: ``{"error": {message, type, param, code}}``."""
-    return _encode(ErrorBody(_ErrorDetail(exc.message, exc.type, exc.param, exc.code)))
+    param = exc.param if exc.param is None else clip(exc.param, MAX_PARAM_CHARS)
+    code = exc.code if not isinstance(exc.code, str) else clip(exc.code, MAX_CODE_CHARS)
+    message = clip(exc.message, MAX_MESSAGE_CHARS)
+    return _encode(ErrorBody(_ErrorDetail(message, exc.type, param, code)))
 
 
 def internal_error() -> DynamoError:

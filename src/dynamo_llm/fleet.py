@@ -60,7 +60,9 @@ class Fleet:
 
     async def start(self) -> None:
         config = self.config
-        self._session = make_session(config.worker_connect_timeout_secs)
+        self._session = make_session(
+            config.worker_connect_timeout_secs, api_key=config.upstream_api_key
+        )
         self._client = WorkerClient(self._session)
         self.router = Router(
             self.workers,
@@ -82,6 +84,7 @@ class Fleet:
             path=config.upstream_file,
             on_models=self._models_changed,
         )
+        self.app.waiting_for = self.discovery.pending
         await self.discovery.start()
 
     async def aclose(self) -> None:

@@ -97,7 +97,9 @@ def _metavar(row: Option) -> str:
 
 
 def _help(row: Option, default: Any) -> str:
-    if isinstance(default, bool):
+    if row.secret:
+        shown = "set" if default else row.unset
+    elif isinstance(default, bool):
         shown = "on" if default else "off"
     elif default is None or default == ():
         shown = row.unset

@@ -129,6 +129,8 @@ class Option:
     normalize: Normalizer | None = None
     unset: str = "off"
     """How ``--help`` shows a default that is ``None`` or empty."""
+    secret: bool = False
+    """A credential: ``--help`` says only whether it is set, and ``repr(config)`` omits it."""
     field: str = ""
     """The configuration field, filled in by :func:`rows_of`."""
     default: Any = None
@@ -171,10 +173,11 @@ def option(
     choices: tuple[str, ...] | None = None,
     normalize: Normalizer | None = None,
     unset: str = "off",
+    secret: bool = False,
 ) -> T:
     """A dataclass field with ``default`` that is also a row of the options table."""
-    row = Option(flag, env, kind, help, group, commands, metavar, choices, normalize, unset)
-    return dataclasses.field(default=default, metadata={_ROW: row})
+    row = Option(flag, env, kind, help, group, commands, metavar, choices, normalize, unset, secret)
+    return dataclasses.field(default=default, metadata={_ROW: row}, repr=not secret)
 
 
 def read_environment(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:

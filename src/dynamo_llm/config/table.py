@@ -201,6 +201,28 @@ class Config:
         "server interface: rsgi (granian, fastest) or asgi (uvicorn)",
         group=HTTP,
     )
+    api_keys: tuple[str, ...] = option(
+        (),
+        "--api-key",
+        "DYN_API_KEY",
+        LIST,
+        "require Authorization: Bearer KEY on every /v1/ route (401 otherwise); repeat the flag "
+        "or separate keys with commas for several; prefer the variable (a flag shows in ps)",
+        group=HTTP,
+        metavar="KEY",
+        unset="none: no authentication",
+        secret=True,
+    )
+    http2: bool = option(
+        False,
+        "--http2",
+        "DYN_HTTP2",
+        BOOL,
+        "also speak HTTP/2 cleartext (h2c, prior knowledge or upgrade) under --http-interface "
+        "rsgi; off by default: one HTTP/2 connection can hold many streams at once, so only turn "
+        "it on behind a proxy that needs it",
+        group=HTTP,
+    )
     body_limit_mb: int = option(
         45,
         "--body-limit-mb",
@@ -278,6 +300,20 @@ class Config:
         commands=SERVE,
         metavar="URL",
         unset="none",
+    )
+    upstream_api_key: str | None = option(
+        None,
+        "--upstream-api-key",
+        "DYN_UPSTREAM_API_KEY",
+        TEXT,
+        "sent to every worker as Authorization: Bearer KEY (a vLLM or SGLang started with "
+        "--api-key, a dynamo-llm worker with --api-key); prefer the variable; not together with "
+        "credentials in a worker URL (http://user:pass@host, sent as basic auth)",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="KEY",
+        unset="none",
+        secret=True,
     )
     upstream_file: str | None = option(
         None,

@@ -32,6 +32,7 @@ import yaml
 from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
+from ..runtime.urls import redact_url
 
 log = logging.getLogger("dynamo_llm.discovery")
 
@@ -99,12 +100,23 @@ class StaticDiscovery:
     def models(self) -> frozenset[str]:
         return self._models
 
+    def pending(self) -> list[str]:
+        """The ``--upstream`` workers that have not told their models yet (URLs redacted)."""
+        return [redact_url(url) for url in sorted(self._pending)]
+
     async def start(self) -> None:
         """Load the file, ask every ``--upstream`` worker for its models once, then keep watch."""
         if self._path is not None:
             self._reload_file(force=True)
         self._pending = set(self._urls)
         await self._learn_pending()
+        if self._pending:
+            log.info(
+                "waiting for %d worker(s) to answer /v1/models (their models are served once "
+                "they do; /health says loading until then): %s",
+                len(self._pending),
+                ", ".join(self.pending()),
+            )
         self._publish()
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
@@ -131,12 +143,16 @@ class StaticDiscovery:
             try:
                 models, ours = await self._fetch(url)
             except Exception as exc:  # unreachable, or not an OpenAI server: try again later
-                log.warning("worker %s: cannot list its models yet (%s)", url, _describe(exc))
+                log.warning(
+                    "worker %s: cannot list its models yet (%s)", redact_url(url), _describe(exc)
+                )
                 continue
             self._pending.discard(url)
             extra = self._file_workers.get(url, frozenset())
             self.workers.add(Worker(url, models | extra, is_ours=ours))
-            log.info("worker %s serves %s", url, ", ".join(sorted(models)) or "no model")
+            log.info(
+                "worker %s serves %s", redact_url(url), ", ".join(sorted(models)) or "no model"
+            )
             learned = True
         return learned
 
@@ -165,10 +181,10 @@ class StaticDiscovery:
                 wanted.setdefault(url, set()).add(model)
         for url in set(self._file_workers) - set(wanted):
             if url not in self._urls:
-                self.workers.remove(url)
-                log.info("worker %s removed (no longer in %s)", url, self._path)
+                self.workers.remove(redact_url(url))
+                log.info("worker %s removed (no longer in %s)", redact_url(url), self._path)
         for url, models in wanted.items():
-            existing = self.workers.get(url)
+            existing = self.workers.get(redact_url(url))
             merged = frozenset(models) | (
                 existing.models if url in self._urls and existing else frozenset()
             )

@@ -110,5 +110,8 @@ def create_app(
         clock if clock is not None else SystemClock(),
         control_routes=control_routes,
     )
-    app.routes = RouteTable([*inference.routes(app), *info.routes(app), *control.routes(app)])
+    app.routes = RouteTable(
+        [*inference.routes(app), *info.routes(app), *control.routes(app)],
+        api_keys=config.api_keys,
+    )
     return app

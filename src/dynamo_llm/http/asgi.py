@@ -4,6 +4,14 @@ Under ASGI the only reliable disconnect signal is ``http.disconnect`` from ``rec
 ``is_disconnected()`` poll is not. Once the body is read, a small task per request waits on
 ``receive()`` and reports the hang-up; it is cancelled and awaited when the request ends.
 ``lifespan`` events start and stop the app's background work.
+
+ASGI servers are laxer than granian at the edge, so the adapter enforces what granian does: a
+request with both ``Content-Length`` and ``Transfer-Encoding`` (the shape of request smuggling)
+is refused with 400 and the connection closed, never processed by one of the two; a declared
+length over the body limit gets 413 before any of the body is read, so a client that sent
+``Expect: 100-continue`` is not invited to send it. Either answer closes the connection, since
+an unread body would otherwise be taken for the next request. (A chunked body that grows past
+the limit is answered 413 as it arrives; the server discards the rest.)
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ..errors import RequestTooLarge
+from ..errors import InvalidRequest, RequestTooLarge, render_error
 from ..runtime.tasks import cancel_and_wait
 from .app import App
 from .connection import DisconnectSignal, Headers, HttpRequest
@@ -50,12 +58,14 @@ class _AsgiWriter:
 
 
 class AsgiConnection(DisconnectSignal):
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, declared_length: int | None = None) -> None:
         super().__init__()
         self._receive = receive
         self._send = send
         self._watcher: asyncio.Task[None] | None = None
         self._body_done = False
+        self._declared = declared_length
+        self._close = False  # answer with Connection: close (the body was not read)
 
     def on_disconnect(self, callback: Callable[[], None]) -> None:
         self._add_callback(callback)
@@ -70,6 +80,11 @@ class AsgiConnection(DisconnectSignal):
                 return
 
     async def read_body(self, limit: int) -> bytes:
+        if self._declared is not None and self._declared > limit:
+            self._close = True
+            raise RequestTooLarge(
+                f"Request body of {self._declared} bytes exceeds the limit of {limit} bytes"
+            )
         chunks = []
         size = 0
         while True:
@@ -90,6 +105,8 @@ class AsgiConnection(DisconnectSignal):
         return b"".join(chunks)
 
     async def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        if self._close:
+            headers = [*headers, ("connection", "close")]
         await self._send(
             {"type": "http.response.start", "status": status, "headers": _encode_headers(headers)}
         )
@@ -111,6 +128,16 @@ class AsgiConnection(DisconnectSignal):
             await cancel_and_wait(self._watcher)
 
 
+async def _refuse_ambiguous_length(send: Send) -> None:
+    error = InvalidRequest(
+        "The request's length is ambiguous: send Content-Length or Transfer-Encoding, not both",
+        code="ambiguous_content_length",
+    )
+    headers = [("content-type", "application/json"), ("connection", "close")]
+    await send({"type": "http.response.start", "status": 400, "headers": _encode_headers(headers)})
+    await send({"type": "http.response.body", "body": render_error(error), "more_body": False})
+
+
 class AsgiApp:
     """An ASGI 3 application wrapping :class:`~dynamo_llm.http.app.App`."""
 
@@ -123,12 +150,24 @@ class AsgiApp:
             return
         if scope["type"] != "http":
             return
-        conn = AsgiConnection(receive, send)
+        headers = _Headers(scope.get("headers", []))
+        length = headers.get("content-length")
+        if length is not None and headers.get("transfer-encoding") is not None:
+            await _refuse_ambiguous_length(send)
+            return
+        declared: int | None = None
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _refuse_ambiguous_length(send)
+                return
+        conn = AsgiConnection(receive, send, declared)
         request = HttpRequest(
             scope["method"],
             scope["path"],
             scope.get("query_string", b"").decode("latin-1"),
-            _Headers(scope.get("headers", [])),
+            headers,
         )
         try:
             await self.app.handle(request, conn)

@@ -27,7 +27,9 @@ from ..errors import (
     AllWorkersBusy,
     DynamoError,
     ModelNotFound,
+    ServerDraining,
     UnsupportedMediaType,
+    clip,
     internal_error,
 )
 from ..metrics import UNKNOWN_MODEL, RequestRecord
@@ -35,7 +37,7 @@ from ..protocols.common import peek_request
 from ..runtime.context import EngineContext
 from ..runtime.watchdog import Watchdog
 from .aggregate import Aggregator
-from .connection import Connection, HttpRequest
+from .connection import Connection, Headers, HttpRequest
 from .disconnect import DisconnectMonitor, error_for_stop
 from .exchange import ClientGone, Exchange, Waker
 from .responses import JSON_HEADERS, respond_error, with_request_id
@@ -84,7 +86,7 @@ class InferenceHandler(Generic[P]):
         endpoint = family.endpoint
         record = state.metrics.begin(endpoint, state.clock)
         request_id = resolve_request_id(request.headers.get("x-request-id"))
-        headers = with_request_id(JSON_HEADERS, request_id)
+        headers: Headers = with_request_id(JSON_HEADERS, request_id)
         ctx: EngineContext | None = None
         monitor: DisconnectMonitor | None = None
         watchdog: Watchdog | None = None
@@ -92,7 +94,14 @@ class InferenceHandler(Generic[P]):
             params, body = await self._read_params(request, conn, record)
             served = state.models.get(params.model)
             if served is None:
-                raise ModelNotFound(f"The model `{params.model}` does not exist.", param="model")
+                raise ModelNotFound(
+                    f"The model `{clip(params.model)}` does not exist.", param="model"
+                )
+            if state.shutting_down:
+                # New work is refused at once during the grace period (which is for the
+                # requests already in flight), and the connection is not kept.
+                headers = [*headers, ("connection", "close")]
+                raise ServerDraining()
             ctx = EngineContext(request_id)
             record.admit(served.name)
             state.track(ctx)

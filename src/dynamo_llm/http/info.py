@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import ModelNotFound
+from ..errors import ModelNotFound, clip
 from .connection import Connection, HttpRequest
 from .openapi import openapi_document
 from .responses import JSON_HEADERS, respond_error, respond_json
@@ -67,13 +67,17 @@ class _Info:
         model = self._state.models.get(name)
         if model is None:
             await respond_error(
-                conn, ModelNotFound(f"The model `{name[:256]}` does not exist.", param="model")
+                conn, ModelNotFound(f"The model `{clip(name)}` does not exist.", param="model")
             )
             return
         await respond_json(conn, 200, _model_card(model))
 
     async def health(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         state = self._state
+        if state.shutting_down:
+            # A load balancer must stop sending work as soon as shutdown begins.
+            await respond_json(conn, 503, _SHUTTING_DOWN)
+            return
         models = []
         any_ready = False
         for model in state.models.values():
@@ -81,14 +85,16 @@ class _Info:
             any_ready = any_ready or ready
             state.metrics.model_ready.labels(model.name).set(1 if ready else 0)
             models.append({"model": model.name, "ready": ready, **model.describe()})
-        status = "healthy" if any_ready else "unhealthy"
-        await respond_json(conn, 200 if any_ready else 503, {"status": status, "models": models})
+        waiting = list(state.waiting_for())
+        status = "healthy" if any_ready else "loading" if waiting else "unhealthy"
+        body: dict[str, object] = {"status": status, "models": models}
+        if waiting:
+            body["waiting_for"] = waiting
+        await respond_json(conn, 200 if any_ready else 503, body)
 
     async def live(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         if self._state.shutting_down:
-            await respond_json(
-                conn, 503, {"status": "shutting_down", "message": "Service is shutting down"}
-            )
+            await respond_json(conn, 503, _SHUTTING_DOWN)
         else:
             await respond_json(conn, 200, {"status": "live", "message": "Service is live"})
 
@@ -102,6 +108,8 @@ class _Info:
     async def docs(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         await conn.respond(200, [("content-type", "text/html; charset=utf-8")], _DOCS_HTML)
 
+
+_SHUTTING_DOWN = {"status": "shutting_down", "message": "Service is shutting down"}
 
 _DOCS_HTML = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>dynamo-llm API</title></head>

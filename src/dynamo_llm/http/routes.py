@@ -4,19 +4,21 @@ A :class:`Route` is methods, a path pattern and a handler. A pattern is a litera
 literal prefix and suffix around one ``{name}`` placeholder, which matches anything between them
 (slashes too: a request id or a model name may contain them). :class:`RouteTable` dispatches:
 the first route whose pattern matches the path answers; if its methods do not include the
-request's, the answer is 405. A path no route matches is 404. Both errors are written here and
+request's, the answer is 405 with an ``Allow`` header. A path no route matches is 404. Both
+quote the path clipped to a bounded length. Both errors are written here and
 nowhere else. A route may be switched off (``enabled``): it is then as if it were not in the
 table.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from ..errors import MethodNotAllowed, NotFound
+from ..errors import AuthenticationFailed, MethodNotAllowed, NotFound, clip
 from .connection import Connection, HttpRequest
-from .responses import respond_error
+from .responses import JSON_HEADERS, respond_error
 
 __all__ = ["GET", "POST", "Handler", "Route", "RouteTable"]
 
@@ -51,12 +53,26 @@ class Route:
         return {name: path[len(head) : len(path) - len(tail)]}
 
 
+PROTECTED_PREFIX = "/v1/"
+"""With API keys configured, every path under this prefix needs one (as vLLM does); the
+operational routes (``/health``, ``/live``, ``/metrics``, ``/openapi.json``, ``/docs``) stay
+open so probes and scrapers need no credential."""
+
+_UNAUTHORIZED_HEADERS = [*JSON_HEADERS, ("www-authenticate", "Bearer")]
+
+
 class RouteTable:
-    """Dispatches a request to the first route matching its path (literal paths first)."""
+    """Dispatches a request to the first route matching its path (literal paths first).
 
-    __slots__ = ("_exact", "_patterns")
+    With ``api_keys``, a request under :data:`PROTECTED_PREFIX` must carry
+    ``Authorization: Bearer <one of them>``, checked before the path is matched (so a stranger
+    learns nothing about the routes) and in constant time per key.
+    """
 
-    def __init__(self, routes: Iterable[Route]) -> None:
+    __slots__ = ("_exact", "_keys", "_patterns")
+
+    def __init__(self, routes: Iterable[Route], api_keys: Iterable[str] = ()) -> None:
+        self._keys = tuple(key.encode() for key in api_keys if key)
         self._exact: dict[str, Route] = {}
         self._patterns: list[Route] = []
         for route in routes:
@@ -77,17 +93,39 @@ class RouteTable:
                 return route, args
         return None
 
+    def _is_authorised(self, request: HttpRequest) -> bool:
+        scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        presented = token.strip().encode()
+        # Every key is compared, so the time taken does not say which one nearly matched.
+        matches = [hmac.compare_digest(presented, key) for key in self._keys]
+        return any(matches)
+
     async def dispatch(self, request: HttpRequest, conn: Connection) -> None:
         path = request.path
         method = request.method
+        if self._keys and path.startswith(PROTECTED_PREFIX) and not self._is_authorised(request):
+            await respond_error(
+                conn,
+                AuthenticationFailed("Invalid or missing API key (Authorization: Bearer <key>)"),
+                _UNAUTHORIZED_HEADERS,
+            )
+            return
         found = self._find(path)
         if found is None:
             await respond_error(
-                conn, NotFound(f"No route for {method} {path}", code="route_not_found")
+                conn,
+                NotFound(f"No route for {clip(method, 16)} {clip(path)}", code="route_not_found"),
             )
             return
         route, args = found
         if method not in route.methods:
-            await respond_error(conn, MethodNotAllowed(f"Method {method} not allowed on {path}"))
+            allow = ", ".join(sorted(route.methods))
+            await respond_error(
+                conn,
+                MethodNotAllowed(f"Method {clip(method, 16)} not allowed on {clip(path)}"),
+                [*JSON_HEADERS, ("allow", allow)],
+            )
             return
         await route.handler(request, conn, args)

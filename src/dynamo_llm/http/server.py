@@ -15,7 +15,7 @@ import socket
 from typing import Any
 
 import uvicorn
-from granian.constants import Interfaces
+from granian.constants import HTTPModes, Interfaces
 from granian.server.embed import Server
 
 from ..runtime.tasks import cancel_and_wait
@@ -30,7 +30,13 @@ INTERFACES = ("rsgi", "asgi")
 
 class HttpServer:
     def __init__(
-        self, app: App, host: str = "127.0.0.1", port: int = 0, *, interface: str = "rsgi"
+        self,
+        app: App,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        interface: str = "rsgi",
+        http2: bool = False,
     ) -> None:
         if interface not in INTERFACES:
             raise ValueError(f"interface must be one of {INTERFACES}, not {interface!r}")
@@ -38,6 +44,9 @@ class HttpServer:
         self.host = host
         self.port = port
         self.interface = interface
+        # HTTP/1.1 only unless asked: HTTP/2 lets one connection open many streams at once,
+        # which deserves an operator's decision (uvicorn speaks HTTP/1.1 only in any case).
+        self.http2 = http2
         self._task: asyncio.Task[Any] | None = None
         self._reservation: socket.socket | None = None
         self._server: Any = None
@@ -75,6 +84,7 @@ class HttpServer:
             address=self.host,
             port=self.port,
             interface=Interfaces.RSGI,
+            http=HTTPModes.auto if self.http2 else HTTPModes.http1,
             log_enabled=False,
             backlog=1024,
         )

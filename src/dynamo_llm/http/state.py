@@ -41,6 +41,10 @@ class ServedModel:
     engine_enforces_first_token: bool = False
 
 
+def _nothing() -> Sequence[str]:
+    return ()
+
+
 @dataclass(eq=False, repr=False)
 class AppState:
     """The configuration, metrics, clock, served models and requests in flight."""
@@ -56,6 +60,10 @@ class AppState:
     """The models served now, by name."""
     shutting_down: bool = field(default=False, init=False)
     """A graceful shutdown has begun: ``/live`` answers 503."""
+    waiting_for: Callable[[], Sequence[str]] = field(default_factory=lambda: _nothing, init=False)
+    """What the app still waits for before it can serve everything it was configured with
+    (e.g. workers that have not answered yet, set by whoever owns them): ``/health`` reports
+    it, and says ``loading`` while nothing is ready."""
     _live: dict[EngineContext, None] = field(default_factory=dict, init=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
@@ -63,6 +71,7 @@ class AppState:
         self.models = {m.name: m for m in served}
         self._idle.set()
         for model in served:
+            self.metrics.declare_model(model.name)
             self.metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
 
     # --- models -------------------------------------------------------------------------------
@@ -70,6 +79,7 @@ class AppState:
     def add_model(self, model: ServedModel) -> None:
         """Serve another model (or replace one with the same name), e.g. found by discovery."""
         self.models[model.name] = model
+        self.metrics.declare_model(model.name)
         self.metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
 
     def remove_model(self, name: str) -> None:

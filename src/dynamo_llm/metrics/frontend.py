@@ -24,6 +24,10 @@ from .families import Counter, FamiliesCollector, Family, Gauge, Histogram
 from .record import RequestRecord, TimeSource
 
 DEFAULT_PREFIX = "dynamo_frontend"
+ENDPOINTS = ("chat_completions", "completions")
+"""The endpoints whose series :meth:`Metrics.declare_model` makes (the ones served today)."""
+REQUEST_TYPES = ("unary", "stream")
+MIGRATION_TYPES = ("new_request", "ongoing_request")
 
 
 def sanitize_prefix(prefix: str | None) -> str:
@@ -158,6 +162,28 @@ class Metrics:
         )
         self._families: list[Family] = [v for v in vars(self).values() if isinstance(v, Family)]
         self.registry.register(FamiliesCollector(lambda: self._families))
+        # The unlabelled families have their one series from the start.
+        self.disconnected_clients.labels()
+        self.event_loop_stall_total.labels()
+
+    def declare_model(self, model: str) -> None:
+        """Give every counter and gauge of ``model`` a sample at 0 before its first request.
+
+        Dashboards and alerts (``rate()``, absence checks) need a series to exist from the
+        start; a series that first appears at 1 hides that first event from ``rate()``. The
+        success series of ``requests_total`` are made; error series appear when they happen.
+        """
+        self.inflight_requests.labels(model)
+        self.queued_requests.labels(model)
+        self.output_tokens_total.labels(model)
+        for migration_type in MIGRATION_TYPES:
+            self.model_migration_total.labels(model, migration_type)
+        for endpoint in ENDPOINTS:
+            self.model_rejection_total.labels(model, endpoint)
+            for request_type in REQUEST_TYPES:
+                self.requests_started_total.labels(model, endpoint, request_type)
+                self.model_cancellation_total.labels(model, endpoint, request_type)
+                self.requests_total.labels(model, endpoint, request_type, "success", "")
 
     def add_family(self, family: Family) -> None:
         """Expose another family (engines and routers add their own)."""

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..metrics import Metrics
 from ..runtime.clock import Clock
+from ..runtime.urls import redact_url
 from .kv_index import KvIndex
 from .policies import RoutingPolicy, WorkerView
 from .quarantine import DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, Health, Quarantine
@@ -78,7 +79,8 @@ class Worker:
     ) -> None:
         if max_inflight is not None and max_inflight <= 0:
             raise ValueError("max_inflight must be positive")
-        self.id = worker_id if worker_id is not None else url
+        # The id is shown (metrics labels, /health, logs): never the credentials a URL may hold.
+        self.id = worker_id if worker_id is not None else redact_url(url)
         self.url = url
         self.models = frozenset(models)
         self.max_inflight = max_inflight
@@ -140,7 +142,7 @@ class Worker:
         """The worker's state for ``/health``."""
         return {
             "id": self.id,
-            "url": self.url,
+            "url": redact_url(self.url),
             "state": str(self.state),
             "inflight": self.inflight,
             "failures": self.failures,

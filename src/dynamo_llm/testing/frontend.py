@@ -63,6 +63,7 @@ async def running_frontend(
     clock: Clock | None = None,
     interface: str = "rsgi",
     environ: Mapping[str, str] | None = None,
+    http2: bool = False,
 ) -> AsyncIterator[Frontend]:
     """Serve ``engine`` as ``model`` (or ``models``) on 127.0.0.1 with an OS-chosen port."""
     if config is None:
@@ -72,7 +73,7 @@ async def running_frontend(
             raise ValueError("give an engine or models")
         models = [ServedModel(model, engine, context_length=config.context_length)]
     app = create_app(config, models, Metrics(prefix=config.metrics_prefix), clock or SystemClock())
-    server = HttpServer(app, "127.0.0.1", 0, interface=interface)
+    server = HttpServer(app, "127.0.0.1", 0, interface=interface, http2=http2)
     await server.start()
     try:
         yield Frontend(app, server)

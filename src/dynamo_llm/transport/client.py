@@ -37,7 +37,11 @@ __all__ = ["WorkerClient", "make_session"]
 
 
 def make_session(
-    connect_timeout: float, limit: int = 0, *, keepalive_timeout: float = 4.0
+    connect_timeout: float,
+    limit: int = 0,
+    *,
+    keepalive_timeout: float = 4.0,
+    api_key: str | None = None,
 ) -> aiohttp.ClientSession:
     """A pooled session for talking to workers; the caller owns it and closes it.
 
@@ -47,8 +51,10 @@ def make_session(
     total or read timeout, because streams are long; ``connect_timeout`` bounds the TCP connect.
     ``keepalive_timeout`` is shorter than the idle timeout of the common worker servers (uvicorn
     closes idle connections after 5 s) so that a pooled connection is not reused just as the
-    worker closes it.
+    worker closes it. ``api_key`` is sent to every worker as ``Authorization: Bearer``, on every
+    request the session makes (generation, probes, model lists, graceful stops).
     """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     connector = aiohttp.TCPConnector(
         limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=60
     )
@@ -56,7 +62,11 @@ def make_session(
         total=None, connect=None, sock_connect=connect_timeout, sock_read=None
     )
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, trust_env=False, raise_for_status=False
+        connector=connector,
+        timeout=timeout,
+        trust_env=False,
+        raise_for_status=False,
+        headers=headers,
     )
 
 

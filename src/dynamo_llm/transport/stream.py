@@ -45,6 +45,7 @@ from ..engines.base import EngineOutput
 from ..errors import UpstreamError, WorkerDisconnected, WorkerResponseTimeout
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
+from ..runtime.urls import redact_url
 from .errors import describe
 from .events import EventParser
 from .relay import RawRelay
@@ -311,5 +312,5 @@ async def post_stop(session: aiohttp.ClientSession, url: str, request_id: str) -
         ) as resp:
             return resp.status < 300
     except (TimeoutError, aiohttp.ClientError) as exc:
-        log.debug("stop of request %s at %s failed: %s", request_id, url, describe(exc))
+        log.debug("stop of request %s at %s failed: %s", request_id, redact_url(url), describe(exc))
         return False

@@ -1,0 +1,158 @@
+"""API keys in and out, and secrets never shown (issue 10, problems 1-3). Real processes: a
+``dynamo-llm worker`` that needs a key, a ``serve`` in front of it that has one."""
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from dynamo_llm.testing import FakeEngine, running_frontend
+from dynamo_llm.testing.process import ServerProcess
+
+MODEL = "llama"
+WORKER_KEY = "wk-planted-4f1d9c"
+CLIENT_KEY = "ck-planted-77ab20"
+URL_SECRET = "pw-planted-93e1aa"
+MOCKER = ["--engine", "mocker", "--speedup-ratio", "1000", "--http-port", "0"]
+
+
+@pytest.fixture(scope="module")
+def locked_worker() -> Iterator[str]:
+    """A worker that answers only requests carrying ``WORKER_KEY``."""
+    env = {**_environ(), "DYN_API_KEY": WORKER_KEY}
+    with ServerProcess(["worker", *MOCKER, "--model-name", MODEL], env=env) as proc:
+        yield proc.wait_ready(timeout=30)
+    assert proc.returncode == 0, proc.log
+
+
+@pytest.fixture(scope="module")
+def open_worker() -> Iterator[str]:
+    with ServerProcess(["worker", *MOCKER, "--model-name", MODEL], env=_environ()) as proc:
+        yield proc.wait_ready(timeout=30)
+    assert proc.returncode == 0, proc.log
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
+
+
+def _chat(stream: bool = False) -> dict[str, object]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 5,
+        "stream": stream,
+    }
+
+
+async def test_with_api_keys_every_v1_route_needs_one_and_the_probes_do_not() -> None:
+    env = {"DYN_API_KEY": f"{CLIENT_KEY},second-key"}
+    async with (
+        running_frontend(FakeEngine(), environ=env) as fe,
+        httpx.AsyncClient(base_url=fe.base_url) as c,
+    ):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": CLIENT_KEY}):
+            resp = await c.get("/v1/models", headers=headers)
+            assert resp.status_code == 401, headers
+            assert resp.headers["www-authenticate"] == "Bearer"
+            error = resp.json()["error"]
+            assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+            assert CLIENT_KEY not in resp.text
+        unknown = await c.post("/v1/no-such-route")
+        assert unknown.status_code == 401  # a stranger learns nothing about the routes
+        for key in (CLIENT_KEY, "second-key"):
+            ok = await c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200
+        for path in ("/health", "/live", "/metrics", "/openapi.json"):
+            assert (await c.get(path)).status_code == 200, path
+        async with openai.AsyncOpenAI(
+            base_url=f"{fe.base_url}/v1", api_key=CLIENT_KEY, max_retries=0
+        ) as sdk:
+            answer = await sdk.chat.completions.create(
+                model="test-model", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert answer.choices[0].message.content == "Hello, world!"
+        async with openai.AsyncOpenAI(
+            base_url=f"{fe.base_url}/v1", api_key="nope", max_retries=0
+        ) as sdk:
+            with pytest.raises(openai.AuthenticationError):
+                await sdk.models.list()
+
+
+def test_a_locked_worker_refuses_strangers_including_their_stops(locked_worker: str) -> None:
+    with httpx.Client(base_url=locked_worker, timeout=30) as c:
+        assert c.post("/v1/chat/completions", json=_chat()).status_code == 401
+        stop = c.post("/v1/requests/victim-id/stop")
+        assert stop.status_code == 401
+        headers = {"Authorization": f"Bearer {WORKER_KEY}"}
+        with c.stream("POST", "/v1/chat/completions", json=_chat(True), headers=headers) as s:
+            # A stranger's stop of this very request changes nothing: it still ends cleanly.
+            rid = s.headers["x-request-id"]
+            assert c.post(f"/v1/requests/{rid}/stop").status_code == 401
+            body = "".join(s.iter_text())
+        assert body.rstrip().endswith("data: [DONE]")
+        assert '"finish_reason":"length"' in body
+
+
+def _ask(base: str) -> None:
+    with openai.OpenAI(base_url=f"{base}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30) as sdk:
+        answer = sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=5
+        )
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.choices[0].message.content
+
+
+def _shown(base: str, env: dict[str, str]) -> list[str]:
+    """What the frontend shows an operator: /health, /metrics and serve --help."""
+    with httpx.Client(base_url=base, timeout=30) as c:
+        shown = [c.get("/health").text, c.get("/metrics").text]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "dynamo_llm", "serve", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [*shown, help_text]
+
+
+def test_a_frontend_with_the_upstream_key_fronts_a_locked_worker(locked_worker: str) -> None:
+    env = {
+        **_environ(),
+        "DYN_UPSTREAM_API_KEY": WORKER_KEY,
+        "DYN_API_KEY": CLIENT_KEY,
+        "DYN_UPSTREAMS": locked_worker,
+    }
+    with ServerProcess(["serve", "--http-port", "0", "--log-level", "debug"], env=env) as proc:
+        base = proc.wait_ready(timeout=30)
+        _ask(base)
+        shown = _shown(base, env)
+    for text in [*shown, proc.log]:
+        assert WORKER_KEY not in text
+        assert CLIENT_KEY not in text
+    assert proc.returncode == 0, proc.log
+
+
+def test_credentials_in_a_worker_url_are_used_but_never_shown(open_worker: str) -> None:
+    host_port = open_worker.removeprefix("http://")
+    env = {
+        **_environ(),
+        "DYN_API_KEY": CLIENT_KEY,
+        "DYN_UPSTREAMS": f"http://operator:{URL_SECRET}@{host_port}",
+    }
+    with ServerProcess(["serve", "--http-port", "0", "--log-level", "debug"], env=env) as proc:
+        base = proc.wait_ready(timeout=30)
+        _ask(base)
+        shown = _shown(base, env)
+    assert host_port in shown[0]  # the worker is in /health, its credentials are not
+    assert f'worker="http://***@{host_port}"' in shown[1]
+    for text in [*shown, proc.log]:
+        assert URL_SECRET not in text
+        assert CLIENT_KEY not in text
+    assert proc.returncode == 0, proc.log
