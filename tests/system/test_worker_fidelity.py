@@ -61,6 +61,40 @@ async def routed(
         await server.stop()
 
 
+@contextlib.asynccontextmanager
+async def fronted(
+    *, env: Mapping[str, str] | None = None, **options: Any
+) -> AsyncIterator[tuple[FidelityWorker, Frontend]]:
+    """One fake worker (``options`` as :func:`spawn_fidelity_worker` takes them) behind the
+    routed frontend, under the safety net (asserted not to have fired)."""
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        spawn_fidelity_worker(**options) as worker,
+        routed(worker, env=env) as fe,
+    ):
+        yield worker, fe
+    assert not net.expired()
+
+
+@contextlib.asynccontextmanager
+async def migrating(**options: Any) -> AsyncIterator[tuple[list[FidelityWorker], Frontend]]:
+    """Two fake workers behind the routed frontend with migration on, under the safety net."""
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        spawn_fidelity_worker(**options) as a,
+        spawn_fidelity_worker(**options) as b,
+        routed(a, b, env=MIGRATION_ON) as fe,
+    ):
+        yield [a, b], fe
+    assert not net.expired()
+
+
+def survivor(workers: list[FidelityWorker]) -> FidelityWorker:
+    """The worker that was not killed."""
+    (alive,) = [w for w in workers if w.proc is not None and w.proc.returncode is None]
+    return alive
+
+
 def chat_body(**extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": "plan a trip"}], **extra}
 
@@ -167,25 +201,16 @@ def expected_calls() -> dict[int, dict[str, Any]]:
 async def test_a_unary_answer_is_the_workers_own_with_every_field(
     body: dict[str, Any], migration: bool
 ) -> None:
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(per_event=3) as worker,
-        routed(worker, env=MIGRATION_ON if migration else None) as fe,
-    ):
+    async with fronted(env=MIGRATION_ON if migration else None, per_event=3) as (worker, fe):
         ours = await post(fe, body)
         theirs = await direct(worker, body)
-    assert not net.expired()
     assert normalised(ours) == normalised(theirs)
     assert ours["id"].startswith("chatcmpl-" if "messages" in body else "cmpl-")
     assert ours["model"] == MODEL
 
 
 async def test_the_openai_client_reads_tool_calls_logprobs_and_extras_from_a_unary_answer() -> None:
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(per_event=2) as worker,
-        routed(worker) as fe,
-    ):
+    async with fronted(per_event=2) as (_worker, fe):
         client = openai.AsyncOpenAI(base_url=fe.base_url + "/v1", api_key="unused")
         body = chat_body(**RICH_CHAT)
         answer = await client.chat.completions.create(
@@ -197,7 +222,6 @@ async def test_the_openai_client_reads_tool_calls_logprobs_and_extras_from_a_una
             extra_body={"reasoning_effort": "low"},
         )
         await client.close()
-    assert not net.expired()
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls"
     calls = choice.message.tool_calls
@@ -228,14 +252,9 @@ async def test_a_streamed_chat_keeps_every_field_and_the_usage_chunk_the_workers
     migration: bool,
 ) -> None:
     body = chat_body(**RICH_CHAT, stream_options={"include_usage": True})
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(per_event=3) as worker,
-        routed(worker, env=MIGRATION_ON if migration else None) as fe,
-    ):
+    async with fronted(env=MIGRATION_ON if migration else None, per_event=3) as (worker, fe):
         chunks = await stream(fe, body)
         theirs = await direct(worker, body)
-    assert not net.expired()
     (choice,) = fold(chunks).values()
     message = theirs["choices"][0]["message"]
     assert choice["content"] == message["content"]
@@ -255,11 +274,7 @@ async def test_a_streamed_chat_keeps_every_field_and_the_usage_chunk_the_workers
 
 
 async def test_the_openai_client_accumulates_a_streamed_tool_call_through_the_frontend() -> None:
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(per_event=2) as worker,
-        routed(worker) as fe,
-    ):
+    async with fronted(per_event=2) as (_worker, fe):
         client = openai.AsyncOpenAI(base_url=fe.base_url + "/v1", api_key="unused")
         async with client.chat.completions.stream(
             model=MODEL,
@@ -270,7 +285,6 @@ async def test_the_openai_client_accumulates_a_streamed_tool_call_through_the_fr
         ) as events:
             completion = await events.get_final_completion()
         await client.close()
-    assert not net.expired()
     calls = completion.choices[0].message.tool_calls
     assert calls is not None
     assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [
@@ -283,14 +297,9 @@ async def test_the_openai_client_accumulates_a_streamed_tool_call_through_the_fr
 
 async def test_without_include_usage_the_usage_chunks_keys_ride_on_the_finishing_chunk() -> None:
     # llama.cpp puts `timings` on the last chunk: the finishing one when no usage is asked for.
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker() as worker,
-        routed(worker) as fe,
-    ):
+    async with fronted() as (_worker, fe):
         relayed = await stream(fe, chat_body())
         rendered = await stream(fe, chat_body(n=2))  # a fan-out: rendered by the frontend
-    assert not net.expired()
     for chunks in (relayed, rendered):
         assert all(chunk["choices"] for chunk in chunks), "no usage chunk was asked for"
         finishing = [c for c in chunks if c["choices"][0]["finish_reason"] is not None]
@@ -304,15 +313,10 @@ async def test_a_fan_out_keeps_every_field_of_each_choice_and_counts_the_prompt_
 ) -> None:
     extra: dict[str, Any] = dict(RICH_CHAT if kind == "chat" else RICH_COMPLETION, n=2)
     body = chat_body(**extra) if kind == "chat" else completion_body(**extra)
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(per_event=3) as worker,
-        routed(worker) as fe,
-    ):
+    async with fronted(per_event=3) as (worker, fe):
         unary = await post(fe, body)
         chunks = await stream(fe, {**body, "stream_options": {"include_usage": True}})
         one = await direct(worker, {**body, "n": None})
-    assert not net.expired()
     assert [c["index"] for c in unary["choices"]] == [0, 1]
     for choice in unary["choices"]:
         assert {**choice, "index": 0} == one["choices"][0]
@@ -337,11 +341,7 @@ async def test_a_fan_out_keeps_every_field_of_each_choice_and_counts_the_prompt_
 
 
 async def test_a_worker_that_reports_no_usage_gets_none_reported_not_zeros() -> None:
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(usage=False, token_ids=False) as worker,
-        routed(worker) as fe,
-    ):
+    async with fronted(usage=False, token_ids=False) as (_worker, fe):
         unary = await post(fe, chat_body())
         chunks = await stream(fe, chat_body(stream_options={"include_usage": True}))
         client = openai.AsyncOpenAI(base_url=fe.base_url + "/v1", api_key="unused")
@@ -356,7 +356,6 @@ async def test_a_worker_that_reports_no_usage_gets_none_reported_not_zeros() -> 
             )
         ]
         await client.close()
-    assert not net.expired()
     assert "usage" not in unary
     assert all("usage" not in chunk for chunk in chunks), "no usage chunk, not a chunk of zeros"
     assert all(chunk["choices"] for chunk in chunks)
@@ -367,13 +366,8 @@ async def test_a_worker_that_reports_no_usage_gets_none_reported_not_zeros() -> 
 async def test_without_a_usage_chunk_the_counts_come_from_the_token_ids_the_worker_reported() -> (
     None
 ):
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(usage=False, per_event=4) as worker,
-        routed(worker) as fe,
-    ):
+    async with fronted(usage=False, per_event=4) as (_worker, fe):
         unary = await post(fe, completion_body(return_token_ids=True))
-    assert not net.expired()
     assert unary["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16}
 
 
@@ -460,18 +454,11 @@ async def test_a_token_exact_migration_keeps_logprobs_and_reports_the_original_p
         body = chat_body(logprobs=True, top_logprobs=2, **extra)
     else:
         body = completion_body(logprobs=2, **extra)
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(hold_after=2, per_event=2) as a,
-        spawn_fidelity_worker(hold_after=2, per_event=2) as b,
-        routed(a, b, env=MIGRATION_ON) as fe,
-    ):
-        chunks = await first_events_then_kill(fe, [a, b], body, after=2)
-        survivor = b if a.proc is not None and a.proc.returncode is not None else a
-        replays = await streamed_requests(survivor)
-        theirs = await direct(survivor, body)
+    async with migrating(hold_after=2, per_event=2) as (workers, fe):
+        chunks = await first_events_then_kill(fe, workers, body, after=2)
+        replays = await streamed_requests(survivor(workers))
+        theirs = await direct(survivor(workers), body)
         assert fe.value("model_migration_total", migration_type="ongoing_request") == 1
-    assert not net.expired()
     # The replay was token-exact: ids on /v1/completions, whose chunks came back in our shape.
     assert [r["path"] for r in replays] == ["/v1/completions"]
     assert replays[0]["body"]["prompt"][-4:] == [1000, 1001, 1002, 1003]
@@ -501,14 +488,8 @@ async def test_a_token_exact_migration_keeps_logprobs_and_reports_the_original_p
 
 async def test_a_text_migration_leaves_out_the_prompt_count_it_cannot_know() -> None:
     body = chat_body(stream_options={"include_usage": True})
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(hold_after=3, token_ids=False) as a,
-        spawn_fidelity_worker(hold_after=3, token_ids=False) as b,
-        routed(a, b, env=MIGRATION_ON) as fe,
-    ):
-        chunks = await first_events_then_kill(fe, [a, b], body, after=3)
-    assert not net.expired()
+    async with migrating(hold_after=3, token_ids=False) as (workers, fe):
+        chunks = await first_events_then_kill(fe, workers, body, after=3)
     (choice,) = fold(chunks).values()
     assert choice["content"] == "".join(f"t{i} " for i in range(12))
     # The replay's prompt holds the continued text: its count is not the client's prompt.
@@ -519,16 +500,9 @@ async def test_a_migrated_stream_that_asked_for_token_ids_gets_the_workers_bytes
     None
 ):
     body = chat_body(return_token_ids=True, logprobs=True, stream_options={"include_usage": True})
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(hold_after=2, per_event=2) as a,
-        spawn_fidelity_worker(hold_after=2, per_event=2) as b,
-        routed(a, b, env=MIGRATION_ON) as fe,
-    ):
-        chunks = await first_events_then_kill(fe, [a, b], body, after=2)
-        survivor = b if a.proc is not None and a.proc.returncode is not None else a
-        theirs = await direct(survivor, body)
-    assert not net.expired()
+    async with migrating(hold_after=2, per_event=2) as (workers, fe):
+        chunks = await first_events_then_kill(fe, workers, body, after=2)
+        theirs = await direct(survivor(workers), body)
     choices = [ch for c in chunks for ch in c["choices"]]
     assert [i for ch in choices for i in ch.get("token_ids") or ()] == list(range(1000, 1012))
     # The fake's prompt ids (the template's two and the message's three words), from the first
@@ -545,16 +519,9 @@ async def test_a_migrated_stream_that_asked_for_token_ids_gets_the_workers_bytes
 async def test_a_chat_with_tools_migrates_as_chat_text_until_a_tool_call_begins() -> None:
     body = chat_body(tools=TOOLS, stream_options={"include_usage": True})
     # Before any tool call: continued as text on the chat endpoint, where the tool parser is.
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(hold_after=3) as a,
-        spawn_fidelity_worker(hold_after=3) as b,
-        routed(a, b, env=MIGRATION_ON) as fe,
-    ):
-        chunks = await first_events_then_kill(fe, [a, b], body, after=3)
-        survivor = b if a.proc is not None and a.proc.returncode is not None else a
-        replays = await streamed_requests(survivor)
-    assert not net.expired()
+    async with migrating(hold_after=3) as (workers, fe):
+        chunks = await first_events_then_kill(fe, workers, body, after=3)
+        replays = await streamed_requests(survivor(workers))
     assert [r["path"] for r in replays] == ["/v1/chat/completions"]
     assert replays[0]["body"]["messages"][-1] == {"role": "assistant", "content": "t0 t1 t2 "}
     assert fold(chunks)[0]["calls"] == expected_calls()
@@ -563,15 +530,9 @@ async def test_a_chat_with_tools_migrates_as_chat_text_until_a_tool_call_begins(
     def in_a_call(chunks: list[dict[str, Any]]) -> bool:
         return bool(fold(chunks).get(0, {}).get("calls"))
 
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(hold_after=14) as a,
-        spawn_fidelity_worker(hold_after=14) as b,
-        routed(a, b, env=MIGRATION_ON) as fe,
-    ):
-        seen = await kill_mid_stream(fe, [a, b], body, in_a_call)
+    async with migrating(hold_after=14) as (workers, fe):
+        seen = await kill_mid_stream(fe, workers, body, in_a_call)
         assert fe.value("model_migration_total") == 0
-    assert not net.expired()
     assert [e["code"] for e in seen.errors] == ["worker_disconnected"]
     assert seen.done == 0
 
@@ -596,11 +557,7 @@ def itl_count(fe: Frontend) -> float:
 async def test_the_metrics_count_the_tokens_the_worker_generated_not_its_events(
     body: dict[str, Any],
 ) -> None:
-    async with (
-        asyncio.timeout(SAFETY_NET) as net,
-        spawn_fidelity_worker(per_event=3) as worker,
-        routed(worker) as fe,
-    ):
+    async with fronted(per_event=3) as (worker, fe):
         if body["stream"]:
             await stream(fe, body)
         else:
@@ -613,4 +570,3 @@ async def test_the_metrics_count_the_tokens_the_worker_generated_not_its_events(
         assert itl_count(fe) == tokens - 1
         assert fe.value("input_sequence_tokens_count") == 1
         assert fe.value("input_sequence_tokens_sum") == theirs["usage"]["prompt_tokens"]
-    assert not net.expired()

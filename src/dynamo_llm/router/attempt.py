@@ -25,6 +25,7 @@ upstream stream) is given back exactly once: at once when opening fails, otherwi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -124,38 +125,22 @@ class Attempt:
         self._started = self._clock.now()
         dog.start()
         try:
-            if replay:
-                # Parsed outputs with token ids: what a further replay needs, and what the
-                # frontend renders itself whichever worker or endpoint produced them.
-                stream = await client.open_stream(
-                    worker.url,
-                    request,
-                    self.context,
-                    first_token_timeout=self._limits.first_token,
-                    is_ours=worker.is_ours,
-                    track_tokens=True,
-                    relay=False,
-                )
-            elif migrating:
-                # Token ids and text for a replay; the worker's own bytes still reach the client
-                # while nothing has migrated (when the client asked for token ids too, else the
-                # outputs are parsed, to leave out the ids it did not ask for).
-                stream = await client.open_stream(
-                    worker.url,
-                    request,
-                    self.context,
-                    first_token_timeout=self._limits.first_token,
-                    is_ours=worker.is_ours,
-                    track_tokens=True,
-                )
+            # Migrating: token ids and text for a replay. The worker's own bytes still reach
+            # the client while nothing has migrated (when the client asked for token ids too;
+            # else the outputs are parsed, to leave out the ids it did not ask for). A replay's
+            # outputs the frontend renders itself, whichever worker or endpoint produced them.
+            open_stream = functools.partial(
+                client.open_stream,
+                worker.url,
+                request,
+                self.context,
+                first_token_timeout=self._limits.first_token,
+                is_ours=worker.is_ours,
+            )
+            if migrating or replay:
+                stream = await open_stream(track_tokens=True, relay=not replay)
             else:
-                stream = await client.open_stream(
-                    worker.url,
-                    request,
-                    self.context,
-                    first_token_timeout=self._limits.first_token,
-                    is_ours=worker.is_ours,
-                )
+                stream = await open_stream()
         except BaseException as exc:
             self._give_back()
             if dog.expired is not None:

@@ -365,12 +365,17 @@ class _Worker:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/_record", self.record)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/chat/completions", self.generate)
-        app.router.add_post("/v1/completions", self.generate)
+        app.add_routes(
+            [
+                web.get("/_record", self.record),
+                web.get("/health", self.health),
+                web.get("/v1/models", self.models),
+                *(web.post(path, self.generate) for path in self.PATHS),
+            ]
+        )
         return app
+
+    PATHS = ("/v1/chat/completions", "/v1/completions")
 
     async def record(self, request: web.Request) -> web.Response:
         return web.Response(body=_dumps({"requests": self.seen}), content_type="application/json")
