@@ -139,10 +139,10 @@ class RemoteStream:
         return self._relay.upstream_id
 
     @property
-    def _rewrites(self) -> list[tuple[bytes, bytes]]:
-        # The relay's (old, new) replacements; the tests check there are none when the worker
-        # used our id and model name.
-        return self._relay.rewrites
+    def rewrites(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The ``(old, new)`` replacements the relay applies to the worker's events, learnt from
+        its first chunk: none when the worker used our response id and model name."""
+        return tuple(self._relay.rewrites)
 
     def __aiter__(self) -> RemoteStream:
         return self
