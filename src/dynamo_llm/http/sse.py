@@ -1,10 +1,10 @@
 """Server-sent events: rendering engine outputs as OpenAI chunks, and the fixed frames.
 
 Rendering is on the per-token path, so a renderer builds each request's constant JSON prefix
-once and then makes a chunk with one JSON string encode and two concatenations; it never builds
-a dict per token. The chunk's shape is :mod:`dynamo_llm.protocols.stream`, which the transport
-reads workers' chunks with: the envelope and the usage chunk are encoded from its Structs, and
-the per-token choice is written as bytes in its field order. Outputs that carry ``raw`` bytes (a
+once and then makes an engine's chunk with one JSON string encode and two concatenations; it
+never builds a dict per token. The chunk's shape is :mod:`dynamo_llm.protocols.stream`, which
+the transport reads workers' chunks with: the envelope is encoded from its Structs, and the
+per-token choice is written as bytes in its field order. Outputs that carry ``raw`` bytes (a
 relaying engine) are passed through as-is by the caller and never reach a renderer.
 
 A worker's parsed outputs carry its chunks (``EngineOutput.chunks``): those are re-encoded as
@@ -187,10 +187,9 @@ class ChunkRenderer:
         if not self.include_usage:
             return b""
         info = usage_info(self.usage)
-        if info is None:
+        if info is None and not self._tail:
             log.debug("no usage known for %s: the usage chunk is left out", self._chunk.id)
-            if not self._tail:
-                return b""
+            return b""
         chunk: dict[str, Any] = {
             "id": self._chunk.id,
             "object": self._chunk.object,

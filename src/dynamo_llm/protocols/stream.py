@@ -14,7 +14,8 @@ shape, and both directions use them:
   :func:`chat_choice` read those.
 - **Writing** (:mod:`dynamo_llm.http.sse`): ``omit_defaults`` leaves out every field still
   None, so the renderer encodes a chunk's envelope (``id``, ``object``, ``created``,
-  ``model``) once per request and the usage chunk once per stream from these Structs.
+  ``model``) once per request from these Structs (the usage chunk, which carries a worker's
+  own keys too, is written as a plain object in the same order).
 
 Neither side encodes or decodes a Struct per token. The renderer writes each token's choice as
 bytes after the envelope, in :class:`ChunkChoice`'s field order (plus ``"logprobs":null``),
