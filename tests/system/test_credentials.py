@@ -156,3 +156,42 @@ def test_credentials_in_a_worker_url_are_used_but_never_shown(open_worker: str) 
         assert URL_SECRET not in text
         assert CLIENT_KEY not in text
     assert proc.returncode == 0, proc.log
+
+
+def _running(worker: str) -> float:
+    text = httpx.get(f"{worker}/metrics", timeout=10).text
+    line = next(x for x in text.splitlines() if x.startswith("dynamo_mocker_running_requests{"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_a_stranger_who_knows_a_clients_request_id_cannot_stop_it() -> None:
+    """The worker only knows each attempt by the frontend's fresh UUID, never by the id the
+    client chose, so knowing (or guessing) the client's ``X-Request-Id`` stops nothing."""
+    real_time = ["worker", "--engine", "mocker", "--http-port", "0", "--model-name", MODEL]
+    with (
+        ServerProcess(real_time, env=_environ()) as worker,  # ~6 ms a token: 400 take seconds
+        ServerProcess(
+            ["serve", "--http-port", "0"],
+            env={**_environ(), "DYN_UPSTREAMS": worker.wait_ready(timeout=30)},
+        ) as frontend,
+    ):
+        open_worker = worker.url
+        assert open_worker is not None
+        base = frontend.wait_ready(timeout=30)
+        body = {**_chat(True), "max_tokens": 400}
+        headers = {"X-Request-Id": "victim-request"}
+        with (
+            httpx.Client(base_url=base, timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as s,
+        ):
+            assert s.headers["x-request-id"] == "victim-request"
+            lines = s.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass  # the first token: the request is generating on the worker
+            assert _running(open_worker) == 1
+            stop = httpx.post(f"{open_worker}/v1/requests/victim-request/stop", timeout=10)
+            assert stop.status_code == 404
+            rest = "\n".join(lines)
+        assert rest.rstrip().endswith("data: [DONE]")
+        assert '"finish_reason":"length"' in rest
+    assert frontend.returncode == 0, frontend.log

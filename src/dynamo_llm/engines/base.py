@@ -21,6 +21,12 @@ Lifecycle and guarantees:
    it), and the engine must release everything in ``finally``.
 4. ``await engine.aclose()`` releases the engine's own resources at shutdown.
 
+An engine that passes requests on to another server rather than serving them (the router) says
+so with a true ``forwards_unknown_fields`` attribute (:func:`forwards_unknown_fields`): the
+frontend then accepts request fields it does not know for the engine's models, and leaves them to
+the engine in ``raw_body``. Every other engine never sees such a request: the frontend answers
+400 ``unsupported_parameter``, naming the field, since the engine could not honour it.
+
 Outputs are msgspec Structs: an engine may build one per token, so they must be
 cheap. ``raw`` is for relaying engines: already-rendered SSE bytes the frontend passes on as they
 are (it still counts ``num_tokens``), so the hot path never parses and re-encodes a chunk it does
@@ -214,9 +220,10 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     - ``sampling``, ``max_tokens`` (the completion budget; None: up to the context window),
       ``stop`` (the stop sequences), and for chat the template switches
       ``add_generation_prompt`` and ``continue_final_message``.
-    - ``params`` is the client's validated request and ``raw_body`` the JSON it sent, for an
-      engine that passes the request on (the router's transport re-encodes ``params`` with what
-      it changes, or forwards ``raw_body`` untouched).
+    - ``params`` is the client's validated request (the fields we know) and ``raw_body`` the JSON
+      it sent, every key included, for an engine that passes the request on: it sends
+      ``raw_body`` with only what it must change replaced (``transport/body.py``). A migration's
+      replay carries the client's JSON with the replay's changes made.
     - ``routing``: the client's routing hint.
     """
 
@@ -246,6 +253,15 @@ class Engine(Protocol):
     ) -> AsyncIterator[EngineOutput]: ...
 
     async def aclose(self) -> None: ...
+
+
+def forwards_unknown_fields(engine: Engine) -> bool:
+    """Whether ``engine`` passes requests on with the fields the frontend does not know.
+
+    An optional capability, not part of the protocol, so that an engine (a test's fake
+    included) that does not declare it is taken to serve requests itself.
+    """
+    return getattr(engine, "forwards_unknown_fields", False) is True
 
 
 def check_context_length(

@@ -27,7 +27,7 @@ from ..protocols.chat import (
     decode_chat_request,
     max_output_tokens,
 )
-from ..protocols.common import stop_list
+from ..protocols.common import AcceptsUnknown, stop_list
 from ..protocols.completions import CompletionRequest, decode_completion_request, prompts
 from .base import NO_ROUTING_HINT, Endpoint, EngineRequest, RoutingHint, Sampling
 
@@ -78,7 +78,7 @@ class EndpointFamily(ABC, Generic[P]):
         path: str,
         kind: Literal["chat", "completions"],
         id_prefix: str,
-        decode: Callable[[bytes], P],
+        decode: Callable[[bytes, AcceptsUnknown | None], P],
     ) -> None:
         self.endpoint: Endpoint = endpoint
         """The family's name in metrics labels and on an engine request."""
@@ -87,8 +87,15 @@ class EndpointFamily(ABC, Generic[P]):
         self.kind: Literal["chat", "completions"] = kind
         """The response shape, for the SSE renderer and the unary aggregator."""
         self.id_prefix = id_prefix
-        self.decode: Callable[[bytes], P] = decode
-        """Decode and validate a body; raises :class:`~dynamo_llm.errors.DynamoError`."""
+        self._decode: Callable[[bytes, AcceptsUnknown | None], P] = decode
+
+    def decode(self, body: bytes, accepts_unknown: AcceptsUnknown | None = None) -> P:
+        """Decode and validate a body; raises :class:`~dynamo_llm.errors.DynamoError`.
+
+        An unknown top-level field is a 400 unless ``accepts_unknown(model)`` (the model's engine
+        forwards what it does not know; the field then stays in the raw body only).
+        """
+        return self._decode(body, accepts_unknown)
 
     @abstractmethod
     def budget(self, params: P) -> int | None:

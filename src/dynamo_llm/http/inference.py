@@ -165,7 +165,7 @@ class InferenceHandler(Generic[P]):
                     f"Content-Type must be application/json, got {content_type[:100]!r}"
                 )
             body = await conn.read_body(self._state.config.body_limit_bytes)
-            params = self._family.decode(body)
+            params = self._family.decode(body, self._state.accepts_unknown_fields)
         except DynamoError:
             # Label the failure with the model when it is one we serve; otherwise the fixed label.
             name, stream = peek_request(body) if body else (None, False)

@@ -16,7 +16,7 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from ..config import Config
-from ..engines.base import Engine
+from ..engines.base import Engine, forwards_unknown_fields
 from ..metrics import Metrics
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
@@ -39,6 +39,11 @@ class ServedModel:
     # layer's limit is then a safety net at twice the value, like the inactivity window, so the
     # engine's fires first.
     engine_enforces_first_token: bool = False
+
+    @property
+    def forwards_unknown_fields(self) -> bool:
+        """Its engine passes requests on: fields we do not know are forwarded, not refused."""
+        return forwards_unknown_fields(self.engine)
 
 
 def _nothing() -> Sequence[str]:
@@ -81,6 +86,12 @@ class AppState:
         self.models[model.name] = model
         self.metrics.declare_model(model.name)
         self.metrics.model_ready.labels(model.name).set(1 if model.is_ready() else 0)
+
+    def accepts_unknown_fields(self, name: str) -> bool:
+        """Whether a request for model ``name`` may hold fields we do not know (its engine
+        forwards them); False for a model we do not serve."""
+        model = self.models.get(name)
+        return model is not None and model.forwards_unknown_fields
 
     def remove_model(self, name: str) -> None:
         """Stop serving a model: new requests for it get 404; requests in flight finish."""

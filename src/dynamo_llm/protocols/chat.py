@@ -1,10 +1,10 @@
 """``/v1/chat/completions``: the request, its validation, and the unary response.
 
-The request Struct is decoded straight from the body (see :mod:`.common` for the error path).
-It uses ``omit_defaults``, so re-encoding a request to forward it upstream emits only what the
-client sent, plus whatever the frontend changed. Messages, content parts and tools are lenient:
-unknown keys inside them are not errors, and content parts and tools stay plain dicts so that
-forwarding keeps every key a client sent (image URLs, audio, keys newer than this module).
+The request Struct is decoded straight from the body (see :mod:`.common` for the error path and
+for who may send fields we do not know). It names what the frontend validates and what an
+in-process engine reads; a request passed on to a worker goes as the client's own JSON (the raw
+body, patched), so nothing the client sent is lost, known or not, at the top level or nested.
+Messages, content parts and tools are lenient: unknown keys inside them are not errors.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from msgspec import UNSET, UnsetType
 
 from ..errors import NotImplementedParameter
 from .common import (
+    AcceptsUnknown,
+    RequestDecoder,
     StreamOptions,
     UsageInfo,
     check_model,
     check_positive,
     check_range,
     check_sampling,
-    decode_request,
     invalid_value,
     stop_list,
-    struct_fields,
 )
 
 __all__ = [
@@ -125,13 +125,18 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True, omit_def
     nvext: dict[str, Any] | None = None
 
 
-_decoder = msgspec.json.Decoder(ChatCompletionRequest)
-_fields = struct_fields(ChatCompletionRequest)
+_decoder = RequestDecoder(ChatCompletionRequest)
 
 
-def decode_chat_request(body: bytes) -> ChatCompletionRequest:
-    """Decode and validate a chat body; raises :class:`~dynamo_llm.errors.DynamoError`."""
-    req = decode_request(_decoder, body, _fields)
+def decode_chat_request(
+    body: bytes, accepts_unknown: AcceptsUnknown | None = None
+) -> ChatCompletionRequest:
+    """Decode and validate a chat body; raises :class:`~dynamo_llm.errors.DynamoError`.
+
+    Unknown top-level fields are a 400 unless ``accepts_unknown(model)`` says the model's engine
+    forwards them.
+    """
+    req = _decoder.decode(body, accepts_unknown)
     if req.functions is not None:
         raise NotImplementedParameter(
             "Validation: `functions` is deprecated. Please migrate to use `tools` instead.",

@@ -9,8 +9,20 @@ problems apart, so that a body with several reports the first in a fixed order::
     JSON syntax -> not an object -> unknown fields (all of them) -> wrong type / missing field
 
 msgspec stops at the first problem it meets in document order, which is why the typed error is
-not reported as it is. After decoding, each endpoint checks deprecated fields (501) and then the
-values; the value checks shared by both endpoints are :func:`check_sampling`.
+not reported as it is.
+
+**Unknown fields are the serving engine's call.** An engine that passes the request on to a
+worker (the router) forwards what it does not know (``cache_prompt``, ``guided_json``, any
+``extra_body`` field): for a model it serves, the ``accepts_unknown(model)`` predicate says yes
+and the body is decoded a third time into the request Struct's lenient twin, which validates the
+known fields exactly as strictly and ignores the rest (they travel on in the raw body, byte for
+byte: :func:`decode_object`). An engine that serves the request itself cannot honour a field it does
+not know, so for its models an unknown field stays a 400 ``unsupported_parameter`` that names it
+(at most :data:`MAX_LISTED` names, each cut to :data:`MAX_NAME` characters, are echoed). A body
+without unknown fields costs the same one decode either way.
+
+After decoding, each endpoint checks deprecated fields (501) and then the values; the value
+checks shared by both endpoints are :func:`check_sampling`.
 
 Every message starts with ``Validation:``, Dynamo's wording, so runbooks and the metrics
 classification carry over.
@@ -19,16 +31,23 @@ classification carry over.
 from __future__ import annotations
 
 import re
-from typing import Any, NoReturn, Protocol, TypeVar
+import types
+from collections.abc import Callable
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 import msgspec
 
 from ..errors import InvalidRequest
 
-T = TypeVar("T")
-
 MAX_N = 128
 MAX_STOP = 32
+MAX_LISTED = 8
+"""How many unknown field names an ``unsupported_parameter`` error lists (the rest are counted)."""
+MAX_NAME = 64
+"""How much of an unknown field's name an error echoes."""
+
+AcceptsUnknown = Callable[[str], bool]
+"""Whether the model named may be sent fields we do not know (its engine forwards them)."""
 
 
 class StreamOptions(msgspec.Struct, omit_defaults=True):
@@ -102,17 +121,62 @@ def usage_info(usage: UsageCounts | None) -> dict[str, Any] | None:
 # --- decoding ----------------------------------------------------------------------------------
 
 
-def decode_request(decoder: msgspec.json.Decoder[T], body: bytes, fields: frozenset[str]) -> T:
-    """Decode ``body`` with ``decoder``, turning every failure into an :class:`InvalidRequest`.
+S = TypeVar("S", bound=msgspec.Struct)
 
-    ``fields`` are the request Struct's top-level field names, for listing unknown ones.
+
+class RequestDecoder(Generic[S]):
+    """Decodes and explains one request Struct (declared with ``forbid_unknown_fields``).
+
+    A body with unknown top-level fields is refused, naming them, unless ``accepts_unknown``
+    says its ``model``'s engine forwards them: it is then decoded into the Struct's lenient twin
+    (a subclass that ignores them), whose known fields are checked exactly as strictly.
     """
+
+    __slots__ = ("_fields", "_lenient", "_strict")
+
+    def __init__(self, cls: type[S]) -> None:
+        twin = types.new_class(f"Lenient{cls.__name__}", (cls,), {"forbid_unknown_fields": False})
+        self._strict = msgspec.json.Decoder(cls)
+        self._lenient: msgspec.json.Decoder[S] = msgspec.json.Decoder(twin)
+        self._fields = struct_fields(cls)
+
+    def decode(self, body: bytes, accepts_unknown: AcceptsUnknown | None = None) -> S:
+        """``body`` as the Struct; every failure an :class:`InvalidRequest`."""
+        try:
+            return self._strict.decode(body)
+        except msgspec.ValidationError as exc:
+            error = exc
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise _invalid_json(exc) from exc
+        obj = _untyped(body, error)
+        if isinstance(obj, InvalidRequest):
+            raise obj from error
+        unknown = sorted(key for key in obj if key not in self._fields)
+        if not unknown:
+            raise _from_validation_error(str(error)) from error
+        model = obj.get("model")
+        if accepts_unknown is None or not isinstance(model, str) or not accepts_unknown(model):
+            raise _unsupported(unknown) from error
+        try:
+            return self._lenient.decode(body)
+        except msgspec.ValidationError as exc:
+            raise _from_validation_error(str(exc)) from exc
+
+
+def decode_object(body: bytes | None) -> dict[str, Any] | None:
+    """The members of ``body``, each value still the JSON text the client wrote (a
+    ``msgspec.Raw``), for an engine to patch and pass on: replace the keys to change, encode the
+    dict, and every other value goes on byte for byte (unknown fields, keys nested in messages,
+    numbers as written). None when there is no body or it is not a JSON object."""
+    if body is None:
+        return None
     try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise _explain(body, fields, exc) from exc
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise _invalid_json(exc) from exc
+        return _decode_members(body)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+_decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
 def struct_fields(cls: type[msgspec.Struct]) -> frozenset[str]:
@@ -157,7 +221,8 @@ def _invalid_json(exc: Exception) -> InvalidRequest:
     return InvalidRequest(f"Validation: Invalid JSON body: {reason}", code="invalid_json")
 
 
-def _explain(body: bytes, fields: frozenset[str], exc: msgspec.ValidationError) -> InvalidRequest:
+def _untyped(body: bytes, exc: msgspec.ValidationError) -> dict[str, Any] | InvalidRequest:
+    """The body decoded untyped, to tell its problems apart; or the error to report."""
     try:
         obj = msgspec.json.decode(body)
     except msgspec.ValidationError:
@@ -168,10 +233,7 @@ def _explain(body: bytes, fields: frozenset[str], exc: msgspec.ValidationError) 
         return _invalid_json(syntax)
     if not isinstance(obj, dict):
         return _not_an_object()
-    unknown = sorted(key for key in obj if key not in fields)
-    if unknown:
-        return _unsupported(unknown)
-    return _from_validation_error(str(exc))
+    return obj
 
 
 def _not_an_object() -> InvalidRequest:
@@ -179,12 +241,19 @@ def _not_an_object() -> InvalidRequest:
 
 
 def _unsupported(names: list[str]) -> InvalidRequest:
-    listed = ", ".join(f"`{name}`" for name in names)
+    """The error naming unknown fields: a bounded list however many the body holds."""
+    listed = ", ".join(f"`{_cut(name)}`" for name in names[:MAX_LISTED])
+    if len(names) > MAX_LISTED:
+        listed += f" and {len(names) - MAX_LISTED} more"
     return InvalidRequest(
         f"Validation: Unsupported parameter(s): {listed}",
-        param=names[0],
+        param=_cut(names[0]),
         code="unsupported_parameter",
     )
+
+
+def _cut(name: str) -> str:
+    return name if len(name) <= MAX_NAME else name[: MAX_NAME - 3] + "..."
 
 
 def _from_validation_error(text: str) -> InvalidRequest:

@@ -15,16 +15,16 @@ from msgspec import UNSET, UnsetType
 
 from .common import (
     MAX_N,
+    AcceptsUnknown,
+    RequestDecoder,
     StreamOptions,
     UsageInfo,
     check_model,
     check_range,
     check_sampling,
-    decode_request,
     invalid_type,
     invalid_value,
     stop_list,
-    struct_fields,
 )
 
 __all__ = [
@@ -74,13 +74,18 @@ class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True, omit_default
     nvext: dict[str, Any] | None = None
 
 
-_decoder = msgspec.json.Decoder(CompletionRequest)
-_fields = struct_fields(CompletionRequest)
+_decoder = RequestDecoder(CompletionRequest)
 
 
-def decode_completion_request(body: bytes) -> CompletionRequest:
-    """Decode and validate a completions body; raises :class:`~dynamo_llm.errors.DynamoError`."""
-    req = decode_request(_decoder, body, _fields)
+def decode_completion_request(
+    body: bytes, accepts_unknown: AcceptsUnknown | None = None
+) -> CompletionRequest:
+    """Decode and validate a completions body; raises :class:`~dynamo_llm.errors.DynamoError`.
+
+    Unknown top-level fields are a 400 unless ``accepts_unknown(model)`` says the model's engine
+    forwards them.
+    """
+    req = _decoder.decode(body, accepts_unknown)
     _check_prompt_type(req.prompt)
     check_model(req.model)
     batch = _check_prompt_values(req.prompt)

@@ -7,7 +7,10 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
    :class:`~dynamo_llm.transport.WorkerClient` under an *attempt context*, a child of the
    request's context, so a hang-up, a timeout or a shutdown reaches the worker as a closed
    connection (or a graceful stop, for our own workers), while the attempt's own limits end only
-   the attempt;
+   the attempt. The attempt context is named by the attempt's *upstream id*, a fresh UUID4, which
+   is the id the worker knows the attempt by: an id any engine accepts (``llama_cpp.server``
+   refuses any other), never reused by a fan-out sibling or a migration's next attempt; the
+   dispatch is logged (debug) with the client's id beside it;
 2. it relays the worker's outputs, timing them with a :class:`~dynamo_llm.runtime.watchdog.
    Watchdog` at the raw ``DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` (the HTTP layer's net is twice
    that) and the first-token limit; the clock starts at dispatch, so a worker that never even
@@ -26,9 +29,11 @@ upstream stream) is given back exactly once: at once when opening fails, otherwi
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from uuid import uuid4
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
 from ..errors import DynamoError, WorkerResponseTimeout
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
     from ..transport import WorkerClient
 
 __all__ = ["Attempt", "AttemptLimits"]
+
+log = logging.getLogger("dynamo_llm.router")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,7 @@ class Attempt:
         "_stream",
         "_workers",
         "context",
+        "upstream_id",
         "worker",
     )
 
@@ -83,7 +91,10 @@ class Attempt:
         metrics: Metrics | None = None,
     ) -> None:
         self.worker = worker
-        self.context = EngineContext(ctx.id)
+        self.upstream_id = str(uuid4())
+        """The id the worker knows this attempt by (``X-Request-Id``, a graceful stop): the
+        attempt context's own id."""
+        self.context = EngineContext(self.upstream_id)
         self._ctx = ctx
         self._slot = slot
         self._workers = workers
@@ -124,6 +135,7 @@ class Attempt:
         self._ctx.link_child(self.context)
         self._started = self._clock.now()
         dog.start()
+        log.debug("request %s: to %s as upstream id %s", request.id, worker.id, self.upstream_id)
         try:
             # Migrating: token ids and text for a replay. The worker's own bytes still reach
             # the client while nothing has migrated (when the client asked for token ids too;

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream
 from ..errors import (
@@ -75,7 +75,13 @@ class _CurrentAttempt:
 
 
 class Router:
-    """An engine that serves every model of a :class:`WorkerSet` through its workers."""
+    """An engine that serves every model of a :class:`WorkerSet` through its workers.
+
+    It passes each request on as the client's JSON, so fields the frontend does not know reach
+    the worker (``forwards_unknown_fields``).
+    """
+
+    forwards_unknown_fields: ClassVar[bool] = True
 
     def __init__(
         self,

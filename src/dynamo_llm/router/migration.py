@@ -26,16 +26,24 @@ never the replay's prompt less a guess), every token generated across attempts, 
 prompt tokens only as the first attempt's engine reported them; the replay's other usage keys
 describe the replay, not the request, and are dropped.
 
+The replay is passed on like the request itself: its ``raw_body`` is the client's JSON with the
+replay's changes made (:func:`_replay_body`), so every field the frontend does not know, and
+every key nested in the messages, reaches the new worker too. A chat request continued on
+``/v1/completions`` leaves the fields only chat has behind (``messages``, ``tools``, ...) and
+keeps the rest, the unknown ones included.
+
 Not replayable, so the budget is 0 whatever the limit: structured output (``response_format``
-``json_schema``/``json_object``, guided decoding in ``nvext``; the grammar's state cannot move)
-and ``n > 1``. A chat request with ``tools`` continues as text on the chat endpoint, never as
-token ids on ``/v1/completions``, where no tool parser would read the rest of a call; and once a
-tool call has begun streaming the request cannot move at all (the parser's state is the
-worker's).
+``json_schema``/``json_object``; guided decoding in ``nvext`` or as an engine's own top-level
+field, vLLM's ``guided_*``/``structured_outputs``, llama.cpp's ``grammar``/``json_schema``,
+SGLang's ``regex``/``ebnf``: the grammar's state cannot move) and ``n > 1``. A chat request with
+``tools`` continues as text on the chat endpoint, never as token ids on ``/v1/completions``,
+where no tool parser would read the rest of a call; and once a tool call has begun streaming the
+request cannot move at all (the parser's state is the worker's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -43,6 +51,7 @@ import msgspec
 from ..engines.base import EngineOutput, EngineRequest, Usage
 from ..engines.endpoints import CHAT, COMPLETIONS, EndpointFamily, P
 from ..protocols.chat import ChatCompletionRequest, ChatMessage
+from ..protocols.common import decode_object, struct_fields
 from ..protocols.completions import CompletionRequest
 from ..protocols.stream import chat_choice
 
@@ -59,6 +68,24 @@ _GUIDED_FIELDS = (
 )
 
 
+class _Constraints(msgspec.Struct):
+    """The top-level fields by which an engine constrains its output to a grammar (fields the
+    frontend does not know, passed on as they are)."""
+
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    grammar: Any = None
+    json_schema: Any = None
+    regex: Any = None
+    ebnf: Any = None
+
+
+_decode_constraints = msgspec.json.Decoder(_Constraints).decode
+
+
 def migration_budget(request: EngineRequest, limit: int) -> int:
     """How many times ``request`` may migrate: ``limit``, or 0 when it cannot be replayed."""
     if limit <= 0:
@@ -73,7 +100,17 @@ def migration_budget(request: EngineRequest, limit: int) -> int:
     nvext = params.nvext
     if nvext and any(nvext.get(name) is not None for name in _GUIDED_FIELDS):
         return 0
+    if request.raw_body is not None and _is_constrained(request.raw_body):
+        return 0
     return limit
+
+
+def _is_constrained(body: bytes) -> bool:
+    try:
+        found = _decode_constraints(body)
+    except msgspec.MsgspecError:
+        return False  # a number no float holds, somewhere: nothing that tells of a grammar
+    return any(value is not None for value in msgspec.structs.astuple(found))
 
 
 class MigrationState:
@@ -257,15 +294,70 @@ def _replay(
     max_tokens: int | None,
 ) -> EngineRequest:
     """The replay as an engine request: built like any other, keeping the id, the served model
-    name and the client's routing hint."""
+    name and the client's routing hint, and passed on as the client's JSON with its changes."""
     return family.request(
         params,
         prompt,
         id=request.id,
         model=request.model,
         max_tokens=max_tokens,
+        raw_body=_replay_body(request, params),
         routing=request.routing,
     )
+
+
+def _replay_body(
+    request: EngineRequest, replay: ChatCompletionRequest | CompletionRequest
+) -> bytes | None:
+    """The client's JSON with the replay's changes: what the replay changed of the fields we
+    know (removed when it cleared them or its endpoint has no such field), everything else as
+    the client sent it, unknown fields and the messages the replay left alone included.
+
+    None when the request has no body to patch: the transport then encodes the replay's Struct.
+    """
+    body = decode_object(request.raw_body)
+    if body is None:
+        return None
+    params = request.params
+    for name in _field_names(params) - _field_names(replay):
+        body.pop(name, None)
+    for name in _field_names(replay):
+        value = getattr(replay, name)
+        before = getattr(params, name, None)
+        if value == before and type(value) is type(before):
+            continue  # unchanged: as the client sent it (a chat's `logprobs: true` is not 1)
+        if name == "messages" and isinstance(before, list):
+            body[name] = _messages_as_sent(body.get(name), before, value)
+        elif value is None:
+            body.pop(name, None)
+        else:
+            body[name] = msgspec.to_builtins(value)
+    return msgspec.json.encode(body)
+
+
+def _field_names(params: msgspec.Struct) -> frozenset[str]:
+    return struct_fields(type(params))
+
+
+def _messages_as_sent(
+    sent: Any, before: Iterable[ChatMessage], after: list[ChatMessage]
+) -> list[Any]:
+    """The replay's messages as the client wrote them: a message the replay kept goes byte for
+    byte; a changed one is the client's with the changed keys (keys we do not model kept)."""
+    wire = _decode_messages(sent) if isinstance(sent, msgspec.Raw) else []
+    kept = list(before)
+    out: list[Any] = []
+    for i, message in enumerate(after):
+        if i < len(kept) and i < len(wire) and message == kept[i]:
+            out.append(wire[i])
+            continue
+        original = msgspec.json.decode(wire[i]) if i < len(kept) and i < len(wire) else None
+        base = original if isinstance(original, dict) else {}
+        out.append({**base, **msgspec.to_builtins(message)})
+    return out
+
+
+_decode_messages = msgspec.json.Decoder(list[msgspec.Raw]).decode
 
 
 def _as_completions(

@@ -2,7 +2,7 @@
 
 from .fake_connection import FakeConnection, make_request
 from .fake_engine import FakeCall, FakeEngine
-from .frontend import Frontend, running_frontend
+from .frontend import Frontend, running_frontend, serving
 
 __all__ = [
     "FakeCall",
@@ -11,4 +11,5 @@ __all__ = [
     "Frontend",
     "make_request",
     "running_frontend",
+    "serving",
 ]

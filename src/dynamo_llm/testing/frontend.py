@@ -73,6 +73,16 @@ async def running_frontend(
             raise ValueError("give an engine or models")
         models = [ServedModel(model, engine, context_length=config.context_length)]
     app = create_app(config, models, Metrics(prefix=config.metrics_prefix), clock or SystemClock())
+    async with serving(app, interface=interface, http2=http2) as frontend:
+        yield frontend
+
+
+@asynccontextmanager
+async def serving(
+    app: App, *, interface: str = "rsgi", http2: bool = False
+) -> AsyncIterator[Frontend]:
+    """Serve an app already built (a worker's, a routed one) on 127.0.0.1, an OS-chosen port;
+    shut it down (no grace) and stop the server after."""
     server = HttpServer(app, "127.0.0.1", 0, interface=interface, http2=http2)
     await server.start()
     try:

@@ -2,9 +2,12 @@
 
 :meth:`WorkerClient.open_stream` runs one routing attempt against one worker (vLLM, SGLang,
 llama.cpp's server, TGI, Ollama, or our own ``dynamo-llm worker``). Its ``await`` is the
-**admission**: the request goes upstream as a stream (:mod:`.body`) with ``X-Request-Id``, and
-everything that can go wrong before the first byte of the body is raised there, as the error
-class the router acts on (:mod:`.errors`): connect refused or timed out ->
+**admission**: the request goes upstream as a stream (:mod:`.body`) with ``X-Request-Id``, the id
+of the context it runs under (the router runs each attempt under a context named by a fresh
+UUID, since some engines accept no other id), and ``X-Client-Request-Id``, the request's own id
+(the client's, ``<id>-<k>`` for a fan-out sub-request: for a worker's logs, and the same for
+every attempt). Everything that can go wrong before the first byte of the body is raised
+there, as the error class the router acts on (:mod:`.errors`): connect refused or timed out ->
 :class:`WorkerUnreachable`; no response headers within ``first_token_timeout`` ->
 :class:`WorkerResponseTimeout`; a 4xx -> the matching 4xx :class:`DynamoError` with the worker's
 message, param and code; a 503 saying it is busy -> :class:`AllWorkersBusy`; a 503 saying it is
@@ -106,6 +109,8 @@ class WorkerClient:
         ``relay=False`` forces the parsed mode (no ``raw`` bytes): the frontend renders every
         output itself, as a migration needs, since its replay may go to another endpoint
         (a chat request continued as token ids on ``/v1/completions``).
+        The worker knows the request by ``ctx.id`` (``X-Request-Id``), and a graceful stop
+        names it so (unless the worker says it used another id).
 
         Raises, before any output: :class:`WorkerUnreachable`, :class:`WorkerResponseTimeout`,
         :class:`WorkerDisconnected` (the worker closed without answering, twice),
@@ -125,10 +130,12 @@ class WorkerClient:
         else:
             mode = StreamMode.RELAY
         body = upstream_body(request, model=model, return_token_ids=track_tokens)
+        upstream_id = ctx.id
         headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
-            "X-Request-Id": request.id,
+            "X-Request-Id": upstream_id,
+            "X-Client-Request-Id": request.id,
         }
         loop = asyncio.get_running_loop()
         deadline = None if first_token_timeout is None else loop.time() + first_token_timeout
@@ -147,7 +154,7 @@ class WorkerClient:
             url,
             resp,
             ctx,
-            request_id=request.id,
+            request_id=upstream_id,
             response_id=response_id,
             model=request.model,
             mode=mode,

@@ -6,8 +6,9 @@ yields the complete events as one ``raw`` output whose ``num_tokens`` is the num
 it (an event is about a token; the exact count comes with the usage at the end). Only the first
 event is parsed (by the slow path, :mod:`.events`), to learn the upstream's response id and
 model name; later buffers get a ``bytes.replace`` so that the client sees ``chatcmpl-<our id>``
-and our model name (skipped when they already match, as with our own worker and with vLLM,
-which both take the id from our ``X-Request-Id``).
+and our model name (skipped when they already match). Our own worker and vLLM take the id from
+our ``X-Request-Id``, which is the attempt's upstream id (a UUID, not the client's id), so for
+them the id is always replaced.
 
 Everything that needs a decision (the chunk with a ``finish_reason``, the usage-only chunk,
 ``[DONE]``, an error) comes at the end of a stream, so the relay looks only at the last bytes of

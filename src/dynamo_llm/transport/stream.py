@@ -22,10 +22,12 @@ was stopped, in which case the stream ends quietly.
 **Cancellation crosses the wire.** The stream registers ``ctx.on_stop``. On a kill the upstream
 response is closed at once (``close()``, not ``release()``): the worker sees its socket close and
 aborts the request (vLLM, SGLang and llama.cpp do). On a graceful stop of one of our own workers
-(``is_ours``) the stream posts ``/v1/requests/<id>/stop`` in a task it owns and keeps reading
-until the worker ends the body; for any other worker, or if that post fails, it closes. Whatever
-way the stream ends (exhausted, failed, ``aclose()``, the consuming task cancelled, dropped), the
-connection is released: to the pool when the body was read to its end, closed otherwise.
+(``is_ours``) the stream posts ``/v1/requests/<id>/stop`` in a task it owns (``<id>`` is the
+id the worker knows: the attempt's upstream id, or the one the worker says it used) and keeps
+reading until the worker ends the body; for any other worker, or if that post fails, it closes.
+Whatever way the stream ends (exhausted, failed, ``aclose()``, the consuming task cancelled,
+dropped), the connection is released: to the pool when the body was read to its end, closed
+otherwise.
 
 The caller (the router) owns the inactivity timer: it wraps the stream. The stream only bounds
 the wait for the first event with the admission's ``first_token_timeout`` deadline.

@@ -25,13 +25,16 @@ prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connec
 ======================  =========================================================================
 
 Every behaviour that listens keeps a record of what it saw: ``GET /_record`` returns
-``{"requests": [{"id", "path", "body", "disconnected", "disconnected_at", "completed",
-"stopped"}]}``, where ``disconnected_at`` is ``time.monotonic()`` (system-wide on Linux, so it
-compares with the test's own clock). ``GET /_record?wait=<id>&within=<s>`` first waits until that
-request has ended (``arrived=<id>``: until it has arrived), a handshake that spares tests from
-sleeping. A client hang-up
-cancels the handler at once (aiohttp's ``handler_cancellation``), which is what a real engine
-server reacts to.
+``{"requests": [{"id", "upstream_id", "path", "body", "disconnected", "disconnected_at",
+"completed", "stopped"}]}``, where ``id`` is the frontend's id for the request
+(``X-Client-Request-Id``: the client's, ``<id>-<k>`` for a sub-request, the same for every
+attempt), ``upstream_id`` the attempt's own (``X-Request-Id``, which names the response and a
+graceful stop, as with vLLM and our worker), and ``disconnected_at`` is ``time.monotonic()``
+(system-wide on Linux, so it compares with the test's own clock).
+``GET /_record?wait=<id>&within=<s>`` first waits until that request has ended
+(``arrived=<id>``: until it has arrived), a handshake that spares tests from sleeping. A client
+hang-up cancels the handler at once (aiohttp's ``handler_cancellation``), which is what a real
+engine server reacts to.
 
 :func:`spawn_bad_worker` runs one as a subprocess for a test. Flapping is left to the test
 (``await worker.kill()``, ``await worker.restart()``: same port, so the same URL).

@@ -48,6 +48,7 @@ class _Seen:
     id: str
     path: str
     body: Any
+    upstream_id: str = ""
     disconnected: bool = False
     disconnected_at: float | None = None
     completed: bool = False
@@ -58,6 +59,7 @@ class _Seen:
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "upstream_id": self.upstream_id,
             "path": self.path,
             "body": self.body,
             "disconnected": self.disconnected,
@@ -130,7 +132,7 @@ class WorkerApp:
 
     async def stop(self, request: web.Request) -> web.Response:
         rid = request.match_info["id"]
-        live = [s for s in self.seen if s.id == rid and not s.ended.is_set()]
+        live = [s for s in self.seen if rid in (s.id, s.upstream_id) and not s.ended.is_set()]
         for s in live:
             s.stop.set()
         if not live:
@@ -146,8 +148,9 @@ class WorkerApp:
             body = json.loads(raw)
         except ValueError:
             body = None
-        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        seen = _Seen(rid, request.path, body)
+        upstream_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        rid = request.headers.get("X-Client-Request-Id") or upstream_id
+        seen = _Seen(rid, request.path, body, upstream_id)
         self.seen.append(seen)
         self._touch()
         try:
@@ -223,7 +226,7 @@ class _Stream:
         self.options = options
         self.seen = seen
         self.chat = seen.path.endswith("/chat/completions")
-        rid = uuid.uuid4().hex if options.foreign_ids else seen.id
+        rid = uuid.uuid4().hex if options.foreign_ids else seen.upstream_id
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + rid
         self.model = options.model
         limit = body.get("max_tokens", body.get("max_completion_tokens"))
