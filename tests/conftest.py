@@ -8,7 +8,9 @@ still reports what it did not run (and pytest exits 0, not 5).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+import inspect
+from collections.abc import Generator
 
 import pytest
 
@@ -35,8 +37,38 @@ def safety_net_seconds() -> float:
 
 
 @pytest.fixture
-async def safety_net(safety_net_seconds: float) -> AsyncIterator[None]:
-    """Fail a test that runs past ``safety_net_seconds``, and check that the net did not fire."""
-    async with asyncio.timeout(safety_net_seconds) as net:
-        yield
-    assert not net.expired()
+def safety_net(safety_net_seconds: float) -> None:
+    """Ask for it to fail a test that runs past ``safety_net_seconds`` (see the hook below)."""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """Run an async test that asks for ``safety_net`` under ``asyncio.timeout``.
+
+    A timeout entered in an async fixture guards the fixture's task, not the test's, so it could
+    never fire; wrapping the test function itself puts the net around the test body, and the
+    test fails with a clear message (not a bare cancellation) when the net fires.
+    """
+    if not isinstance(item, pytest.Function):
+        return (yield)
+    test = item.obj
+    if "safety_net" in item.fixturenames and inspect.iscoroutinefunction(test):
+        seconds = item.funcargs["safety_net_seconds"]
+        assert isinstance(seconds, float | int)
+
+        @functools.wraps(test)
+        async def guarded(*args: object, **kwargs: object) -> object:
+            async with asyncio.timeout(seconds) as net:
+                try:
+                    return await test(*args, **kwargs)
+                except asyncio.CancelledError:
+                    if net.expired():
+                        pytest.fail(f"the {seconds:g} s safety net fired")
+                    raise
+
+        item.obj = guarded
+        try:
+            return (yield)
+        finally:
+            item.obj = test
+    return (yield)

@@ -21,20 +21,24 @@ for plain responses and SSE error frames alike.
     ├── AllWorkersBusy               503 overloaded_error            overload
     ├── NoWorkersAvailable           503 service_unavailable_error   unavailable
     ├── ResponseTimeout              504 timeout_error               response_timeout
-    │   └── WorkerResponseTimeout    504   quarantines the worker; not migratable
+    │   └── WorkerResponseTimeout    504   the worker said it timed out: quarantines, not migratable
+    │       └── WorkerSilent         504   the router's own timer: quarantines, migratable
     ├── Cancelled                    499 cancelled                   cancelled
     │   └── ServerShuttingDown       503 service_unavailable_error   cancelled
     ├── ServerDraining               503 service_unavailable_error   unavailable (new work refused)
     ├── EngineError                  500 internal_error              internal
     │   └── UpstreamError            502 upstream_error              internal (a worker's 5xx)
+    │       └── UpstreamNoStream     502   a 200 without an event stream: the worker is probed
     └── WorkerFault                  503 service_unavailable_error   unavailable
         ├── WorkerUnreachable        503   connect failed / timed out
         ├── WorkerDisconnected       503   dropped mid-stream, or ended without a terminal item
         └── WorkerShuttingDown       503   the worker said it is going away
 
-Two more class attributes drive the router: ``quarantines`` (the worker that produced the error is
-reported down) and ``migratable`` (the request may be replayed on another worker, SPEC §9). Only
-worker faults set them; a client's cancellation, a 4xx or an overload never does.
+Three more class attributes drive the router: ``quarantines`` (the worker that produced the error
+is reported down), ``migratable`` (the request may be replayed on another worker, SPEC §9) and
+``probes_worker`` (the worker is probed at once and quarantined only if the probe fails: its
+answer was broken, but the worker may be fine). Only worker faults set them; a client's
+cancellation, a 4xx or an overload never does.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class DynamoError(Exception):
     default_message: ClassVar[str] = "Internal server error"
     quarantines: ClassVar[bool] = False
     migratable: ClassVar[bool] = False
+    probes_worker: ClassVar[bool] = False
 
     def __init__(
         self, message: str | None = None, *, param: str | None = None, code: str | int | None = None
@@ -192,10 +197,22 @@ class EngineError(DynamoError):
 
 
 class WorkerResponseTimeout(ResponseTimeout):
-    """A worker went silent past the per-attempt inactivity or first-token limit."""
+    """A worker timed out: it said so (a 504, a ``timeout_error``), or it sent no headers or no
+    first event within the first-token limit the transport was given."""
 
     quarantines = True
     default_message = "The worker stopped responding"
+
+
+class WorkerSilent(WorkerResponseTimeout):
+    """The router's per-attempt timer found the worker silent (inactivity or first token).
+
+    The worker is quarantined and, with migration on, the request moves to another worker like
+    a dropped stream's (SPEC §9): another worker may well finish it. With migration off the
+    client gets the 504 (or the error frame) as for any response timeout.
+    """
+
+    migratable = True
 
 
 class UpstreamError(EngineError):
@@ -204,6 +221,19 @@ class UpstreamError(EngineError):
     status = 502
     type = "upstream_error"
     default_message = "The worker failed"
+
+
+class UpstreamNoStream(UpstreamError):
+    """A worker answered 200 but sent no event stream: an empty body, or a JSON body.
+
+    llama_cpp.server does this for a prompt longer than its context. The request fails with a
+    502 naming the worker's status and what its body said; the worker itself is not quarantined
+    on this alone, but probed at once (and quarantined if the probe fails).
+    """
+
+    default_code = "no_event_stream"
+    default_message = "The worker answered without an event stream"
+    probes_worker = True
 
 
 class WorkerFault(DynamoError):

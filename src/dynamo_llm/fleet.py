@@ -26,7 +26,6 @@ from .transport import WorkerClient, make_session
 
 log = logging.getLogger("dynamo_llm.fleet")
 
-PROBE_WITHIN = 2.0
 MODELS_WITHIN = 5.0
 
 
@@ -104,9 +103,27 @@ class Fleet:
         return frozenset(models), ours
 
     async def _probe(self, worker: Worker) -> bool:
+        """Whether a quarantined (or suspect) worker generates again; see transport.probe."""
         if self._client is None:
             return False
-        return await self._client.probe(worker.url, within=PROBE_WITHIN)
+        # Any model the worker serves will do: the probe asks its engine for one token.
+        model = min(worker.models) if worker.models else None
+        result = await self._client.probe(
+            worker.url,
+            within=self.config.worker_probe_timeout_secs,
+            model=model,
+            first=worker.probe_path,
+        )
+        if result.path is not None:
+            worker.probe_path = result.path
+        log.log(
+            logging.INFO if result.ok else logging.WARNING,
+            "probe of worker %s %s: %s",
+            worker.id,
+            "passed" if result.ok else "failed",
+            result.summary,
+        )
+        return result.ok
 
     def _models_changed(self, models: frozenset[str]) -> None:
         assert self.router is not None

@@ -34,11 +34,11 @@ so one wrong count does not fail every later case).
 
 The worker cases above run with migration off (``DYN_MIGRATION_LIMIT=0``). They run again with
 ``DYN_MIGRATION_LIMIT=1`` and a healthy ``ok`` worker after the faulty one for the same model
-(section 2b): a migratable fault (refused connection, stream ended without its terminal item,
-SIGKILL mid-stream) gives the client one complete, correct answer and counts one migration; a
-fault that is not migratable (a timeout, the worker's own 500 or malformed output) ends as with
-migration off and counts none. A client that hangs up during a migrated stream reaches the
-replay's worker.
+(section 2b): a migratable fault (refused connection, a worker that never answers, stream ended
+without its terminal item, SIGKILL mid-stream) gives the client one complete, correct answer and
+counts one migration; a fault that is not migratable (the worker's own 500 or malformed output)
+ends as with migration off and counts none. A client that hangs up during a migrated stream
+reaches the replay's worker.
 """
 
 import asyncio
@@ -746,6 +746,8 @@ MIGRATION_ON = {**LIMITS, "DYN_MIGRATION_LIMIT": "1"}
 MIGRATABLE: dict[str, tuple[dict[str, Any], str, str]] = {
     # connect refused: nothing generated; the dispatch is retried elsewhere
     "refuses-connections": ({"behaviour": "refuse"}, "", "new_request"),
+    # accepts, never a byte: the router's first-token limit quarantines it, the request moves
+    "never-answers": ({"behaviour": "zombie"}, "", "new_request"),
     # FEW=3 tokens, then the body ends without [DONE]
     "stops-mid-stream": ({"behaviour": "stop-mid-stream"}, "tok0tok1tok2", "ongoing_request"),
     # one token, then SIGKILL while it holds the second
@@ -753,9 +755,9 @@ MIGRATABLE: dict[str, tuple[dict[str, Any], str, str]] = {
         {"behaviour": "ok", "tokens": 3, "gap": HOLD}, "tok0", "ongoing_request",
     ),
 }  # fmt: skip
-# Not migratable (a timeout, the worker's own failure): the same outcome as with migration off
+# Not migratable (the worker's own failure): the same outcome as with migration off
 # (WORKER_FAULTS), the ``ok`` worker never sees the request, ``model_migration_total`` stays 0.
-NOT_MIGRATABLE = ("never-answers", "answers-500", "malformed-sse")
+NOT_MIGRATABLE = ("answers-500", "malformed-sse")
 
 
 def texts_by_choice(reply: Reply, stream: bool) -> list[str]:

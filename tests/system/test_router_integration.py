@@ -49,7 +49,10 @@ MODES = ["round-robin", "random", "power-of-two", "least-loaded", "kv", "direct"
 
 
 async def ids_seen(worker: BadWorker) -> list[str]:
-    return [seen["id"] for seen in (await worker.record())["requests"]]
+    """The client requests the worker saw. Not the probes of a quarantined worker (1-token
+    completions): the frontend streams every client request upstream, a probe is unstreamed."""
+    requests = (await worker.record())["requests"]
+    return [seen["id"] for seen in requests if (seen["body"] or {}).get("stream")]
 
 
 async def health(fe: RoutedFrontend) -> tuple[int, dict[str, str]]:

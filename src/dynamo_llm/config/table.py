@@ -379,14 +379,27 @@ class Config:
         commands=SERVE,
         metavar="S",
     )
+    worker_probe_timeout_secs: float = option(
+        5.0,
+        "--worker-probe-timeout-secs",
+        "DYN_WORKER_PROBE_TIMEOUT_SECS",
+        FLOAT,
+        "a quarantined worker comes back only after a 1-token completion (or, where the engine "
+        "offers none, /health or /v1/models) answers within this long",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="S",
+        normalize=zero_is_default,
+    )
     # Migration (SPEC §9): how many times a request may move to another worker; 0 is off.
     migration_limit: int = option(
         0,
         "--migration-limit",
         "DYN_MIGRATION_LIMIT",
         INT,
-        "a request whose worker fails (unreachable, dropped, shutting down) moves to another "
-        "worker at most N times, continuing where it stopped; 0 turns migration off",
+        "a request whose worker fails (unreachable, dropped, shutting down, silent past a "
+        "timeout) moves to another worker at most N times, continuing where it stopped; 0 "
+        "turns migration off",
         group=ROUTER,
         commands=SERVE,
         metavar="N",

@@ -14,7 +14,9 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
 2. it relays the worker's outputs, timing them with a :class:`~dynamo_llm.runtime.watchdog.
    Watchdog` at the raw ``DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` (the HTTP layer's net is twice
    that) and the first-token limit; the clock starts at dispatch, so a worker that never even
-   sends its headers is silent too, and is quarantined by the inactivity limit alone;
+   sends its headers is silent too, and is quarantined by the inactivity limit alone. Its
+   verdict is a :class:`~dynamo_llm.errors.WorkerSilent`, which a migrating request survives
+   like a dropped stream;
 3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
    stream, stream ended without its terminal item, silence past the limit; the watchdog's
    verdict wins over the error it caused) goes to ``report_down``; a clean end to
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING
 from uuid import uuid4
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
-from ..errors import DynamoError, WorkerResponseTimeout
+from ..errors import DynamoError, WorkerSilent
 from ..metrics import Metrics
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
@@ -107,7 +109,7 @@ class Attempt:
             inactivity=limits.inactivity,
             first_token=limits.first_token,
             deadline=None,
-            error=WorkerResponseTimeout,
+            error=WorkerSilent,
         )
         self._stream: AsyncIterator[EngineOutput] | None = None
         self._started = 0.0
@@ -128,8 +130,7 @@ class Attempt:
         renders itself (it may run on another endpoint than the client's).
 
         When opening fails, everything is given back and the worker reported before the error
-        propagates (the watchdog's :class:`WorkerResponseTimeout` in place of the error it
-        caused).
+        propagates (the watchdog's :class:`WorkerSilent` in place of the error it caused).
         """
         worker, dog = self.worker, self._dog
         self._ctx.link_child(self.context)

@@ -14,7 +14,11 @@ workers exactly like an in-process engine. Per request it:
    connecting to it is re-chosen once;
 3. for a request that may migrate (``DYN_MIGRATION_LIMIT``, :mod:`.migration`), reads the
    attempt's outputs through a :class:`~.migration.MigrationState` and, when the attempt fails
-   with a migratable error, continues the request on another worker with the replay.
+   with a migratable error (a worker gone silent included), continues the request on another
+   worker with the replay. ``model_migration_total`` counts a ``new_request`` when nothing was
+   generated yet and an ``ongoing_request`` otherwise; each migration keeps the request's
+   context alive (``keep_alive()``), so the HTTP layer's net does not fire before the new
+   attempt's own limits.
 
 Whatever the attempt holds (the in-flight slot, the attempt context's link, the upstream
 connection) is given back by the attempt, exactly once, whichever way it ends.
@@ -199,14 +203,11 @@ class Router:
                         state.generated,
                     )
                     await current.aclose()
+                    # Nothing generated yet (a worker silent before its first token): the
+                    # request starts over elsewhere, a new request as far as the count goes.
+                    kind = "ongoing_request" if state.generated else "new_request"
                     current.worker, current.stream = await self._dispatch(
-                        state,
-                        replay,
-                        ctx,
-                        hashes,
-                        exclude,
-                        migration_type="ongoing_request",
-                        cause=exc,
+                        state, replay, ctx, hashes, exclude, migration_type=kind, cause=exc
                     )
         finally:
             await current.aclose()
@@ -230,6 +231,10 @@ class Router:
                 if self.metrics is not None:
                     self.metrics.model_migration_total.labels(request.model, migration_type).inc()
                 migration_type = None
+                # The request is alive though nothing reached the client for a while: the HTTP
+                # layer's silence limits start over, so that the new attempt's own limits (the
+                # same length as the old one's) fire first.
+                ctx.keep_alive()
             attempt = Attempt(
                 worker,
                 slot,

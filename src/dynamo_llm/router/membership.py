@@ -66,7 +66,17 @@ class UnknownWorker(KeyError):
 class Worker:
     """One worker: its identity, and its ``load`` and ``health``, changed by its WorkerSet only."""
 
-    __slots__ = ("health", "id", "is_ours", "last_ttft", "load", "max_inflight", "models", "url")
+    __slots__ = (
+        "health",
+        "id",
+        "is_ours",
+        "last_ttft",
+        "load",
+        "max_inflight",
+        "models",
+        "probe_path",
+        "url",
+    )
 
     def __init__(
         self,
@@ -86,6 +96,8 @@ class Worker:
         self.max_inflight = max_inflight
         self.is_ours = is_ours  # a `dynamo-llm worker`: it understands our stop route
         self.last_ttft: float | None = None
+        # The probe that last decided this worker's return (its path), tried first next time.
+        self.probe_path: str | None = None
         self.load = WorkerLoad()
         self.health = Health()
 

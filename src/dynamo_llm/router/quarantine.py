@@ -5,9 +5,15 @@
 answers and overload never do. The worker then sits out an exponential back-off, 1 s doubling up
 to 60 s, one step per consecutive failure. When the back-off expires (a timer on the injected
 clock, no polling loop) the worker is not simply trusted again: a cheap active **probe**
-supplied by the caller (e.g. ``GET /health`` of the worker) decides. Success makes it available;
-failure puts it back for the next, doubled back-off. A blanket timer would send real requests to
-a worker that is still down, and each would fail.
+supplied by the caller (a 1-token completion on the worker, see
+:mod:`dynamo_llm.transport.probe`) decides. Success makes it available; failure puts it back
+for the next, doubled back-off. A blanket timer would send real requests to a worker that is
+still down, and each would fail.
+
+An error whose class sets ``probes_worker`` (a 200 without an event stream) does not quarantine
+by itself: the request failed, but the worker may be fine (llama_cpp.server answers an empty 200
+to a prompt longer than its context, and every other request normally). The worker is probed at
+once, staying available meanwhile, and quarantined only if that probe fails.
 
 The failure streak is reset by a *request* that succeeds (``report_ok``), not by a passing
 probe, so a worker that answers its health check but fails real requests (a flapping worker)
@@ -187,9 +193,7 @@ class Quarantine(Generic[W]):
         timer = self._timers.pop(worker, None)
         if timer is not None:
             timer.cancel()
-        task = self._probes.pop(worker, None)
-        if task is not None:
-            task.cancel()  # awaited by aclose() if still running then
+        self._cancel_probe(worker)
         if self._metrics is not None:
             self._metrics.worker_quarantined.remove(worker.id)
 
@@ -198,13 +202,23 @@ class Quarantine(Generic[W]):
 
         Returns whether the worker entered quarantine now. Errors whose class does not set
         ``quarantines`` (cancellations, 4xx, overload, anything not a ``DynamoError``) and
-        reports about a worker already quarantined change nothing.
+        reports about a worker already quarantined change nothing, except that an error whose
+        class sets ``probes_worker`` starts a probe of the worker at once (see the module doc).
         """
-        if not (isinstance(error, DynamoError) and type(error).quarantines):
+        if not isinstance(error, DynamoError):
             return False
         health = worker.health
+        if not type(error).quarantines:
+            if type(error).probes_worker and not health.quarantined and worker not in self._probes:
+                log.warning(
+                    "worker %s: %s (%s); probing it now", worker.id, error.message, error.code
+                )
+                self._start_probe(worker)
+            return False
         if health.quarantined:
             return False
+        # A probe already running (a suspicion's) is superseded by the back-off cycle.
+        self._cancel_probe(worker)
         now = self._clock.now()
         if health.is_available_since(now, self.backoff_max):
             # Healthy for a long while: this failure starts a new streak.
@@ -253,6 +267,11 @@ class Quarantine(Generic[W]):
         self._timers.pop(worker, None)
         if self._closed or worker not in self._watched:
             return
+        self._start_probe(worker)
+
+    def _start_probe(self, worker: W) -> None:
+        if self._closed:
+            return
         task = asyncio.get_running_loop().create_task(
             self._probe_and_settle(worker), name=f"probe {worker.id}"
         )
@@ -261,18 +280,42 @@ class Quarantine(Generic[W]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _cancel_probe(self, worker: W) -> None:
+        task = self._probes.pop(worker, None)
+        if task is not None:
+            task.cancel()  # awaited by aclose() if still running then
+            worker.health.end_probe()
+
     async def _probe_and_settle(self, worker: W) -> None:
+        task = asyncio.current_task()
         try:
             ok = await self._probe(worker)
         except Exception as exc:  # a probe that raises has failed; CancelledError propagates
             log.warning("probe of worker %s raised %r", worker.id, exc)
             ok = False
         finally:
-            worker.health.end_probe()
-            self._probes.pop(worker, None)
+            if self._probes.get(worker) is task:
+                del self._probes[worker]
+                worker.health.end_probe()
         if self._closed or worker not in self._watched:
             return
         now = self._clock.now()
+        if not worker.health.quarantined:
+            # The probe of a suspicion (see report_down): only a failure changes anything.
+            if ok:
+                log.info("worker %s passed its probe and stays available", worker.id)
+                return
+            if worker.health.is_available_since(now, self.backoff_max):
+                worker.health.start_streak(self.backoff_initial)
+            backoff = self._quarantine(worker, now)
+            log.warning(
+                "worker %s failed its probe; quarantined for %g s (%d failures in a row)",
+                worker.id,
+                backoff,
+                worker.health.failures,
+            )
+            self._on_change(worker.models)
+            return
         if not ok:
             backoff = self._quarantine(worker, now)
             log.warning(

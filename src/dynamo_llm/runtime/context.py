@@ -14,6 +14,11 @@ a parent that is already stopped or killed stops or kills the child at once (Dyn
 
 Waiters (``await stopped()``, ``await killed()``) and callbacks (``on_stop``) are created only
 when somebody asks, so a request that is never cancelled pays for none of them.
+
+One signal goes the other way, up from a child to its parents: ``keep_alive()``, an engine
+saying it is still working on the request although it produced nothing (the router moved it to
+another worker). Time limits on silence watching the context (``on_keep_alive``) start over, so
+the HTTP layer's safety net does not cut a request the router is busy saving.
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ class EngineContext:
     __slots__ = (
         "_callbacks",
         "_children",
+        "_keep_alive_callbacks",
         "_killed_waiters",
+        "_parent",
         "_stopped_waiters",
         "id",
         "reason",
@@ -63,6 +70,8 @@ class EngineContext:
         self._stopped_waiters: list[asyncio.Future[None]] | None = None
         self._killed_waiters: list[asyncio.Future[None]] | None = None
         self._callbacks: list[StopCallback] | None = None
+        self._parent: EngineContext | None = None
+        self._keep_alive_callbacks: list[Callable[[], None]] | None = None
 
     def __repr__(self) -> str:
         return f"EngineContext(id={self.id!r}, state={self.state.name}, reason={self.reason})"
@@ -123,11 +132,36 @@ class EngineContext:
 
         return remove
 
+    def keep_alive(self) -> None:
+        """The engine is still working on the request though it produced nothing (it moved the
+        request to another worker): tell whoever times this context's silence, and its parents'.
+        """
+        ctx: EngineContext | None = self
+        while ctx is not None:
+            if ctx._keep_alive_callbacks:
+                for callback in list(ctx._keep_alive_callbacks):
+                    callback()
+            ctx = ctx._parent
+
+    def on_keep_alive(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` on every :meth:`keep_alive` of this context or of a linked child.
+        Returns a function that unregisters it."""
+        if self._keep_alive_callbacks is None:
+            self._keep_alive_callbacks = []
+        self._keep_alive_callbacks.append(callback)
+
+        def remove() -> None:
+            if self._keep_alive_callbacks is not None and callback in self._keep_alive_callbacks:
+                self._keep_alive_callbacks.remove(callback)
+
+        return remove
+
     def link_child(self, child: EngineContext) -> None:
         """Make ``child`` follow this context (stopped or killed at once if this one is)."""
         if self._children is None:
             self._children = []
         self._children.append(child)
+        child._parent = self
         if self.state is ContextState.KILLED:
             child.kill(self.reason or StopReason.EXPLICIT)
         elif self.state is ContextState.STOPPED:
@@ -138,6 +172,8 @@ class EngineContext:
         if self._children is not None:
             with contextlib.suppress(ValueError):
                 self._children.remove(child)
+        if child._parent is self:
+            child._parent = None
 
     def _advance(self, target: ContextState, reason: StopReason) -> None:
         if self.state >= target:

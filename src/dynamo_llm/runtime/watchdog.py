@@ -9,6 +9,12 @@ is quarantined). Three limits, each optional:
 - **first token**: no item within ``DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS`` of dispatch.
 - **deadline**: the whole request exceeds ``DYN_HTTP_REQUEST_TIMEOUT_SECS``.
 
+A ``keep_alive()`` of the context (the router moved the request to another worker, SPEC §9)
+restarts the inactivity and first-token windows but not the deadline: the engine is working on
+the request, and its own per-attempt timer watches the new attempt. Without it the HTTP layer's
+net (twice the router's limit, measured from the last item) would fire about when the new
+attempt's own limit does, and could cut a request the router was about to save.
+
 One clock timer serves all three. An item only records the time (``touch()``); the timer, when it
 fires, checks whether the silence is real and otherwise re-arms itself for the next possible
 expiry. So a 100-token stream costs one timer, not a hundred. On expiry the watchdog kills the
@@ -33,8 +39,10 @@ class Watchdog:
         "_deadline",
         "_error",
         "_first_token",
+        "_first_token_from",
         "_inactivity",
         "_on_expire",
+        "_remove_keep_alive",
         "_started",
         "_timer",
         "clock",
@@ -64,13 +72,17 @@ class Watchdog:
         self._on_expire = on_expire
         self._timer: TimerHandle | None = None
         self._started = 0.0
+        self._first_token_from = 0.0
+        self._remove_keep_alive: Callable[[], None] | None = None
         self.last_item = 0.0
         self.got_item = False
         self.expired: ResponseTimeout | None = None
 
     def start(self) -> None:
         """Start the clocks (at dispatch)."""
-        self._started = self.last_item = self._clock.now()
+        self._started = self._first_token_from = self.last_item = self._clock.now()
+        if self._inactivity or self._first_token:
+            self._remove_keep_alive = self._ctx.on_keep_alive(self._keep_alive)
         self._arm()
 
     def touch(self, now: float | None = None) -> None:
@@ -82,13 +94,23 @@ class Watchdog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._remove_keep_alive is not None:
+            self._remove_keep_alive()
+            self._remove_keep_alive = None
+
+    def _keep_alive(self) -> None:
+        # The timer already armed fires early, finds no real silence and re-arms itself.
+        now = self._clock.now()
+        self.last_item = now
+        if not self.got_item:
+            self._first_token_from = now
 
     def _next_expiry(self) -> float | None:
         candidates = []
         if self._inactivity:
             candidates.append(self.last_item + self._inactivity)
         if self._first_token and not self.got_item:
-            candidates.append(self._started + self._first_token)
+            candidates.append(self._first_token_from + self._first_token)
         if self._deadline:
             candidates.append(self._started + self._deadline)
         return min(candidates) if candidates else None
@@ -109,7 +131,11 @@ class Watchdog:
                 f"Request exceeded the time limit of {self._deadline:g} s", code="deadline_exceeded"
             )
             reason = StopReason.DEADLINE
-        elif self._first_token and not self.got_item and now >= self._started + self._first_token:
+        elif (
+            self._first_token
+            and not self.got_item
+            and now >= self._first_token_from + self._first_token
+        ):
             error = self._error(f"No response from the engine within {self._first_token:g} s")
         elif self._inactivity and now >= self.last_item + self._inactivity:
             error = self._error(

@@ -15,6 +15,8 @@ graceful stop for our own workers). The modules, in the order a request meets th
 - :mod:`.relay` — the raw relay's fast path, and the id and model rewrite.
 - :mod:`.events` — the slow path: SSE events parsed into the shared chunk shape
   (:mod:`dynamo_llm.protocols.stream`).
+- :mod:`.probe` — the active probe of a quarantined worker: a 1-token completion, falling back
+  to what the engine offers.
 
 The transport sits below the router and beside the engines: it uses the engine types
 (:class:`~dynamo_llm.engines.base.EngineRequest`, :class:`~dynamo_llm.engines.base.EngineOutput`)

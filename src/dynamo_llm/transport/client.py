@@ -12,7 +12,11 @@ there, as the error class the router acts on (:mod:`.errors`): connect refused o
 :class:`WorkerResponseTimeout`; a 4xx -> the matching 4xx :class:`DynamoError` with the worker's
 message, param and code; a 503 saying it is busy -> :class:`AllWorkersBusy`; a 503 saying it is
 shutting down -> :class:`WorkerShuttingDown`; another 5xx -> :class:`UpstreamError` with the
-worker's message. What it returns is the attempt's :class:`~.stream.RemoteStream`.
+worker's message; a 2xx with a JSON body instead of an event stream ->
+:class:`UpstreamNoStream` (a failure of this request; the router probes the worker). What it
+returns is the attempt's :class:`~.stream.RemoteStream`.
+
+:meth:`WorkerClient.probe` is the active probe of a quarantined worker (:mod:`.probe`).
 
 The client only bounds the wait for the response headers and the first event with
 ``first_token_timeout``; the caller (the router) owns the inactivity timer.
@@ -33,7 +37,8 @@ from ..protocols.completions import CompletionRequest
 from ..protocols.models import decode_model_list
 from ..runtime.context import EngineContext
 from .body import upstream_body
-from .errors import admission_error, describe, error_from_worker
+from .errors import admission_error, describe, error_from_worker, no_stream_error
+from .probe import ProbeResult, probe_worker
 from .stream import RemoteStream, StreamMode, post_stop
 
 __all__ = ["WorkerClient", "make_session"]
@@ -146,6 +151,14 @@ class WorkerClient:
             finally:
                 resp.close()
             raise error_from_worker(resp.status, error_body)
+        if _is_json(resp.content_type):
+            # A JSON answer to a streamed request (an error, llama_cpp.server's way): not an
+            # event stream, a failure of this request only.
+            try:
+                answer = await _read_bounded(resp, deadline)
+            finally:
+                resp.close()
+            raise no_stream_error(resp.status, resp.content_type, answer)
         if response_id is None:
             response_id = family.response_id(request.id)
         options = params.stream_options
@@ -195,16 +208,15 @@ class WorkerClient:
         """Ask one of our workers to stop generating ``request_id`` gracefully."""
         return await post_stop(self.session, url, request_id)
 
-    async def probe(self, url: str, *, within: float) -> bool:
-        """A cheap health check: ``GET /health`` answers 2xx within ``within`` seconds."""
-        try:
-            async with self.session.get(
-                url.rstrip("/") + "/health", timeout=aiohttp.ClientTimeout(total=within)
-            ) as resp:
-                await resp.read()
-                return resp.status < 300
-        except (TimeoutError, aiohttp.ClientError):
-            return False
+    async def probe(
+        self, url: str, *, within: float, model: str | None = None, first: str | None = None
+    ) -> ProbeResult:
+        """Whether the worker at ``url`` generates: a 1-token completion of ``model`` (the
+        worker's own name for it), falling back to what the engine offers (:mod:`.probe`).
+
+        Truthy when it passed; ``first`` is the probe that decided last time (its ``path``).
+        """
+        return await probe_worker(self.session, url, within=within, model=model, first=first)
 
     async def fetch_models(self, url: str, *, within: float) -> list[str]:
         """The model ids a worker serves, from its ``/v1/models``.
@@ -229,6 +241,10 @@ class WorkerClient:
             return decode_model_list(body)
         except msgspec.MsgspecError as exc:
             raise UpstreamError("The worker's /v1/models answer is malformed") from exc
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
 
 
 def _is_batch(prompt: list[str | int | list[int]]) -> bool:

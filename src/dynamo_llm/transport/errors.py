@@ -39,6 +39,7 @@ from ..errors import (
     TooManyRequests,
     UnsupportedMediaType,
     UpstreamError,
+    UpstreamNoStream,
     WorkerDisconnected,
     WorkerResponseTimeout,
     WorkerShuttingDown,
@@ -46,10 +47,12 @@ from ..errors import (
 )
 from ..runtime.context import EngineContext
 
-__all__ = ["admission_error", "describe", "error_from_worker"]
+__all__ = ["admission_error", "describe", "error_from_worker", "no_stream_error", "summarize_body"]
 
 # How much of a worker's error message is passed on.
 MAX_MESSAGE_CHARS = 1000
+# How much of a body that is not an answer is quoted in an error message or a log line.
+MAX_SUMMARY_CHARS = 200
 
 _SHUTTING_DOWN_CODES = frozenset({"server_shutting_down", "worker_shutting_down"})
 _BUSY_CODES = frozenset({"all_workers_busy", "overloaded", "server_overloaded"})
@@ -113,6 +116,30 @@ _STATUS_BY_TYPE = {
     "timeout_error": 504,
     "not_implemented_error": 501,
 }
+
+
+def summarize_body(body: bytes) -> str:
+    """What a worker's body says, in a few words: the message of an error body in any of the
+    shapes workers use, else its first line; bounded, printable, "" for an empty body."""
+    if not body.strip():
+        return ""
+    # An answer that is no error (a unary completion, say) is quoted as it is.
+    message = _error_fields(body)[0] or _clean_message(body.decode("utf-8", "replace"))
+    if len(message) > MAX_SUMMARY_CHARS:
+        message = message[: MAX_SUMMARY_CHARS - 3] + "..."
+    return message
+
+
+def no_stream_error(status: int, content_type: str, body: bytes) -> UpstreamNoStream:
+    """The error for a 2xx answer that carries no event stream (an empty body, a JSON body)."""
+    summary = summarize_body(body)
+    if not summary:
+        return UpstreamNoStream(f"The worker answered HTTP {status} with an empty body")
+    kind = f" ({content_type})" if content_type else ""
+    return UpstreamNoStream(
+        f"The worker answered HTTP {status}{kind} with a body that is not an event stream: "
+        + summary
+    )
 
 
 def _error_fields(body: bytes) -> tuple[str, str | None, str | int | None, str | None]:

@@ -16,8 +16,11 @@ parsed    a unary client; a fan-out sub-request (n>1,   ``text``/``token_ids``, 
 The stream reads whatever buffers the socket gives and cuts them at the last ``\\n\\n``; the
 complete events go to the raw relay (:mod:`.relay`) in the relay mode, and to the slow path
 (:mod:`.events`) otherwise or when the relay passes a buffer over. The body ending without
-``[DONE]``, or the connection dropping, raises :class:`WorkerDisconnected`, unless our context
-was stopped, in which case the stream ends quietly.
+``[DONE]`` after its first event, or the connection dropping, raises
+:class:`WorkerDisconnected`, unless our context was stopped, in which case the stream ends
+quietly. A body that ends cleanly before any event (an empty 200, or text that is no event
+stream) raises :class:`UpstreamNoStream` instead: the worker answered, badly, and is probed
+rather than quarantined.
 
 **Cancellation crosses the wire.** The stream registers ``ctx.on_stop``. On a kill the upstream
 response is closed at once (``close()``, not ``release()``): the worker sees its socket close and
@@ -48,7 +51,7 @@ from ..errors import UpstreamError, WorkerDisconnected, WorkerResponseTimeout
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
-from .errors import describe
+from .errors import describe, no_stream_error
 from .events import EventParser
 from .relay import RawRelay
 
@@ -254,6 +257,11 @@ class RemoteStream:
                 if not chunk:
                     if self._ended_quietly():
                         return
+                    if not parser.seen_first:
+                        # A clean end before any event: the worker answered, but not with a
+                        # stream (an empty 200). A failure of this request, not a dead worker.
+                        resp = self._resp
+                        raise no_stream_error(resp.status, resp.content_type, tail)
                     if (held := parser.take_held()) is not None:
                         yield held
                     raise WorkerDisconnected(
