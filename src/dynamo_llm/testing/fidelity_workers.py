@@ -8,7 +8,8 @@
 prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connections. For the
 tests of what the frontend passes on from a worker (issue 9): tool calls, logprobs, reasoning,
 keys of the engine's own, usage details and counts. What it generates is a script, one *piece*
-per token (id ``1000 + position``):
+per token (id ``1000 + position``); the module is long (~500 lines) because that script and
+the chunks it renders for chat and completions, streamed and unary, are one piece of data:
 
 - chat: two ``reasoning_content`` pieces when the request has ``reasoning_effort``; ``--tokens``
   content pieces ``t0 t1 ...``; with ``tools``, two tool calls (``call_0``/``fn_0``,
