@@ -11,7 +11,8 @@ Lifecycle and guarantees:
 2. ``async for out in stream`` yields outputs. Each carries ``num_tokens`` new tokens for choice
    ``index``; the first output of a stream carries ``prompt_tokens`` (and ``prompt_token_ids``)
    when the engine knows it;
-   the last carries ``finish_reason`` and ``usage``. The stream ends normally after the last
+   the last carries ``finish_reason`` and ``usage`` (a count the engine does not know exactly
+   is None, and is left out of the response). The stream ends normally after the last
    output. A failure mid-stream is raised as a ``DynamoError`` (its class says what kind).
 3. ``ctx`` is the request's :class:`~dynamo_llm.runtime.context.EngineContext`. When it is stopped
    the engine stops producing within one token and ends the stream; when it is killed the engine
@@ -29,13 +30,14 @@ the engine in ``raw_body``. Every other engine never sees such a request: the fr
 Outputs are msgspec Structs: an engine may build one per token, so they must be
 cheap. ``raw`` is for relaying engines: already-rendered SSE bytes the frontend passes on as they
 are (it still counts ``num_tokens``), so the hot path never parses and re-encodes a chunk it does
-not need to change.
+not need to change. ``chunks`` is for relaying engines too: where the frontend must fold or
+re-render a worker's stream, the worker's chunks as it sent them, so that no field is lost.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 
@@ -50,19 +52,66 @@ Endpoint = Literal["chat_completions", "completions"]
 
 
 class Usage(msgspec.Struct, gc=False):
-    """Token counts of one finished choice (or of a whole request once summed)."""
+    """Token counts of one finished choice (or of a whole request once summed).
 
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
+    A count is None when nobody knows it exactly (a worker that sent no usage, the prompt of a
+    request continued as text on another worker): it is then left out of the response, never
+    reported as 0. ``extra`` holds the other keys of a worker's usage object, passed on as they
+    came (``completion_tokens_details``, the rest of ``prompt_tokens_details``, keys of its own).
+    """
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None = None
+    extra: dict[str, Any] | None = None
 
     def __add__(self, other: Usage) -> Usage:
-        """The counts of both: the one place usage is summed (over the choices of a request)."""
+        """The counts of both: the one place usage is summed (over the choices of a request).
+
+        An unknown count makes the sum unknown; numbers in ``extra`` are summed, anything else
+        is the first one's.
+        """
         return Usage(
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.cached_tokens + other.cached_tokens,
+            _add(self.prompt_tokens, other.prompt_tokens),
+            _add(self.completion_tokens, other.completion_tokens),
+            _add(self.cached_tokens, other.cached_tokens),
+            _merge_extra(self.extra, other.extra),
         )
+
+    @property
+    def is_known(self) -> bool:
+        """Whether any count is known (else there is no usage to report)."""
+        return self.prompt_tokens is not None or self.completion_tokens is not None
+
+    def without_prompt(self) -> Usage:
+        """Only the completion side: for a choice whose prompt another choice already counted."""
+        extra = self.extra
+        if extra is not None and "prompt_tokens_details" in extra:
+            extra = {k: v for k, v in extra.items() if k != "prompt_tokens_details"}
+        return Usage(0, self.completion_tokens, 0, extra or None)
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
+def _merge_extra(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    if a is None or b is None:
+        return a if b is None else b
+    merged = dict(a)
+    for key, value in b.items():
+        mine = merged.get(key)
+        if key not in merged or mine is None:
+            merged[key] = value
+        elif isinstance(mine, dict) and isinstance(value, dict):
+            merged[key] = _merge_extra(mine, value)
+        elif _is_number(mine) and _is_number(value):
+            merged[key] = mine + value
+    return merged
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class EngineOutput(msgspec.Struct, gc=False):
@@ -84,6 +133,11 @@ class EngineOutput(msgspec.Struct, gc=False):
     # The prompt's token ids, on a stream's first output when the engine knows them (vLLM's
     # ``prompt_token_ids`` with ``return_token_ids``): what a migration replays exactly.
     prompt_token_ids: list[int] | None = None
+    # A relaying engine's parsed outputs: the worker's chunks this output stands for, decoded
+    # as they came, so that folding, fan-out and migration keep every field (tool calls,
+    # logprobs, keys of the engine's own). In the relay modes only the usage chunk, which is
+    # not relayed: its other keys (llama.cpp's ``timings``) go on the frontend's usage chunk.
+    chunks: list[dict[str, Any]] | None = None
 
 
 class OwnedStream:

@@ -74,7 +74,7 @@ class EchoEngine:
                 "",
                 0,
                 finish_reason=finish,
-                usage=Usage(prompt_tokens, 0),
+                usage=Usage(prompt_tokens, 0, 0),
                 prompt_tokens=prompt_tokens,
             )
             return
@@ -88,7 +88,7 @@ class EchoEngine:
                     token,
                     1,
                     finish_reason=finish,
-                    usage=Usage(prompt_tokens, i + 1),
+                    usage=Usage(prompt_tokens, i + 1, 0),
                     prompt_tokens=prompt_tokens if i == 0 else None,
                 )
             elif i == 0:

@@ -5,7 +5,8 @@ with ids ``<id>-<k>`` and choice index ``k = prompt_index * n + i``. Each sub-re
 context linked under the request's, so stopping or killing the request reaches every one of them
 (Dynamo only watches the first). Their outputs are merged in arrival order; if one fails, the
 others are killed and the error is raised. Prompt tokens are counted once per prompt, not once per
-choice, so the summed usage matches OpenAI's.
+choice, so the summed usage matches OpenAI's. A worker's outputs keep its chunks
+(``EngineOutput.chunks``): the renderer and the aggregator put them under the output's ``index``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
-from .base import Engine, EngineOutput, EngineRequest, OwnedStream, Usage, aclose_stream
+from .base import Engine, EngineOutput, EngineRequest, OwnedStream, aclose_stream
 
 _END = object()
 
@@ -86,7 +87,7 @@ async def _merge(
             item.index = k
             if item.usage is not None and k % n != 0:
                 # The prompt is shared by the n choices of one prompt: count it once.
-                item.usage = Usage(0, item.usage.completion_tokens, 0)
+                item.usage = item.usage.without_prompt()
             yield item
     finally:
         for task in tasks:

@@ -255,4 +255,6 @@ async def _collect(
         await aclose_stream(stream)
     if ctx.is_stopped:
         raise error_for_stop(ctx.reason)
+    if aggregator.usage is not None:
+        exchange.record.on_usage(aggregator.usage)
     return aggregator.render()

@@ -1,14 +1,24 @@
 """Server-sent events: rendering engine outputs as OpenAI chunks, and the fixed frames.
 
 Rendering is on the per-token path, so a renderer builds each request's constant JSON prefix
-once and then makes a chunk with one JSON string encode and two concatenations; it never builds
-a dict per token. The chunk's shape is :mod:`dynamo_llm.protocols.stream`, which the transport
-reads workers' chunks with: the envelope and the usage chunk are encoded from its Structs, and
-the per-token choice is written as bytes in its field order. Outputs that carry ``raw`` bytes (a
+once and then makes an engine's chunk with one JSON string encode and two concatenations; it
+never builds a dict per token. The chunk's shape is :mod:`dynamo_llm.protocols.stream`, which
+the transport reads workers' chunks with: the envelope is encoded from its Structs, and the
+per-token choice is written as bytes in its field order. Outputs that carry ``raw`` bytes (a
 relaying engine) are passed through as-is by the caller and never reach a renderer.
+
+A worker's parsed outputs carry its chunks (``EngineOutput.chunks``): those are re-encoded as
+the worker sent them, every field kept (tool calls, logprobs, keys of its own), with our id,
+model, creation time and choice index, and without token ids the client did not ask for. The
+usage chunk is the engines' usage with the worker's own usage keys and the other top-level keys
+of its usage chunk (llama.cpp's ``timings``); when no count is known there is no usage chunk
+(logged), rather than a chunk of zeros.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import msgspec
 
@@ -24,7 +34,11 @@ SSE_HEADERS = [
     ("x-accel-buffering", "no"),
 ]
 
+log = logging.getLogger("dynamo_llm.http")
+
 _encode = msgspec.json.encode
+_ENVELOPE = frozenset({"id", "object", "created", "model", "usage"})
+_TOKEN_IDS = frozenset({"token_ids", "prompt_token_ids"})
 _TAIL_OPEN = b',"logprobs":null,"finish_reason":null}]}\n\n'
 
 
@@ -48,6 +62,7 @@ class ChunkRenderer:
         "_fast_head",
         "_head",
         "_roles_sent",
+        "_tail",
         "_with_token_ids",
         "include_usage",
         "usage",
@@ -78,10 +93,13 @@ class ChunkRenderer:
         self._with_token_ids = with_token_ids
         self.include_usage = include_usage
         self.usage: Usage | None = None
+        self._tail: dict[str, Any] = {}  # the other keys of the workers' usage chunks
 
     def render(self, out: EngineOutput) -> bytes:
         if out.usage is not None:
             self.add_usage(out.usage)
+        if out.chunks is not None:
+            return self._render_chunks(out.chunks, out.index)
         index = out.index
         if (
             out.finish_reason is None
@@ -118,14 +136,68 @@ class ChunkRenderer:
         parts.append(b"}]}\n\n")
         return b"".join(parts)
 
+    def _render_chunks(self, chunks: list[dict[str, Any]], index: int) -> bytes:
+        """A worker's chunks as it sent them, with our envelope and the choice index.
+
+        The chunks are the output's own (decoded for it), so they are changed in place: a
+        copy would cost more than the encode.
+        """
+        frames: list[bytes] = []
+        envelope = self._chunk
+        keep_ids = self._with_token_ids
+        for chunk in chunks:
+            choices = chunk.get("choices")
+            if not choices:
+                self.add_tail(chunk)  # a usage chunk: its keys go on ours
+                continue
+            chunk["id"] = envelope.id
+            chunk["object"] = envelope.object
+            chunk["created"] = envelope.created
+            chunk["model"] = envelope.model
+            chunk.pop("usage", None)  # ours comes at the end
+            if not keep_ids:
+                chunk.pop("prompt_token_ids", None)
+            for choice in choices:
+                if isinstance(choice, dict):
+                    choice["index"] = index
+                    if not keep_ids:
+                        choice.pop("token_ids", None)
+                        choice.pop("prompt_token_ids", None)
+            frames.append(b"data: " + _encode(chunk) + b"\n\n")
+        return frames[0] if len(frames) == 1 else b"".join(frames)
+
+    def add_tail(self, chunk: dict[str, Any]) -> None:
+        """A worker's usage chunk: its other top-level keys go on the usage chunk we render."""
+        for key, value in chunk.items():
+            if key in _ENVELOPE or key in _TOKEN_IDS or key == "choices":
+                continue
+            if value is not None or key not in self._tail:
+                self._tail[key] = value
+
     def add_usage(self, usage: Usage) -> None:
         """Count a choice's usage towards the final usage chunk."""
         self.usage = usage if self.usage is None else self.usage + usage
 
     def finish(self) -> bytes:
-        """What goes before ``[DONE]``: the usage chunk when asked for, else nothing."""
+        """What goes before ``[DONE]``: the usage chunk when asked for, else nothing.
+
+        No chunk when no count is known (a worker that reports none), unless the worker's usage
+        chunk had keys of its own to pass on (then its usage is null).
+        """
         if not self.include_usage:
             return b""
-        info = usage_info(self.usage or Usage(0, 0))
-        chunk = msgspec.structs.replace(self._chunk, choices=[], usage=info)
+        info = usage_info(self.usage)
+        if info is None and not self._tail:
+            log.debug("no usage known for %s: the usage chunk is left out", self._chunk.id)
+            return b""
+        chunk: dict[str, Any] = {
+            "id": self._chunk.id,
+            "object": self._chunk.object,
+            "created": self._chunk.created,
+            "model": self._chunk.model,
+            "choices": [],
+            "usage": info,
+        }
+        for key, value in self._tail.items():
+            chunk.setdefault(key, value)
         return b"data: " + _encode(chunk) + b"\n\n"

@@ -176,6 +176,8 @@ async def _pump(
                     # Relayed bytes: the usage rides on the output; the frontend renders its chunk.
                     if out.usage is not None:
                         add_usage(out.usage)
+                        for chunk in out.chunks or ():
+                            renderer.add_tail(chunk)
                     if raw:
                         append(raw)
                 if ctx.state:  # not LIVE (ContextState.LIVE == 0): stopped or killed
@@ -259,6 +261,8 @@ async def monitor_for_disconnects(
         return
     if result == _ENDED and not ctx.is_stopped:
         record.mark_ok()
+        if renderer.usage is not None:
+            record.on_usage(renderer.usage)
         handle.disarm()
         await response.finish(renderer.finish() + DONE)
         return

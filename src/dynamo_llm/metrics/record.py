@@ -53,6 +53,15 @@ class TimeSource(Protocol):
     def now(self) -> float: ...
 
 
+class UsageCounts(Protocol):
+    """A request's final token counts as the engine reports them (None: not known)."""
+
+    @property
+    def prompt_tokens(self) -> int | None: ...
+    @property
+    def completion_tokens(self) -> int | None: ...
+
+
 class RequestMetrics(Protocol):
     """The families a record updates (the frontend's ``Metrics`` has them all)."""
 
@@ -146,12 +155,51 @@ class RequestRecord:
             self._queued = False
             m.queued_requests.labels(self.model).dec()
         m.time_to_first_token_seconds.labels(self.model).observe(now - self.started_at)
+        if num_tokens > 1:
+            # The first item's other tokens came with the first one: no latency between them.
+            self._itl.observe(0.0, num_tokens - 1)
         if prompt_tokens is not None:
             self.prompt_tokens = prompt_tokens
             m.input_sequence_tokens.labels(self.model).observe(prompt_tokens)
         self._last_token_at = now
         self.output_tokens += num_tokens
         m.output_tokens_total.labels(self.model).inc(num_tokens)
+
+    def on_usage(self, usage: UsageCounts) -> None:
+        """The request's final usage: what the items could not say exactly is taken from it.
+
+        A relayed stream's items are events, and one event may carry several tokens (vLLM packs
+        them): each event counted one token, a lower bound. The engine's completion count
+        corrects ``output_tokens_total`` (and the output length) at the end; the tokens it adds
+        arrived inside events already observed, with no latency of their own, so they are
+        observed as inter-token latency 0 (the count and the sum of the histogram are then both
+        exact). A count above the engine's cannot be taken back from a counter; it is logged.
+        The prompt's size, when no item carried it (a worker reports it only in its usage), is
+        recorded here.
+        """
+        m = self._metrics
+        prompt = usage.prompt_tokens
+        if prompt is not None and self.prompt_tokens is None:
+            self.prompt_tokens = prompt
+            m.input_sequence_tokens.labels(self.model).observe(prompt)
+        completion = usage.completion_tokens
+        if completion is None or completion == self.output_tokens:
+            return
+        missing = completion - self.output_tokens
+        if missing < 0:
+            log.debug(
+                "%s %s: %d tokens counted, the engine reports %d",
+                self.endpoint,
+                self.model,
+                self.output_tokens,
+                completion,
+            )
+        elif self.first_token_at is not None:
+            self._itl.observe(0.0, missing)
+            self._output_tokens.value += missing
+        else:
+            m.output_tokens_total.labels(self.model).inc(missing)
+        self.output_tokens = completion
 
     def release(self) -> None:
         """Settle the request: counted once, gauges given back. Idempotent."""

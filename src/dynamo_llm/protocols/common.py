@@ -73,27 +73,49 @@ class UsageInfo(msgspec.Struct, omit_defaults=True):
 
 
 class UsageCounts(Protocol):
-    """Token counts as an engine reports them (``engines.base.Usage``)."""
+    """Token counts as an engine reports them (``engines.base.Usage``); None: not known."""
 
     @property
-    def prompt_tokens(self) -> int: ...
+    def prompt_tokens(self) -> int | None: ...
     @property
-    def completion_tokens(self) -> int: ...
+    def completion_tokens(self) -> int | None: ...
     @property
-    def cached_tokens(self) -> int: ...
+    def cached_tokens(self) -> int | None: ...
+    @property
+    def extra(self) -> dict[str, Any] | None: ...
 
 
-def usage_info(usage: UsageCounts) -> UsageInfo:
-    """The wire usage for these counts: the total, and the cached prompt tokens in the details.
+def usage_info(usage: UsageCounts | None) -> dict[str, Any] | None:
+    """The wire usage for these counts; None when no count is known (the usage is left out).
 
-    The one shape of usage on the wire: a unary response's and a stream's usage chunk.
+    The one shape of usage on the wire (a unary response's and a stream's usage chunk): the
+    known counts, ``total_tokens`` when both are known, the cached prompt tokens in
+    ``prompt_tokens_details`` beside the worker's own details, then the worker's other keys.
+    A count nobody knows is left out, never written as 0.
     """
-    return UsageInfo(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.prompt_tokens + usage.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
-    )
+    if usage is None:
+        return None
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    if prompt is None and completion is None:
+        return None
+    info: dict[str, Any] = {}
+    if prompt is not None:
+        info["prompt_tokens"] = prompt
+    if completion is not None:
+        info["completion_tokens"] = completion
+    if prompt is not None and completion is not None:
+        info["total_tokens"] = prompt + completion
+    extra = usage.extra or {}
+    details = extra.get("prompt_tokens_details")
+    details = dict(details) if isinstance(details, dict) else {}
+    if usage.cached_tokens is not None:
+        details["cached_tokens"] = usage.cached_tokens
+    if details:
+        info["prompt_tokens_details"] = details
+    for key, value in extra.items():
+        if key not in info and key != "prompt_tokens_details":
+            info[key] = value
+    return info
 
 
 # --- decoding ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ upstream stream) is given back exactly once: at once when opening fails, otherwi
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -115,9 +116,18 @@ class Attempt:
         self._released = False
 
     async def open(
-        self, client: WorkerClient, request: EngineRequest, *, migrating: bool = False
+        self,
+        client: WorkerClient,
+        request: EngineRequest,
+        *,
+        migrating: bool = False,
+        replay: bool = False,
     ) -> OwnedStream:
         """Send ``request`` to the worker; the stream of its outputs once it answered.
+
+        ``migrating``: the request may migrate, so its outputs must say what was generated
+        (token ids, text). ``replay``: it is a migration's replay, whose outputs the frontend
+        renders itself (it may run on another endpoint than the client's).
 
         When opening fails, everything is given back and the worker reported before the error
         propagates (the watchdog's :class:`WorkerSilent` in place of the error it caused).
@@ -128,26 +138,22 @@ class Attempt:
         dog.start()
         log.debug("request %s: to %s as upstream id %s", request.id, worker.id, self.upstream_id)
         try:
-            if migrating:
-                # Parsed outputs with token ids: what a replay needs, and what the frontend
-                # renders itself whichever worker or endpoint produced them.
-                stream = await client.open_stream(
-                    worker.url,
-                    request,
-                    self.context,
-                    first_token_timeout=self._limits.first_token,
-                    is_ours=worker.is_ours,
-                    track_tokens=True,
-                    relay=False,
-                )
+            # Migrating: token ids and text for a replay. The worker's own bytes still reach
+            # the client while nothing has migrated (when the client asked for token ids too;
+            # else the outputs are parsed, to leave out the ids it did not ask for). A replay's
+            # outputs the frontend renders itself, whichever worker or endpoint produced them.
+            open_stream = functools.partial(
+                client.open_stream,
+                worker.url,
+                request,
+                self.context,
+                first_token_timeout=self._limits.first_token,
+                is_ours=worker.is_ours,
+            )
+            if migrating or replay:
+                stream = await open_stream(track_tokens=True, relay=not replay)
             else:
-                stream = await client.open_stream(
-                    worker.url,
-                    request,
-                    self.context,
-                    first_token_timeout=self._limits.first_token,
-                    is_ours=worker.is_ours,
-                )
+                stream = await open_stream()
         except BaseException as exc:
             self._give_back()
             if dog.expired is not None:

@@ -155,7 +155,13 @@ class Router:
                 raise Cancelled(f"Context id {ctx.id} is stopped or killed") from cause
             try:
                 return await self._attempt(
-                    request, ctx, hashes, exclude, migrating=True, migration_type=migration_type
+                    request,
+                    ctx,
+                    hashes,
+                    exclude,
+                    migrating=True,
+                    replay=request is not state.request,
+                    migration_type=migration_type,
                 )
             except (NoWorkersAvailable, AllWorkersBusy) as exc:
                 if cause is not None:
@@ -214,6 +220,7 @@ class Router:
         exclude: set[str],
         *,
         migrating: bool = False,
+        replay: bool = False,
         migration_type: str | None = None,
     ) -> tuple[Worker, OwnedStream]:
         """One attempt on one worker; the worker is added to ``exclude`` if opening fails."""
@@ -238,7 +245,9 @@ class Router:
                 metrics=self.metrics,
             )
             try:
-                stream = await attempt.open(self.client, request, migrating=migrating)
+                stream = await attempt.open(
+                    self.client, request, migrating=migrating, replay=replay
+                )
             except DynamoError as exc:
                 if (
                     isinstance(exc, WorkerUnreachable)

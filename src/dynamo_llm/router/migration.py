@@ -15,9 +15,16 @@ worker for exactly the rest of the answer:
   assistant message with ``continue_final_message: true`` and ``add_generation_prompt: false``.
 
 Either way ``max_tokens`` (and ``min_tokens``) are reduced by what was generated, the sampling
-options are unchanged, and the replay's outputs are fixed up before the client sees them: they
-no longer carry the replay's own prompt (``prompt_tokens``, ``prompt_token_ids``), and the final
-``usage`` counts the *original* prompt and every token generated across attempts.
+options are unchanged (a chat's ``logprobs``/``top_logprobs`` become the completions
+``logprobs``), and the replay's outputs are fixed up before the client sees them: they no longer
+carry the replay's own prompt (``prompt_tokens``, ``prompt_token_ids``) or a second ``role``; a
+chat continued on ``/v1/completions`` gets its chunks back in the chat shape (``text`` as
+``delta.content``, completions logprobs as chat logprobs); a completion's ``text_offset``
+counts from the start of the whole answer. The final ``usage`` is the request's own: the
+*original* prompt's size (known from the first attempt's prompt ids or count, else left out;
+never the replay's prompt less a guess), every token generated across attempts, and the cached
+prompt tokens only as the first attempt's engine reported them; the replay's other usage keys
+describe the replay, not the request, and are dropped.
 
 The replay is passed on like the request itself: its ``raw_body`` is the client's JSON with the
 replay's changes made (:func:`_replay_body`), so every field the frontend does not know, and
@@ -28,7 +35,10 @@ keeps the rest, the unknown ones included.
 Not replayable, so the budget is 0 whatever the limit: structured output (``response_format``
 ``json_schema``/``json_object``; guided decoding in ``nvext`` or as an engine's own top-level
 field, vLLM's ``guided_*``/``structured_outputs``, llama.cpp's ``grammar``/``json_schema``,
-SGLang's ``regex``/``ebnf``: the grammar's state cannot move) and ``n > 1``.
+SGLang's ``regex``/``ebnf``: the grammar's state cannot move) and ``n > 1``. A chat request with
+``tools`` continues as text on the chat endpoint, never as token ids on ``/v1/completions``,
+where no tool parser would read the rest of a call; and once a tool call has begun streaming the
+request cannot move at all (the parser's state is the worker's).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from ..engines.endpoints import CHAT, COMPLETIONS, EndpointFamily, P
 from ..protocols.chat import ChatCompletionRequest, ChatMessage
 from ..protocols.common import decode_object, struct_fields
 from ..protocols.completions import CompletionRequest
+from ..protocols.stream import chat_choice
 
 __all__ = ["MigrationState", "migration_budget"]
 
@@ -106,13 +117,17 @@ class MigrationState:
     """One request's progress across attempts, and the replay that continues it."""
 
     __slots__ = (
+        "_as_chat",
         "_before",
+        "_cached",
         "_exact",
         "_finished",
         "_prompt_ids",
         "_prompt_tokens",
         "_replaying",
+        "_text_before",
         "_texts",
+        "_tool_call",
         "budget",
         "generated",
         "generated_ids",
@@ -128,8 +143,12 @@ class MigrationState:
         self._exact = True  # every generated token's id is known
         self._prompt_ids: list[int] | None = None
         self._prompt_tokens: int | None = None
+        self._cached: int | None = None  # as the first attempt's engine reported it
         self._replaying = False
         self._before = 0  # tokens generated before the current replay
+        self._text_before = 0  # characters of text generated before the current replay
+        self._as_chat = False  # the replay runs on /v1/completions for a chat request
+        self._tool_call = False  # a tool call has begun streaming
         self._finished = False
 
     @property
@@ -155,28 +174,61 @@ class MigrationState:
             self._texts.append(out.text)
         if out.finish_reason is not None:
             self._finished = True
+        if not self._tool_call:
+            if out.chunks is not None:
+                self._tool_call = any(_has_tool_call(chunk) for chunk in out.chunks)
+            elif out.raw:  # the worker's own bytes (the tracked mode): a call is in them
+                self._tool_call = any(mark in out.raw for mark in _TOOL_CALL_MARKS)
         if not self._replaying:
             if out.prompt_token_ids is not None and self._prompt_ids is None:
                 self._prompt_ids = list(out.prompt_token_ids)
                 self._prompt_tokens = len(self._prompt_ids)
             elif out.prompt_tokens is not None and self._prompt_tokens is None:
                 self._prompt_tokens = out.prompt_tokens
+            if out.usage is not None and self._cached is None:
+                self._cached = out.usage.cached_tokens
             return out
         # A replay's output: its prompt is not the client's.
         if out.prompt_token_ids is not None or out.prompt_tokens is not None:
             out = msgspec.structs.replace(out, prompt_token_ids=None, prompt_tokens=None)
+        if out.chunks is not None:
+            out.chunks = [self._client_chunk(chunk) for chunk in out.chunks]
         if out.usage is not None:
             out.usage = self._client_usage(out.usage)
         return out
 
+    def _client_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """A replay's chunk as the client's stream continues it."""
+        fixed = {k: v for k, v in chunk.items() if k != "prompt_token_ids"}
+        choices = chunk.get("choices")
+        if choices:
+            fixed["choices"] = [self._client_choice(c) for c in choices if isinstance(c, dict)]
+        return fixed
+
+    def _client_choice(self, choice: dict[str, Any]) -> dict[str, Any]:
+        if self._as_chat:
+            choice = chat_choice(choice)
+        choice = {k: v for k, v in choice.items() if k != "prompt_token_ids"}
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and "role" in delta:
+            choice["delta"] = {k: v for k, v in delta.items() if k != "role"}
+        logprobs = choice.get("logprobs")
+        if self._text_before and isinstance(logprobs, dict):
+            offsets = logprobs.get("text_offset")
+            if isinstance(offsets, list):
+                shift = self._text_before
+                choice["logprobs"] = {
+                    **logprobs,
+                    "text_offset": [o + shift if isinstance(o, int) else o for o in offsets],
+                }
+        return choice
+
     def _client_usage(self, replay: Usage) -> Usage:
-        prompt = self._prompt_tokens
-        if prompt is None:
-            # Text continuation without a reported prompt size: the replay's prompt less what
-            # it continues (exact when the worker's tokenizer round-trips the text).
-            prompt = max(0, replay.prompt_tokens - self._before)
+        completion = replay.completion_tokens
         return Usage(
-            prompt, self._before + replay.completion_tokens, min(replay.cached_tokens, prompt)
+            self._prompt_tokens,
+            None if completion is None else self._before + completion,
+            self._cached,
         )
 
     def next_replay(self) -> EngineRequest | None:
@@ -186,12 +238,18 @@ class MigrationState:
         remaining = self.remaining_tokens
         if remaining is not None and remaining <= 0:
             return None
+        if self._tool_call:
+            return None  # a tool call in progress cannot be continued elsewhere
         replay = self._build(remaining)
         if replay is None:
             return None
         self.budget -= 1
-        self._replaying = True
+        # Nothing generated yet: the replay is the request itself, and its outputs are the
+        # request's own (its prompt, its usage).
+        self._replaying = self.generated > 0
         self._before = self.generated
+        self._text_before = sum(map(len, self._texts))
+        self._as_chat = replay.endpoint != self.request.endpoint
         return replay
 
     def take_retry(self) -> bool:
@@ -209,7 +267,7 @@ class MigrationState:
         min_tokens = params.min_tokens
         if min_tokens is not None:
             min_tokens = max(0, min_tokens - self.generated) or None
-        if self.is_token_exact:
+        if self.is_token_exact and not (isinstance(params, ChatCompletionRequest) and params.tools):
             assert self._prompt_ids is not None
             prompt: list[int] = self._prompt_ids + self.generated_ids
             replay = _as_completions(params, prompt, remaining, min_tokens)
@@ -266,8 +324,8 @@ def _replay_body(
     for name in _field_names(replay):
         value = getattr(replay, name)
         before = getattr(params, name, None)
-        if value == before:
-            continue  # unchanged: as the client sent it
+        if value == before and type(value) is type(before):
+            continue  # unchanged: as the client sent it (a chat's `logprobs: true` is not 1)
         if name == "messages" and isinstance(before, list):
             body[name] = _messages_as_sent(body.get(name), before, value)
         elif value is None:
@@ -322,6 +380,7 @@ def _as_completions(
         min_tokens=min_tokens,
         frequency_penalty=params.frequency_penalty,
         logit_bias=params.logit_bias,
+        logprobs=(params.top_logprobs or 0) if params.logprobs else None,
         presence_penalty=params.presence_penalty,
         seed=params.seed,
         stop=params.stop,
@@ -361,3 +420,14 @@ def _continue_chat(
         min_tokens=min_tokens,
         **budget,
     )
+
+
+_TOOL_CALL_MARKS = (b'"tool_calls":[{', b'"tool_calls": [{')
+
+
+def _has_tool_call(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and delta.get("tool_calls"):
+            return True
+    return False

@@ -131,7 +131,7 @@ class FakeEngine:
                     1,
                     prompt_tokens=self.prompt_tokens if i == 0 else None,
                     finish_reason="stop" if last else None,
-                    usage=Usage(self.prompt_tokens, count) if last else None,
+                    usage=Usage(self.prompt_tokens, count, 0) if last else None,
                 )
             if self.hang_after is not None and self.hang_after >= count:
                 await self._wait(call, None)

@@ -161,6 +161,7 @@ class WorkerClient:
             raise no_stream_error(resp.status, resp.content_type, answer)
         if response_id is None:
             response_id = family.response_id(request.id)
+        options = params.stream_options
         return RemoteStream(
             self.session,
             url,
@@ -172,6 +173,7 @@ class WorkerClient:
             mode=mode,
             is_ours=is_ours,
             deadline=deadline,
+            usage_chunk=not params.stream or (options is not None and options.include_usage),
         )
 
     async def _post(

@@ -104,6 +104,10 @@ class RawRelay:
             part = part.replace(old, new)
         return EngineOutput(raw=part, num_tokens=num_tokens)
 
+    def pause(self) -> None:
+        """Send every later buffer the slow way (the slow path holds an output back)."""
+        self._null_finish_window = 0
+
     def rewrite(self, raw: bytes) -> bytes:
         """Events the slow path kept, with the upstream's id and model name replaced by ours."""
         for old, new in self.rewrites:

@@ -113,6 +113,7 @@ class RemoteStream:
         mode: StreamMode,
         is_ours: bool,
         deadline: float | None,
+        usage_chunk: bool = True,
     ) -> None:
         self._session = session
         self._url = url
@@ -126,7 +127,12 @@ class RemoteStream:
         self._aborted = False
         self._finished = False
         self._relay = RawRelay(response_id=response_id, model=model, fast=mode is StreamMode.RELAY)
-        self._parser = EventParser(self._relay, keep_raw=mode is not StreamMode.PARSED)
+        self._parser = EventParser(
+            self._relay,
+            keep_raw=mode is not StreamMode.PARSED,
+            sees_all=mode is not StreamMode.RELAY,
+            usage_chunk=usage_chunk,
+        )
         self._stop_task: asyncio.Task[None] | None = None
         self._gen = self._run()
         self._remove_callback = ctx.on_stop(self._on_stop)
@@ -237,6 +243,8 @@ class RemoteStream:
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                     if self._ended_quietly():
                         return
+                    if (held := parser.take_held()) is not None:
+                        yield held
                     raise WorkerDisconnected(
                         f"The worker's connection dropped mid-stream: {describe(exc)}"
                     ) from exc
@@ -254,6 +262,8 @@ class RemoteStream:
                         # stream (an empty 200). A failure of this request, not a dead worker.
                         resp = self._resp
                         raise no_stream_error(resp.status, resp.content_type, tail)
+                    if (held := parser.take_held()) is not None:
+                        yield held
                     raise WorkerDisconnected(
                         "The worker's stream ended without a terminal [DONE] event"
                     )
@@ -279,6 +289,8 @@ class RemoteStream:
                 if parser.failure is not None:
                     if self._ended_quietly():
                         return  # a worker told to stop may say so with an error
+                    if (held := parser.take_held()) is not None:
+                        yield held
                     raise parser.failure
                 if parser.done:
                     await self._drain()

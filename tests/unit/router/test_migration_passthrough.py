@@ -47,9 +47,9 @@ def replay_body(state: MigrationState, *outputs: EngineOutput) -> dict[str, Any]
 
 
 def test_a_token_exact_chat_replay_keeps_the_unknown_fields_and_leaves_chat_ones_behind() -> None:
-    request = chat_request(
-        tools=[{"type": "function", "function": {"name": "f"}}], logprobs=True, temperature=0.3
-    )
+    # Chat-only fields that change nothing of the replay (`tools` make it a chat text
+    # continuation, `logprobs` become the completions `logprobs`: issue 9).
+    request = chat_request(parallel_tool_calls=False, top_logprobs=3, temperature=0.3)
     body = replay_body(
         MigrationState(request, 1),
         EngineOutput("a", 1, token_ids=[11], prompt_token_ids=[1, 2]),
