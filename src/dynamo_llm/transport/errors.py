@@ -18,6 +18,7 @@ Classification is by status, code, type and exception class, never by message te
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -56,6 +57,8 @@ MAX_SUMMARY_CHARS = 200
 
 _SHUTTING_DOWN_CODES = frozenset({"server_shutting_down", "worker_shutting_down"})
 _BUSY_CODES = frozenset({"all_workers_busy", "overloaded", "server_overloaded"})
+
+log = logging.getLogger("dynamo_llm.transport")
 
 
 def error_from_worker(status: int | None, body: bytes) -> DynamoError:
@@ -201,9 +204,28 @@ def admission_error(
 
 
 def describe(exc: BaseException) -> str:
-    """An aiohttp failure in a few words for an error message: one line, no worker address."""
+    """An aiohttp failure in our own few words, for a message a client may see.
+
+    Never the library's text or class (``<TransferEncodingError: 400, message='Not enough data
+    to satisfy transfer length header.'>`` told a client nothing and named our HTTP client); the
+    full detail goes to the debug log.
+    """
+    log.debug("worker connection failure: %r", exc)
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
         # "Connection refused", not asyncio's text, which names the worker's address.
         return os.strerror(exc.os_error.errno).lower()
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    for kind, words in _FAILURE_WORDS:
+        if isinstance(exc, kind):
+            return words
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return "the connection failed"
+
+
+_FAILURE_WORDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (aiohttp.ClientPayloadError, "the response body was cut short"),
+    (aiohttp.ServerDisconnectedError, "the worker closed the connection"),
+    ((aiohttp.ConnectionTimeoutError, aiohttp.ServerTimeoutError, TimeoutError), "timed out"),
+    (aiohttp.InvalidURL, "the worker's URL is invalid"),
+    (aiohttp.ClientResponseError, "the response was not valid HTTP"),
+)
