@@ -486,7 +486,7 @@ async def spawn_fidelity_worker(
     hold_after: int | None = None,
     model: str = Options.model,
     token_ids: bool = True,
-    ready_within: float = 10.0,
+    ready_within: float = 30.0,
 ) -> AsyncIterator[FidelityWorker]:
     """Run a fake worker process for the body of the ``async with``; killed and reaped after."""
     options = Options(tokens, per_event, usage, hold_after, model, token_ids)
