@@ -1,15 +1,18 @@
 """Issue 9's nine problems, each shown against the real engines.
 
-Every case here fails today for the reason its ``xfail`` names (strict: the fix that makes one
-pass turns the run red until its mark is removed). Each compares with the engine reached
-directly, so what "right" means is what the engine itself does.
+Every case here failed before issue 9's fixes. Those that still fail on main are marked
+``xfail(strict=True)`` with the problem they show (strict: the fix that makes one pass turns
+the run red until its mark is removed). Each compares with the engine reached directly, so what
+"right" means is what the engine itself does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -58,10 +61,13 @@ def problem(n: int, why: str) -> pytest.MarkDecorator:
 TOOLS = {"tools": [WEATHER_TOOL], "tool_choice": "required"}
 
 
+def _call(tool_call: dict[str, Any]) -> tuple[str, Any]:
+    return tool_call["function"]["name"], json.loads(tool_call["function"]["arguments"])
+
+
 # --- 1. tool_calls and logprobs ------------------------------------------------------------------
 
 
-@problem(1, "a unary answer loses the engine's logprobs")
 def test_unary_chat_keeps_the_engines_logprobs(fleet: Pair) -> None:
     fe = fleet.frontend()
     kw = {"logprobs": True, "top_logprobs": 2}
@@ -74,7 +80,6 @@ def test_unary_chat_keeps_the_engines_logprobs(fleet: Pair) -> None:
 
 
 @only("vllm")
-@problem(1, "a unary answer says finish_reason tool_calls but loses the tool call")
 def test_unary_chat_keeps_the_engines_tool_calls(fleet: Pair) -> None:
     fe = fleet.frontend()
     want = unary_chat(client(fleet.engines[0].url + "/v1"), 60, **TOOLS)
@@ -83,11 +88,12 @@ def test_unary_chat_keeps_the_engines_tool_calls(fleet: Pair) -> None:
     assert want_calls, want  # the engine made the call
     assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"]
     got_calls = got["choices"][0]["message"]["tool_calls"] or []
-    assert [c["function"] for c in got_calls] == [c["function"] for c in want_calls]
+    # The same call; the frontend streams from the engine, whose streamed arguments may be
+    # spaced differently from its unary ones.
+    assert [_call(c) for c in got_calls] == [_call(c) for c in want_calls]
 
 
 @only("vllm", "llama-server")
-@problem(1, "with --migration-limit >= 1 a stream loses its logprobs and tool-call deltas")
 def test_streams_keep_logprobs_and_tool_calls_with_migration_on(fleet: Pair) -> None:
     fe = fleet.frontend(migration_limit=1)
     direct = client(fleet.engines[0].url + "/v1")
@@ -116,7 +122,6 @@ EXTRA_FIELDS = {
 }
 
 
-@problem(2, "engine-specific fields sent through extra_body are refused with 400")
 def test_engine_specific_fields_reach_the_engine(fleet: Pair) -> None:
     fe = fleet.frontend()
     extra = EXTRA_FIELDS[fleet.kind]
@@ -132,7 +137,6 @@ def test_engine_specific_fields_reach_the_engine(fleet: Pair) -> None:
 
 
 @only("llama-server", "vllm")
-@problem(3, "keys an engine adds to the response, a choice or the usage are stripped")
 def test_engine_response_extras_reach_the_client(fleet: Pair) -> None:
     fe = fleet.frontend()
     want = unary_completion(client(fleet.engines[0].url + "/v1"), TOKENS)
@@ -152,7 +156,6 @@ def test_engine_response_extras_reach_the_client(fleet: Pair) -> None:
 
 
 @only("llama-cpp-python")
-@problem(4, "llama_cpp.server sends no usage chunk and the frontend reports 0/0/0")
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "unary"])
 def test_usage_is_the_engines_or_absent(fleet: Pair, stream: bool) -> None:
     fe = fleet.frontend()
@@ -166,12 +169,12 @@ def test_usage_is_the_engines_or_absent(fleet: Pair, stream: bool) -> None:
         assert got is None or {k: got[k] for k in COUNTS} == {k: want[k] for k in COUNTS}, got
     else:
         got = unary_completion(client(fe.base_url), TOKENS)["usage"]
-        assert {k: got[k] for k in COUNTS} == {k: want[k] for k in COUNTS}, got
+        assert got is None or {k: got[k] for k in COUNTS} == {k: want[k] for k in COUNTS}, got
 
 
 @only("llama-server")
 @pytest.mark.destructive
-@problem(4, "after a text-continuation migration prompt_tokens counts the replayed prompt")
+@problem(4, "after a text-continuation migration prompt_tokens is not the original prompt's")
 def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
     fe = fleet.frontend(migration_limit=1, fresh="usage-migration")
     tokens = HANGUP_TOKENS[fleet.kind]
@@ -192,7 +195,6 @@ def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
 
 
 @only("llama-cpp-python")
-@problem(5, "the client's X-Request-Id goes upstream and llama_cpp.server refuses a non-UUID")
 @pytest.mark.parametrize("n", [1, 2])
 def test_any_client_request_id_is_accepted(fleet: Pair, n: int) -> None:
     fe = fleet.frontend()
@@ -222,7 +224,6 @@ def _quarantined(
 
 @only("llama-cpp-python")
 @pytest.mark.destructive
-@problem(6, "the probe is GET /health, which llama_cpp.server does not have (404)")
 def test_a_quarantined_engine_without_health_comes_back(fleet: Pair) -> None:
     fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="probe-404")
     c = client(fe.base_url)
@@ -249,7 +250,6 @@ def test_a_quarantined_engine_without_health_comes_back(fleet: Pair) -> None:
 
 @only("vllm")
 @pytest.mark.destructive
-@problem(6, "a vLLM whose EngineCore is hung answers /health 200 and is re-admitted")
 def test_a_hung_engine_core_is_not_readmitted(fleet: Pair) -> None:
     fe = fleet.frontend(backend_stream_timeout_secs=SILENCE_LIMIT["vllm"], fresh="probe-hung")
     c = client(fe.base_url, timeout=30.0)
@@ -271,7 +271,7 @@ def test_a_hung_engine_core_is_not_readmitted(fleet: Pair) -> None:
 
 
 @only("llama-cpp-python")
-@problem(7, "a 200 with an empty body quarantines the worker and the client gets 503")
+@problem(7, "a 200 with an empty body quarantines the worker")
 def test_an_empty_200_is_an_upstream_error_not_a_dead_worker(fleet: Pair) -> None:
     fe = fleet.frontend()
     long_prompt = "weather " * (2 * LLAMA_CPP_PYTHON_CTX)
@@ -288,7 +288,6 @@ def test_an_empty_200_is_an_upstream_error_not_a_dead_worker(fleet: Pair) -> Non
 
 
 @only("vllm")
-@problem(8, "output tokens counted per SSE event, ITL per buffer, no input_sequence_tokens")
 def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair) -> None:
     fe = fleet.frontend(fresh="metrics")
     marks = [e.log_mark() for e in fleet.engines]
@@ -322,7 +321,6 @@ def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair) -> None:
 
 @only("llama-server", "vllm")
 @pytest.mark.destructive
-@problem(9, "a silent worker is never migrated: the client gets timeout_error")
 def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
     limit = SILENCE_LIMIT[fleet.kind]
     fe = fleet.frontend(migration_limit=1, backend_stream_timeout_secs=limit, fresh="silent")
@@ -337,8 +335,12 @@ def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
         victims[0].signal_group(signal.SIGSTOP)
 
     try:
-        text = read_with(stream, pause).text
+        read = read_with(stream, pause)
     finally:
         for v in victims:
             v.signal_group(signal.SIGCONT)
-    assert text == want.text
+    if fleet.kind == "vllm":  # token ids: the migrated answer is the unmigrated one
+        assert read.text == want.text
+    else:  # text continuation: no repeat, no gap, but the end may differ
+        assert want.text.startswith(read.before) and read.text.startswith(read.before)
+        assert len(read.text) > len(read.before)
