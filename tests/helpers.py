@@ -1,7 +1,11 @@
 """Helpers that tests of both tiers use (``unit/`` and ``system/``)."""
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from dynamo_llm.router import Worker, WorkerSet
 
@@ -19,3 +23,17 @@ def write(path: Path, text: str) -> None:
     stamp = path.stat().st_mtime if path.exists() else 1_000_000.0
     path.write_text(text)
     os.utime(path, (stamp + 1, stamp + 1))
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll another process's state until ``condition`` holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"safety net: {what} not seen within {timeout}s")
+        time.sleep(0.02)
+
+
+def environ_without_dyn() -> dict[str, str]:
+    """This process's environment without ``DYN_*``, for a child that must see only its own."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}

@@ -11,6 +11,7 @@ import pytest
 
 from dynamo_llm.testing import FakeEngine, running_frontend
 from dynamo_llm.testing.process import ServerProcess
+from tests.helpers import environ_without_dyn
 
 MODEL = "llama"
 WORKER_KEY = "wk-planted-4f1d9c"
@@ -22,7 +23,7 @@ MOCKER = ["--engine", "mocker", "--speedup-ratio", "1000", "--http-port", "0"]
 @pytest.fixture(scope="module")
 def locked_worker() -> Iterator[str]:
     """A worker that answers only requests carrying ``WORKER_KEY``."""
-    env = {**_environ(), "DYN_API_KEY": WORKER_KEY}
+    env = {**environ_without_dyn(), "DYN_API_KEY": WORKER_KEY}
     with ServerProcess(["worker", *MOCKER, "--model-name", MODEL], env=env) as proc:
         yield proc.wait_ready(timeout=30)
     assert proc.returncode == 0, proc.log
@@ -30,15 +31,11 @@ def locked_worker() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def open_worker() -> Iterator[str]:
-    with ServerProcess(["worker", *MOCKER, "--model-name", MODEL], env=_environ()) as proc:
+    with ServerProcess(
+        ["worker", *MOCKER, "--model-name", MODEL], env=environ_without_dyn()
+    ) as proc:
         yield proc.wait_ready(timeout=30)
     assert proc.returncode == 0, proc.log
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
 
 
 def _chat(stream: bool = False) -> dict[str, object]:
@@ -124,7 +121,7 @@ def _shown(base: str, env: dict[str, str]) -> list[str]:
 
 def test_a_frontend_with_the_upstream_key_fronts_a_locked_worker(locked_worker: str) -> None:
     env = {
-        **_environ(),
+        **environ_without_dyn(),
         "DYN_UPSTREAM_API_KEY": WORKER_KEY,
         "DYN_API_KEY": CLIENT_KEY,
         "DYN_UPSTREAMS": locked_worker,
@@ -142,7 +139,7 @@ def test_a_frontend_with_the_upstream_key_fronts_a_locked_worker(locked_worker: 
 def test_credentials_in_a_worker_url_are_used_but_never_shown(open_worker: str) -> None:
     host_port = open_worker.removeprefix("http://")
     env = {
-        **_environ(),
+        **environ_without_dyn(),
         "DYN_API_KEY": CLIENT_KEY,
         "DYN_UPSTREAMS": f"http://operator:{URL_SECRET}@{host_port}",
     }
@@ -169,10 +166,12 @@ def test_a_stranger_who_knows_a_clients_request_id_cannot_stop_it() -> None:
     client chose, so knowing (or guessing) the client's ``X-Request-Id`` stops nothing."""
     real_time = ["worker", "--engine", "mocker", "--http-port", "0", "--model-name", MODEL]
     with (
-        ServerProcess(real_time, env=_environ()) as worker,  # ~6 ms a token: 400 take seconds
+        ServerProcess(
+            real_time, env=environ_without_dyn()
+        ) as worker,  # ~6 ms a token: 400 take seconds
         ServerProcess(
             ["serve", "--http-port", "0"],
-            env={**_environ(), "DYN_UPSTREAMS": worker.wait_ready(timeout=30)},
+            env={**environ_without_dyn(), "DYN_UPSTREAMS": worker.wait_ready(timeout=30)},
         ) as frontend,
     ):
         open_worker = worker.url

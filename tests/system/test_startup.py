@@ -1,14 +1,12 @@
 """A frontend started before its workers (issue 10, problem 8): it says what it waits for, its
 ``/health`` says ``loading`` until a worker answers, and then it serves. Real processes."""
 
-import os
 import socket
-import time
-from collections.abc import Callable
 
 import httpx
 
 from dynamo_llm.testing.process import READY_LINE, ServerProcess
+from tests.helpers import environ_without_dyn, wait_for
 
 MODEL = "llama"
 
@@ -20,22 +18,11 @@ def _free_port() -> int:
         return port
 
 
-def _environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_a_frontend_started_before_its_worker_says_it_is_loading_then_serves() -> None:
     port = _free_port()
     upstream = f"http://127.0.0.1:{port}"
     args = ["serve", "--http-port", "0", "--upstream", upstream]
-    with ServerProcess(args, env=_environ()) as frontend:
+    with ServerProcess(args, env=environ_without_dyn()) as frontend:
         base = frontend.wait_ready(timeout=30)
         banner = next(m for m in map(READY_LINE.search, frontend.log.splitlines()) if m)
         assert banner["models"] == "no model yet"
@@ -50,10 +37,10 @@ def test_a_frontend_started_before_its_worker_says_it_is_loading_then_serves() -
 
             worker_args = ["worker", "--engine", "mocker", "--speedup-ratio", "1000"]
             worker_args += ["--http-port", str(port), "--model-name", MODEL]
-            with ServerProcess(worker_args, env=_environ()) as worker:
+            with ServerProcess(worker_args, env=environ_without_dyn()) as worker:
                 worker.wait_ready(timeout=30)
                 # What an operator's readiness check does: /health until 200.
-                _wait_for(lambda: c.get("/health").status_code == 200, "/health 200")
+                wait_for(lambda: c.get("/health").status_code == 200, "/health 200")
                 health = c.get("/health").json()
                 assert health["status"] == "healthy"
                 assert "waiting_for" not in health

@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -36,6 +35,7 @@ from dynamo_llm.engines.mocker.tokens import (
 )
 from dynamo_llm.protocols.chat import ChatMessage
 from dynamo_llm.testing.process import ServerProcess
+from tests.helpers import wait_for
 
 MODEL = "w"
 TOKENIZER = WordTokenizer()
@@ -92,15 +92,6 @@ def value(
 ) -> float:
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll another process's state until ``condition`` holds; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"safety net: {what} not seen within {timeout}s")
-        time.sleep(0.02)
 
 
 def extra(obj: Any, name: str) -> Any:
