@@ -25,6 +25,7 @@ from ..runtime.tasks import cancel_and_wait
 from .app import App
 from .connection import DisconnectSignal, Headers, HttpRequest
 from .exchange import ClientGone
+from .responses import JSON_HEADERS
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -133,7 +134,7 @@ async def _refuse_ambiguous_length(send: Send) -> None:
         "The request's length is ambiguous: send Content-Length or Transfer-Encoding, not both",
         code="ambiguous_content_length",
     )
-    headers = [("content-type", "application/json"), ("connection", "close")]
+    headers = [*JSON_HEADERS, ("connection", "close")]
     await send({"type": "http.response.start", "status": 400, "headers": _encode_headers(headers)})
     await send({"type": "http.response.body", "body": render_error(error), "more_body": False})
 
