@@ -160,8 +160,17 @@ async def client(
             await asyncio.sleep(0.01)
 
 
-async def measure(args: argparse.Namespace, base_url: str, pids: dict[str, int]) -> dict[str, Any]:
-    """One closed-loop window against ``base_url``: rates and the CPU time of ``pids``."""
+async def measure(
+    args: argparse.Namespace,
+    base_url: str,
+    pids: dict[str, int],
+    *,
+    profile: tuple[int, str] | None = None,
+) -> dict[str, Any]:
+    """One closed-loop window against ``base_url``: rates and the CPU time of ``pids``.
+
+    ``profile``: (pid, path) to sample with py-spy over the window.
+    """
     url = f"{base_url}/v1/chat/completions"
     body = json.dumps(
         {
@@ -184,11 +193,18 @@ async def measure(args: argparse.Namespace, base_url: str, pids: dict[str, int])
         cpu0 = {name: _common.proc_cpu_seconds(pid) for name, pid in pids.items()}
         self0, cores0, t0 = _common.self_cpu_seconds(), _common.core_ticks(), time.perf_counter()
         tally.measuring = True
+        profiler = (
+            None
+            if profile is None
+            else _common.Profiler(profile[0], profile[1], duration=args.duration)
+        )
         await asyncio.sleep(args.duration)
         tally.measuring = False
         t1 = time.perf_counter()
         cpu1 = {name: _common.proc_cpu_seconds(pid) for name, pid in pids.items()}
         self1, cores1 = _common.self_cpu_seconds(), _common.core_ticks()
+        if profiler is not None:
+            _common.print_profile(profiler.finish())
         stop.set()
         _, pending = await asyncio.wait(tasks, timeout=30)
         for task in pending:
@@ -234,7 +250,10 @@ async def run(args: argparse.Namespace, worker: FakeWorker, frontend_url: str, f
         print(f"round {k}:")
         direct = await measure(args, worker.url, {"worker": worker.pid})
         print(describe("direct", direct, args.tokens), flush=True)
-        routed = await measure(args, frontend_url, {"frontend": fpid, "worker": worker.pid})
+        profile = (fpid, args.py_spy) if args.py_spy and k == args.rounds else None
+        routed = await measure(
+            args, frontend_url, {"frontend": fpid, "worker": worker.pid}, profile=profile
+        )
         print(describe("through", routed, args.tokens), flush=True)
         ratio = routed["rps"] / direct["rps"] if direct["rps"] else float("nan")
         per_request = routed["cpu_ms"]["frontend"]
@@ -265,6 +284,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--py-spy",
+        metavar="PATH",
+        help="profile the frontend with py-spy over the last round's window through it, "
+        "writing collapsed stacks to PATH (py-spy on PATH; profiling adds CPU, so that round's "
+        "figures are not comparable)",
+    )
     args = parser.parse_args()
     if args.frontend_cpu == args.worker_cpu:
         parser.error("the frontend needs a core of its own")
