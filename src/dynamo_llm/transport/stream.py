@@ -281,11 +281,26 @@ class RemoteStream:
                 end += 2
                 part = data[:end] if end < len(data) else data
                 tail = data[end:]
-                out = fast(part) if fast is not None else None
-                if out is None:
+                if fast is None:
                     out = parse(part)
-                if out is not None:
-                    yield out
+                    if out is not None:
+                        yield out
+                else:
+                    if not parser.seen_first:
+                        # The first event teaches the relay the upstream's id and spacing.
+                        first = part.find(b"\n\n") + 2
+                        out = parse(part[:first])
+                        if out is not None:
+                            yield out
+                        part = part[first:]
+                        if not part or parser.failure is not None or parser.done:
+                            part = b""
+                    if part:
+                        out, part = fast(part)
+                        if out is not None:
+                            yield out
+                        if part and (out := parse(part)) is not None:
+                            yield out
                 if parser.failure is not None:
                     if self._ended_quietly():
                         return  # a worker told to stop may say so with an error
