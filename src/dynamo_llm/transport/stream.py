@@ -51,6 +51,7 @@ from ..errors import UpstreamError, WorkerDisconnected, WorkerResponseTimeout
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
+from .buffered import read_any
 from .errors import describe, no_stream_error
 from .events import EventParser
 from .relay import RawRelay
@@ -220,7 +221,7 @@ class RemoteStream:
     async def _read_first(self) -> bytes:
         try:
             async with asyncio.timeout_at(self._deadline) as timer:
-                return await self._resp.content.readany()
+                return await read_any(self._resp.content)
         except TimeoutError as exc:
             if not timer.expired() or isinstance(exc, aiohttp.ClientError):
                 raise
@@ -229,7 +230,7 @@ class RemoteStream:
             ) from None
 
     async def _run(self) -> AsyncGenerator[EngineOutput, None]:
-        read = self._resp.content.readany
+        content = self._resp.content
         ctx = self._ctx
         parser = self._parser
         parse = parser.parse
@@ -239,7 +240,7 @@ class RemoteStream:
         try:
             while True:
                 try:
-                    chunk = await (read() if parser.seen_first else self._read_first())
+                    chunk = await (read_any(content) if parser.seen_first else self._read_first())
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                     if self._ended_quietly():
                         return
