@@ -36,8 +36,9 @@ _FIELDS = (
 SUPPORTED = all(hasattr(aiohttp.StreamReader, name) for name in _FIELDS)
 
 
-async def read_any(content: aiohttp.StreamReader) -> bytes:
-    """What ``content.readany()`` returns (b"" at the end of the body), in one step."""
+async def read_any(content: aiohttp.StreamReader, limit: int = 65536) -> bytes:
+    """What ``content.readany()`` returns (b"" at the end of the body), in one step, but
+    stopping after the chunk that reaches ``limit`` bytes."""
     if not SUPPORTED or content._buffer_offset:
         return await content.readany()
     if content._exception is not None:
@@ -47,8 +48,18 @@ async def read_any(content: aiohttp.StreamReader) -> bytes:
         await content._wait("readany")
     if not buffer:
         return b""
-    data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
-    buffer.clear()
+    if len(buffer) == 1:
+        data = buffer.popleft()
+    else:
+        # At most about ``limit`` bytes: a stream held back for a slow client is handed on in
+        # pieces small enough for its buffer to be watched between them.
+        parts = [buffer.popleft()]
+        size = len(parts[0])
+        while buffer and size < limit:
+            part = buffer.popleft()
+            parts.append(part)
+            size += len(part)
+        data = b"".join(parts)
     size = len(data)
     content._size -= size
     cursor = content._cursor = content._cursor + size

@@ -91,3 +91,10 @@ async def test_read_any_resumes_a_paused_connection_once_drained() -> None:
     assert protocol._reading_paused
     assert await read_any(content) == b"x" * 40
     assert not protocol._reading_paused
+
+
+async def test_read_any_stops_after_the_chunk_that_reaches_its_limit() -> None:
+    content, _ = reader()
+    feed_chunks(content, b"a" * 40, b"b" * 40, b"c" * 40)
+    assert await read_any(content, limit=50) == b"a" * 40 + b"b" * 40
+    assert await read_any(content, limit=50) == b"c" * 40
