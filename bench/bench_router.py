@@ -62,7 +62,7 @@ class FakeWorker:
     It inherits this process's affinity: pin this process first (:func:`_common.pin_self`).
     """
 
-    def __init__(self, tokens: int) -> None:
+    def __init__(self, tokens: int, gap_ms: float = 0.0) -> None:
         args = [
             sys.executable,
             "-m",
@@ -75,6 +75,8 @@ class FakeWorker:
             "0",
             "--model",
             MODEL,
+            "--gap",
+            str(gap_ms / 1000),
         ]
         self.proc = subprocess.Popen(
             args,
@@ -403,6 +405,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="the worker waits this long after each token (paced like an engine: every event "
+        "reaches the frontend in its own read, so the cost per event is measured whatever the "
+        "load; 0: as fast as it can write)",
+    )
+    parser.add_argument(
         "--peers",
         default="vllm-router,sglang-router",
         type=lambda v: [p for p in v.split(",") if p],
@@ -435,7 +445,7 @@ def main() -> int:
     # The load generator and, inheriting it, the worker on one core; the frontends on the other
     # (all started up front, each loaded alone in its turn).
     _common.pin_self(args.worker_cpu)
-    worker = FakeWorker(args.tokens)
+    worker = FakeWorker(args.tokens, args.gap_ms)
     peers: list[PeerRouter] = []
     try:
         if os.sched_getaffinity(worker.pid) != {args.worker_cpu}:

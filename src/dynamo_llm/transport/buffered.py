@@ -50,6 +50,9 @@ async def read_any(content: aiohttp.StreamReader, limit: int = 65536) -> bytes:
         return b""
     if len(buffer) == 1:
         data = buffer.popleft()
+    elif content._size <= limit:
+        data = b"".join(buffer)
+        buffer.clear()
     else:
         # At most about ``limit`` bytes: a stream held back for a slow client is handed on in
         # pieces small enough for its buffer to be watched between them.
