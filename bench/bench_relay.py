@@ -77,7 +77,7 @@ class _Response:
 
     def __init__(self, content: aiohttp.StreamReader) -> None:
         self.content = content
-        self.headers = CIMultiDictProxy(CIMultiDict())
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
     def close(self) -> None:
         pass
@@ -119,7 +119,7 @@ async def one_stream(groups: list[list[bytes]], session: Any) -> int:
             content.feed_eof()
         while True:
             if step is None:
-                step = stream.__anext__().__await__()  # type: ignore[attr-defined]
+                step = stream.__anext__().__await__()
             try:
                 step.send(None)
             except StopIteration:
