@@ -10,25 +10,16 @@ the first token the client gets a 502 ``upstream_error``; after it, the stream e
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from tests.helpers import chat_chunk_event
 from tests.system.fleet_helpers import SAFETY_NET, chat, routed_frontend, send
 
-
-def event(content: str | None, finish: str | None = None, **extra: object) -> bytes:
-    choices = [] if content is None else [
-        {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": finish}
-    ]  # fmt: skip
-    obj = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "m",
-           "choices": choices, **extra}  # fmt: skip
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
+event = chat_chunk_event
 ROLE = event("")
 TOKENS = [event(f"tok{i}") for i in range(4)]
 END = event("", "stop") + b"data: [DONE]\n\n"

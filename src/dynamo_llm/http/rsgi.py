@@ -5,6 +5,10 @@ that resolves within about a millisecond of a hang-up (no task, no polling), and
 after that raises ``RSGIProtocolClosed``. The handler coroutine granian runs cannot be cancelled
 (its task object ignores ``cancel()``), which is why the app runs all cancellable work in tasks of
 its own and only *waits* in the handler.
+
+A response stream's ``send_bytes`` never waits (granian queues without bound), so the writer can
+also say how much its client has not read yet, from the connection's socket (:mod:`.unread`),
+for the pump's backpressure.
 """
 
 from __future__ import annotations

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from dynamo_llm.transport.events import EventParser
 from dynamo_llm.transport.relay import RawRelay
+from tests.helpers import chat_chunk_event
 
 
 def chunk(content: str | None, finish: str | None = None, **extra: Any) -> bytes:
-    choices = [] if content is None else [
-        {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": finish}
-    ]  # fmt: skip
-    obj = {"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
-           "choices": choices, **extra}  # fmt: skip
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return chat_chunk_event(content, finish, chunk_id="up-1", model="up", **extra)
 
 
 FIRST = chunk("")
