@@ -154,7 +154,9 @@ class WorkerClient:
         if not params.stream or subrequest or not relay:
             mode = StreamMode.PARSED
         elif track_tokens:
-            mode = StreamMode.TRACKED if params.return_token_ids else StreamMode.PARSED
+            # The worker sends token ids; the migration state keeps the relayed bytes and parses
+            # them only if the request migrates (and strips the ids the client did not ask for).
+            mode = StreamMode.TRACKED if params.return_token_ids else StreamMode.RELAY
         else:
             mode = StreamMode.RELAY
         body = upstream_body(request, model=model, return_token_ids=track_tokens)
