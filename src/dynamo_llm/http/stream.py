@@ -90,7 +90,6 @@ class SseResponse:
         "_exchange",
         "_headers",
         "_meter",
-        "_meter_tries",
         "_next_check",
         "_sent",
         "_slow_client_timeout",
@@ -112,7 +111,6 @@ class SseResponse:
         self._sent = 0
         self._next_check = CHECK_EVERY
         self._meter: UnreadMeter | None = None
-        self._meter_tries = 3
         self.abandoned = False
 
     async def start(self) -> StreamWriter:
@@ -158,9 +156,8 @@ class SseResponse:
         """Before ``size`` more bytes go out: wait while the client leaves too much unread."""
         meter = self._meter
         if meter is None:
-            if self._meter_tries and isinstance(writer, Metered):
-                self._meter_tries -= 1
-                self._meter = writer.meter(self._sent)
+            if isinstance(writer, Metered):
+                self._meter = writer.meter(self._sent)  # None until its socket is found
             return
         unread = meter.unread(self._sent)
         if unread + size <= BUFFER_LIMIT:

@@ -131,8 +131,10 @@ class WorkerClient:
         ``model`` replaces the request's model name upstream (the worker's own name for it).
         ``first_token_timeout`` bounds the wait for the response headers and the first event.
         ``is_ours``: the worker is a ``dynamo-llm worker`` and understands a graceful stop.
-        ``track_tokens`` asks the worker for token ids (``return_token_ids``) and fills
-        ``text``/``token_ids`` of every output, for migration. ``response_id`` is the id the
+        ``track_tokens`` asks the worker for token ids (``return_token_ids``), for migration:
+        relayed, they stay in the ``raw`` bytes (the migration state parses them only for a
+        replay); for a client that asked for them too, every output also carries its
+        ``text``/``token_ids``. ``response_id`` is the id the
         client sees, by default ``chatcmpl-<request id>`` or ``cmpl-<request id>``.
         ``relay=False`` forces the parsed mode (no ``raw`` bytes): the frontend renders every
         output itself, as a migration needs, since its replay may go to another endpoint

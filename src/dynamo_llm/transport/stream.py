@@ -6,11 +6,15 @@ answered with its headers. How much it parses depends on what the caller needs:
 ========  ============================================  ================================
 mode      when                                          outputs
 ========  ============================================  ================================
-relay     a streaming client (the hot path)             ``raw`` bytes, ``num_tokens``
-tracked   a streaming client, ``track_tokens``          ``raw`` + ``text``/``token_ids``
+relay     a streaming client (the hot path), with       ``raw`` bytes, ``num_tokens``
+          migration on too (``track_tokens``: the
+          worker also sends token ids, kept in the
+          bytes for the migration state to parse)
+tracked   a streaming client, ``track_tokens``, that    ``raw`` + ``text``/``token_ids``
+          asked for token ids itself
 parsed    a unary client; a fan-out sub-request (n>1,   ``text``/``token_ids``, no raw
-          batch); ``track_tokens`` when the client      (``prompt_token_ids`` on the
-          did not ask for token ids; ``relay=False``    first, when the worker sends them)
+          batch); ``relay=False`` (a replay)            (``prompt_token_ids`` on the
+                                                        first, when the worker sends them)
 ========  ============================================  ================================
 
 The stream reads whatever buffers the socket gives and cuts them at the last ``\\n\\n``; the
