@@ -32,7 +32,7 @@ from ..errors import (
     clip,
     internal_error,
 )
-from ..metrics import UNKNOWN_MODEL, RequestRecord
+from ..metrics import UNKNOWN_MODEL, Outcome, RequestRecord
 from ..protocols.common import peek_request
 from ..runtime.context import EngineContext
 from ..runtime.watchdog import Watchdog
@@ -53,10 +53,8 @@ log = logging.getLogger("dynamo_llm.http")
 
 def routes(state: AppState) -> list[Route]:
     """The inference routes over ``state``, one per endpoint family."""
-    return [
-        Route(POST, CHAT.path, InferenceHandler(state, CHAT)),
-        Route(POST, COMPLETIONS.path, InferenceHandler(state, COMPLETIONS)),
-    ]
+    handlers = [InferenceHandler(state, CHAT), InferenceHandler(state, COMPLETIONS)]
+    return [Route(POST, h.path, h, on_unauthorised=h.count_unauthorised) for h in handlers]
 
 
 def resolve_request_id(value: str | None) -> str:
@@ -79,6 +77,21 @@ class InferenceHandler(Generic[P]):
     def __init__(self, state: AppState, family: EndpointFamily[P]) -> None:
         self._state = state
         self._family: EndpointFamily[P] = family
+
+    @property
+    def path(self) -> str:
+        return self._family.path
+
+    def count_unauthorised(self) -> None:
+        """Count a request refused for its API key (401) once, as ``error_type="unauthorized"``.
+
+        Its body is never read, so nothing the stranger wrote labels it: the model is the fixed
+        ``unknown_model`` and the request type ``unary``.
+        """
+        state = self._state
+        record = state.metrics.begin(self._family.endpoint, state.clock)
+        record.mark_error(Outcome.UNAUTHORIZED)
+        record.release()
 
     async def __call__(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         state = self._state
