@@ -4,6 +4,7 @@
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -240,3 +241,33 @@ def test_a_stranger_who_knows_a_clients_request_id_cannot_stop_it() -> None:
         assert rest.rstrip().endswith("data: [DONE]")
         assert '"finish_reason":"length"' in rest
     assert frontend.returncode == 0, frontend.log
+
+
+@pytest.mark.parametrize("source", ["flag", "file"])
+def test_an_upstream_key_with_credentials_in_a_worker_url_is_a_start_up_error(
+    source: str, tmp_path: Path
+) -> None:
+    """Both would be the request's Authorization header, so every request to that worker would
+    fail: ``serve`` says so at once, naming the worker redacted, and exits non-zero."""
+    worker = f"http://operator:{URL_SECRET}@127.0.0.1:9"
+    env = {**environ_without_dyn(), "DYN_UPSTREAM_API_KEY": WORKER_KEY}
+    if source == "flag":
+        args = ["--upstream", worker]
+    else:
+        path = tmp_path / "workers.yaml"
+        path.write_text(f"{MODEL}: [{worker}]\n")
+        args = ["--upstream-file", str(path)]
+    run = subprocess.run(
+        [sys.executable, "-m", "dynamo_llm", "serve", "--http-port", "0", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "dynamo-llm serve: error: worker http://***@127.0.0.1:9 has credentials" in run.stderr
+    assert "--upstream-api-key" in run.stderr
+    assert "serving" not in run.stderr
+    for secret in (URL_SECRET, WORKER_KEY):
+        assert secret not in run.stderr + run.stdout

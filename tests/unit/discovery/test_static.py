@@ -93,6 +93,7 @@ class Harness:
         urls: tuple[str, ...] = (),
         path: Path | None = None,
         script: dict[str, list[object]] | None = None,
+        forbid_credentials: str | None = None,
     ) -> None:
         async def never(worker: Worker) -> bool:
             return False
@@ -108,6 +109,7 @@ class Harness:
             urls=urls,
             path=path,
             on_models=self.published.append,
+            forbid_credentials=forbid_credentials,
         )
 
     def models_of(self) -> dict[str, frozenset[str]]:
@@ -198,6 +200,27 @@ async def test_a_broken_file_keeps_the_last_good_set_and_says_so(
         write(path, f"m: [{B}]\n")  # fixed: applied at the next check
         await clock.advance(1)
         assert h.models_of() == {B: frozenset({"m"})}
+    finally:
+        await h.discovery.aclose()
+
+
+async def test_with_an_upstream_key_a_file_naming_a_worker_with_credentials_is_refused(
+    tmp_path: Path, safety_net: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "upstreams.yaml"
+    write(path, f"m: [{A}]\n")
+    clock = FakeClock()
+    h = Harness(clock, path=path, forbid_credentials="--upstream-api-key")
+    await h.discovery.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="dynamo_llm.discovery"):
+            write(path, "m: [http://ops:s3cret@10.0.0.9:8000]\n")
+            await clock.advance(1)
+        assert h.models_of() == {A: frozenset({"m"})}  # the last good set
+        (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert "worker http://***@10.0.0.9:8000 has credentials" in error
+        assert "--upstream-api-key" in error
+        assert "s3cret" not in error
     finally:
         await h.discovery.aclose()
 
