@@ -110,6 +110,7 @@ class InferenceHandler(Generic[P]):
                 raise ModelNotFound(
                     f"The model `{clip(params.model)}` does not exist.", param="model"
                 )
+            record.model = served.name  # a served model's name is a safe label
             if state.shutting_down:
                 # New work is refused at once during the grace period (which is for the
                 # requests already in flight), and the connection is not kept.
