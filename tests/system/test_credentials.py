@@ -257,17 +257,12 @@ def test_an_upstream_key_with_credentials_in_a_worker_url_is_a_start_up_error(
         path = tmp_path / "workers.yaml"
         path.write_text(f"{MODEL}: [{worker}]\n")
         args = ["--upstream-file", str(path)]
-    run = subprocess.run(
-        [sys.executable, "-m", "dynamo_llm", "serve", "--http-port", "0", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert run.returncode == 2, run.stderr
-    assert "dynamo-llm serve: error: worker http://***@127.0.0.1:9 has credentials" in run.stderr
-    assert "--upstream-api-key" in run.stderr
-    assert "serving" not in run.stderr
+    with ServerProcess(["serve", "--http-port", "0", *args], env=env) as proc:
+        proc.proc.wait(timeout=60)
+    log = proc.log  # complete once the process is stopped
+    assert proc.returncode == 2, log
+    assert "dynamo-llm serve: error: worker http://***@127.0.0.1:9 has credentials" in log
+    assert "--upstream-api-key" in log
+    assert "serving" not in log
     for secret in (URL_SECRET, WORKER_KEY):
-        assert secret not in run.stderr + run.stdout
+        assert secret not in log

@@ -108,38 +108,30 @@ _CHUNK: Schema = {
     "required": ["id", "object", "created", "model", "choices"],
 }
 
+
+def _event(event: str, data: Schema, *required: str) -> Schema:
+    return {
+        "type": "object",
+        "properties": {"event": {"const": event}, "data": data},
+        "required": [*required, "data"],
+    }
+
+
+def _json_text(name: str) -> Schema:
+    """A string holding the JSON of the schema ``name``."""
+    return {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"$ref": f"#/components/schemas/{name}"},
+    }
+
+
 # One server-sent event: a chunk, the closing [DONE], or an error frame (event: error).
 _EVENT: Schema = {
     "anyOf": [
-        {
-            "type": "object",
-            "properties": {
-                "event": {"const": "message"},
-                "data": {
-                    "type": "string",
-                    "contentMediaType": "application/json",
-                    "contentSchema": {"$ref": "#/components/schemas/ChatCompletionChunk"},
-                },
-            },
-            "required": ["data"],
-        },
-        {
-            "type": "object",
-            "properties": {"event": {"const": "message"}, "data": {"const": "[DONE]"}},
-            "required": ["data"],
-        },
-        {
-            "type": "object",
-            "properties": {
-                "event": {"const": "error"},
-                "data": {
-                    "type": "string",
-                    "contentMediaType": "application/json",
-                    "contentSchema": {"$ref": "#/components/schemas/Error"},
-                },
-            },
-            "required": ["event", "data"],
-        },
+        _event("message", _json_text("Chunk")),
+        _event("message", {"const": "[DONE]"}),
+        _event("error", _json_text("Error"), "event"),
     ]
 }
 
@@ -285,7 +277,7 @@ def openapi_document(shape: DocumentShape = DocumentShape()) -> bytes:
         "Error": _ERROR_SCHEMA,
         "Model": _MODEL_CARD,
         "Health": _HEALTH,
-        "ChatCompletionChunk": _CHUNK,
+        "Chunk": _CHUNK,
     }
     doc: Schema = {
         "openapi": "3.1.0",
