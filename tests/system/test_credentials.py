@@ -85,7 +85,7 @@ async def test_with_api_keys_every_v1_route_needs_one_and_the_probes_do_not() ->
 
 def _requests_total(metrics_text: str) -> dict[tuple[str, ...], float]:
     """``requests_total`` samples with a count, by (model, endpoint, request_type, error_type)."""
-    counted = {}
+    counted: dict[tuple[str, ...], float] = {}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             if sample.name == "dynamo_frontend_requests_total" and sample.value:

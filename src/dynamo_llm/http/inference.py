@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Generic
+from typing import Any, Generic
 from uuid import uuid4
 
 from ..engines.base import NO_ROUTING_HINT, EngineRequest, RoutingHint, aclose_stream
@@ -53,8 +53,11 @@ log = logging.getLogger("dynamo_llm.http")
 
 def routes(state: AppState) -> list[Route]:
     """The inference routes over ``state``, one per endpoint family."""
-    handlers = [InferenceHandler(state, CHAT), InferenceHandler(state, COMPLETIONS)]
-    return [Route(POST, h.path, h, on_unauthorised=h.count_unauthorised) for h in handlers]
+    return [_route(InferenceHandler(state, CHAT)), _route(InferenceHandler(state, COMPLETIONS))]
+
+
+def _route(handler: InferenceHandler[Any]) -> Route:
+    return Route(POST, handler.path, handler, on_unauthorised=handler.count_unauthorised)
 
 
 def resolve_request_id(value: str | None) -> str:
