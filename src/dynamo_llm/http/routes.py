@@ -112,9 +112,10 @@ class RouteTable:
         path = request.path
         method = request.method
         if self._keys and path.startswith(PROTECTED_PREFIX) and not self._is_authorised(request):
-            refused = self._find(path)
-            if refused is not None and method in refused[0].methods and refused[0].on_unauthorised:
-                refused[0].on_unauthorised()
+            found = self._find(path)
+            refused = found[0] if found is not None else None
+            if refused is not None and method in refused.methods and refused.on_unauthorised:
+                refused.on_unauthorised()
             await respond_error(
                 conn,
                 AuthenticationFailed("Invalid or missing API key (Authorization: Bearer <key>)"),

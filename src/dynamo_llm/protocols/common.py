@@ -9,7 +9,9 @@ problems apart, so that a body with several reports the first in a fixed order::
     JSON syntax -> not an object -> unknown fields (all of them) -> wrong type / missing field
 
 msgspec stops at the first problem it meets in document order, which is why the typed error is
-not reported as it is.
+not reported as it is. A number with a zero fraction where an integer belongs (``"n": 2.0``) is an
+integer, as JSON Schema (and so ``/openapi.json``) says: that path decodes once more with such
+numbers made ints before it reports a type error.
 
 **Unknown fields are the serving engine's call.** An engine that passes the request on to a
 worker (the router) forwards what it does not know (``cache_prompt``, ``guided_json``, any
