@@ -61,7 +61,7 @@ class KeyFile:
 
     def __init__(
         self, path: str | os.PathLike[str], clock: Clock, interval: float = RELOAD_INTERVAL
-    ):
+    ) -> None:
         """Read the file now; ValueError when it cannot be read or holds no key."""
         self._path = Path(path)
         self._clock = clock
@@ -74,9 +74,9 @@ class KeyFile:
         if problem is not None:
             raise ValueError(f"API key file {self._path}: {problem}")
 
-    @property
-    def digests(self) -> tuple[bytes, ...]:
-        """The digests of the keys in force, looked at again if ``interval`` has passed."""
+    def in_force(self) -> tuple[bytes, ...]:
+        """The digests of the keys in force, the file looked at first if ``interval`` has
+        passed since it last was."""
         if self._clock.now() - self._looked_at >= self._interval:
             self.refresh()
         return self._digests
@@ -148,10 +148,10 @@ class ApiKeys:
         file = self._file
         if file is None:
             return _any_match(presented, self._fixed)
-        if _any_match(presented, self._fixed + file.digests):
+        if _any_match(presented, self._fixed + file.in_force()):
             return True
         # A miss may be a key just added to the file: look at it once more before refusing.
-        return file.refresh() and _any_match(presented, self._fixed + file.digests)
+        return file.refresh() and _any_match(presented, self._fixed + file.in_force())
 
 
 def _presented(headers: HeaderLookup) -> list[bytes]:
