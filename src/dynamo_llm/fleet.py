@@ -1,12 +1,14 @@
-"""A frontend in front of remote workers: the router, its workers, and static discovery.
+"""A frontend in front of remote workers: the router, its workers, and their discovery.
 
-``dynamo-llm serve --upstream URL`` (or ``--upstream-file PATH``) builds the same app as with an
-in-process engine, but its models are whatever the workers serve, and each is served by the
-:class:`~dynamo_llm.router.engine.Router`. :class:`Fleet` owns the pieces and their lifetime: the
-pooled HTTP session, the :class:`~dynamo_llm.router.WorkerSet` (quarantine and probes),
-the discovery task; it starts and stops with the app. It keeps the app's model list in line with
-discovery (a model appears once a worker serves it) and ``model_ready{model}`` in line with
-quarantine (1 while at least one of its workers is available).
+``dynamo-llm serve --upstream URL`` (or ``--upstream-file PATH``, or ``--discovery-backend
+etcd``) builds the same app as with an in-process engine, but its models are whatever the
+workers serve, and each is served by the :class:`~dynamo_llm.router.engine.Router`.
+:class:`Fleet` owns the pieces and their lifetime: the pooled HTTP session, the
+:class:`~dynamo_llm.router.WorkerSet` (quarantine and probes), the discovery backend
+(static, file or etcd, :mod:`dynamo_llm.discovery`); it starts and stops with the app. It
+keeps the app's model list in line with discovery (a model appears once a worker serves it) and
+``model_ready{model}`` in line with quarantine (1 while at least one of its workers is
+available).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 import aiohttp
 
 from .config import Config
+from .discovery.base import Discovery
+from .discovery.etcd import EtcdDiscovery
+from .discovery.etcd_client import EtcdClient
 from .discovery.static import StaticDiscovery
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
@@ -54,7 +59,8 @@ class Fleet:
         self._session: aiohttp.ClientSession | None = None
         self._client: WorkerClient | None = None
         self.router: Router | None = None
-        self.discovery: StaticDiscovery | None = None
+        self.discovery: Discovery | None = None
+        check_discovery(config)
         self.workers.on_change(self._availability_changed)
 
     async def start(self) -> None:
@@ -75,15 +81,25 @@ class Fleet:
             ),
             migration_limit=config.migration_limit,
         )
-        self.discovery = StaticDiscovery(
-            self.workers,
-            self._fetch_models,
-            self.clock,
-            urls=config.upstreams,
-            path=config.upstream_file,
-            on_models=self._models_changed,
-        )
+        if config.discovery == "etcd":
+            self.discovery = EtcdDiscovery(
+                self.workers,
+                EtcdClient(config.etcd_endpoints),
+                config.namespace,
+                self.clock,
+                on_models=self._models_changed,
+            )
+        else:
+            self.discovery = StaticDiscovery(
+                self.workers,
+                self._fetch_models,
+                self.clock,
+                urls=config.upstreams,
+                path=config.upstream_file,
+                on_models=self._models_changed,
+            )
         self.app.waiting_for = self.discovery.pending
+        self.app.discovery = self.discovery.status
         await self.discovery.start()
 
     async def aclose(self) -> None:
@@ -158,8 +174,23 @@ class Fleet:
                 self.metrics.model_ready.labels(name).set(1 if ready else 0)
 
 
+def check_discovery(config: Config) -> None:
+    """Raise ``ValueError`` when the discovery flags contradict each other."""
+    backend = config.discovery
+    if backend == "etcd" and (config.upstreams or config.upstream_file):
+        raise ValueError(
+            "--discovery-backend etcd finds the workers in etcd: leave out --upstream and "
+            "--upstream-file"
+        )
+    if backend == "static" and not config.upstreams:
+        raise ValueError("--discovery-backend static needs --upstream URL")
+    if backend == "file" and not config.upstream_file:
+        raise ValueError("--discovery-backend file needs --upstream-file PATH")
+
+
 def build_routed_app(config: Config, clock: Clock) -> App:
-    """The app for ``serve --upstream/--upstream-file``: models come from the workers."""
+    """The app for ``serve --upstream/--upstream-file/--discovery-backend etcd``: models come
+    from the workers. Raises ``ValueError`` when the discovery flags contradict each other."""
     metrics = Metrics(prefix=config.metrics_prefix)
     app = create_app(config, [], metrics, clock)
     fleet = Fleet(config, app, clock, metrics)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import yaml
@@ -33,11 +33,9 @@ from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
+from .base import ModelFetcher, ModelsCallback
 
 log = logging.getLogger("dynamo_llm.discovery")
-
-ModelFetcher = Callable[[str], Awaitable[tuple[frozenset[str], bool]]]
-ModelsCallback = Callable[[frozenset[str]], None]
 
 
 def normalise_url(url: str) -> str:
@@ -103,6 +101,10 @@ class StaticDiscovery:
     def pending(self) -> list[str]:
         """The ``--upstream`` workers that have not told their models yet (URLs redacted)."""
         return [redact_url(url) for url in sorted(self._pending)]
+
+    def status(self) -> Mapping[str, object]:
+        backend = "static" if self._urls else "file"
+        return {"backend": backend, **({"file": str(self._path)} if self._path else {})}
 
     async def start(self) -> None:
         """Load the file, ask every ``--upstream`` worker for its models once, then keep watch."""

@@ -69,10 +69,12 @@ class Worker:
     __slots__ = (
         "health",
         "id",
+        "instance_ids",
         "is_ours",
         "last_ttft",
         "load",
         "max_inflight",
+        "metrics_url",
         "models",
         "probe_path",
         "url",
@@ -98,6 +100,10 @@ class Worker:
         self.last_ttft: float | None = None
         # The probe that last decided this worker's return (its path), tried first next time.
         self.probe_path: str | None = None
+        # Set by a discovery backend that knows them (etcd): the registered instances behind
+        # this URL, and where the worker's Prometheus metrics are.
+        self.instance_ids: tuple[str, ...] = ()
+        self.metrics_url: str | None = None
         self.load = WorkerLoad()
         self.health = Health()
 
@@ -152,7 +158,7 @@ class Worker:
 
     def describe(self) -> dict[str, Any]:
         """The worker's state for ``/health``."""
-        return {
+        described: dict[str, Any] = {
             "id": self.id,
             "url": redact_url(self.url),
             "state": str(self.state),
@@ -160,6 +166,9 @@ class Worker:
             "failures": self.failures,
             "ours": self.is_ours,
         }
+        if self.instance_ids:
+            described["instances"] = list(self.instance_ids)
+        return described
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.state} inflight={self.inflight}>"
