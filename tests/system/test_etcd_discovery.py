@@ -8,8 +8,10 @@ frontend in this process with ``--discovery-backend etcd``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from dynamo_llm.discovery.etcd_client import EtcdClient
 from dynamo_llm.discovery.instance import decode_instance, instances_prefix
 from dynamo_llm.testing.etcd import EtcdServer
+from dynamo_llm.testing.tcp_proxy import TcpProxy
 from tests.system.etcd_fleet import (
     TTL,
     discovery_of,
@@ -138,3 +141,76 @@ async def test_a_frontend_started_before_etcd_waits_for_it_and_then_serves(
             await ok(fe, chat("m", stream=False))
         finally:
             await stop_all(worker)
+
+
+async def test_etcd_killed_and_restarted_requests_keep_flowing_and_the_sets_agree(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    async with etcd_frontend(tmp_path, etcd) as fe:
+        workers = await asyncio.gather(start_worker(etcd), start_worker(etcd))
+        try:
+            await fe.until(lambda: urls(fe) == {w.url for w in workers})
+            etcd.kill()
+            await polled(lambda: not discovery_of(fe).connected, "the frontend losing etcd")
+            health = await fe.http.get("/health")
+            assert health.status_code == 200
+            assert health.json()["discovery"]["state"] == "unreachable"
+            for _ in range(6):  # the last known set keeps serving
+                await ok(fe, chat("m", stream=True))
+            assert urls(fe) == {w.url for w in workers}
+            etcd.start()
+            await polled(lambda: discovery_of(fe).connected, "the frontend reaching etcd again")
+            assert (await fe.http.get("/health")).json()["discovery"]["state"] == "connected"
+            assert set(discovery_of(fe).instances) == set(await registered(etcd))
+            await ok(fe, chat("m", stream=False))
+        finally:
+            await stop_all(*workers)
+
+
+async def test_changes_missed_while_cut_off_from_etcd_are_reconciled_by_instance_id(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    proxy = TcpProxy(etcd.port)
+    await proxy.start()
+    direct = EtcdClient([etcd.url])
+    settings = {"ETCD_ENDPOINTS": proxy.url, "DYN_WORKER_IDLE_PROBE_INTERVAL_SECS": "0"}
+    try:
+        async with etcd_frontend(tmp_path, etcd, env=settings) as fe:
+            leaving, staying = await asyncio.gather(start_worker(etcd), start_worker(etcd))
+            try:
+                await fe.until(lambda: urls(fe) == {leaving.url, staying.url})
+                proxy.cut()
+                await polled(lambda: not discovery_of(fe).connected, "the frontend cut off")
+                # While the frontend cannot see etcd: one worker withdraws (a delete it never
+                # sees), another registers, and the history is compacted away.
+                await asyncio.to_thread(leaving.stop)
+                newcomer = await start_worker(etcd)
+                await polled_async(lambda: _has(etcd, newcomer.url), "the newcomer's key")
+                await direct.compact(await direct.put("unrelated", b""))
+                assert urls(fe) == {leaving.url, staying.url}  # the last known set, meanwhile
+                resyncs = discovery_of(fe).resyncs
+                proxy.restore()
+                await fe.until(lambda: urls(fe) == {staying.url, newcomer.url})
+                assert discovery_of(fe).resyncs > resyncs
+                assert set(discovery_of(fe).instances) == set(await registered(etcd))
+                for _ in range(4):
+                    await ok(fe, chat("m", stream=False))
+            finally:
+                await stop_all(leaving, staying)
+                with contextlib.suppress(NameError):
+                    await stop_all(newcomer)
+    finally:
+        await direct.aclose()
+        await proxy.aclose()
+
+
+async def _has(etcd: EtcdServer, url: str) -> bool:
+    return url in (await registered(etcd)).values()
+
+
+async def polled_async(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    for _ in range(500):
+        if await condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"safety net: {what} not seen")
