@@ -23,9 +23,11 @@ from .discovery.base import Discovery
 from .discovery.etcd import EtcdDiscovery
 from .discovery.etcd_client import EtcdClient
 from .discovery.static import StaticDiscovery
+from .errors import DynamoError
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
 from .router import AttemptLimits, KvIndex, Router, RouterMode, RoutingPolicy, Worker, WorkerSet
+from .router.liveness import IdleChecker
 from .runtime.clock import Clock
 from .transport import WorkerClient, make_session
 
@@ -60,6 +62,7 @@ class Fleet:
         self._client: WorkerClient | None = None
         self.router: Router | None = None
         self.discovery: Discovery | None = None
+        self.idle_checker: IdleChecker | None = None
         check_discovery(config)
         self.workers.on_change(self._availability_changed)
 
@@ -101,8 +104,15 @@ class Fleet:
         self.app.waiting_for = self.discovery.pending
         self.app.discovery = self.discovery.status
         await self.discovery.start()
+        if config.worker_idle_probe_interval_secs:
+            self.idle_checker = IdleChecker(
+                self.workers, self._check_idle, self.clock, config.worker_idle_probe_interval_secs
+            )
+            self.idle_checker.start()
 
     async def aclose(self) -> None:
+        if self.idle_checker is not None:
+            await self.idle_checker.aclose()
         if self.discovery is not None:
             await self.discovery.aclose()
         if self.router is not None:
@@ -117,6 +127,11 @@ class Fleet:
         assert self._client is not None
         models, ours = await self._client.list_models(url, within=MODELS_WITHIN)
         return frozenset(models), ours
+
+    async def _check_idle(self, worker: Worker) -> DynamoError | None:
+        assert self._client is not None
+        within = min(self.config.worker_probe_timeout_secs, MODELS_WITHIN)
+        return await self._client.check_reachable(worker.url, within=within)
 
     async def _probe(self, worker: Worker) -> bool:
         """Whether a quarantined (or suspect) worker generates again; see transport.probe."""
