@@ -88,7 +88,7 @@ async def test_sigterm_withdraws_the_key_before_the_worker_stops_and_no_request_
             payload = {**chat("m", stream=True, content=words), "max_tokens": 150}
             slow = asyncio.create_task(send(fe, payload))
             await polled(lambda: any(w.inflight for w in fe.fleet.workers), "the stream")
-            if fe.worker(second.url).inflight:
+            if fe.worker(str(second.url)).inflight:
                 first, second = second, first
             first.proc.send_signal(signal.SIGTERM)
             await fe.until(lambda: first.url not in urls(fe))
@@ -119,7 +119,7 @@ async def test_a_sigkilled_worker_leaves_routing_within_the_lease_ttl(
             assert set((await registered(etcd)).values()) == {second.url}
             for _ in range(5):
                 await ok(fe, chat("m", stream=False))
-            assert fe.worker(second.url).failures == 0
+            assert fe.worker(str(second.url)).failures == 0
         finally:
             await stop_all(first, second)
 
@@ -185,7 +185,7 @@ async def test_changes_missed_while_cut_off_from_etcd_are_reconciled_by_instance
                 # sees), another registers, and the history is compacted away.
                 await asyncio.to_thread(leaving.stop)
                 newcomer = await start_worker(etcd)
-                await polled_async(lambda: _has(etcd, newcomer.url), "the newcomer's key")
+                await polled_async(lambda: _has(etcd, str(newcomer.url)), "the newcomer's key")
                 await direct.compact(await direct.put("unrelated", b""))
                 assert urls(fe) == {leaving.url, staying.url}  # the last known set, meanwhile
                 resyncs = discovery_of(fe).resyncs

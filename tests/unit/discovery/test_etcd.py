@@ -133,7 +133,7 @@ async def test_while_etcd_is_unreachable_the_last_set_stays_and_a_relisting_reco
         assert len(workers) == 2
         etcd.reachable = True
         await clock.advance(5.0)
-        assert found.connected
+        assert found.status()["state"] == "connected"
         assert [w.url for w in workers] == [A]
     finally:
         await found.aclose()

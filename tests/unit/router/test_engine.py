@@ -148,6 +148,7 @@ async def test_a_refused_connection_quarantines_and_the_next_requests_go_elsewhe
     _, workers, client, router = setup("http://a", "http://b")
     client.behaviour["http://a"] = "refuse"
     stream = await router.generate(request("r1"), EngineContext("r1"))  # retried on b
+    assert isinstance(stream, OwnedStream)
     await stream.aclose()
     assert registered(workers, "http://a").quarantined
     for i in range(2):
