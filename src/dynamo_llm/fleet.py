@@ -28,8 +28,10 @@ from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
 from .router import AttemptLimits, KvIndex, Router, RouterMode, RoutingPolicy, Worker, WorkerSet
 from .router.liveness import IdleChecker
+from .router.scraper import EngineReport, LoadScraper
 from .runtime.clock import Clock
 from .transport import WorkerClient, make_session
+from .transport.scrape import scrape_engine_load
 
 log = logging.getLogger("dynamo_llm.fleet")
 
@@ -63,6 +65,7 @@ class Fleet:
         self.router: Router | None = None
         self.discovery: Discovery | None = None
         self.idle_checker: IdleChecker | None = None
+        self.scraper: LoadScraper | None = None
         check_discovery(config)
         self.workers.on_change(self._availability_changed)
 
@@ -109,8 +112,19 @@ class Fleet:
                 self.workers, self._check_idle, self.clock, config.worker_idle_probe_interval_secs
             )
             self.idle_checker.start()
+        if config.worker_metrics_interval_secs:
+            self.scraper = LoadScraper(
+                self.workers,
+                self._scrape,
+                self.clock,
+                config.worker_metrics_interval_secs,
+                metrics=self.metrics,
+            )
+            self.scraper.start()
 
     async def aclose(self) -> None:
+        if self.scraper is not None:
+            await self.scraper.aclose()
         if self.idle_checker is not None:
             await self.idle_checker.aclose()
         if self.discovery is not None:
@@ -132,6 +146,12 @@ class Fleet:
         assert self._client is not None
         within = min(self.config.worker_probe_timeout_secs, MODELS_WITHIN)
         return await self._client.check_reachable(worker.url, within=within)
+
+    async def _scrape(self, worker: Worker) -> EngineReport | None:
+        assert self._session is not None
+        url = worker.metrics_url or worker.url.rstrip("/") + "/metrics"
+        within = self.config.worker_probe_timeout_secs
+        return await scrape_engine_load(self._session, url, within=within)
 
     async def _probe(self, worker: Worker) -> bool:
         """Whether a quarantined (or suspect) worker generates again; see transport.probe."""

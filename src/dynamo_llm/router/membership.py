@@ -141,9 +141,11 @@ class Worker:
 
     @property
     def is_free(self) -> bool:
+        """Available and below the busy threshold, judged on the engine-reported load when
+        there is one (see :class:`~.slot.WorkerLoad`)."""
         if self.health.quarantined:
             return False
-        return self.max_inflight is None or self.load.inflight < self.max_inflight
+        return self.max_inflight is None or self.load.load < self.max_inflight
 
     @property
     def state(self) -> WorkerState:
@@ -152,8 +154,14 @@ class Worker:
         return WorkerState.FREE if self.is_free else WorkerState.BUSY
 
     def view(self) -> WorkerView:
+        load = self.load
         return WorkerView(
-            self.id, self.load.inflight, self.load.active_blocks, self.is_available, self.is_free
+            self.id,
+            load.inflight,
+            load.active_blocks,
+            self.is_available,
+            self.is_free,
+            None if load.reported is None else load.load,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -166,6 +174,8 @@ class Worker:
             "failures": self.failures,
             "ours": self.is_ours,
         }
+        if self.load.reported is not None:
+            described["engine_load"] = self.load.load
         if self.instance_ids:
             described["instances"] = list(self.instance_ids)
         return described
@@ -255,8 +265,16 @@ class WorkerSet:
         self._quarantine.unwatch(worker)
         worker.load.attach_gauge(None)
         if self._metrics is not None:
-            self._metrics.worker_inflight_requests.remove(worker_id)
-            self._metrics.worker_time_to_first_token_seconds.remove(worker_id)
+            m = self._metrics
+            for family in (
+                m.worker_inflight_requests,
+                m.worker_time_to_first_token_seconds,
+                m.worker_engine_running_requests,
+                m.worker_engine_queued_requests,
+                m.worker_kv_usage,
+                m.worker_metrics_scrape_failures_total,
+            ):
+                family.remove(worker_id)
         if self.kv_index is not None:
             self.kv_index.remove_worker(worker_id)
         log.info("worker %s removed", worker_id)
