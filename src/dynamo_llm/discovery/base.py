@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
-__all__ = ["BACKENDS", "Discovery", "ModelFetcher", "ModelsCallback"]
+from ..router import WorkerSet
+
+__all__ = ["BACKENDS", "Discovery", "ModelFetcher", "ModelsCallback", "ModelsPublisher"]
 
 BACKENDS = ("static", "file", "etcd")
 
@@ -40,3 +42,19 @@ class Discovery(Protocol):
 
     def status(self) -> Mapping[str, object]:
         """The backend's state for ``/health`` (``{"backend": ..., ...}``)."""
+
+
+class ModelsPublisher:
+    """The models some worker of ``workers`` serves, told to ``on_models`` when they change."""
+
+    def __init__(self, workers: WorkerSet, on_models: ModelsCallback | None) -> None:
+        self._workers = workers
+        self._on_models = on_models
+        self.models: frozenset[str] = frozenset()
+
+    def publish(self) -> None:
+        models = frozenset(self._workers.models())
+        if models != self.models:
+            self.models = models
+            if self._on_models is not None:
+                self._on_models(models)

@@ -28,7 +28,7 @@ from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
-from .base import ModelsCallback
+from .base import ModelsCallback, ModelsPublisher
 from .etcd_client import EtcdClient, EtcdError, KeyValue, WatchCompacted, WatchEvent
 from .instance import Instance, decode_instance, instances_prefix
 from .static import normalise_url
@@ -59,10 +59,9 @@ class EtcdDiscovery:
         self.namespace = namespace
         self.prefix = instances_prefix(namespace)
         self._clock = clock
-        self._on_models = on_models
         self._retry_max = retry_max
         self.instances: dict[str, Instance] = {}
-        self._models: frozenset[str] = frozenset()
+        self._models = ModelsPublisher(workers, on_models)
         self._connected = False
         self._ever_connected = False
         self._error: str | None = None
@@ -75,7 +74,7 @@ class EtcdDiscovery:
     # --- the Discovery interface ---------------------------------------------------------------
 
     def models(self) -> frozenset[str]:
-        return self._models
+        return self._models.models
 
     def pending(self) -> list[str]:
         return [] if self._ever_connected else [f"etcd at {redact_url(self.client.endpoint)}"]
@@ -225,8 +224,4 @@ class EtcdDiscovery:
         worker.metrics_url = metrics
 
     def _publish(self) -> None:
-        models = frozenset(self.workers.models())
-        if models != self._models:
-            self._models = models
-            if self._on_models is not None:
-                self._on_models(models)
+        self._models.publish()

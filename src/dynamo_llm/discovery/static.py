@@ -33,7 +33,7 @@ from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
-from .base import ModelFetcher, ModelsCallback
+from .base import ModelFetcher, ModelsCallback, ModelsPublisher
 
 log = logging.getLogger("dynamo_llm.discovery")
 
@@ -86,17 +86,16 @@ class StaticDiscovery:
         self._clock = clock
         self._urls = [normalise_url(u) for u in urls]
         self._path = Path(path) if path is not None else None
-        self._on_models = on_models
         self._reload_interval = reload_interval
         self._retry_interval = retry_interval
         self._file_workers: dict[str, frozenset[str]] = {}  # url -> models, from the file
         self._pending: set[str] = set()  # --upstream workers whose models are not known yet
         self._file_stamp: tuple[float, int] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._models: frozenset[str] = frozenset()
+        self._models = ModelsPublisher(workers, on_models)
 
     def models(self) -> frozenset[str]:
-        return self._models
+        return self._models.models
 
     def pending(self) -> list[str]:
         """The ``--upstream`` workers that have not told their models yet (URLs redacted)."""
@@ -198,11 +197,7 @@ class StaticDiscovery:
         return True
 
     def _publish(self) -> None:
-        models = frozenset(self.workers.models())
-        if models != self._models:
-            self._models = models
-            if self._on_models is not None:
-                self._on_models(models)
+        self._models.publish()
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from ..errors import DynamoError
 from ..runtime.clock import Clock
-from ..runtime.tasks import cancel_and_wait
+from ..runtime.tasks import Periodic
 from .membership import Worker, WorkerSet
 
 __all__ = ["IdleChecker"]
@@ -33,27 +33,15 @@ class IdleChecker:
     """Checks the idle workers of a set every ``interval`` seconds (see the module doc)."""
 
     def __init__(self, workers: WorkerSet, check: Check, clock: Clock, interval: float) -> None:
-        if interval <= 0:
-            raise ValueError("the interval must be positive")
         self._workers = workers
         self._check = check
-        self._clock = clock
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(self.sweep, clock, interval, name="idle checks")
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="idle checks")
+        self._periodic.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await self._clock.sleep(self.interval)
-            await self.sweep()
+        await self._periodic.aclose()
 
     async def sweep(self) -> int:
         """Check every idle worker once; returns how many were reported down."""

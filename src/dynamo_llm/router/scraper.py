@@ -24,7 +24,7 @@ from typing import Protocol
 
 from ..metrics import Metrics
 from ..runtime.clock import Clock
-from ..runtime.tasks import cancel_and_wait
+from ..runtime.tasks import Periodic
 from .membership import Worker, WorkerSet
 
 __all__ = ["EngineReport", "LoadScraper"]
@@ -61,32 +61,22 @@ class LoadScraper:
         *,
         metrics: Metrics | None = None,
     ) -> None:
-        if interval <= 0:
-            raise ValueError("the interval must be positive")
         self._workers = workers
         self._fetch = fetch
-        self._clock = clock
-        self.interval = interval
         self._metrics = metrics
         self._failing: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(
+            self.sweep, clock, interval, name="load scrapes", immediately=True
+        )
         self.sweeps = 0
         self.scrape_seconds = 0.0
         """Wall time spent in scrapes (fetch and parse), summed over every worker and sweep."""
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="load scrapes")
+        self._periodic.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await self.sweep()
-            await self._clock.sleep(self.interval)
+        await self._periodic.aclose()
 
     async def sweep(self) -> None:
         """Scrape every worker once, concurrently."""

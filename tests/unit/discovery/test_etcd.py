@@ -8,7 +8,9 @@ which watch batches arrive, when the watch breaks or says its revision was compa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from dynamo_llm.discovery.etcd import EtcdDiscovery
 from dynamo_llm.discovery.etcd_client import (
@@ -22,6 +24,7 @@ from dynamo_llm.discovery.instance import Instance, instances_prefix
 from dynamo_llm.router import WorkerSet
 from dynamo_llm.runtime import FakeClock
 from dynamo_llm.runtime.clock import settle
+from tests.helpers import registered
 from tests.unit.router.helpers import probe_ok
 
 PREFIX = instances_prefix("dynamo")
@@ -68,92 +71,81 @@ class ScriptedEtcd:
         pass
 
 
-def discovery(etcd: ScriptedEtcd, clock: FakeClock) -> tuple[WorkerSet, EtcdDiscovery]:
+@dataclass
+class Watching:
+    clock: FakeClock
+    etcd: ScriptedEtcd
+    workers: WorkerSet
+    found: EtcdDiscovery
+
+    async def deliver(self, item: WatchItem) -> None:
+        """One watch message (or failure), and everything it sets off."""
+        await self.etcd.items.put(item)
+        await settle()
+
+
+@contextlib.asynccontextmanager
+async def watching(**records: bytes) -> AsyncIterator[Watching]:
+    """Discovery started over a scripted etcd holding ``records`` (by instance id)."""
+    clock, etcd = FakeClock(), ScriptedEtcd()
+    etcd.kvs = {PREFIX + iid: value for iid, value in records.items()}
     workers = WorkerSet(clock=clock, probe=probe_ok)
     client: EtcdClient = etcd  # type: ignore[assignment]
-    return workers, EtcdDiscovery(workers, client, "dynamo", clock)
+    found = EtcdDiscovery(workers, client, "dynamo", clock)
+    await found.start()
+    await settle()
+    try:
+        yield Watching(clock, etcd, workers, found)
+    finally:
+        await found.aclose()
 
 
 async def test_the_listing_is_applied_then_the_watch_starts_after_its_revision() -> None:
-    clock, etcd = FakeClock(), ScriptedEtcd()
-    etcd.kvs = {PREFIX + "a1": record("a1", A, "m"), PREFIX + "junk": b"not json"}
-    workers, found = discovery(etcd, clock)
-    await found.start()
-    await settle()
-    try:
-        assert [w.url for w in workers] == [A]
-        assert etcd.watches == [11]
-        await etcd.items.put([WatchEvent(PREFIX + "b1", record("b1", B, "m", "n"), 12)])
-        await settle()
-        assert {w.url for w in workers} == {A, B}
-        assert found.models() == {"m", "n"}
-        await etcd.items.put([WatchEvent(PREFIX + "a1", None, 13)])
-        await settle()
-        assert [w.url for w in workers] == [B]
-    finally:
-        await found.aclose()
+    async with watching(a1=record("a1", A, "m"), junk=b"not json") as w:
+        assert [worker.url for worker in w.workers] == [A]
+        assert w.etcd.watches == [11]
+        await w.deliver([WatchEvent(PREFIX + "b1", record("b1", B, "m", "n"), 12)])
+        assert {worker.url for worker in w.workers} == {A, B}
+        assert w.found.models() == {"m", "n"}
+        await w.deliver([WatchEvent(PREFIX + "a1", None, 13)])
+        assert [worker.url for worker in w.workers] == [B]
 
 
 async def test_a_compacted_watch_lists_again_and_drops_what_it_never_saw_deleted() -> None:
-    clock, etcd = FakeClock(), ScriptedEtcd()
-    etcd.kvs = {PREFIX + "a1": record("a1", A, "m"), PREFIX + "b1": record("b1", B, "m")}
-    workers, found = discovery(etcd, clock)
-    await found.start()
-    await settle()
-    try:
-        assert len(workers) == 2
+    async with watching(a1=record("a1", A, "m"), b1=record("b1", B, "m")) as w:
+        assert len(w.workers) == 2
         # a1's delete and c1's put happen where the watch cannot see them
-        del etcd.kvs[PREFIX + "a1"]
-        etcd.kvs[PREFIX + "c1"] = record("c1", A, "n")
-        etcd.revision = 40
-        await etcd.items.put(WatchCompacted(30))
-        await settle()
-        assert etcd.lists == 2 and etcd.watches == [11, 41]
-        assert set(found.instances) == {"b1", "c1"}
-        assert workers.get(A) is not None and workers.get(A).models == {"n"}  # type: ignore[union-attr]
-    finally:
-        await found.aclose()
+        del w.etcd.kvs[PREFIX + "a1"]
+        w.etcd.kvs[PREFIX + "c1"] = record("c1", A, "n")
+        w.etcd.revision = 40
+        await w.deliver(WatchCompacted(30))
+        assert w.etcd.lists == 2 and w.etcd.watches == [11, 41]
+        assert set(w.found.instances) == {"b1", "c1"}
+        assert registered(w.workers, A).models == {"n"}
 
 
 async def test_while_etcd_is_unreachable_the_last_set_stays_and_a_relisting_reconciles() -> None:
-    clock, etcd = FakeClock(), ScriptedEtcd()
-    etcd.kvs = {PREFIX + "a1": record("a1", A, "m"), PREFIX + "b1": record("b1", B, "m")}
-    workers, found = discovery(etcd, clock)
-    await found.start()
-    await settle()
-    try:
-        etcd.reachable = False
-        await etcd.items.put(EtcdUnavailable("connection reset"))
-        await settle()
-        assert not found.connected
-        assert found.status()["state"] == "unreachable"
-        assert len(workers) == 2  # still routed to
-        del etcd.kvs[PREFIX + "b1"]
-        await clock.advance(5.0)  # back-off retries fail meanwhile
-        assert len(workers) == 2
-        etcd.reachable = True
-        await clock.advance(5.0)
-        assert found.status()["state"] == "connected"
-        assert [w.url for w in workers] == [A]
-    finally:
-        await found.aclose()
+    async with watching(a1=record("a1", A, "m"), b1=record("b1", B, "m")) as w:
+        w.etcd.reachable = False
+        await w.deliver(EtcdUnavailable("connection reset"))
+        assert not w.found.connected
+        assert w.found.status()["state"] == "unreachable"
+        assert len(w.workers) == 2  # still routed to
+        del w.etcd.kvs[PREFIX + "b1"]
+        await w.clock.advance(5.0)  # back-off retries fail meanwhile
+        assert len(w.workers) == 2
+        w.etcd.reachable = True
+        await w.clock.advance(5.0)
+        assert w.found.status()["state"] == "connected"
+        assert [worker.url for worker in w.workers] == [A]
 
 
 async def test_two_instances_of_one_url_serve_the_union_until_the_last_goes() -> None:
-    clock, etcd = FakeClock(), ScriptedEtcd()
-    etcd.kvs = {PREFIX + "old": record("old", A, "m"), PREFIX + "new": record("new", A, "n")}
-    workers, found = discovery(etcd, clock)
-    await found.start()
-    await settle()
-    try:
-        (worker,) = workers
+    async with watching(old=record("old", A, "m"), new=record("new", A, "n")) as w:
+        (worker,) = w.workers
         assert worker.models == {"m", "n"}
         assert worker.instance_ids == ("new", "old")
-        await etcd.items.put([WatchEvent(PREFIX + "old", None, 12)])
-        await settle()
-        assert [w.models for w in workers] == [{"n"}]
-        await etcd.items.put([WatchEvent(PREFIX + "new", None, 13)])
-        await settle()
-        assert len(workers) == 0
-    finally:
-        await found.aclose()
+        await w.deliver([WatchEvent(PREFIX + "old", None, 12)])
+        assert [worker.models for worker in w.workers] == [{"n"}]
+        await w.deliver([WatchEvent(PREFIX + "new", None, 13)])
+        assert len(w.workers) == 0
