@@ -187,6 +187,15 @@ class Metrics:
         self.disconnected_clients.labels()
         self.event_loop_stall_total.labels()
 
+    def forget_engine_load(self, worker: str) -> None:
+        """Drop what ``worker``'s engine last reported (it reports nothing now, or it is gone)."""
+        for family in (
+            self.worker_engine_running_requests,
+            self.worker_engine_queued_requests,
+            self.worker_kv_usage,
+        ):
+            family.remove(worker)
+
     def declare_model(self, model: str) -> None:
         """Give every counter and gauge of ``model`` a sample at 0 before its first request.
 

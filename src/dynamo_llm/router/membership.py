@@ -266,15 +266,10 @@ class WorkerSet:
         worker.load.attach_gauge(None)
         if self._metrics is not None:
             m = self._metrics
-            for family in (
-                m.worker_inflight_requests,
-                m.worker_time_to_first_token_seconds,
-                m.worker_engine_running_requests,
-                m.worker_engine_queued_requests,
-                m.worker_kv_usage,
-                m.worker_metrics_scrape_failures_total,
-            ):
-                family.remove(worker_id)
+            m.worker_inflight_requests.remove(worker_id)
+            m.worker_time_to_first_token_seconds.remove(worker_id)
+            m.worker_metrics_scrape_failures_total.remove(worker_id)
+            m.forget_engine_load(worker_id)
         if self.kv_index is not None:
             self.kv_index.remove_worker(worker_id)
         log.info("worker %s removed", worker_id)

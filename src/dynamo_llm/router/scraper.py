@@ -128,10 +128,4 @@ class LoadScraper:
     def _forget(self, worker: Worker) -> None:
         worker.load.report(None)
         if self._metrics is not None:
-            m = self._metrics
-            for family in (
-                m.worker_engine_running_requests,
-                m.worker_engine_queued_requests,
-                m.worker_kv_usage,
-            ):
-                family.remove(worker.id)
+            self._metrics.forget_engine_load(worker.id)
