@@ -9,9 +9,13 @@ once; requests already on it finish or fail as they would anyway.
 The watch can miss nothing for good. When it breaks (etcd restarted, the connection dropped),
 or its revision was compacted, the frontend lists again and reconciles **by instance id**: an
 instance that is no longer listed is dropped even though its delete event was never seen, and
-one listed but unknown is added. While etcd cannot be reached the frontend keeps routing to the
-last set it knew, says so in its log and in ``/health`` (``discovery.state: unreachable``), and
-tries again with a back-off (0.25 s doubling to ``retry_max``).
+one listed but unknown is added. Beside a live watch it lists and reconciles every
+``reconcile_interval`` (10 s) too, so a watch that went silent without breaking (a hung etcd,
+a partition that drops packets) is found out and repaired within that.
+
+While etcd cannot be reached the frontend keeps routing to the last set it knew, says so in its
+log and in ``/health`` (``discovery.state: unreachable``), and tries again with a back-off
+(0.25 s doubling to ``retry_max``).
 
 Several instances may name the same URL (a worker restarted before its old lease expired): the
 worker (known by its URL, as with static discovery) serves the union of their models and leaves
@@ -39,6 +43,7 @@ log = logging.getLogger("dynamo_llm.discovery")
 
 RETRY_INITIAL = 0.25
 RETRY_MAX = 5.0
+RECONCILE_INTERVAL = 10.0
 
 
 class EtcdDiscovery:
@@ -53,6 +58,7 @@ class EtcdDiscovery:
         *,
         on_models: ModelsCallback | None = None,
         retry_max: float = RETRY_MAX,
+        reconcile_interval: float = RECONCILE_INTERVAL,
     ) -> None:
         self.workers = workers
         self.client = client
@@ -60,6 +66,7 @@ class EtcdDiscovery:
         self.prefix = instances_prefix(namespace)
         self._clock = clock
         self._retry_max = retry_max
+        self._reconcile_interval = reconcile_interval
         self.instances: dict[str, Instance] = {}
         self._models = ModelsPublisher(workers, on_models)
         self._connected = False
@@ -122,17 +129,43 @@ class EtcdDiscovery:
                     continue
             retry = RETRY_INITIAL
             try:
-                async for batch in self.client.watch(self.prefix, self._revision + 1):
-                    self._apply(batch)
+                await self._watch_and_check()
             except WatchCompacted as exc:
                 log.warning("etcd watch: %s; listing again", exc)
                 self._connected = False
                 continue
             except EtcdError as exc:
                 self._lost(exc)
-            else:
-                self._lost(EtcdError("the watch stream ended"))
             await self._clock.sleep(RETRY_INITIAL)
+
+    async def _watch_and_check(self) -> None:
+        """Apply the watch's events and, beside them, list and reconcile every
+        ``reconcile_interval``; returns or raises as soon as either ends."""
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._watch(), name="etcd watch"),
+            loop.create_task(self._check(), name="etcd reconcile"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                await cancel_and_wait(task)
+        for task in done:
+            task.result()  # raises the EtcdError that ended it
+
+    async def _watch(self) -> None:
+        async for batch in self.client.watch(self.prefix, self._revision + 1):
+            self._apply(batch)
+        raise EtcdError("the watch stream ended")
+
+    async def _check(self) -> None:
+        # A watch that went silent (etcd hung, a partition that drops packets rather than
+        # connections) would otherwise look connected for good; a listing bounds that, and
+        # repairs anything the watch missed, within one interval.
+        while True:
+            await self._clock.sleep(self._reconcile_interval)
+            await self._resync()
 
     async def _resync(self) -> None:
         revision, kvs = await self.client.range_prefix(self.prefix)

@@ -149,3 +149,18 @@ async def test_two_instances_of_one_url_serve_the_union_until_the_last_goes() ->
         assert [worker.models for worker in w.workers] == [{"n"}]
         await w.deliver([WatchEvent(PREFIX + "new", None, 13)])
         assert len(w.workers) == 0
+
+
+async def test_a_silent_watch_is_repaired_by_the_periodic_listing() -> None:
+    async with watching(a1=record("a1", A, "m"), b1=record("b1", B, "m")) as w:
+        del w.etcd.kvs[PREFIX + "b1"]  # a delete the watch never reports
+        await w.clock.advance(9.9)
+        assert len(w.workers) == 2
+        await w.clock.advance(0.1)
+        assert [worker.url for worker in w.workers] == [A]
+        assert w.etcd.watches == [11]  # the watch itself carried on
+        # etcd stops answering (hung): the next listing fails, and the state says so.
+        w.etcd.reachable = False
+        await w.clock.advance(10.0)
+        assert w.found.status()["state"] == "unreachable"
+        assert [worker.url for worker in w.workers] == [A]
