@@ -80,13 +80,17 @@ async def test_sigterm_withdraws_the_key_before_the_worker_stops_and_no_request_
     tmp_path: Path, etcd: EtcdServer
 ) -> None:
     async with etcd_frontend(tmp_path, etcd) as fe:
-        first, second = await asyncio.gather(start_worker(etcd), start_worker(etcd))
+        # 20 ms a token: the long stream below outlasts the frontend's view of the withdrawal.
+        slow = ("--token-echo-delay-ms", "20")
+        first, second = await asyncio.gather(
+            start_worker(etcd, "m", *slow), start_worker(etcd, "m", *slow)
+        )
         try:
             await fe.until(lambda: urls(fe) == {first.url, second.url})
             # A long stream: its drain keeps its worker's process up after SIGTERM.
             words = " ".join(["word"] * 150)
             payload = {**chat("m", stream=True, content=words), "max_tokens": 150}
-            slow = asyncio.create_task(send(fe, payload))
+            stream = asyncio.create_task(send(fe, payload))
             await polled(lambda: any(w.inflight for w in fe.fleet.workers), "the stream")
             if fe.worker(str(second.url)).inflight:
                 first, second = second, first
@@ -95,7 +99,7 @@ async def test_sigterm_withdraws_the_key_before_the_worker_stops_and_no_request_
             assert first.proc.poll() is None  # withdrawn from etcd while still draining
             replies = [await send(fe, chat("m", stream=True)) for _ in range(5)]
             assert [r.status for r in replies] == [200] * 5
-            reply = await slow
+            reply = await stream
             assert reply.status == 200 and reply.done, reply.body[-300:]
             assert await asyncio.to_thread(first.proc.wait, 20) == 0, first.log
         finally:
