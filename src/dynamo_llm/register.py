@@ -8,10 +8,10 @@ Every ``--register-probe-interval-secs`` it probes the engine as a frontend woul
 a quarantined worker back (:mod:`dynamo_llm.transport.probe`: a 1-token completion, bounded by
 ``--worker-probe-timeout-secs``). While the probe passes, the engine is registered under a lease
 (:class:`~dynamo_llm.discovery.registration.Registration`) with the model names its
-``/v1/models`` lists (or ``--model-name``, a name the engine must accept); the first probe that
-fails withdraws the key, so an engine that stops answering (crashed, hung, SIGSTOPped) leaves
-every frontend's routing within about one probe timeout, and a probe that passes again
-registers it again. On SIGTERM the sidecar withdraws the key and exits; the engine is left
+``/v1/models`` lists when it registers (or ``--model-name``, a name the engine must accept);
+the first probe that fails withdraws the key, so an engine that stops answering (crashed, hung,
+SIGSTOPped) leaves every frontend's routing within about one probe timeout, and a probe that
+passes again registers it again. On SIGTERM the sidecar withdraws the key and exits; the engine is left
 alone.
 """
 
@@ -73,6 +73,8 @@ class Sidecar:
         if self.registration is not None:
             registration, self.registration = self.registration, None
             await registration.aclose()
+        if not self.config.model_name:
+            self._models = ()  # listed again before it next registers: it may have changed
 
     async def _probe(self) -> bool:
         within = self.config.worker_probe_timeout_secs
