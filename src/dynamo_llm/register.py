@@ -11,8 +11,8 @@ a quarantined worker back (:mod:`dynamo_llm.transport.probe`: a 1-token completi
 ``/v1/models`` lists when it registers (or ``--model-name``, a name the engine must accept);
 the first probe that fails withdraws the key, so an engine that stops answering (crashed, hung,
 SIGSTOPped) leaves every frontend's routing within about one probe timeout, and a probe that
-passes again registers it again. On SIGTERM the sidecar withdraws the key and exits; the engine is left
-alone.
+passes again registers it again. On SIGTERM the sidecar withdraws the key and exits; the
+engine is left alone.
 """
 
 from __future__ import annotations
