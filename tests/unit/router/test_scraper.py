@@ -7,7 +7,7 @@ import random
 from dynamo_llm.errors import WorkerUnreachable
 from dynamo_llm.metrics import Metrics
 from dynamo_llm.router import RoutingPolicy, Worker, WorkerSet
-from dynamo_llm.router.policies import RouterMode
+from dynamo_llm.router.policies import RouterMode, WorkerView, kv_scores
 from dynamo_llm.router.scraper import EngineReport, LoadScraper
 from dynamo_llm.runtime import FakeClock
 from dynamo_llm.transport.scrape import EngineLoad
@@ -116,3 +116,11 @@ async def test_a_quarantined_worker_is_not_scraped() -> None:
     await scraper.sweep()
     assert engines.scrapes == [B]
     await workers.aclose()
+
+
+def test_kv_scores_count_the_requests_other_frontends_gave_a_worker() -> None:
+    hashes = [1, 2, 3, 4]
+    ours_only = WorkerView("a", 1, 4, True, True, reported_load=1.0)
+    shared = WorkerView("b", 1, 4, True, True, reported_load=3.0)  # two more from elsewhere
+    local = WorkerView("c", 1, 4, True, True)  # no report: local counts only
+    assert kv_scores([ours_only, shared, local], hashes, None, 1.0) == [8.0, 16.0, 8.0]
