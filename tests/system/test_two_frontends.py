@@ -78,8 +78,6 @@ async def test_two_frontends_send_new_work_to_the_worker_whose_engine_is_less_lo
                 scraper = fe.fleet.scraper
                 assert scraper is not None
                 assert scraper.sweeps - before <= elapsed / INTERVAL + 2
-            per_scrape = one.fleet.scraper.scrape_seconds / max(1, 2 * one.fleet.scraper.sweeps)  # type: ignore[union-attr]
-            print(f"\nscrape cost: {per_scrape * 1000:.2f} ms wall per worker scrape")
         finally:
             await held.aclose()
             await stop_all(busy, calm)
