@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -69,8 +68,6 @@ class LoadScraper:
             self.sweep, clock, interval, name="load scrapes", immediately=True
         )
         self.sweeps = 0
-        self.scrape_seconds = 0.0
-        """Wall time spent in scrapes (fetch and parse), summed over every worker and sweep."""
 
     def start(self) -> None:
         self._periodic.start()
@@ -88,11 +85,9 @@ class LoadScraper:
         if not worker.is_available:
             self._forget(worker)
             return
-        started = time.perf_counter()
         try:
             report = await self._fetch(worker)
         except Exception as exc:  # unreachable, an error status, a timeout: count locally
-            self.scrape_seconds += time.perf_counter() - started
             if worker.id not in self._workers:
                 return
             if self._metrics is not None:
@@ -106,7 +101,6 @@ class LoadScraper:
                 )
             self._forget(worker)
             return
-        self.scrape_seconds += time.perf_counter() - started
         if worker.id not in self._workers:
             return
         if worker.id in self._failing:
