@@ -14,6 +14,7 @@ available).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,7 +23,12 @@ from .config import Config
 from .discovery.base import Discovery
 from .discovery.etcd import EtcdDiscovery
 from .discovery.etcd_client import EtcdClient
-from .discovery.static import StaticDiscovery
+from .discovery.static import (
+    StaticDiscovery,
+    check_no_credentials,
+    normalise_url,
+    parse_upstream_file,
+)
 from .errors import DynamoError
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
@@ -66,7 +72,6 @@ class Fleet:
         self.discovery: Discovery | None = None
         self.idle_checker: IdleChecker | None = None
         self.scraper: LoadScraper | None = None
-        check_discovery(config)
         self.workers.on_change(self._availability_changed)
 
     async def start(self) -> None:
@@ -103,6 +108,7 @@ class Fleet:
                 urls=config.upstreams,
                 path=config.upstream_file,
                 on_models=self._models_changed,
+                forbid_credentials=_UPSTREAM_KEY if config.upstream_api_key else None,
             )
         self.app.waiting_for = self.discovery.pending
         self.app.discovery = self.discovery.status
@@ -223,9 +229,38 @@ def check_discovery(config: Config) -> None:
         raise ValueError("--discovery-backend file needs --upstream-file PATH")
 
 
+_UPSTREAM_KEY = "--upstream-api-key (DYN_UPSTREAM_API_KEY)"
+
+
+def check_upstream_credentials(config: Config) -> None:
+    """Refuse an upstream key together with credentials in a worker URL (ValueError).
+
+    Both would be the request's ``Authorization`` header (aiohttp refuses to send the two), so
+    every request to that worker would fail; the operator hears it at start-up instead, with
+    the worker named redacted. A worker in ``--upstream-file`` is checked as the file is now
+    (and again whenever it is reloaded: such a version is refused, the last good one kept).
+    """
+    if not config.upstream_api_key:
+        return
+    urls = [normalise_url(url) for url in config.upstreams]
+    if config.upstream_file is not None:
+        try:
+            mapping = parse_upstream_file(Path(config.upstream_file).read_text())
+        except (OSError, ValueError):
+            mapping = {}  # discovery reports an unreadable or malformed file itself
+        urls += [url for file_urls in mapping.values() for url in file_urls]
+    check_no_credentials(urls, _UPSTREAM_KEY)
+
+
 def build_routed_app(config: Config, clock: Clock) -> App:
     """The app for ``serve --upstream/--upstream-file/--discovery-backend etcd``: models come
-    from the workers. Raises ``ValueError`` when the discovery flags contradict each other."""
+    from the workers.
+
+    Raises ValueError for a configuration that cannot work (contradictory discovery flags,
+    :func:`check_upstream_credentials`).
+    """
+    check_discovery(config)
+    check_upstream_credentials(config)
     metrics = Metrics(prefix=config.metrics_prefix)
     app = create_app(config, [], metrics, clock)
     fleet = Fleet(config, app, clock, metrics)
