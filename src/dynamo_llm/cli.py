@@ -1,4 +1,4 @@
-"""Command line: ``dynamo-llm serve`` and ``dynamo-llm worker`` (also ``python -m dynamo_llm``).
+"""Command line: ``dynamo-llm serve``, ``worker`` and ``register`` (also ``python -m dynamo_llm``).
 
 - ``serve`` runs the OpenAI-compatible frontend with an in-process engine: the mocker unless
   ``--engine`` (``DYN_ENGINE``) says otherwise, so the bare command answers like a deployment.
@@ -6,6 +6,10 @@
   (:func:`~dynamo_llm.fleet.build_routed_app`).
 - ``worker`` serves one engine over the same OpenAI API, from the same app and server
   (:func:`~dynamo_llm.worker.build_app`), so it can stand in for a vLLM server behind any router.
+  With ``--discovery-backend etcd`` it registers itself in etcd once it serves, and withdraws
+  before it drains on SIGTERM.
+- ``register`` is a sidecar that registers a third-party engine in etcd while it passes the
+  generation probe (:mod:`dynamo_llm.register`).
 
 The flags are generated from the options table (:mod:`dynamo_llm.config`): both commands take
 the engine, HTTP, timeout and logging flags, only ``serve`` the router's. Every flag can also be
@@ -27,7 +31,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TextIO
 
 from . import __version__
@@ -36,9 +40,10 @@ from .engines.factory import ENGINES
 from .fleet import build_routed_app
 from .http.app import App
 from .http.server import INTERFACES, HttpServer
+from .register import run_sidecar
 from .router.policies import RouterMode
 from .runtime.clock import SystemClock
-from .worker import build_app
+from .worker import advertised_url, build_app, build_registration
 
 log = logging.getLogger("dynamo_llm")
 
@@ -55,7 +60,15 @@ COMMANDS = {
         "Serve one engine (the mocker by default) over the OpenAI API (chat, "
         "completions, models, health, metrics, with vLLM's return_token_ids and token-id "
         "prompts), so it can stand in for a vLLM server behind any router. With the mocker, "
-        "/metrics also carries its scheduler state (dynamo_mocker_*).",
+        "/metrics also carries its scheduler state (dynamo_mocker_*). With "
+        "--discovery-backend etcd it registers itself in etcd under a lease.",
+    ),
+    "register": (
+        "register a third-party engine (vLLM, SGLang, llama.cpp) in etcd as a sidecar",
+        "Register the OpenAI-compatible engine at --upstream in etcd (--discovery-backend etcd) "
+        "under the model names its /v1/models lists (or --model-name), holding the lease only "
+        "while the engine passes the generation probe (a 1-token completion) and withdrawing it "
+        "when the engine stops answering. Serves no HTTP itself.",
     ),
 }
 """Each command's one-line summary and its ``--help`` description."""
@@ -107,6 +120,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if command == "register":
+        return asyncio.run(run_until_signalled(run_sidecar, config))
     routed = command == "serve" and config.routed
     try:
         if routed:
@@ -155,8 +170,18 @@ async def serve_until_signalled(
                 file=stream,
                 flush=True,
             )
-            await stop.wait()
-            log.info("shutdown requested")
+            registration = None
+            if command == "worker" and config.discovery_backend == "etcd":
+                url = advertised_url(config, server.base_url, server.port)
+                registration = build_registration(app, config, url, app.clock)
+                registration.start()
+            try:
+                await stop.wait()
+                log.info("shutdown requested")
+            finally:
+                if registration is not None:
+                    # The key goes first, so frontends stop choosing this worker; then drain.
+                    await registration.aclose()
             await app.shutdown()
         finally:
             await server.stop()
@@ -165,6 +190,21 @@ async def serve_until_signalled(
         for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+async def run_until_signalled(
+    run: Callable[[Config, asyncio.Event], Awaitable[int]], config: Config
+) -> int:
+    """``run(config, stop)`` with ``stop`` set on SIGTERM or SIGINT; its exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await run(config, stop)
+    finally:
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def _native_thread_ids() -> set[int]:

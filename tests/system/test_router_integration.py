@@ -38,6 +38,7 @@ from tests.system.fleet_helpers import (
     bad_workers,
     chat,
     completion,
+    health,
     ok,
     rid,
     routed_frontend,
@@ -53,13 +54,6 @@ async def ids_seen(worker: BadWorker) -> list[str]:
     completions): the frontend streams every client request upstream, a probe is unstreamed."""
     requests = (await worker.record())["requests"]
     return [seen["id"] for seen in requests if (seen["body"] or {}).get("stream")]
-
-
-async def health(fe: RoutedFrontend) -> tuple[int, dict[str, str]]:
-    """``/health``: its status and each worker's state."""
-    response = await fe.http.get("/health")
-    states = {w["url"]: w["state"] for model in response.json()["models"] for w in model["workers"]}
-    return response.status_code, states
 
 
 # --- 1. client hang-ups reach the worker ---------------------------------------------------------
@@ -146,10 +140,8 @@ class Fault:
 # The router's limits are 1 s (LIMITS); the HTTP layer's net is 2 s, so a limit that fires in
 # about 1 s was the router's, and only the router's quarantines the worker.
 FAULTS = {
-    "refuses-connections": Fault(
-        "refuse", 503, "service_unavailable_error", "worker_unreachable", "unavailable", True,
-        0.5, "connect refused: the worker is down (SPEC §8.2), nothing was generated",
-    ),
+    # (A worker that refuses connections is not here: its request is retried on the healthy
+    # worker, see tests/system/test_idle_workers.py.)
     "never-answers": Fault(
         "zombie", 504, "timeout_error", "response_timeout", "response_timeout", True,
         1.5, "no headers within the 1 s first-token limit: the router's timer (SPEC §4, §8.3)",

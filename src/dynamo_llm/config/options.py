@@ -29,9 +29,11 @@ log = logging.getLogger("dynamo_llm.config")
 
 T = TypeVar("T")
 
-Command = Literal["serve", "worker"]
+Command = Literal["serve", "worker", "register"]
 BOTH: Final[tuple[Command, ...]] = ("serve", "worker")
 SERVE: Final[tuple[Command, ...]] = ("serve",)
+ALL: Final[tuple[Command, ...]] = ("serve", "worker", "register")
+REGISTER: Final[tuple[Command, ...]] = ("register",)
 
 TRUTHY = frozenset({"1", "true", "on", "yes"})
 FALSY = frozenset({"0", "false", "off", "no"})

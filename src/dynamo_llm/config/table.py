@@ -17,11 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .options import (
+    ALL,
     BOOL,
     CHOICE,
     FLOAT,
     INT,
     LIST,
+    REGISTER,
     SERVE,
     TEXT,
     Group,
@@ -35,6 +37,15 @@ from .options import (
     zero_is_default,
     zero_is_off,
 )
+
+
+def lowercase_or_none(value: str | None, _default: object) -> str | None:
+    return value.strip().lower() or None if value is not None else None
+
+
+def default_if_empty(value: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
+    return value or default
+
 
 ENGINE = Group("engine")
 MOCKER = Group(
@@ -53,7 +64,15 @@ ROUTER = Group(
     "instead of running an in-process engine.",
 )
 
+DISCOVERY = Group(
+    "discovery and fleet health (etcd)",
+    "With --discovery-backend etcd, workers register under a lease in etcd (worker, register) "
+    "and frontends list and watch them (serve). The frontend also probes its idle workers and "
+    "reads each worker's /metrics for the load every frontend sees alike.",
+)
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DISCOVERY_BACKENDS = ("static", "file", "etcd")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +94,10 @@ class Config:
         "--model-name",
         "DYN_MODEL_NAME",
         TEXT,
-        "name the model is served under",
+        "name the model is served under (register: the name the engine is registered under, "
+        "instead of the names its /v1/models lists)",
         group=ENGINE,
+        commands=ALL,
         unset="the engine's name",
     )
     context_length: int | None = option(
@@ -311,6 +332,7 @@ class Config:
         CHOICE,
         "log level",
         group=OPS,
+        commands=ALL,
         choices=LOG_LEVELS,
         normalize=lowercase,
     )
@@ -321,9 +343,10 @@ class Config:
         "--upstream",
         "DYN_UPSTREAMS",
         LIST,
-        "a worker's base URL (repeatable); its models are read from its /v1/models",
+        "a worker's base URL (repeatable); its models are read from its /v1/models (register: "
+        "the engine to register)",
         group=ROUTER,
-        commands=SERVE,
+        commands=("serve", "register"),
         metavar="URL",
         unset="none",
     )
@@ -338,7 +361,7 @@ class Config:
         "credentials in a worker URL (http://user:pass@host, sent as basic auth): refused at "
         "start-up",
         group=ROUTER,
-        commands=SERVE,
+        commands=("serve", "register"),
         metavar="KEY",
         unset="none",
         secret=True,
@@ -417,7 +440,7 @@ class Config:
         "a quarantined worker comes back only after a 1-token completion (or, where the engine "
         "offers none, /health or /v1/models) answers within this long",
         group=ROUTER,
-        commands=SERVE,
+        commands=("serve", "register"),
         metavar="S",
         normalize=zero_is_default,
     )
@@ -436,6 +459,101 @@ class Config:
         normalize=at_least_zero,
     )
 
+    # ---- discovery (etcd), idle probes and engine-reported load: issue 12 ---------------------
+    discovery_backend: str | None = option(
+        None,
+        "--discovery-backend",
+        "DYN_DISCOVERY_BACKEND",
+        CHOICE,
+        "where workers are found: static (--upstream), file (--upstream-file) or etcd (workers "
+        "register under a lease; worker and register hold one)",
+        group=DISCOVERY,
+        commands=ALL,
+        choices=DISCOVERY_BACKENDS,
+        normalize=lowercase_or_none,
+        unset="static with --upstream, file with --upstream-file, else the in-process engine",
+    )
+    etcd_endpoints: tuple[str, ...] = option(
+        ("http://127.0.0.1:2379",),
+        "--etcd-endpoints",
+        "ETCD_ENDPOINTS",
+        LIST,
+        "etcd client URLs (comma-separated or repeated; the first that answers is used)",
+        group=DISCOVERY,
+        commands=ALL,
+        metavar="URL",
+        normalize=default_if_empty,
+    )
+    namespace: str = option(
+        "dynamo",
+        "--namespace",
+        "DYN_NAMESPACE",
+        TEXT,
+        "the etcd namespace workers register in and frontends watch",
+        group=DISCOVERY,
+        commands=ALL,
+    )
+    discovery_lease_ttl_secs: int = option(
+        10,
+        "--discovery-lease-ttl-secs",
+        "DYN_DISCOVERY_LEASE_TTL_SECS",
+        INT,
+        "TTL of a worker's etcd lease, kept alive every third of it: a worker that dies "
+        "leaves routing within this long",
+        group=DISCOVERY,
+        commands=("worker", "register"),
+        metavar="S",
+        normalize=zero_is_default,
+    )
+    advertise_url: str | None = option(
+        None,
+        "--advertise-url",
+        "DYN_ADVERTISE_URL",
+        TEXT,
+        "the URL frontends reach this worker at, as registered in etcd",
+        group=DISCOVERY,
+        commands=("worker",),
+        metavar="URL",
+        unset="http://<--http-host>:<port> (the host name when listening on 0.0.0.0)",
+    )
+    register_probe_interval_secs: float = option(
+        2.0,
+        "--register-probe-interval-secs",
+        "DYN_REGISTER_PROBE_INTERVAL_SECS",
+        FLOAT,
+        "register: how often the engine is probed (a 1-token completion); it is registered "
+        "only while the probe passes",
+        group=DISCOVERY,
+        commands=REGISTER,
+        metavar="S",
+        normalize=zero_is_default,
+    )
+    worker_idle_probe_interval_secs: float | None = option(
+        2.0,
+        "--worker-idle-probe-interval-secs",
+        "DYN_WORKER_IDLE_PROBE_INTERVAL_SECS",
+        FLOAT,
+        "serve: a worker with nothing in flight is checked this often (GET /v1/models), so a "
+        "dead idle worker is quarantined before a request is sent to it (0 turns it off)",
+        group=DISCOVERY,
+        commands=SERVE,
+        metavar="S",
+        normalize=positive_or_off,
+    )
+    worker_metrics_interval_secs: float | None = option(
+        1.0,
+        "--worker-metrics-interval-secs",
+        "DYN_WORKER_METRICS_INTERVAL_SECS",
+        FLOAT,
+        "serve: each worker's /metrics is read this often for its engine-reported queue and KV "
+        "use (vLLM, SGLang, llama.cpp, dynamo_mocker_*), the load the router modes use (0 "
+        "turns it off: local in-flight counts only)",
+        group=DISCOVERY,
+        commands=SERVE,
+        metavar="S",
+        normalize=positive_or_off,
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
         """The configuration ``environ`` describes: each option's variable, else its default.
@@ -451,7 +569,16 @@ class Config:
     @property
     def routed(self) -> bool:
         """True when requests go to remote workers rather than an in-process engine."""
-        return bool(self.upstreams or self.upstream_file)
+        return bool(self.upstreams or self.upstream_file or self.discovery_backend)
+
+    @property
+    def discovery(self) -> str | None:
+        """The discovery backend in force: the one named, else implied by the upstream flags."""
+        if self.discovery_backend is not None:
+            return self.discovery_backend
+        if self.upstreams:
+            return "static"
+        return "file" if self.upstream_file else None
 
     @property
     def has_api_keys(self) -> bool:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,11 +45,10 @@ from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import has_credentials, redact_url
+from .base import ModelFetcher, ModelsCallback, ModelsPublisher
 
 log = logging.getLogger("dynamo_llm.discovery")
 
-ModelFetcher = Callable[[str], Awaitable[tuple[frozenset[str], bool]]]
-ModelsCallback = Callable[[frozenset[str]], None]
 KeysCallback = Callable[[dict[str, str]], None]
 
 
@@ -159,7 +158,6 @@ class StaticDiscovery:
         self._clock = clock
         self._urls = [normalise_url(u) for u in urls]
         self._path = Path(path) if path is not None else None
-        self._on_models = on_models
         self._reload_interval = reload_interval
         self._retry_interval = retry_interval
         self._forbid_credentials = forbid_credentials
@@ -168,14 +166,18 @@ class StaticDiscovery:
         self._pending: set[str] = set()  # --upstream workers whose models are not known yet
         self._file_stamp: tuple[float, int] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._models: frozenset[str] = frozenset()
+        self._models = ModelsPublisher(workers, on_models)
 
     def models(self) -> frozenset[str]:
-        return self._models
+        return self._models.models
 
     def pending(self) -> list[str]:
         """The ``--upstream`` workers that have not told their models yet (URLs redacted)."""
         return [redact_url(url) for url in sorted(self._pending)]
+
+    def status(self) -> Mapping[str, object]:
+        backend = "static" if self._urls else "file"
+        return {"backend": backend, **({"file": str(self._path)} if self._path else {})}
 
     async def start(self) -> None:
         """Load the file, ask every ``--upstream`` worker for its models once, then keep watch."""
@@ -276,11 +278,7 @@ class StaticDiscovery:
         return True
 
     def _publish(self) -> None:
-        models = frozenset(self.workers.models())
-        if models != self._models:
-            self._models = models
-            if self._on_models is not None:
-                self._on_models(models)
+        self._models.publish()
 
 
 def _describe(exc: BaseException) -> str:

@@ -90,6 +90,9 @@ class _Info:
         body: dict[str, object] = {"status": status, "models": models}
         if waiting:
             body["waiting_for"] = waiting
+        discovery = state.discovery()
+        if discovery is not None:
+            body["discovery"] = dict(discovery)
         await respond_json(conn, 200 if any_ready else 503, body)
 
     async def live(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:

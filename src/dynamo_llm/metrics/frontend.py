@@ -148,6 +148,27 @@ class Metrics:
             ("worker",),
             TTFT_BUCKETS,
         )
+        # What each worker's engine says of itself, read from its /metrics (issue 12).
+        self.worker_engine_running_requests = Gauge(
+            f"{p}_worker_engine_running_requests",
+            "Requests the worker's engine reports running, at its last scrape",
+            ("worker",),
+        )
+        self.worker_engine_queued_requests = Gauge(
+            f"{p}_worker_engine_queued_requests",
+            "Requests the worker's engine reports queued, at its last scrape",
+            ("worker",),
+        )
+        self.worker_kv_usage = Gauge(
+            f"{p}_worker_kv_usage",
+            "Fraction of the worker's KV cache in use (0..1), at its last scrape",
+            ("worker",),
+        )
+        self.worker_metrics_scrape_failures_total = Counter(
+            f"{p}_worker_metrics_scrape_failures_total",
+            "Scrapes of the worker's /metrics that failed",
+            ("worker",),
+        )
         self.model_ready = Gauge(
             f"{p}_model_ready", "1 while at least one worker can take a request", model
         )
@@ -165,6 +186,15 @@ class Metrics:
         # The unlabelled families have their one series from the start.
         self.disconnected_clients.labels()
         self.event_loop_stall_total.labels()
+
+    def forget_engine_load(self, worker: str) -> None:
+        """Drop what ``worker``'s engine last reported (it reports nothing now, or it is gone)."""
+        for family in (
+            self.worker_engine_running_requests,
+            self.worker_engine_queued_requests,
+            self.worker_kv_usage,
+        ):
+            family.remove(worker)
 
     def declare_model(self, model: str) -> None:
         """Give every counter and gauge of ``model`` a sample at 0 before its first request.

@@ -222,6 +222,29 @@ class WorkerClient:
         """
         return await probe_worker(self.session, url, within=within, model=model, first=first)
 
+    async def check_reachable(self, url: str, *, within: float) -> WorkerUnreachable | None:
+        """Whether the worker at ``url`` still accepts connections: a ``GET /v1/models``.
+
+        The error when no connection could be made (refused, connect timed out), else None:
+        any answer at all, even an error status or one slower than ``within``, proves the
+        process is there (whether its engine generates is the quarantine probe's question).
+        A pooled connection the worker closed meanwhile is retried once on a new one.
+        """
+        timeout = aiohttp.ClientTimeout(total=within)
+        for attempt in (1, 2):
+            try:
+                async with self.session.get(url.rstrip("/") + "/v1/models", timeout=timeout) as r:
+                    await r.read()
+                return None
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                return WorkerUnreachable(f"Could not connect to the worker: {describe(exc)}")
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if attempt == 2:
+                    return None
+            except (TimeoutError, aiohttp.ClientError):
+                return None
+        return None
+
     async def fetch_models(self, url: str, *, within: float) -> list[str]:
         """The model ids a worker serves, from its ``/v1/models``.
 
