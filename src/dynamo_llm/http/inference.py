@@ -27,6 +27,7 @@ from ..errors import (
     AllWorkersBusy,
     DynamoError,
     ModelNotFound,
+    RequestBodyTimeout,
     ServerDraining,
     UnsupportedMediaType,
     clip,
@@ -46,7 +47,7 @@ from .sse import SSE_HEADERS, ChunkRenderer
 from .state import AppState, ServedModel
 from .stream import SseResponse, monitor_for_disconnects
 
-__all__ = ["InferenceHandler", "resolve_request_id", "routes"]
+__all__ = ["InferenceHandler", "read_body_within", "resolve_request_id", "routes"]
 
 log = logging.getLogger("dynamo_llm.http")
 
@@ -64,6 +65,34 @@ def resolve_request_id(value: str | None) -> str:
     if value and len(value) <= 128 and all(0x21 <= ord(c) <= 0x7E for c in value):
         return value
     return str(uuid4())
+
+
+async def read_body_within(conn: Connection, limit: int, seconds: float) -> bytes:
+    """The request body, or :class:`RequestBodyTimeout` when it takes over ``seconds`` to arrive.
+
+    The read runs in a task of its own, cancelled by a timer: granian's handler task ignores
+    ``cancel()``, so ``asyncio.timeout()`` around the read would never fire there. A client that
+    trickles its body (slow loris) is answered 408 and its connection closed.
+    """
+    reading = asyncio.get_running_loop().create_task(conn.read_body(limit))
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        reading.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await reading
+    except asyncio.CancelledError:
+        if expired:
+            raise RequestBodyTimeout(
+                f"The request body did not arrive within {seconds:g}s"
+            ) from None
+        raise
+    finally:
+        timer.cancel()
 
 
 def _routing_hint(request: HttpRequest) -> RoutingHint:
@@ -131,6 +160,8 @@ class InferenceHandler(Generic[P]):
             record.mark_error("cancelled")
         except DynamoError as exc:
             record.mark_error(exc.error_type)
+            if isinstance(exc, RequestBodyTimeout):
+                headers = [*headers, ("connection", "close")]
             if isinstance(exc, AllWorkersBusy):
                 state.metrics.model_rejection_total.labels(record.model, endpoint).inc()
             if monitor is not None:
@@ -164,7 +195,10 @@ class InferenceHandler(Generic[P]):
                 raise UnsupportedMediaType(
                     f"Content-Type must be application/json, got {content_type[:100]!r}"
                 )
-            body = await conn.read_body(self._state.config.body_limit_bytes)
+            config = self._state.config
+            body = await read_body_within(
+                conn, config.body_limit_bytes, config.http_read_timeout_secs
+            )
             params = self._family.decode(body, self._state.accepts_unknown_fields)
         except DynamoError:
             # Label the failure with the model when it is one we serve; otherwise the fixed label.
