@@ -6,13 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_llm.metrics import Metrics
 from dynamo_llm.metrics.shared import SharedMetrics, forget_process
-
 
 _opened: list[SharedMetrics] = []
 
