@@ -191,8 +191,8 @@ async def phase_streams(port: int, pid: int, args: argparse.Namespace) -> dict[s
         assert c.transport is not None
         c.transport.close()
     deadline = time.monotonic() + 60
-    while (left := await inflight(port)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)  # noqa: ASYNC110 (polling another process's state)
+    while (left := await inflight(port)) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
     out["inflight_after_close"] = left
     return out
 
@@ -248,8 +248,8 @@ async def phase_vanish(port: int, pid: int, args: argparse.Namespace) -> dict[st
     await bounded(args.vanish, 500, vanish)
     out: dict[str, Any] = {"clients": args.vanish, "connect_close_s": time.monotonic() - start}
     deadline = time.monotonic() + 120
-    while server_state(pid)["fds"] > before + 5 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # noqa: ASYNC110 (polling another process's state)
+    while server_state(pid)["fds"] > before + 5 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
     out["server_released_s"] = time.monotonic() - start
     out["fds_left_over"] = server_state(pid)["fds"] - before
     out["chat_after"] = await probes(port, chat("fast", False, "hello there"), args.probes)
