@@ -1,8 +1,9 @@
 """Connections are not a limit: 10 000 slow streams, slow-loris clients, connect-and-vanish.
 
-Starts a frontend process pinned to core 0 serving two echo models, ``slow`` (one token every
+Starts a frontend process pinned to core 0 serving echo models ``slow`` (one token every
 ``--token-delay-ms``, default 5 s: a stream that stays open and nearly idle) and ``fast`` (no
-delay), and pins itself, the client, to core 1. Then, one phase after the other:
+delay), and pins itself, the client, to core 1 (:func:`serve_models`, :func:`start_frontend`;
+``bench_large_body.py`` uses them too). Then, one phase after the other:
 
 1. **streams**: opens ``--streams`` (10 000) streaming chats to ``slow``, 256 connecting at a
    time, and waits until each has its response headers; prints how long that took, the
@@ -45,14 +46,29 @@ READY = re.compile(r"serving .+? on (http://\S+)")
 WORDS = " ".join(f"w{i}" for i in range(100))
 
 
-def serve_two_models(interface: str, read_timeout: float, delay_ms: float) -> None:
-    """The frontend process: ``slow`` and ``fast`` echo models, the real server and drain."""
+def serve_models(interface: str, read_timeout: float, delay_ms: float) -> None:
+    """The frontend process, with the real server and drain: echo models ``slow`` (one token
+    every ``delay_ms``), ``fast`` (no delay) and ``tick`` (one every 2 ms), and ``sink``, which
+    answers one token without looking at the prompt (so a large body costs only the HTTP
+    layer)."""
     from dynamo_llm.cli import raise_open_file_limit, serve_until_signalled
     from dynamo_llm.config import Config
+    from dynamo_llm.engines.base import EngineOutput, EngineRequest, Usage
     from dynamo_llm.engines.echo import EchoEngine
     from dynamo_llm.http.app import ServedModel, create_app
     from dynamo_llm.http.server import listen_socket
     from dynamo_llm.runtime.clock import SystemClock
+    from dynamo_llm.runtime.context import EngineContext
+
+    class SinkEngine:
+        async def generate(self, request: EngineRequest, ctx: EngineContext) -> Any:
+            async def one() -> Any:
+                yield EngineOutput("ok", 1, finish_reason="stop", usage=Usage(1, 1, 0))
+
+            return one()
+
+        async def aclose(self) -> None:
+            return None
 
     config = Config.from_env({}).replace(
         http_port=0, http_interface=interface, http_read_timeout_secs=read_timeout
@@ -61,12 +77,13 @@ def serve_two_models(interface: str, read_timeout: float, delay_ms: float) -> No
     models = [
         ServedModel("slow", EchoEngine(clock, delay_ms=delay_ms)),
         ServedModel("fast", EchoEngine(clock, delay_ms=0)),
+        ServedModel("tick", EchoEngine(clock, delay_ms=2)),
+        ServedModel("sink", SinkEngine()),  # type: ignore[arg-type]
     ]
     raise_open_file_limit()
     sock = listen_socket("127.0.0.1", 0)
-    asyncio.run(
-        serve_until_signalled(create_app(config, models), config, "serve", "echo", sock=sock)
-    )
+    app = create_app(config, models)
+    asyncio.run(serve_until_signalled(app, config, "serve", "echo", sock=sock))
 
 
 def chat(model: str, stream: bool, text: str) -> bytes:
@@ -278,7 +295,7 @@ def start_frontend(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], i
 
 def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--serve":
-        serve_two_models(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        serve_models(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--http-interface", default="rsgi", choices=["rsgi", "asgi"])

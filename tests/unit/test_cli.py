@@ -89,6 +89,11 @@ ROUTER_FLAGS = {
     "--worker-probe-timeout-secs",
     "--migration-limit",
 }
+SERVE_ONLY = {
+    *ROUTER_FLAGS,
+    # A worker's stop route must reach the process holding the request: one process only.
+    "--num-workers",
+}
 
 
 def test_serve_and_worker_take_the_same_flags_but_only_serve_routes() -> None:
@@ -98,8 +103,8 @@ def test_serve_and_worker_take_the_same_flags_but_only_serve_routes() -> None:
     assert isinstance(choices, dict)  # a subparsers action's choices: name -> parser
     serve = {s for a in choices["serve"]._actions for s in a.option_strings}
     worker = {s for a in choices["worker"]._actions for s in a.option_strings}
-    assert serve - ROUTER_FLAGS == worker
-    assert serve >= ROUTER_FLAGS
+    assert serve - SERVE_ONLY == worker
+    assert serve >= SERVE_ONLY
 
 
 def test_router_flags_and_environment_feed_the_config() -> None:

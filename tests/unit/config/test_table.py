@@ -105,7 +105,7 @@ def test_help_shows_the_default_the_environment_put_in_force(
         ("backend_stream_timeout_secs", "0", None),
         ("backend_stream_timeout_secs", "-5", None),
         ("request_timeout_secs", "30", 30),
-        ("body_limit_mb", "0", 45),
+        ("body_limit_mb", "0", 4),
         ("max_inflight_per_worker", "0", None),
         ("migration_limit", "-2", 0),
         ("num_workers", "auto", len(os.sched_getaffinity(0))),
