@@ -78,7 +78,7 @@ def serve_models(interface: str, read_timeout: float, delay_ms: float) -> None:
         ServedModel("slow", EchoEngine(clock, delay_ms=delay_ms)),
         ServedModel("fast", EchoEngine(clock, delay_ms=0)),
         ServedModel("tick", EchoEngine(clock, delay_ms=2)),
-        ServedModel("sink", SinkEngine()),  # type: ignore[arg-type]
+        ServedModel("sink", SinkEngine()),
     ]
     raise_open_file_limit()
     sock = listen_socket("127.0.0.1", 0)
