@@ -13,9 +13,14 @@ set through its environment variable (named in ``--help``); a flag wins over the
 module is the only reader of ``os.environ``. It wires the commands, sets up logging, and serves
 the app until SIGTERM or SIGINT.
 
+The listening socket is bound first, without ``SO_REUSEPORT``: a port in use is an error at
+once (exit 1). ``serve --num-workers N`` hands it to :mod:`dynamo_llm.supervisor`, which forks N
+processes that each serve it exactly as a single process does.
+
 Startup prints one readiness line to stderr, whatever the log level, once connections are
-accepted: ``dynamo-llm <command>: serving <models> on http://<host>:<port>``. With
-``--http-port 0`` it is how a supervisor or a test learns the port the OS chose.
+accepted: ``dynamo-llm <command>: serving <models> on http://<host>:<port>`` (with N processes,
+once all of them serve). With ``--http-port 0`` it is how a supervisor or a test learns the
+port the OS chose.
 """
 
 from __future__ import annotations

@@ -112,10 +112,9 @@ class Supervisor:
         try:
             for index in range(self._workers):
                 self._children.append(self._spawn(index))
-            status = self._supervise()
-            self._stop_all()
-            return status
+            return self._supervise()
         finally:
+            self._stop_all()
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
