@@ -70,29 +70,15 @@ def resolve_request_id(value: str | None) -> str:
 async def read_body_within(conn: Connection, limit: int, seconds: float) -> bytes:
     """The request body, or :class:`RequestBodyTimeout` when it takes over ``seconds`` to arrive.
 
-    The read runs in a task of its own, cancelled by a timer: granian's handler task ignores
-    ``cancel()``, so ``asyncio.timeout()`` around the read would never fire there. A client that
-    trickles its body (slow loris) is answered 408 and its connection closed.
+    A client that trickles its body (slow loris) is answered 408 and its connection closed. Both
+    servers run the handler in a cancellable asyncio task (granian with its asyncio task
+    implementation, the default), so the read is cancelled in place: no task of its own.
     """
-    reading = asyncio.get_running_loop().create_task(conn.read_body(limit))
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        reading.cancel()
-
-    timer = asyncio.get_running_loop().call_later(seconds, expire)
     try:
-        return await reading
-    except asyncio.CancelledError:
-        if expired:
-            raise RequestBodyTimeout(
-                f"The request body did not arrive within {seconds:g}s"
-            ) from None
-        raise
-    finally:
-        timer.cancel()
+        async with asyncio.timeout(seconds):
+            return await conn.read_body(limit)
+    except TimeoutError:
+        raise RequestBodyTimeout(f"The request body did not arrive within {seconds:g}s") from None
 
 
 def _routing_hint(request: HttpRequest) -> RoutingHint:
