@@ -17,7 +17,7 @@ import pytest_asyncio
 from dynamo_llm.config import Config
 from dynamo_llm.engines.echo import EchoEngine
 from dynamo_llm.runtime.clock import SystemClock
-from dynamo_llm.testing import Frontend, running_frontend
+from dynamo_llm.testing import FakeEngine, Frontend, running_frontend
 from tests.system.raw_http import status_of
 
 INTERFACES = ["rsgi", "asgi"]
@@ -104,3 +104,23 @@ async def test_many_slow_and_idle_connections_do_not_keep_a_probe_or_a_chat_wait
     finally:
         for _, writer in opened:
             writer.close()
+
+
+@pytest.mark.parametrize("interface", INTERFACES)
+async def test_a_body_near_the_default_limit_is_answered_correctly(interface: str) -> None:
+    limit = Config().body_limit_bytes
+    content = "x" * (limit - 200)
+    engine = FakeEngine(["ok"])
+    async with (
+        running_frontend(engine, model="m", interface=interface) as fe,
+        httpx.AsyncClient(base_url=fe.base_url, timeout=30) as client,
+    ):
+        body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+        answer = await client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text[:300]
+        assert answer.json()["choices"][0]["message"]["content"] == "ok"
+        messages = engine.last.request.messages
+        assert messages is not None
+        assert messages[0].content == content
+        over = {"model": "m", "messages": [{"role": "user", "content": content + "x" * 400}]}
+        assert (await client.post("/v1/chat/completions", json=over)).status_code == 413
