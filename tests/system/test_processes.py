@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -43,6 +44,31 @@ def _total(url: str, name: str, **labels: str) -> float:
     )
 
 
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m dynamo_llm *args`` to its end (a command expected to fail at start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dynamo_llm", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=environ_without_dyn(),
+    )
+
+
+def _two_workers(token_delay_ms: str) -> ServerProcess:
+    args = [*ECHO, "--token-echo-delay-ms", token_delay_ms, "--num-workers", "2"]
+    return ServerProcess(args, env=environ_without_dyn())
+
+
+def _open_stream(stack: ExitStack, url: str, words: int = 3) -> httpx.Response:
+    """A streaming chat of ``words`` tokens, open (closed with ``stack``), its headers in."""
+    client = stack.enter_context(httpx.Client(timeout=10))
+    text = " ".join(f"w{i}" for i in range(words))
+    body = {**CHAT, "messages": [{"role": "user", "content": text}], "stream": True}
+    return stack.enter_context(client.stream("POST", f"{url}/v1/chat/completions", json=body))
+
+
 def _chat(url: str, **extra: object) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/chat/completions",
@@ -53,9 +79,7 @@ def _chat(url: str, **extra: object) -> httpx.Response:
 
 
 def test_n_workers_serve_and_metrics_add_up_whichever_process_answers() -> None:
-    with ServerProcess(
-        [*ECHO, "--token-echo-delay-ms", "0", "--num-workers", "2"], env=environ_without_dyn()
-    ) as proc:
+    with _two_workers("0") as proc:
         url = proc.wait_ready(timeout=30)
         assert "2 processes" in proc.log
         assert len(_children(proc.pid)) == 2
@@ -72,17 +96,10 @@ def test_n_workers_serve_and_metrics_add_up_whichever_process_answers() -> None:
 
 
 def test_a_worker_process_that_dies_is_restarted_and_its_gauges_leave_with_it() -> None:
-    with ServerProcess(
-        [*ECHO, "--token-echo-delay-ms", "5000", "--num-workers", "2"], env=environ_without_dyn()
-    ) as proc:
+    with _two_workers("5000") as proc:
         url = proc.wait_ready(timeout=30)
-        with (
-            httpx.Client(timeout=10) as client,
-            client.stream(
-                "POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True}
-            ) as stream,
-        ):
-            assert stream.status_code == 200
+        with ExitStack() as stack:
+            assert _open_stream(stack, url).status_code == 200
             wait_for(lambda: _total(url, "inflight_requests") == 1, "the stream in flight")
             before = _children(proc.pid)
             for pid in before:
@@ -98,51 +115,22 @@ def test_a_worker_process_that_dies_is_restarted_and_its_gauges_leave_with_it() 
 
 
 def test_sigterm_drains_the_requests_of_every_process_then_exits_0() -> None:
-    with ServerProcess(
-        [*ECHO, "--token-echo-delay-ms", "100", "--num-workers", "2"], env=environ_without_dyn()
-    ) as proc:
+    with _two_workers("100") as proc:
         url = proc.wait_ready(timeout=30)
-        with httpx.Client(timeout=10) as one, httpx.Client(timeout=10) as two:
-            streams = [
-                client.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "stream": True})
-                for client in (one, two)
-            ]
-            responses = [s.__enter__() for s in streams]
-            try:
-                lines = [r.iter_lines() for r in responses]
-                for it in lines:
-                    assert next(it).startswith("data: ")  # the role chunk: in flight
-                wait_for(lambda: _total(url, "inflight_requests") == 2, "both in flight")
-                proc.proc.send_signal(signal.SIGTERM)
-                for it in lines:
-                    assert "data: [DONE]" in list(it)
-            finally:
-                for s in streams:
-                    s.__exit__(None, None, None)
+        with ExitStack() as stack:
+            # 20 tokens 100 ms apart: both are still running when the signal comes.
+            lines = [_open_stream(stack, url, words=20).iter_lines() for _ in range(2)]
+            for it in lines:
+                assert next(it).startswith("data: ")  # the first chunk: in flight
+            proc.proc.send_signal(signal.SIGTERM)
+            for it in lines:
+                assert "data: [DONE]" in list(it)
         assert proc.stop() == 0
         assert proc.log.count("shutdown requested") == 2
 
 
 def test_a_worker_process_that_cannot_start_stops_the_parent_with_its_status() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dynamo_llm",
-            *ECHO[:1],
-            "--num-workers",
-            "2",
-            "--block-size",
-            "0",
-            "--http-port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=environ_without_dyn(),
-    )
+    result = _run("serve", "--http-port", "0", "--num-workers", "2", "--block-size", "0")
     assert result.returncode == 2
     assert "block_size must be at least 1" in result.stderr
 
@@ -152,24 +140,7 @@ def test_a_worker_process_that_cannot_start_stops_the_parent_with_its_status() -
 def test_a_second_server_on_a_port_in_use_fails_at_start(interface: str, workers: str) -> None:
     with ServerProcess([*ECHO, "--http-interface", interface], env=environ_without_dyn()) as first:
         port = first.wait_ready(timeout=30).rsplit(":", 1)[1]
-        second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dynamo_llm",
-                *ECHO[:-1],
-                port,
-                "--http-interface",
-                interface,
-                "--num-workers",
-                workers,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env=environ_without_dyn(),
-        )
+        second = _run(*ECHO[:-1], port, "--http-interface", interface, "--num-workers", workers)
         assert second.returncode == 1
         assert f"127.0.0.1:{port} is already in use" in second.stderr
         assert _chat(first.wait_ready()).status_code == 200  # the first one is untouched
