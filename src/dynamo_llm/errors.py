@@ -13,7 +13,7 @@ for plain responses and SSE error frames alike.
     │   ├── RequestTooLarge          413   code request_too_large
     │   ├── RequestBodyTimeout       408   code request_timeout (the body came too slowly)
     │   └── UnsupportedMediaType     415   code unsupported_media_type
-    ├── AuthenticationFailed         401 authentication_error        validation
+    ├── AuthenticationFailed         401 authentication_error        unauthorized
     ├── NotFound                     404 not_found_error             not_found
     │   └── ModelNotFound            404   code model_not_found
     ├── MethodNotAllowed             405 invalid_request_error       validation
@@ -105,7 +105,7 @@ class UnsupportedMediaType(InvalidRequest):
 class AuthenticationFailed(DynamoError):
     status = 401
     type = "authentication_error"
-    error_type = Outcome.VALIDATION
+    error_type = Outcome.UNAUTHORIZED
     default_code = "invalid_api_key"
     default_message = "Invalid API key"
 
