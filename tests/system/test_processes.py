@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dynamo_llm.config import Config
 from dynamo_llm.engines.echo import EchoEngine
 from dynamo_llm.http.app import App, ServedModel, create_app
-from dynamo_llm.http.server import AddressInUse, HttpServer
+from dynamo_llm.http.server import AddressInUse, HttpServer, listen_socket
 from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.testing.process import ServerProcess
 from tests.helpers import environ_without_dyn, wait_for
@@ -155,3 +156,12 @@ async def test_an_http_server_on_a_port_in_use_raises_address_in_use(interface: 
         second = HttpServer(app(), port=first.port, interface=interface)
         with pytest.raises(AddressInUse, match="already in use"):
             await second.start()
+
+
+def test_the_listening_socket_passes_no_delay_on_to_its_connections() -> None:
+    # Without TCP_NODELAY a stream's small writes wait for the client's delayed ACK (Nagle):
+    # events arrive in bunches. Linux copies the option to every accepted connection.
+    with listen_socket("127.0.0.1", 0) as sock, socket.create_connection(sock.getsockname()):
+        accepted, _ = sock.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

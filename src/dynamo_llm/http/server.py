@@ -61,11 +61,15 @@ def listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket
 
     ``SO_REUSEADDR`` lets a restart bind at once over connections in TIME_WAIT; there is no
     ``SO_REUSEPORT``, so a port another socket listens on raises :class:`AddressInUse`.
+    ``TCP_NODELAY`` is set on it, hence on every connection it accepts.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it (Linux): no Nagle delay on small SSE writes, as
+        # granian's own listener sets.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except OSError as exc:
