@@ -72,7 +72,10 @@ def serve_models(interface: str, read_timeout: float, delay_ms: float) -> None:
             return None
 
     config = Config.from_env({}).replace(
-        http_port=0, http_interface=interface, http_read_timeout_secs=read_timeout
+        http_port=0,
+        http_interface=interface,
+        http_read_timeout_secs=read_timeout,
+        body_limit_mb=64,  # bench_large_body measures bodies past the default limit
     )
     clock = SystemClock()
     models = [

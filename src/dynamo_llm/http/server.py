@@ -34,7 +34,7 @@ from typing import Any
 
 import uvicorn
 from granian._granian import SocketHolder
-from granian.constants import HTTPModes, Interfaces
+from granian.constants import HTTPModes, Interfaces, TaskImpl
 from granian.http import HTTP1Settings
 from granian.server.embed import Server
 
@@ -161,6 +161,8 @@ class HttpServer:
             address=self.host,
             port=self.port,
             interface=Interfaces.RSGI,
+            # Each request in a real asyncio task, which the body read timeout cancels.
+            task_impl=TaskImpl.asyncio,
             http=HTTPModes.auto if self.http2 else HTTPModes.http1,
             log_enabled=False,
             backlog=BACKLOG,
