@@ -23,6 +23,7 @@ from .options import (
     FLOAT,
     INT,
     LIST,
+    PROCESSES,
     REGISTER,
     SERVE,
     TEXT,
@@ -31,6 +32,7 @@ from .options import (
     at_least_zero,
     lowercase,
     option,
+    positive_or_default,
     positive_or_off,
     read_environment,
     rows_of,
@@ -225,6 +227,17 @@ class Config:
         "server interface: rsgi (granian, fastest) or asgi (uvicorn)",
         group=HTTP,
     )
+    num_workers: int = option(
+        1,
+        "--num-workers",
+        "DYN_HTTP_NUM_WORKERS",
+        PROCESSES,
+        "frontend processes serving the one listening socket (auto: one per core); each routes "
+        "with its own counts, /metrics adds them all up, one that dies is restarted",
+        group=HTTP,
+        commands=SERVE,
+        metavar="N|auto",
+    )
     api_keys: tuple[str, ...] = option(
         (),
         "--api-key",
@@ -271,11 +284,14 @@ class Config:
         group=HTTP,
     )
     body_limit_mb: int = option(
-        45,
+        4,
         "--body-limit-mb",
         "DYN_HTTP_BODY_LIMIT_MB",
         INT,
-        "largest request body accepted (413 above); 0 is the default",
+        "largest request body accepted (413 above); 0 is the default. A body is decoded on the "
+        "event loop, about 2-3 ms per MB during which every other stream of the process waits: "
+        "4 MB holds a 256k-token context four times over; raise it for inline base64 images "
+        "(Dynamo's default is 45)",
         group=HTTP,
         normalize=zero_is_default,
     )
@@ -286,6 +302,17 @@ class Config:
         FLOAT,
         "on SIGTERM/SIGINT, how long requests in flight may finish before they are stopped",
         group=HTTP,
+    )
+    http_read_timeout_secs: float = option(
+        30.0,
+        "--http-read-timeout-secs",
+        "DYN_HTTP_READ_TIMEOUT_SECS",
+        FLOAT,
+        "a client must send a request's headers within this long, and then its body within "
+        "this long again, or its connection is closed (slow clients cannot hold connections); "
+        "0 is the default",
+        group=HTTP,
+        normalize=positive_or_default,
     )
     # ---- timeouts: unset, unparsable or 0 is off ----------------------------------------------
     backend_stream_timeout_secs: int | None = option(

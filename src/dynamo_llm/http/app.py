@@ -54,11 +54,14 @@ class App(AppState):
         self._lifecycle.append((start, close))
 
     async def astart(self) -> None:
-        """Start background work (the event-loop canary) and the lifecycle hooks."""
+        """Start background work (the event-loop canary, the writer of this process's metrics
+        when several share ``/metrics``) and the lifecycle hooks."""
         if not self._background:
             self._background.append(
                 asyncio.create_task(self.metrics.run_event_loop_canary(self.clock))
             )
+            if self.metrics.shared is not None:
+                self._background.append(asyncio.create_task(self.metrics.run_sharing(self.clock)))
             for start, _ in self._lifecycle:
                 await start()
 
@@ -71,6 +74,7 @@ class App(AppState):
             for _, close in reversed(self._lifecycle):
                 await close()
         self._background.clear()
+        self.metrics.close()  # shared: the last requests of a process that is going away
         engines = {id(m.engine): m.engine for m in self.models.values()}
         for engine in engines.values():
             await engine.aclose()

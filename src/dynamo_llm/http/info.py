@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..errors import ModelNotFound, clip
 from .connection import Connection, HttpRequest
@@ -102,8 +102,8 @@ class _Info:
             await respond_json(conn, 200, {"status": "live", "message": "Service is live"})
 
     async def metrics(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
-        registry = self._state.metrics.registry
-        await conn.respond(200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(registry))
+        body = self._state.metrics.render()
+        await conn.respond(200, [("content-type", CONTENT_TYPE_LATEST)], body)
 
     async def openapi(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         state = self._state
