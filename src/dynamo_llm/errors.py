@@ -11,8 +11,9 @@ for plain responses and SSE error frames alike.
     ├── InvalidRequest               400 invalid_request_error       validation
     │   ├── ContextLengthExceeded    400   code context_length_exceeded
     │   ├── RequestTooLarge          413   code request_too_large
+    │   ├── RequestBodyTimeout       408   code request_timeout (the body came too slowly)
     │   └── UnsupportedMediaType     415   code unsupported_media_type
-    ├── AuthenticationFailed         401 authentication_error        validation
+    ├── AuthenticationFailed         401 authentication_error        unauthorized
     ├── NotFound                     404 not_found_error             not_found
     │   └── ModelNotFound            404   code model_not_found
     ├── MethodNotAllowed             405 invalid_request_error       validation
@@ -90,6 +91,12 @@ class RequestTooLarge(InvalidRequest):
     default_message = "Request body too large"
 
 
+class RequestBodyTimeout(InvalidRequest):
+    status = 408
+    default_code = "request_timeout"
+    default_message = "The request body did not arrive in time"
+
+
 class UnsupportedMediaType(InvalidRequest):
     status = 415
     default_code = "unsupported_media_type"
@@ -99,7 +106,7 @@ class UnsupportedMediaType(InvalidRequest):
 class AuthenticationFailed(DynamoError):
     status = 401
     type = "authentication_error"
-    error_type = Outcome.VALIDATION
+    error_type = Outcome.UNAUTHORIZED
     default_code = "invalid_api_key"
     default_message = "Invalid API key"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Generic
+from typing import Any, Generic
 from uuid import uuid4
 
 from ..engines.base import NO_ROUTING_HINT, EngineRequest, RoutingHint, aclose_stream
@@ -27,12 +27,13 @@ from ..errors import (
     AllWorkersBusy,
     DynamoError,
     ModelNotFound,
+    RequestBodyTimeout,
     ServerDraining,
     UnsupportedMediaType,
     clip,
     internal_error,
 )
-from ..metrics import UNKNOWN_MODEL, RequestRecord
+from ..metrics import UNKNOWN_MODEL, Outcome, RequestRecord
 from ..protocols.common import peek_request
 from ..runtime.context import EngineContext
 from ..runtime.watchdog import Watchdog
@@ -46,17 +47,18 @@ from .sse import SSE_HEADERS, ChunkRenderer
 from .state import AppState, ServedModel
 from .stream import SseResponse, monitor_for_disconnects
 
-__all__ = ["InferenceHandler", "resolve_request_id", "routes"]
+__all__ = ["InferenceHandler", "read_body_within", "resolve_request_id", "routes"]
 
 log = logging.getLogger("dynamo_llm.http")
 
 
 def routes(state: AppState) -> list[Route]:
     """The inference routes over ``state``, one per endpoint family."""
-    return [
-        Route(POST, CHAT.path, InferenceHandler(state, CHAT)),
-        Route(POST, COMPLETIONS.path, InferenceHandler(state, COMPLETIONS)),
-    ]
+    return [_route(InferenceHandler(state, CHAT)), _route(InferenceHandler(state, COMPLETIONS))]
+
+
+def _route(handler: InferenceHandler[Any]) -> Route:
+    return Route(POST, handler.path, handler, on_unauthorised=handler.count_unauthorised)
 
 
 def resolve_request_id(value: str | None) -> str:
@@ -64,6 +66,20 @@ def resolve_request_id(value: str | None) -> str:
     if value and len(value) <= 128 and all(0x21 <= ord(c) <= 0x7E for c in value):
         return value
     return str(uuid4())
+
+
+async def read_body_within(conn: Connection, limit: int, seconds: float) -> bytes:
+    """The request body, or :class:`RequestBodyTimeout` when it takes over ``seconds`` to arrive.
+
+    A client that trickles its body (slow loris) is answered 408 and its connection closed. Both
+    servers run the handler in a cancellable asyncio task (granian with its asyncio task
+    implementation, the default), so the read is cancelled in place: no task of its own.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            return await conn.read_body(limit)
+    except TimeoutError:
+        raise RequestBodyTimeout(f"The request body did not arrive within {seconds:g}s") from None
 
 
 def _routing_hint(request: HttpRequest) -> RoutingHint:
@@ -79,6 +95,21 @@ class InferenceHandler(Generic[P]):
     def __init__(self, state: AppState, family: EndpointFamily[P]) -> None:
         self._state = state
         self._family: EndpointFamily[P] = family
+
+    @property
+    def path(self) -> str:
+        return self._family.path
+
+    def count_unauthorised(self) -> None:
+        """Count a request refused for its API key (401) once, as ``error_type="unauthorized"``.
+
+        Its body is never read, so nothing the stranger wrote labels it: the model is the fixed
+        ``unknown_model`` and the request type ``unary``.
+        """
+        state = self._state
+        record = state.metrics.begin(self._family.endpoint, state.clock)
+        record.mark_error(Outcome.UNAUTHORIZED)
+        record.release()
 
     async def __call__(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         state = self._state
@@ -97,6 +128,7 @@ class InferenceHandler(Generic[P]):
                 raise ModelNotFound(
                     f"The model `{clip(params.model)}` does not exist.", param="model"
                 )
+            record.model = served.name  # a served model's name is a safe label
             if state.shutting_down:
                 # New work is refused at once during the grace period (which is for the
                 # requests already in flight), and the connection is not kept.
@@ -131,6 +163,8 @@ class InferenceHandler(Generic[P]):
             record.mark_error("cancelled")
         except DynamoError as exc:
             record.mark_error(exc.error_type)
+            if isinstance(exc, RequestBodyTimeout):
+                headers = [*headers, ("connection", "close")]
             if isinstance(exc, AllWorkersBusy):
                 state.metrics.model_rejection_total.labels(record.model, endpoint).inc()
             if monitor is not None:
@@ -164,7 +198,10 @@ class InferenceHandler(Generic[P]):
                 raise UnsupportedMediaType(
                     f"Content-Type must be application/json, got {content_type[:100]!r}"
                 )
-            body = await conn.read_body(self._state.config.body_limit_bytes)
+            config = self._state.config
+            body = await read_body_within(
+                conn, config.body_limit_bytes, config.http_read_timeout_secs
+            )
             params = self._family.decode(body, self._state.accepts_unknown_fields)
         except DynamoError:
             # Label the failure with the model when it is one we serve; otherwise the fixed label.

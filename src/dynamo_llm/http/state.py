@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
@@ -50,6 +50,10 @@ def _nothing() -> Sequence[str]:
     return ()
 
 
+def _no_discovery() -> Mapping[str, object] | None:
+    return None
+
+
 @dataclass(eq=False, repr=False)
 class AppState:
     """The configuration, metrics, clock, served models and requests in flight."""
@@ -69,6 +73,10 @@ class AppState:
     """What the app still waits for before it can serve everything it was configured with
     (e.g. workers that have not answered yet, set by whoever owns them): ``/health`` reports
     it, and says ``loading`` while nothing is ready."""
+    discovery: Callable[[], Mapping[str, object] | None] = field(
+        default_factory=lambda: _no_discovery, init=False
+    )
+    """The discovery backend's state (e.g. etcd unreachable), for ``/health``; None: none."""
     _live: dict[EngineContext, None] = field(default_factory=dict, init=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
@@ -89,9 +97,17 @@ class AppState:
 
     def accepts_unknown_fields(self, name: str) -> bool:
         """Whether a request for model ``name`` may hold fields we do not know (its engine
-        forwards them); False for a model we do not serve."""
+        forwards them). For a model we do not serve, whether the app forwards them at all, so
+        that such a request gets the 404 for its model, whatever else it holds."""
         model = self.models.get(name)
-        return model is not None and model.forwards_unknown_fields
+        if model is None:
+            return self.forwards_unknown_fields
+        return model.forwards_unknown_fields
+
+    @property
+    def forwards_unknown_fields(self) -> bool:
+        """Whether some model's engine forwards fields we do not know (the router's does)."""
+        return any(model.forwards_unknown_fields for model in self.models.values())
 
     def remove_model(self, name: str) -> None:
         """Stop serving a model: new requests for it get 404; requests in flight finish."""
