@@ -20,7 +20,7 @@ from ..protocols.chat import content_text
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
 from .base import EngineOutput, EngineRequest, Usage, check_context_length
-from .slices import text_slices
+from .slices import LoopPacer, text_slices
 
 _TOKEN = re.compile(r"\s*\S+|\s+$")
 # Where a token starts: whitespace after a non-space. Slices cut there tokenize as the whole.
@@ -74,8 +74,11 @@ async def echo_prompt(request: EngineRequest) -> tuple[list[str], int]:
     if not messages:
         return [], 0
     counted = 0
+    pacer = LoopPacer()  # many short messages add up to a long prompt too
     for message in messages:
-        counted += await _count_tokens(content_text(message.content, ""))
+        text = content_text(message.content, "")
+        counted += await _count_tokens(text)
+        await pacer.advance(len(text))
     return await _first_tokens(content_text(messages[-1].content, ""), limit), counted
 
 

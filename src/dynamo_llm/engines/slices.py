@@ -8,7 +8,8 @@ waits at most one slice's work (a few milliseconds) at a time.
 
 A cut is made only where the caller's ``boundary`` pattern matches: a position where no token
 can span it, so tokenizing slice by slice gives exactly the tokens of the whole text. Texts
-shorter than one slice are handed back whole, without awaiting.
+shorter than one slice are handed back whole, without awaiting; a :class:`LoopPacer` paces
+a run of many short texts (the messages of a long chat) the same way.
 """
 
 from __future__ import annotations
@@ -44,4 +45,20 @@ async def text_slices(
         yield text if start == 0 and end == n else text[start:end]
         start = end
         if start < n:
+            await asyncio.sleep(0)
+
+
+class LoopPacer:
+    """Yields to the event loop once per :data:`SLICE_CHARS` characters of work reported."""
+
+    __slots__ = ("_chars",)
+
+    def __init__(self) -> None:
+        self._chars = 0
+
+    async def advance(self, chars: int) -> None:
+        """Count ``chars`` more characters handled; yield if a slice's worth has accumulated."""
+        self._chars += chars
+        if self._chars >= SLICE_CHARS:
+            self._chars = 0
             await asyncio.sleep(0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest
@@ -18,7 +16,7 @@ from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
 from dynamo_llm.protocols.chat import ChatCompletionRequest, ChatMessage
 from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime import EngineContext, FakeClock
-from tests.unit.engines.test_slices import long_text
+from tests.unit.engines.helpers import long_text, loop_turns_during
 
 
 def completion(prompt: str, max_tokens: int | None) -> EngineRequest:
@@ -52,25 +50,19 @@ async def test_a_long_prompt_sliced_gives_the_same_tokens_and_count(max_tokens: 
 
 async def test_the_loop_runs_while_a_long_prompt_is_tokenized() -> None:
     text = long_text(400_000, seed=2)
-    request = completion(text, 3)
     engine = EchoEngine(FakeClock(), delay_ms=0)
-    events: list[str] = []
-    done = asyncio.Event()
-
-    async def other_stream() -> None:
-        while not done.is_set():
-            events.append("other")
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other_stream())
-    await asyncio.sleep(0)
-    events.append("generate")
-    stream = await engine.generate(request, EngineContext("r"))
-    events.append("tokenized")
-    done.set()
-    await task
+    stream, turns = await loop_turns_during(engine.generate(completion(text, 3), EngineContext()))
+    assert turns >= 5
     outs: list[EngineOutput] = [out async for out in stream]
     assert "".join(o.text for o in outs) == "".join(echo_tokens(text)[:3])
     assert outs[-1].usage is not None and outs[-1].usage.prompt_tokens == len(echo_tokens(text))
-    between = events[events.index("generate") : events.index("tokenized")]
-    assert between.count("other") >= 5
+
+
+async def test_the_loop_runs_while_many_short_messages_are_counted() -> None:
+    texts = [long_text(5_000, seed=i) for i in range(100)]
+    engine = EchoEngine(FakeClock(), delay_ms=0)
+    stream, turns = await loop_turns_during(engine.generate(chat(texts, 1), EngineContext()))
+    assert turns >= 5
+    outs = [out async for out in stream]
+    assert outs[-1].usage is not None
+    assert outs[-1].usage.prompt_tokens == sum(len(echo_tokens(t)) for t in texts)

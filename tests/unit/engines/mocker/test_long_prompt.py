@@ -3,17 +3,14 @@ loop keeps serving other tasks while it is encoded."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 
 import pytest
 
-from dynamo_llm.engines.base import EngineRequest
 from dynamo_llm.engines.mocker import MockerConfig, MockerEngine
 from dynamo_llm.engines.mocker.tokens import render_chat
-from dynamo_llm.errors import ContextLengthExceeded
 from dynamo_llm.runtime import EngineContext, FakeClock
+from tests.unit.engines.helpers import long_text, loop_turns_during
 from tests.unit.engines.mocker.test_tokens import (
     SENTENCES,
     chat,
@@ -22,7 +19,6 @@ from tests.unit.engines.mocker.test_tokens import (
     run,
     train_word_level,
 )
-from tests.unit.engines.test_slices import long_text
 
 BIG = MockerConfig(context_length=1 << 20, num_gpu_blocks=1 << 15, block_size=64)
 
@@ -31,27 +27,6 @@ def tokenizer_config(tmp_path: Path) -> MockerConfig:
     path = tmp_path / "tokenizer.json"
     train_word_level(path)
     return MockerConfig(tokenizer=str(path), context_length=1 << 20, num_gpu_blocks=1 << 15)
-
-
-async def loop_turns_while_tokenizing(engine: MockerEngine, request: EngineRequest) -> int:
-    events: list[str] = []
-    done = asyncio.Event()
-
-    async def other_stream() -> None:
-        while not done.is_set():
-            events.append("other")
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other_stream())
-    await asyncio.sleep(0)
-    events.append("generate")
-    # The default window rejects the prompt, but only once it is tokenized and counted.
-    with contextlib.suppress(ContextLengthExceeded):
-        await engine.generate(request, EngineContext(request.id))
-    events.append("tokenized")
-    done.set()
-    await task
-    return events[events.index("generate") : events.index("tokenized")].count("other")
 
 
 @pytest.mark.parametrize("tokenizer", ["words", "file"])
@@ -74,12 +49,12 @@ async def test_a_long_prompt_gives_the_ids_and_usage_of_tokenizing_it_whole(
 async def test_other_tasks_run_while_a_long_prompt_is_tokenized(
     tokenizer: str, tmp_path: Path
 ) -> None:
-    config = MockerConfig() if tokenizer == "words" else tokenizer_config(tmp_path)
+    config = BIG if tokenizer == "words" else tokenizer_config(tmp_path)
     engine = MockerEngine(config, clock=FakeClock())
+    request = chat([message("user", long_text(400_000, seed=4))], 1)
     try:
-        turns = await loop_turns_while_tokenizing(
-            engine, chat([message("user", long_text(400_000, seed=4))], 1)
-        )
+        _, turns = await loop_turns_during(engine.generate(request, EngineContext()))
     finally:
         await engine.aclose()
+    # The word tokenizer yields between slices; a tokenizer.json encodes in a thread.
     assert turns >= (5 if tokenizer == "words" else 1)
