@@ -18,7 +18,7 @@ import asyncio
 import re
 from collections.abc import AsyncGenerator
 
-SLICE_CHARS = 32 * 1024
+SLICE_CHARS = 16 * 1024
 """About how many characters are tokenized between two yields to the event loop."""
 
 

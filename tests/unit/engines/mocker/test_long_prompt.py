@@ -3,12 +3,14 @@ loop keeps serving other tasks while it is encoded."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from dynamo_llm.engines.mocker import MockerConfig, MockerEngine
-from dynamo_llm.engines.mocker.tokens import render_chat
+from dynamo_llm.engines.mocker.sequence import Sequence
+from dynamo_llm.engines.mocker.tokens import WordTokenizer, render_chat
 from dynamo_llm.runtime import EngineContext, FakeClock
 from tests.unit.engines.helpers import long_text, loop_turns_during
 from tests.unit.engines.mocker.test_tokens import (
@@ -58,3 +60,16 @@ async def test_other_tasks_run_while_a_long_prompt_is_tokenized(
         await engine.aclose()
     # The word tokenizer yields between slices; a tokenizer.json encodes in a thread.
     assert turns >= (5 if tokenizer == "words" else 1)
+
+
+def test_block_hashes_one_at_a_time_are_the_chained_block_hashes() -> None:
+    def sequence() -> Sequence:
+        return Sequence(
+            "r", list(range(1000)), max_tokens=1, seed=0, stop=(), tokenizer=WordTokenizer(),
+            block_size=16,
+        )  # fmt: skip
+
+    lazy, whole = sequence(), sequence()
+    first = list(itertools.islice(lazy.iter_block_hashes(62), 3))
+    assert first == whole.block_hashes(3)
+    assert list(lazy.iter_block_hashes(62)) == whole.block_hashes(62)
