@@ -13,7 +13,10 @@ longest gap between two tick events while the body was in the frontend's hands (
 baseline, the longest gap in the second before).
 
     .venv/bin/python bench/bench_large_body.py [--sizes 1,4,16,44] [--http-interface asgi]
-        [--engine sink|echo|mocker]
+        [--engine sink|echo|mocker] [--repeat 5]
+
+With ``--repeat`` each body is sent that many times and the medians are printed at the end (on
+a shared machine one load spike can hide a single measurement).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import asyncio
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -90,8 +94,8 @@ def post(data: bytes) -> bytes:
     )
 
 
-async def ticks(port: int, seen: list[float], started: asyncio.Event) -> None:
-    words = " ".join(f"w{i}" for i in range(20_000))
+async def ticks(port: int, seen: list[float], started: asyncio.Event, count: int) -> None:
+    words = " ".join(f"w{i}" for i in range(count))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(bench_connections.chat("tick", True, words))
     try:
@@ -120,39 +124,48 @@ async def run(port: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     seen: list[float] = []
     started = asyncio.Event()
-    ticker = asyncio.create_task(ticks(port, seen, started))
+    # 2 ms a tick: enough words for the whole run.
+    count = 20_000 * args.repeat
+    ticker = asyncio.create_task(ticks(port, seen, started, count))
     await started.wait()
     results = []
-    for shape in SHAPES:
-        for size in args.sizes:
-            data = bodies[shape, size]
-            await asyncio.sleep(1.0)
-            start = time.monotonic()
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(data)
-            answer = await reader.read()
-            end = time.monotonic()
-            writer.close()
-            status = int(answer.split(b" ", 2)[1]) if answer else 0
-            await asyncio.sleep(0.1)
-            results.append(
-                {
-                    "shape": shape,
-                    "size_mb": size,
-                    "status": status,
-                    "answer_ms": 1000 * (end - start),
-                    "worst_gap_ms": 1000 * worst_gap(seen, start, end),
-                    "baseline_gap_ms": 1000 * worst_gap(seen, start - 1.0, start - 0.001),
-                }
-            )
-            row = results[-1]
-            print(
-                f"{shape:>4} message(s) {size:6.1f} MB: {status} in {row['answer_ms']:7.1f} ms, "
-                f"worst gap {row['worst_gap_ms']:7.1f} ms "
-                f"(before: {row['baseline_gap_ms']:.1f} ms)",
-                flush=True,
-            )
+    for shape, size, repeat in itertools.product(SHAPES, args.sizes, range(args.repeat)):
+        data = bodies[shape, size]
+        await asyncio.sleep(1.0)
+        start = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        answer = await reader.read()
+        end = time.monotonic()
+        writer.close()
+        status = int(answer.split(b" ", 2)[1]) if answer else 0
+        await asyncio.sleep(0.1)
+        results.append(
+            {
+                "shape": shape,
+                "size_mb": size,
+                "repeat": repeat,
+                "status": status,
+                "answer_ms": 1000 * (end - start),
+                "worst_gap_ms": 1000 * worst_gap(seen, start, end),
+                "baseline_gap_ms": 1000 * worst_gap(seen, start - 1.0, start - 0.001),
+            }
+        )
+        row = results[-1]
+        print(
+            f"{shape:>4} message(s) {size:6.1f} MB: {status} in {row['answer_ms']:7.1f} ms, "
+            f"worst gap {row['worst_gap_ms']:7.1f} ms "
+            f"(before: {row['baseline_gap_ms']:.1f} ms)",
+            flush=True,
+        )
     ticker.cancel()
+    if args.repeat > 1:
+        print("medians over the repeats: worst gap (before)")
+        for shape, size in itertools.product(SHAPES, args.sizes):
+            rows = [r for r in results if (r["shape"], r["size_mb"]) == (shape, size)]
+            gap = statistics.median(r["worst_gap_ms"] for r in rows)
+            base = statistics.median(r["baseline_gap_ms"] for r in rows)
+            print(f"{shape:>4} message(s) {size:6.1f} MB: {gap:7.1f} ms ({base:.1f} ms)")
     return results
 
 
@@ -166,6 +179,7 @@ def main() -> int:
         "--sizes", default="1,4,16,44", type=lambda s: [float(x) for x in s.split(",")]
     )
     parser.add_argument("--engine", default="sink", choices=sorted(MODELS))
+    parser.add_argument("--repeat", type=int, default=1, help="send each body this many times")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     _common.check_cores(0, 1)
