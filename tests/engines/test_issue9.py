@@ -271,7 +271,6 @@ def test_a_hung_engine_core_is_not_readmitted(fleet: Pair) -> None:
 
 
 @only("llama-cpp-python")
-@problem(7, "a 200 with an empty body quarantines the worker")
 def test_an_empty_200_is_an_upstream_error_not_a_dead_worker(fleet: Pair) -> None:
     fe = fleet.frontend()
     long_prompt = "weather " * (2 * LLAMA_CPP_PYTHON_CTX)
