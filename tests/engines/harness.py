@@ -291,7 +291,7 @@ def start_frontend(
         models = httpx.get(fe.url + "/v1/models", timeout=2.0).json()["data"]
         return any(m["id"] == MODEL for m in models)
 
-    wait_until(serving, 30.0, 0.1, f"{name} serving {MODEL}")
+    wait_until(serving, 90.0, 0.1, f"{name} serving {MODEL}")
     return fe
 
 

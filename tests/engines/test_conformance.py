@@ -84,7 +84,7 @@ def test_text_through_the_frontend_equals_the_engine_reached_directly(
     # The engines' own counters: two requests of TOKENS tokens each, nothing more (vLLM's
     # counter may trail the answer by a scheduler step).
     with contextlib.suppress(TimeoutError):
-        wait_until(lambda: _generated(fleet, marks) - before >= 2 * TOKENS, 5.0, 0.1)
+        wait_until(lambda: _generated(fleet, marks) - before >= 2 * TOKENS, 30.0, 0.1)
     assert _generated(fleet, marks) - before == 2 * TOKENS
 
 
@@ -191,7 +191,9 @@ def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
         e.signal_group(signal.SIGCONT)
     # The OpenAI-shaped error frame after the first token, of the timeout type.
     assert info.value.type == "timeout_error", (info.value.type, info.value.body)
-    assert waited < limit + 5, waited
+    # The attempt's silence limit fired (generous: a loaded machine delays it), not the
+    # client's own timeout (TIMEOUT, minutes).
+    assert waited < limit + 30, waited
     quarantined = {k: v for k, v in fe.metrics().items() if k[0].endswith("worker_quarantined")}
     assert any(v == 1 for (_, labels), v in quarantined.items() if (("worker", e.url),) == labels)
 

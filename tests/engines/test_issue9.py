@@ -217,7 +217,7 @@ def _quarantined(
 @only("llama-cpp-python")
 @pytest.mark.destructive
 def test_a_quarantined_engine_without_health_comes_back(fleet: Pair) -> None:
-    fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="probe-404")
+    fe = fleet.frontend(backend_stream_timeout_secs=SILENCE_LIMIT[fleet.kind], fresh="probe-404")
     c = client(fe.base_url)
     victim = fleet.engines[0]
     assert victim.get("/health").status_code == 404  # what the probe meets
@@ -246,17 +246,24 @@ def test_a_hung_engine_core_is_not_readmitted(fleet: Pair) -> None:
     fe = fleet.frontend(backend_stream_timeout_secs=SILENCE_LIMIT["vllm"], fresh="probe-hung")
     c = client(fe.base_url, timeout=30.0)
     victim = fleet.engines[0]
+    failed_probe = f"probe of worker {victim.url} failed"
+    mark = fe.process.log_mark()
     with paused(victim, victim.child_pids()):
         assert victim.get("/health", timeout=5.0).status_code == 200  # the HTTP server lives
-        failures = 0
-        for _ in range(8):
+        # Requests go on until the victim has failed two probes (each after its back-off): no
+        # request may meet it again in between.
+        failures, sent = 0, 0
+        deadline = time.monotonic() + 120.0
+        while sent < 8 or fe.log_text(mark).count(failed_probe) < 2:
+            assert time.monotonic() < deadline, ("probes seen", fe.log_text(mark)[-3000:])
             try:
                 unary_completion(c, 5)
             except openai.APIError:
                 failures += 1
-            time.sleep(1.0)
+            sent += 1
         # One request may meet the hung engine before it is known; after that, none.
         assert failures <= 1, failures
+        assert _quarantined(fe.metrics(), victim.url) == 1
 
 
 # --- 7. a 200 with an empty body -----------------------------------------------------------------
