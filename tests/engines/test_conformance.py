@@ -202,9 +202,10 @@ def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
 @pytest.mark.destructive
 def test_migration_after_sigkill_is_token_exact_on_vllm(fleet: Pair) -> None:
     fe = fleet.frontend(migration_limit=1, fresh="migration")
-    direct = stream_completion(client(fleet.engines[0].url + "/v1"), 600)
+    tokens = HANGUP_TOKENS[fleet.kind]  # long enough to be killed mid-stream
+    direct = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
-    stream = completion_stream(fe.base_url, 600, stream_options={"include_usage": True})
+    stream = completion_stream(fe.base_url, tokens, stream_options={"include_usage": True})
     killed: list[Engine] = []
 
     def kill() -> None:
@@ -216,7 +217,7 @@ def test_migration_after_sigkill_is_token_exact_on_vllm(fleet: Pair) -> None:
     assert killed
     other = next(e for e in fleet.engines if e is not killed[0])
     assert got == direct.text
-    assert usage is not None and usage["completion_tokens"] == 600
+    assert usage is not None and usage["completion_tokens"] == tokens
     # The survivor finished it, from a replayed prompt (the original plus what was generated).
     assert served_requests(other, marks[fleet.engines.index(other)])
     metrics = fe.metrics()
