@@ -12,7 +12,7 @@ for plain responses and SSE error frames alike.
     │   ├── ContextLengthExceeded    400   code context_length_exceeded
     │   ├── RequestTooLarge          413   code request_too_large
     │   └── UnsupportedMediaType     415   code unsupported_media_type
-    ├── AuthenticationFailed         401 authentication_error        validation
+    ├── AuthenticationFailed         401 authentication_error        unauthorized
     ├── NotFound                     404 not_found_error             not_found
     │   └── ModelNotFound            404   code model_not_found
     ├── MethodNotAllowed             405 invalid_request_error       validation
@@ -98,7 +98,7 @@ class UnsupportedMediaType(InvalidRequest):
 class AuthenticationFailed(DynamoError):
     status = 401
     type = "authentication_error"
-    error_type = Outcome.VALIDATION
+    error_type = Outcome.UNAUTHORIZED
     default_code = "invalid_api_key"
     default_message = "Invalid API key"
 

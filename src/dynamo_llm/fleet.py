@@ -12,12 +12,18 @@ quarantine (1 while at least one of its workers is available).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from .config import Config
-from .discovery.static import StaticDiscovery
+from .discovery.static import (
+    StaticDiscovery,
+    check_no_credentials,
+    normalise_url,
+    parse_upstream_file,
+)
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
 from .router import AttemptLimits, KvIndex, Router, RouterMode, RoutingPolicy, Worker, WorkerSet
@@ -82,6 +88,7 @@ class Fleet:
             urls=config.upstreams,
             path=config.upstream_file,
             on_models=self._models_changed,
+            forbid_credentials=_UPSTREAM_KEY if config.upstream_api_key else None,
         )
         self.app.waiting_for = self.discovery.pending
         await self.discovery.start()
@@ -158,8 +165,35 @@ class Fleet:
                 self.metrics.model_ready.labels(name).set(1 if ready else 0)
 
 
+_UPSTREAM_KEY = "--upstream-api-key (DYN_UPSTREAM_API_KEY)"
+
+
+def check_upstream_credentials(config: Config) -> None:
+    """Refuse an upstream key together with credentials in a worker URL (ValueError).
+
+    Both would be the request's ``Authorization`` header (aiohttp refuses to send the two), so
+    every request to that worker would fail; the operator hears it at start-up instead, with
+    the worker named redacted. A worker in ``--upstream-file`` is checked as the file is now
+    (and again whenever it is reloaded: such a version is refused, the last good one kept).
+    """
+    if not config.upstream_api_key:
+        return
+    urls = [normalise_url(url) for url in config.upstreams]
+    if config.upstream_file is not None:
+        try:
+            mapping = parse_upstream_file(Path(config.upstream_file).read_text())
+        except (OSError, ValueError):
+            mapping = {}  # discovery reports an unreadable or malformed file itself
+        urls += [url for file_urls in mapping.values() for url in file_urls]
+    check_no_credentials(urls, _UPSTREAM_KEY)
+
+
 def build_routed_app(config: Config, clock: Clock) -> App:
-    """The app for ``serve --upstream/--upstream-file``: models come from the workers."""
+    """The app for ``serve --upstream/--upstream-file``: models come from the workers.
+
+    Raises ValueError for a configuration that cannot work (:func:`check_upstream_credentials`).
+    """
+    check_upstream_credentials(config)
     metrics = Metrics(prefix=config.metrics_prefix)
     app = create_app(config, [], metrics, clock)
     fleet = Fleet(config, app, clock, metrics)

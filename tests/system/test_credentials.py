@@ -4,10 +4,12 @@
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_llm.testing import FakeEngine, running_frontend
 from dynamo_llm.testing.process import ServerProcess
@@ -79,6 +81,51 @@ async def test_with_api_keys_every_v1_route_needs_one_and_the_probes_do_not() ->
         ) as sdk:
             with pytest.raises(openai.AuthenticationError):
                 await sdk.models.list()
+
+
+def _requests_total(metrics_text: str) -> dict[tuple[str, ...], float]:
+    """``requests_total`` samples with a count, by (model, endpoint, request_type, error_type)."""
+    counted: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "dynamo_frontend_requests_total" and sample.value:
+                labels = sample.labels
+                key = (labels["model"], labels["endpoint"], labels["request_type"])
+                counted[(*key, labels["error_type"])] = sample.value
+    return counted
+
+
+async def test_a_401_is_counted_once_as_unauthorized_and_its_body_labels_nothing() -> None:
+    planted = "attacker-model-5e1f"
+    async with (
+        running_frontend(FakeEngine(), environ={"DYN_API_KEY": CLIENT_KEY}) as fe,
+        httpx.AsyncClient(base_url=fe.base_url) as c,
+    ):
+        refused = [
+            ("/v1/chat/completions", {"model": planted, "messages": [], "stream": True}),
+            ("/v1/chat/completions", {"model": "test-model", "messages": []}),
+            ("/v1/completions", {"model": planted + "-2", "prompt": "x"}),
+        ]
+        for path, body in refused:
+            resp = await c.post(path, json=body, headers={"Authorization": "Bearer wrong"})
+            assert resp.status_code == 401
+        # What no handler would have answered is not a request of any endpoint: not counted.
+        assert (await c.get("/v1/chat/completions")).status_code == 401
+        assert (await c.get("/v1/models")).status_code == 401
+        assert (await c.post("/v1/no-such-route", json={"model": planted})).status_code == 401
+        ok = await c.post(
+            "/v1/chat/completions",
+            json={"model": "test-model", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+        assert ok.status_code == 200
+        text = (await c.get("/metrics")).text
+    assert planted not in text
+    assert _requests_total(text) == {
+        ("unknown_model", "chat_completions", "unary", "unauthorized"): 2,
+        ("unknown_model", "completions", "unary", "unauthorized"): 1,
+        ("test-model", "chat_completions", "unary", ""): 1,
+    }
 
 
 def test_a_locked_worker_refuses_strangers_including_their_stops(locked_worker: str) -> None:
@@ -194,3 +241,28 @@ def test_a_stranger_who_knows_a_clients_request_id_cannot_stop_it() -> None:
         assert rest.rstrip().endswith("data: [DONE]")
         assert '"finish_reason":"length"' in rest
     assert frontend.returncode == 0, frontend.log
+
+
+@pytest.mark.parametrize("source", ["flag", "file"])
+def test_an_upstream_key_with_credentials_in_a_worker_url_is_a_start_up_error(
+    source: str, tmp_path: Path
+) -> None:
+    """Both would be the request's Authorization header, so every request to that worker would
+    fail: ``serve`` says so at once, naming the worker redacted, and exits non-zero."""
+    worker = f"http://operator:{URL_SECRET}@127.0.0.1:9"
+    env = {**environ_without_dyn(), "DYN_UPSTREAM_API_KEY": WORKER_KEY}
+    if source == "flag":
+        args = ["--upstream", worker]
+    else:
+        path = tmp_path / "workers.yaml"
+        path.write_text(f"{MODEL}: [{worker}]\n")
+        args = ["--upstream-file", str(path)]
+    with ServerProcess(["serve", "--http-port", "0", *args], env=env) as proc:
+        proc.proc.wait(timeout=60)
+    log = proc.log  # complete once the process is stopped
+    assert proc.returncode == 2, log
+    assert "dynamo-llm serve: error: worker http://***@127.0.0.1:9 has credentials" in log
+    assert "--upstream-api-key" in log
+    assert "serving" not in log
+    for secret in (URL_SECRET, WORKER_KEY):
+        assert secret not in log

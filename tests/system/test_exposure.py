@@ -2,12 +2,16 @@
 input, ``Allow`` on 405, HTTP/2 only when asked for, and an honest shutdown. Real sockets."""
 
 import asyncio
+import signal
 import socket
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_llm.testing import FakeEngine, running_frontend
+from dynamo_llm.testing.process import ServerProcess
+from tests.helpers import environ_without_dyn, wait_for
 
 SAFETY_NET = 10.0
 # An error body quotes the client's input clipped: a few KiB at most whatever was sent.
@@ -181,3 +185,56 @@ async def test_every_counter_and_gauge_has_a_sample_before_the_first_request() -
         s for f in families if f.type == "counter" for s in f.samples if "model" in s.labels
     ]
     assert per_model and all(s.value == 0 for s in per_model)
+
+
+def test_sigterm_turns_health_503_refuses_new_work_and_lets_the_request_in_flight_finish() -> None:
+    """A real ``serve`` and a real SIGTERM: at once ``/health`` and ``/live`` say 503 and a new
+    request gets 503 ``server_shutting_down`` with ``Connection: close`` (counted), while the
+    stream already running gets its grace period and ends cleanly; then the process exits 0."""
+    args = ["serve", "--engine", "mocker", "--http-port", "0"]
+    env = {**environ_without_dyn(), "DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS": "60"}
+    body = {
+        "model": "mocker",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1000,  # several seconds in real time: still streaming after the SIGTERM
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with (
+        ServerProcess(args, env=env) as proc,
+        httpx.Client(base_url=proc.wait_ready(timeout=30), timeout=30) as client,
+        httpx.Client(base_url=client.base_url, timeout=30) as other,
+    ):
+        with client.stream("POST", CHAT, json=body) as stream:
+            lines = stream.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass  # the first token: the request is in flight
+            metrics = other.get("/metrics").text  # before the signal: a counted baseline
+            proc.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: other.get("/live").status_code == 503, "shutdown to begin")
+            health = other.get("/health")
+            assert (health.status_code, health.json()["status"]) == (503, "shutting_down")
+            refused = other.post(CHAT, json={**body, "stream": False, "stream_options": None})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "server_shutting_down"
+            assert refused.headers["connection"].lower() == "close"
+            draining = other.get("/metrics").text
+            rest = "\n".join(lines)
+        assert proc.proc.wait(timeout=30) == 0, proc.log
+    assert rest.rstrip().endswith("data: [DONE]")
+    assert '"finish_reason":"length"' in rest
+    assert '"completion_tokens":1000' in rest
+    assert _refused_while_draining(metrics) == 0
+    assert _refused_while_draining(draining) == 1
+
+
+def _refused_while_draining(metrics_text: str) -> float:
+    """``requests_total`` of mocker chat requests refused as ``unavailable`` (503)."""
+    wanted = {"model": "mocker", "endpoint": "chat_completions", "error_type": "unavailable"}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "dynamo_frontend_requests_total"
+        and wanted.items() <= sample.labels.items()
+    )

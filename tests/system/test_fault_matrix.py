@@ -582,12 +582,12 @@ BAD_BODIES: dict[str, tuple[str, bytes, int, str]] = {
         "/v1/completions", b'{"model": "good", "prompt": "hi", "max_tokens": "ten"}', 400,
         "validation",
     ),
-    # A routed model's engine forwards fields we do not know; for a model nobody serves they
-    # are still refused.
+    # A router forwards fields we do not know (its /openapi.json allows them), so beside a model
+    # nobody serves it is the model that is refused.
     "unknown-field": (
         "/v1/chat/completions",
         b'{"model": "nope", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1}',
-        400, "validation",
+        404, "not_found",
     ),
     "oversized-body": (
         "/v1/chat/completions",

@@ -178,6 +178,23 @@ async def test_known_fields_stay_strict_beside_unknown_ones(
     assert worker.received == []
 
 
+async def test_a_router_answers_an_unknown_model_with_404_whatever_unknown_fields_it_holds() -> (
+    None
+):
+    # The router's /openapi.json allows unknown fields; the model is what is wrong here.
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        recording_worker() as worker,
+        routed(worker.url) as fe,
+    ):
+        body = {**rich_chat(stream=False), "model": "no-such-model", "cache_prompt": True}
+        response = await post(fe, "/v1/chat/completions", body)
+    assert not net.expired()
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert worker.received == []
+
+
 @pytest.mark.parametrize("engine", ["echo", "mocker"])
 async def test_an_in_process_engine_still_refuses_an_unknown_field_naming_it(engine: str) -> None:
     app = build_app(Config.from_env({"DYN_ENGINE": engine, "DYN_TOKEN_ECHO_DELAY_MS": "0"}))

@@ -311,7 +311,8 @@ class Config:
         TEXT,
         "sent to every worker as Authorization: Bearer KEY (a vLLM or SGLang started with "
         "--api-key, a dynamo-llm worker with --api-key); prefer the variable; not together with "
-        "credentials in a worker URL (http://user:pass@host, sent as basic auth)",
+        "credentials in a worker URL (http://user:pass@host, sent as basic auth): refused at "
+        "start-up",
         group=ROUTER,
         commands=SERVE,
         metavar="KEY",

@@ -32,7 +32,7 @@ import yaml
 from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
-from ..runtime.urls import redact_url
+from ..runtime.urls import has_credentials, redact_url
 
 log = logging.getLogger("dynamo_llm.discovery")
 
@@ -45,6 +45,16 @@ def normalise_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         url = "http://" + url
     return url.removesuffix("/v1")
+
+
+def check_no_credentials(urls: Iterable[str], why: str) -> None:
+    """Raise ValueError naming (redacted) the first of ``urls`` that carries credentials."""
+    for url in urls:
+        if has_credentials(url):
+            raise ValueError(
+                f"worker {redact_url(url)} has credentials in its URL, which cannot go with "
+                f"{why}: a request carries one Authorization header; use one or the other"
+            )
 
 
 def parse_upstream_file(text: str) -> dict[str, list[str]]:
@@ -82,7 +92,11 @@ class StaticDiscovery:
         on_models: ModelsCallback | None = None,
         reload_interval: float = 1.0,
         retry_interval: float = 2.0,
+        forbid_credentials: str | None = None,
     ) -> None:
+        """``forbid_credentials``, when given, says why a worker URL may not carry credentials
+        (an upstream key is set): a file version with such a URL is refused like a malformed
+        one (the flags are checked before the app is built: :func:`check_no_credentials`)."""
         self.workers = workers
         self._fetch = fetch_models
         self._clock = clock
@@ -91,6 +105,7 @@ class StaticDiscovery:
         self._on_models = on_models
         self._reload_interval = reload_interval
         self._retry_interval = retry_interval
+        self._forbid_credentials = forbid_credentials
         self._file_workers: dict[str, frozenset[str]] = {}  # url -> models, from the file
         self._pending: set[str] = set()  # --upstream workers whose models are not known yet
         self._file_stamp: tuple[float, int] | None = None
@@ -170,6 +185,10 @@ class StaticDiscovery:
         self._file_stamp = stamp
         try:
             mapping = parse_upstream_file(self._path.read_text())
+            if self._forbid_credentials is not None:
+                check_no_credentials(
+                    (url for urls in mapping.values() for url in urls), self._forbid_credentials
+                )
         except (OSError, ValueError) as exc:
             if force:
                 raise ValueError(f"upstream file {self._path}: {exc}") from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Generic
+from typing import Any, Generic
 from uuid import uuid4
 
 from ..engines.base import NO_ROUTING_HINT, EngineRequest, RoutingHint, aclose_stream
@@ -32,7 +32,7 @@ from ..errors import (
     clip,
     internal_error,
 )
-from ..metrics import UNKNOWN_MODEL, RequestRecord
+from ..metrics import UNKNOWN_MODEL, Outcome, RequestRecord
 from ..protocols.common import peek_request
 from ..runtime.context import EngineContext
 from ..runtime.watchdog import Watchdog
@@ -53,10 +53,11 @@ log = logging.getLogger("dynamo_llm.http")
 
 def routes(state: AppState) -> list[Route]:
     """The inference routes over ``state``, one per endpoint family."""
-    return [
-        Route(POST, CHAT.path, InferenceHandler(state, CHAT)),
-        Route(POST, COMPLETIONS.path, InferenceHandler(state, COMPLETIONS)),
-    ]
+    return [_route(InferenceHandler(state, CHAT)), _route(InferenceHandler(state, COMPLETIONS))]
+
+
+def _route(handler: InferenceHandler[Any]) -> Route:
+    return Route(POST, handler.path, handler, on_unauthorised=handler.count_unauthorised)
 
 
 def resolve_request_id(value: str | None) -> str:
@@ -80,6 +81,21 @@ class InferenceHandler(Generic[P]):
         self._state = state
         self._family: EndpointFamily[P] = family
 
+    @property
+    def path(self) -> str:
+        return self._family.path
+
+    def count_unauthorised(self) -> None:
+        """Count a request refused for its API key (401) once, as ``error_type="unauthorized"``.
+
+        Its body is never read, so nothing the stranger wrote labels it: the model is the fixed
+        ``unknown_model`` and the request type ``unary``.
+        """
+        state = self._state
+        record = state.metrics.begin(self._family.endpoint, state.clock)
+        record.mark_error(Outcome.UNAUTHORIZED)
+        record.release()
+
     async def __call__(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         state = self._state
         family = self._family
@@ -97,6 +113,7 @@ class InferenceHandler(Generic[P]):
                 raise ModelNotFound(
                     f"The model `{clip(params.model)}` does not exist.", param="model"
                 )
+            record.model = served.name  # a served model's name is a safe label
             if state.shutting_down:
                 # New work is refused at once during the grace period (which is for the
                 # requests already in flight), and the connection is not kept.

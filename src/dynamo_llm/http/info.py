@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ModelNotFound, clip
 from .connection import Connection, HttpRequest
-from .openapi import openapi_document
+from .openapi import DocumentShape, openapi_document
 from .responses import JSON_HEADERS, respond_error, respond_json
 from .routes import GET, Route
 from .state import AppState, ServedModel
@@ -103,7 +103,14 @@ class _Info:
         await conn.respond(200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(registry))
 
     async def openapi(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
-        await conn.respond(200, JSON_HEADERS, openapi_document())
+        state = self._state
+        shape = DocumentShape(
+            accepts_unknown_fields=state.forwards_unknown_fields,
+            model_names=tuple(state.models),
+            api_keys=bool(state.config.api_keys),
+            control_routes=state.control_routes,
+        )
+        await conn.respond(200, JSON_HEADERS, openapi_document(shape))
 
     async def docs(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         await conn.respond(200, [("content-type", "text/html; charset=utf-8")], _DOCS_HTML)

@@ -35,12 +35,17 @@ def _always() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """``methods`` on ``pattern`` are answered by ``handler`` (while ``enabled()``)."""
+    """``methods`` on ``pattern`` are answered by ``handler`` (while ``enabled()``).
+
+    ``on_unauthorised`` is called for a request the route would have answered that is refused
+    for its API key (the inference routes count it; the body is never read).
+    """
 
     methods: frozenset[str]
     pattern: str
     handler: Handler
     enabled: Callable[[], bool] = _always
+    on_unauthorised: Callable[[], None] | None = None
 
     def match(self, path: str) -> dict[str, str] | None:
         """The placeholder's value when ``path`` matches (``{}`` for a literal), else None."""
@@ -66,7 +71,8 @@ class RouteTable:
 
     With ``api_keys``, a request under :data:`PROTECTED_PREFIX` must carry
     ``Authorization: Bearer <one of them>``, checked before the path is matched (so a stranger
-    learns nothing about the routes) and in constant time per key.
+    learns nothing about the routes) and in constant time per key. A refused request that a
+    route would have answered is reported to its ``on_unauthorised``.
     """
 
     __slots__ = ("_exact", "_keys", "_patterns")
@@ -106,6 +112,10 @@ class RouteTable:
         path = request.path
         method = request.method
         if self._keys and path.startswith(PROTECTED_PREFIX) and not self._is_authorised(request):
+            found = self._find(path)
+            refused = found[0] if found is not None else None
+            if refused is not None and method in refused.methods and refused.on_unauthorised:
+                refused.on_unauthorised()
             await respond_error(
                 conn,
                 AuthenticationFailed("Invalid or missing API key (Authorization: Bearer <key>)"),

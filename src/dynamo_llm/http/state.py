@@ -89,9 +89,17 @@ class AppState:
 
     def accepts_unknown_fields(self, name: str) -> bool:
         """Whether a request for model ``name`` may hold fields we do not know (its engine
-        forwards them); False for a model we do not serve."""
+        forwards them). For a model we do not serve, whether the app forwards them at all, so
+        that such a request gets the 404 for its model, whatever else it holds."""
         model = self.models.get(name)
-        return model is not None and model.forwards_unknown_fields
+        if model is None:
+            return self.forwards_unknown_fields
+        return model.forwards_unknown_fields
+
+    @property
+    def forwards_unknown_fields(self) -> bool:
+        """Whether some model's engine forwards fields we do not know (the router's does)."""
+        return any(model.forwards_unknown_fields for model in self.models.values())
 
     def remove_model(self, name: str) -> None:
         """Stop serving a model: new requests for it get 404; requests in flight finish."""

@@ -34,6 +34,7 @@ class Outcome(StrEnum):
     SUCCESS = ""
     VALIDATION = "validation"  # 400/413/415/422 request problems
     NOT_FOUND = "not_found"  # unknown model or route
+    UNAUTHORIZED = "unauthorized"  # 401: a missing or wrong API key
     OVERLOAD = "overload"  # 429, or 503 because every worker is busy
     UNAVAILABLE = "unavailable"  # 503 because no worker can serve the model
     CANCELLED = "cancelled"  # the client went away

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+MAX_TOP_LOGPROBS = 20
 
 # One part of an array content: {"type": "text", "text": ...}, {"type": "image_url", ...}, ...
 ContentPart = dict[str, Any]
@@ -157,7 +158,7 @@ def decode_chat_request(
         if message.role not in ROLES:
             invalid_value(f"Invalid role `{message.role}` in messages[{i}]", "messages")
     check_sampling(req)
-    check_range("top_logprobs", req.top_logprobs, 0, 20)
+    check_range("top_logprobs", req.top_logprobs, 0, MAX_TOP_LOGPROBS)
     check_positive("max_completion_tokens", req.max_completion_tokens)
     return req
 

@@ -9,7 +9,9 @@ problems apart, so that a body with several reports the first in a fixed order::
     JSON syntax -> not an object -> unknown fields (all of them) -> wrong type / missing field
 
 msgspec stops at the first problem it meets in document order, which is why the typed error is
-not reported as it is.
+not reported as it is. A number with a zero fraction where an integer belongs (``"n": 2.0``) is an
+integer, as JSON Schema (and so ``/openapi.json``) says: that path decodes once more with such
+numbers made ints before it reports a type error.
 
 **Unknown fields are the serving engine's call.** An engine that passes the request on to a
 worker (the router) forwards what it does not know (``cache_prompt``, ``guided_json``, any
@@ -41,6 +43,21 @@ from ..errors import InvalidRequest
 
 MAX_N = 128
 MAX_STOP = 32
+SAMPLING_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0, 2),
+    "top_p": (0, 1),
+    "frequency_penalty": (-2, 2),
+    "presence_penalty": (-2, 2),
+    "min_p": (0, 1),
+}
+"""The inclusive ranges of the sampling fields both endpoints take (OpenAI's; ``min_p`` is
+vLLM's): checked by :func:`check_sampling` and stated in ``/openapi.json``."""
+LOGIT_BIAS_RANGE = (-100, 100)
+MAX_REPETITION_PENALTY = 2
+"""``repetition_penalty`` is greater than 0 and at most this."""
+WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+"""What ``str.strip()`` removes: a ``model`` of these characters only is empty (the OpenAPI
+document's pattern for ``model`` is built from the same set, so the two agree exactly)."""
 MAX_LISTED = 8
 """How many unknown field names an ``unsupported_parameter`` error lists (the rest are counted)."""
 MAX_NAME = 64
@@ -152,13 +169,22 @@ class RequestDecoder(Generic[S]):
         if isinstance(obj, InvalidRequest):
             raise obj from error
         unknown = sorted(key for key in obj if key not in self._fields)
-        if not unknown:
+        decoder = self._strict
+        if unknown:
+            model = obj.get("model")
+            if accepts_unknown is None or not isinstance(model, str) or not accepts_unknown(model):
+                raise _unsupported(unknown) from error
+            decoder = self._lenient
+            try:
+                return decoder.decode(body)
+            except msgspec.ValidationError as exc:
+                error = exc
+        # A number with no fractional part is an integer (as JSON Schema says): ``"n": 2.0``.
+        whole = _whole_numbers(obj)
+        if whole is obj:
             raise _from_validation_error(str(error)) from error
-        model = obj.get("model")
-        if accepts_unknown is None or not isinstance(model, str) or not accepts_unknown(model):
-            raise _unsupported(unknown) from error
         try:
-            return self._lenient.decode(body)
+            return decoder.decode(msgspec.json.encode(whole))
         except msgspec.ValidationError as exc:
             raise _from_validation_error(str(exc)) from exc
 
@@ -234,6 +260,22 @@ def _untyped(body: bytes, exc: msgspec.ValidationError) -> dict[str, Any] | Inva
     if not isinstance(obj, dict):
         return _not_an_object()
     return obj
+
+
+def _whole_numbers(value: Any) -> Any:
+    """``value`` with every float that has no fractional part made an int; ``value`` itself
+    when it holds none (so the caller can tell nothing changed)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        items = {key: _whole_numbers(item) for key, item in value.items()}
+        changed = any(items[key] is not item for key, item in value.items())
+        return items if changed else value
+    if isinstance(value, list):
+        elements = [_whole_numbers(item) for item in value]
+        changed = any(new is not old for new, old in zip(elements, value, strict=True))
+        return elements if changed else value
+    return value
 
 
 def _not_an_object() -> InvalidRequest:
@@ -351,15 +393,15 @@ class SamplingFields(Protocol):
 
 def check_sampling(req: SamplingFields) -> None:
     """Range checks shared by chat and completions (ranges are OpenAI's, extras are Dynamo's)."""
-    check_range("temperature", req.temperature, 0, 2)
-    check_range("top_p", req.top_p, 0, 1)
-    check_range("frequency_penalty", req.frequency_penalty, -2, 2)
-    check_range("presence_penalty", req.presence_penalty, -2, 2)
+    for name, (low, high) in SAMPLING_RANGES.items():
+        check_range(name, getattr(req, name), low, high)
     if req.logit_bias:
+        low, high = LOGIT_BIAS_RANGE
         for bias in req.logit_bias.values():
-            if not -100 <= bias <= 100:
+            if not low <= bias <= high:
                 invalid_value(
-                    f"logit_bias values must be between -100 and 100, got {_format_number(bias)}",
+                    f"logit_bias values must be between {low} and {high}, "
+                    f"got {_format_number(bias)}",
                     "logit_bias",
                 )
     check_range("n", req.n, 1, MAX_N)
@@ -372,11 +414,10 @@ def check_sampling(req: SamplingFields) -> None:
         )
     if req.top_k is not None and req.top_k != -1 and req.top_k < 1:
         invalid_value(f"top_k must be -1 (disabled) or at least 1, got {req.top_k}", "top_k")
-    check_range("min_p", req.min_p, 0, 1)
     penalty = req.repetition_penalty
-    if penalty is not None and not 0 < penalty <= 2:
+    if penalty is not None and not 0 < penalty <= MAX_REPETITION_PENALTY:
         invalid_value(
-            "repetition_penalty must be greater than 0 and at most 2, "
+            f"repetition_penalty must be greater than 0 and at most {MAX_REPETITION_PENALTY}, "
             f"got {_format_number(penalty)}",
             "repetition_penalty",
         )

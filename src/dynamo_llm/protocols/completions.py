@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 MAX_BEST_OF = 20
+MAX_LOGPROBS = 5
 
 
 class CompletionRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -90,7 +91,7 @@ def decode_completion_request(
     check_model(req.model)
     batch = _check_prompt_values(req.prompt)
     check_sampling(req)
-    check_range("logprobs", req.logprobs, 0, 5)
+    check_range("logprobs", req.logprobs, 0, MAX_LOGPROBS)
     n = 1 if req.n is None else req.n
     if req.best_of is not None:
         if not 0 <= req.best_of <= MAX_BEST_OF:
@@ -133,14 +134,25 @@ def _check_prompt_type(prompt: str | list[str | int | list[int]]) -> None:
 
 
 def _check_prompt_values(prompt: str | list[str | int | list[int]]) -> int:
-    """Reject empty prompts; return the batch size."""
+    """Reject empty prompts and negative token ids; return the batch size."""
     if not prompt:
         _empty_prompt()
-    if isinstance(prompt, str) or isinstance(prompt[0], int):
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt[0], int):
+        _check_token_ids(cast(list[int], prompt))
         return 1
     if not all(prompt):
         _empty_prompt()
+    if isinstance(prompt[0], list):
+        for ids in cast(list[list[int]], prompt):
+            _check_token_ids(ids)
     return len(prompt)
+
+
+def _check_token_ids(ids: list[int]) -> None:
+    if min(ids) < 0:
+        invalid_value(f"token ids must not be negative, got {min(ids)}", "prompt")
 
 
 def _empty_prompt() -> NoReturn:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import urllib.parse
 
-__all__ = ["redact_url"]
+__all__ = ["has_credentials", "redact_url"]
 
 REDACTED = "***"
+
+
+def has_credentials(url: str) -> bool:
+    """Whether ``url`` carries user info (``http://user:pass@host``), which aiohttp sends as basic
+    auth."""
+    try:
+        return "@" in urllib.parse.urlsplit(url).netloc
+    except ValueError:
+        return False
 
 
 def redact_url(url: str) -> str:

@@ -93,6 +93,7 @@ class Harness:
         urls: tuple[str, ...] = (),
         path: Path | None = None,
         script: dict[str, list[object]] | None = None,
+        forbid_credentials: str | None = None,
     ) -> None:
         async def never(worker: Worker) -> bool:
             return False
@@ -108,6 +109,7 @@ class Harness:
             urls=urls,
             path=path,
             on_models=self.published.append,
+            forbid_credentials=forbid_credentials,
         )
 
     def models_of(self) -> dict[str, frozenset[str]]:
@@ -170,17 +172,37 @@ async def test_the_file_is_reloaded_when_it_changes(tmp_path: Path, safety_net: 
         await h.discovery.aclose()
 
 
+@pytest.mark.parametrize(
+    "broken, forbid, said",
+    [
+        ("m: [http://a\n", None, "while parsing"),
+        # With an upstream key, a worker URL with credentials (both the Authorization header).
+        (
+            "m: [http://ops:s3cret@10.0.0.9:8000]\n",
+            "--upstream-api-key",
+            "worker http://***@10.0.0.9:8000 has credentials in its URL, which cannot go with "
+            "--upstream-api-key",
+        ),
+    ],
+    ids=["malformed", "credentials-with-upstream-key"],
+)
 async def test_a_broken_file_keeps_the_last_good_set_and_says_so(
-    tmp_path: Path, safety_net: None, caplog: pytest.LogCaptureFixture
+    broken: str,
+    forbid: str | None,
+    said: str,
+    *,
+    tmp_path: Path,
+    safety_net: None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     path = tmp_path / "upstreams.yaml"
     write(path, f"m: [{A}]\n")
     clock = FakeClock()
-    h = Harness(clock, path=path)
+    h = Harness(clock, path=path, forbid_credentials=forbid)
     await h.discovery.start()
     try:
         with caplog.at_level(logging.ERROR, logger="dynamo_llm.discovery"):
-            write(path, "m: [http://a\n")
+            write(path, broken)
             await clock.advance(1)
         assert h.models_of() == {A: frozenset({"m"})}
         assert len(h.published) == 1
@@ -188,6 +210,8 @@ async def test_a_broken_file_keeps_the_last_good_set_and_says_so(
         assert len(errors) == 1
         assert str(path) in errors[0].getMessage()
         assert "keeping the previous workers" in errors[0].getMessage()
+        assert said in errors[0].getMessage()
+        assert "s3cret" not in errors[0].getMessage()
         await clock.advance(5)
         assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1  # said once
 

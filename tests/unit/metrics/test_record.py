@@ -5,10 +5,12 @@ import pytest
 from dynamo_llm.metrics import Metrics, Outcome
 from dynamo_llm.runtime import FakeClock
 
-# SPEC §5: the requests_total{error_type} values, and which one means success.
+# SPEC §5: the requests_total{error_type} values, and which one means success; plus
+# "unauthorized", the 401 of a missing or wrong API key (issue 10: its own error type).
 SPEC_ERROR_TYPES = {
     "",
     "validation",
+    "unauthorized",
     "not_found",
     "overload",
     "unavailable",

@@ -75,6 +75,14 @@ COMPLETION_ERRORS = [
         )
         for i, prompt in enumerate(["", [], [""], [[]], ["a", ""], [[1], []]])
     ),
+    *(
+        pytest.param(
+            completion(prompt=prompt),
+            invalid("token ids must not be negative, got -3", "prompt"),
+            id=f"prompt-negative-token-{i}",
+        )
+        for i, prompt in enumerate([[1, -3], [[1], [2, -3]]])
+    ),
     pytest.param(
         completion(temperature=2.5),
         invalid("temperature must be between 0 and 2, got 2.5", "temperature"),
