@@ -28,10 +28,12 @@ HANGUP_TOKENS = {"llama-server": 30000, "llama-cpp-python": 30000, "vllm": 12000
 # generous for a loaded machine, and still shorter than the ~10 s (more under load) that
 # HANGUP_TOKENS would keep an engine that did not stop generating.
 STOPS_WITHIN = 8.0
-# --backend-stream-timeout-secs for the silence cases: an engine starved of CPU by a loaded
-# machine (other test runs beside this one) can pause for seconds between tokens, and must not
-# look silent; a SIGSTOPped one is silent for good.
-SILENCE_LIMIT = {"llama-server": 4, "llama-cpp-python": 4, "vllm": 8}
+# --backend-stream-timeout-secs for the silence cases: an engine (or the frontend) starved of
+# CPU by a loaded machine (other test runs beside this one) can pause for seconds between
+# tokens, and must not look silent; a SIGSTOPped one is silent for good. At 8 s a vLLM that took
+# a migration's 4 400-token replay looked silent once, in a run where a 5 s probe deadline fired
+# after 10.5 s (the frontend itself was starved).
+SILENCE_LIMIT = {"llama-server": 4, "llama-cpp-python": 4, "vllm": 15}
 PROMPT = "The weather in Paris is"
 MESSAGES = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 # Greedy decoding: the same request gets the same tokens from every instance of an engine.
