@@ -11,6 +11,7 @@ for plain responses and SSE error frames alike.
     ├── InvalidRequest               400 invalid_request_error       validation
     │   ├── ContextLengthExceeded    400   code context_length_exceeded
     │   ├── RequestTooLarge          413   code request_too_large
+    │   ├── RequestBodyTimeout       408   code request_timeout (the body came too slowly)
     │   └── UnsupportedMediaType     415   code unsupported_media_type
     ├── AuthenticationFailed         401 authentication_error        unauthorized
     ├── NotFound                     404 not_found_error             not_found
@@ -87,6 +88,12 @@ class RequestTooLarge(InvalidRequest):
     status = 413
     default_code = "request_too_large"
     default_message = "Request body too large"
+
+
+class RequestBodyTimeout(InvalidRequest):
+    status = 408
+    default_code = "request_timeout"
+    default_message = "The request body did not arrive in time"
 
 
 class UnsupportedMediaType(InvalidRequest):

@@ -1,12 +1,14 @@
-"""A frontend in front of remote workers: the router, its workers, and static discovery.
+"""A frontend in front of remote workers: the router, its workers, and their discovery.
 
-``dynamo-llm serve --upstream URL`` (or ``--upstream-file PATH``) builds the same app as with an
-in-process engine, but its models are whatever the workers serve, and each is served by the
-:class:`~dynamo_llm.router.engine.Router`. :class:`Fleet` owns the pieces and their lifetime: the
-pooled HTTP session, the :class:`~dynamo_llm.router.WorkerSet` (quarantine and probes),
-the discovery task; it starts and stops with the app. It keeps the app's model list in line with
-discovery (a model appears once a worker serves it) and ``model_ready{model}`` in line with
-quarantine (1 while at least one of its workers is available).
+``dynamo-llm serve --upstream URL`` (or ``--upstream-file PATH``, or ``--discovery-backend
+etcd``) builds the same app as with an in-process engine, but its models are whatever the
+workers serve, and each is served by the :class:`~dynamo_llm.router.engine.Router`.
+:class:`Fleet` owns the pieces and their lifetime: the pooled HTTP session, the
+:class:`~dynamo_llm.router.WorkerSet` (quarantine and probes), the discovery backend
+(static, file or etcd, :mod:`dynamo_llm.discovery`); it starts and stops with the app. It
+keeps the app's model list in line with discovery (a model appears once a worker serves it) and
+``model_ready{model}`` in line with quarantine (1 while at least one of its workers is
+available).
 """
 
 from __future__ import annotations
@@ -18,17 +20,25 @@ from typing import Any
 import aiohttp
 
 from .config import Config
+from .discovery.base import Discovery
+from .discovery.etcd import EtcdDiscovery
+from .discovery.etcd_client import EtcdClient
 from .discovery.static import (
     StaticDiscovery,
     check_no_credentials,
     normalise_url,
     parse_upstream_file,
 )
+from .errors import DynamoError
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
 from .router import AttemptLimits, KvIndex, Router, RouterMode, RoutingPolicy, Worker, WorkerSet
+from .router.liveness import IdleChecker
+from .router.scraper import EngineReport, LoadScraper
 from .runtime.clock import Clock
 from .transport import WorkerClient, make_session
+from .transport.auth import WorkerKeys
+from .transport.scrape import scrape_engine_load
 
 log = logging.getLogger("dynamo_llm.fleet")
 
@@ -57,16 +67,22 @@ class Fleet:
             max_inflight=config.max_inflight_per_worker,
             kv_index=self.kv_index,
         )
+        self.worker_keys = WorkerKeys()
+        """The keys of the workers of ``--upstream-file`` that have their own."""
         self._session: aiohttp.ClientSession | None = None
         self._client: WorkerClient | None = None
         self.router: Router | None = None
-        self.discovery: StaticDiscovery | None = None
+        self.discovery: Discovery | None = None
+        self.idle_checker: IdleChecker | None = None
+        self.scraper: LoadScraper | None = None
         self.workers.on_change(self._availability_changed)
 
     async def start(self) -> None:
         config = self.config
         self._session = make_session(
-            config.worker_connect_timeout_secs, api_key=config.upstream_api_key
+            config.worker_connect_timeout_secs,
+            api_key=config.upstream_api_key,
+            worker_keys=self.worker_keys,
         )
         self._client = WorkerClient(self._session)
         self.router = Router(
@@ -81,19 +97,48 @@ class Fleet:
             ),
             migration_limit=config.migration_limit,
         )
-        self.discovery = StaticDiscovery(
-            self.workers,
-            self._fetch_models,
-            self.clock,
-            urls=config.upstreams,
-            path=config.upstream_file,
-            on_models=self._models_changed,
-            forbid_credentials=_UPSTREAM_KEY if config.upstream_api_key else None,
-        )
+        if config.discovery == "etcd":
+            self.discovery = EtcdDiscovery(
+                self.workers,
+                EtcdClient(config.etcd_endpoints),
+                config.namespace,
+                self.clock,
+                on_models=self._models_changed,
+            )
+        else:
+            self.discovery = StaticDiscovery(
+                self.workers,
+                self._fetch_models,
+                self.clock,
+                urls=config.upstreams,
+                path=config.upstream_file,
+                on_models=self._models_changed,
+                forbid_credentials=_UPSTREAM_KEY if config.upstream_api_key else None,
+                on_api_keys=self.worker_keys.replace,
+            )
         self.app.waiting_for = self.discovery.pending
+        self.app.discovery = self.discovery.status
         await self.discovery.start()
+        if config.worker_idle_probe_interval_secs:
+            self.idle_checker = IdleChecker(
+                self.workers, self._check_idle, self.clock, config.worker_idle_probe_interval_secs
+            )
+            self.idle_checker.start()
+        if config.worker_metrics_interval_secs:
+            self.scraper = LoadScraper(
+                self.workers,
+                self._scrape,
+                self.clock,
+                config.worker_metrics_interval_secs,
+                metrics=self.metrics,
+            )
+            self.scraper.start()
 
     async def aclose(self) -> None:
+        if self.scraper is not None:
+            await self.scraper.aclose()
+        if self.idle_checker is not None:
+            await self.idle_checker.aclose()
         if self.discovery is not None:
             await self.discovery.aclose()
         if self.router is not None:
@@ -108,6 +153,17 @@ class Fleet:
         assert self._client is not None
         models, ours = await self._client.list_models(url, within=MODELS_WITHIN)
         return frozenset(models), ours
+
+    async def _check_idle(self, worker: Worker) -> DynamoError | None:
+        assert self._client is not None
+        within = min(self.config.worker_probe_timeout_secs, MODELS_WITHIN)
+        return await self._client.check_reachable(worker.url, within=within)
+
+    async def _scrape(self, worker: Worker) -> EngineReport | None:
+        assert self._session is not None
+        url = worker.metrics_url or worker.url.rstrip("/") + "/metrics"
+        within = self.config.worker_probe_timeout_secs
+        return await scrape_engine_load(self._session, url, within=within)
 
     async def _probe(self, worker: Worker) -> bool:
         """Whether a quarantined (or suspect) worker generates again; see transport.probe."""
@@ -165,6 +221,20 @@ class Fleet:
                 self.metrics.model_ready.labels(name).set(1 if ready else 0)
 
 
+def check_discovery(config: Config) -> None:
+    """Raise ``ValueError`` when the discovery flags contradict each other."""
+    backend = config.discovery
+    if backend == "etcd" and (config.upstreams or config.upstream_file):
+        raise ValueError(
+            "--discovery-backend etcd finds the workers in etcd: leave out --upstream and "
+            "--upstream-file"
+        )
+    if backend == "static" and not config.upstreams:
+        raise ValueError("--discovery-backend static needs --upstream URL")
+    if backend == "file" and not config.upstream_file:
+        raise ValueError("--discovery-backend file needs --upstream-file PATH")
+
+
 _UPSTREAM_KEY = "--upstream-api-key (DYN_UPSTREAM_API_KEY)"
 
 
@@ -174,25 +244,34 @@ def check_upstream_credentials(config: Config) -> None:
     Both would be the request's ``Authorization`` header (aiohttp refuses to send the two), so
     every request to that worker would fail; the operator hears it at start-up instead, with
     the worker named redacted. A worker in ``--upstream-file`` is checked as the file is now
-    (and again whenever it is reloaded: such a version is refused, the last good one kept).
+    (and again whenever it is reloaded: such a version is refused, the last good one kept); a
+    file that cannot be read or is malformed now is a start-up error too.
     """
-    if not config.upstream_api_key:
-        return
     urls = [normalise_url(url) for url in config.upstreams]
     if config.upstream_file is not None:
         try:
-            mapping = parse_upstream_file(Path(config.upstream_file).read_text())
-        except (OSError, ValueError):
-            mapping = {}  # discovery reports an unreadable or malformed file itself
+            mapping = parse_upstream_file(Path(config.upstream_file).read_text()).models
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"upstream file {config.upstream_file}: {_reason(exc)}") from None
         urls += [url for file_urls in mapping.values() for url in file_urls]
-    check_no_credentials(urls, _UPSTREAM_KEY)
+    if config.upstream_api_key:
+        check_no_credentials(urls, _UPSTREAM_KEY)
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    if isinstance(exc, OSError):
+        return f"cannot read it ({exc.strerror or type(exc).__name__})"
+    return str(exc)
 
 
 def build_routed_app(config: Config, clock: Clock) -> App:
-    """The app for ``serve --upstream/--upstream-file``: models come from the workers.
+    """The app for ``serve --upstream/--upstream-file/--discovery-backend etcd``: models come
+    from the workers.
 
-    Raises ValueError for a configuration that cannot work (:func:`check_upstream_credentials`).
+    Raises ValueError for a configuration that cannot work (contradictory discovery flags,
+    :func:`check_upstream_credentials`).
     """
+    check_discovery(config)
     check_upstream_credentials(config)
     metrics = Metrics(prefix=config.metrics_prefix)
     app = create_app(config, [], metrics, clock)

@@ -12,13 +12,22 @@ serves the app until SIGTERM or SIGINT.
 When the engine is the mocker its scheduler state is exposed in ``/metrics``
 (:class:`~dynamo_llm.engines.mocker.metrics.MockerMetrics`, read at scrape time) and summarised
 per model in ``/health``.
+
+With ``--discovery-backend etcd`` the worker registers itself once it accepts connections
+(:func:`build_registration`: its URL, models, context length, KV block size and metrics URL,
+under a lease kept alive at a third of ``--discovery-lease-ttl-secs``), and on SIGTERM it
+withdraws that key *before* it drains, so frontends stop sending it work first.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from .config import Config
+from .discovery.etcd_client import EtcdClient
+from .discovery.instance import Instance
+from .discovery.registration import Registration
 from .engines.factory import build_engine
 from .engines.mocker import MockerEngine
 from .engines.mocker.metrics import MockerMetrics
@@ -70,4 +79,39 @@ def build_app(config: Config, clock: Clock | None = None, *, control_routes: boo
         metrics,
         clock,
         control_routes=control_routes,
+    )
+
+
+def advertised_url(config: Config, base_url: str, port: int) -> str:
+    """The URL frontends reach this worker at: ``--advertise-url``, else the server's own
+    (with the host name in place of a wildcard address)."""
+    if config.advertise_url:
+        return config.advertise_url.rstrip("/")
+    if config.http_host in ("0.0.0.0", "::", ""):
+        return f"http://{socket.gethostname()}:{port}"
+    return base_url
+
+
+def build_registration(app: App, config: Config, url: str, clock: Clock) -> Registration:
+    """The etcd registration of the worker serving ``app`` at ``url`` (not started)."""
+
+    def describe(instance_id: str) -> Instance:
+        lengths = [m.context_length for m in app.models.values() if m.context_length]
+        return Instance(
+            instance_id=instance_id,
+            url=url,
+            models=tuple(app.models),
+            namespace=config.namespace,
+            context_length=min(lengths) if lengths else None,
+            kv_block_size=config.mocker_block_size if config.engine == "mocker" else None,
+            metrics_url=url + "/metrics",
+            owned_by="dynamo-llm",
+        )
+
+    return Registration(
+        EtcdClient(config.etcd_endpoints),
+        config.namespace,
+        describe,
+        ttl=config.discovery_lease_ttl_secs,
+        clock=clock,
     )

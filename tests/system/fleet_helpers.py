@@ -80,6 +80,13 @@ class RoutedFrontend(Frontend):
         assert all(w.inflight == 0 for w in self.fleet.workers)
 
 
+async def health(fe: RoutedFrontend) -> tuple[int, dict[str, str]]:
+    """``/health``: its status and each worker's state."""
+    response = await fe.http.get("/health")
+    states = {w["url"]: w["state"] for model in response.json()["models"] for w in model["workers"]}
+    return response.status_code, states
+
+
 def fleet_of(app: App) -> Fleet:
     # build_routed_app keeps its Fleet only as the app's lifecycle hooks: find it there.
     for start, _ in app._lifecycle:

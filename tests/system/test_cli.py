@@ -58,6 +58,33 @@ def test_invalid_mocker_parameters_exit_with_status_2_and_say_why() -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["register", "--upstream", "http://127.0.0.1:1"], "needs --discovery-backend etcd"),
+        (["register", "--discovery-backend", "etcd"], "needs one --upstream URL"),
+        (["serve", "--discovery-backend", "static"], "needs --upstream URL"),
+        (
+            ["serve", "--discovery-backend", "etcd", "--upstream", "http://127.0.0.1:1"],
+            "leave out --upstream",
+        ),
+    ],
+    ids=["register-without-etcd", "register-without-upstream", "static-without-upstream", "both"],
+)
+def test_contradictory_discovery_flags_exit_with_status_2_and_say_why(
+    args: list[str], says: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dynamo_llm", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "model", "sig"),
     [
         (["serve", "--engine", "echo", "--token-echo-delay-ms", "0"], "echo", signal.SIGTERM),

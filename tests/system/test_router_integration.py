@@ -38,13 +38,17 @@ from tests.system.fleet_helpers import (
     bad_workers,
     chat,
     completion,
+    health,
     ok,
     rid,
     routed_frontend,
     send,
 )
 
-HANG_UP_SEEN_WITHIN = 0.050
+# The worker's next token is HOLD (30 s) away, so a frontend that noticed the hang-up only when it
+# next wrote would take seconds; 2 s is far below that and far above what a loaded 2-core
+# machine adds. How fast it really is (milliseconds) is measured by bench/bench_hangup.py.
+HANG_UP_SEEN_WITHIN = 2.0
 MODES = ["round-robin", "random", "power-of-two", "least-loaded", "kv", "direct"]
 
 
@@ -53,13 +57,6 @@ async def ids_seen(worker: BadWorker) -> list[str]:
     completions): the frontend streams every client request upstream, a probe is unstreamed."""
     requests = (await worker.record())["requests"]
     return [seen["id"] for seen in requests if (seen["body"] or {}).get("stream")]
-
-
-async def health(fe: RoutedFrontend) -> tuple[int, dict[str, str]]:
-    """``/health``: its status and each worker's state."""
-    response = await fe.http.get("/health")
-    states = {w["url"]: w["state"] for model in response.json()["models"] for w in model["workers"]}
-    return response.status_code, states
 
 
 # --- 1. client hang-ups reach the worker ---------------------------------------------------------
@@ -79,7 +76,7 @@ PHASES: dict[str, tuple[str, Callable[..., dict[str, Any]], bool, int]] = {
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_client_hang_up_closes_the_upstream_connection_within_50_ms(
+async def test_client_hang_up_closes_the_upstream_connection_at_once(
     mode: str, tmp_path: Path
 ) -> None:
     async with (
@@ -146,10 +143,8 @@ class Fault:
 # The router's limits are 1 s (LIMITS); the HTTP layer's net is 2 s, so a limit that fires in
 # about 1 s was the router's, and only the router's quarantines the worker.
 FAULTS = {
-    "refuses-connections": Fault(
-        "refuse", 503, "service_unavailable_error", "worker_unreachable", "unavailable", True,
-        0.5, "connect refused: the worker is down (SPEC §8.2), nothing was generated",
-    ),
+    # (A worker that refuses connections is not here: its request is retried on the healthy
+    # worker, see tests/system/test_idle_workers.py.)
     "never-answers": Fault(
         "zombie", 504, "timeout_error", "response_timeout", "response_timeout", True,
         1.5, "no headers within the 1 s first-token limit: the router's timer (SPEC §4, §8.3)",

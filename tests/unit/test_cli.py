@@ -88,6 +88,15 @@ ROUTER_FLAGS = {
     "--worker-connect-timeout-secs",
     "--worker-probe-timeout-secs",
     "--migration-limit",
+    "--worker-idle-probe-interval-secs",
+    "--worker-metrics-interval-secs",
+}
+# What only a worker that registers itself in etcd needs.
+REGISTRATION_FLAGS = {"--discovery-lease-ttl-secs", "--advertise-url"}
+SERVE_ONLY = {
+    *ROUTER_FLAGS,
+    # A worker's stop route must reach the process holding the request: one process only.
+    "--num-workers",
 }
 
 
@@ -98,8 +107,9 @@ def test_serve_and_worker_take_the_same_flags_but_only_serve_routes() -> None:
     assert isinstance(choices, dict)  # a subparsers action's choices: name -> parser
     serve = {s for a in choices["serve"]._actions for s in a.option_strings}
     worker = {s for a in choices["worker"]._actions for s in a.option_strings}
-    assert serve - ROUTER_FLAGS == worker
-    assert serve >= ROUTER_FLAGS
+    assert serve - SERVE_ONLY == worker - REGISTRATION_FLAGS
+    assert serve >= SERVE_ONLY
+    assert worker >= REGISTRATION_FLAGS
 
 
 def test_router_flags_and_environment_feed_the_config() -> None:

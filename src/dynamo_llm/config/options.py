@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
@@ -29,9 +30,11 @@ log = logging.getLogger("dynamo_llm.config")
 
 T = TypeVar("T")
 
-Command = Literal["serve", "worker"]
+Command = Literal["serve", "worker", "register"]
 BOTH: Final[tuple[Command, ...]] = ("serve", "worker")
 SERVE: Final[tuple[Command, ...]] = ("serve",)
+ALL: Final[tuple[Command, ...]] = ("serve", "worker", "register")
+REGISTER: Final[tuple[Command, ...]] = ("register",)
 
 TRUTHY = frozenset({"1", "true", "on", "yes"})
 FALSY = frozenset({"0", "false", "off", "no"})
@@ -68,6 +71,20 @@ class Kind:
     ``bool``: ``--flag`` / ``--no-flag``."""
 
 
+def parse_processes(text: str) -> int:
+    """A number of processes, at least 1, or ``auto``: one per core this process may run on."""
+    value = text.strip().lower()
+    if value == "auto":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+    count = int(value)
+    if count < 1:
+        raise ValueError(text)
+    return count
+
+
 TEXT: Final = Kind("a string", str)
 CHOICE: Final = Kind("a choice", str)
 """Text that, given as a flag, must be one of the row's choices (a variable is not checked
@@ -77,6 +94,7 @@ FLOAT: Final = Kind("a number", float)
 BOOL: Final = Kind("a boolean", parse_bool, action="bool")
 LIST: Final = Kind("a list", parse_list, action="append")
 """A comma-separated variable, or the flag repeated."""
+PROCESSES: Final = Kind("a number of processes or auto", parse_processes)
 
 
 def positive_or_off(value: int | None, _default: object) -> int | None:
@@ -91,6 +109,11 @@ def zero_is_off(value: int | None, _default: object) -> int | None:
 
 def zero_is_default(value: int, default: int) -> int:
     return value or default
+
+
+def positive_or_default(value: float, default: float) -> float:
+    """0 or negative is the default."""
+    return value if value > 0 else default
 
 
 def at_least_zero(value: int, _default: object) -> int:

@@ -17,11 +17,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .options import (
+    ALL,
     BOOL,
     CHOICE,
     FLOAT,
     INT,
     LIST,
+    PROCESSES,
+    REGISTER,
     SERVE,
     TEXT,
     Group,
@@ -29,12 +32,22 @@ from .options import (
     at_least_zero,
     lowercase,
     option,
+    positive_or_default,
     positive_or_off,
     read_environment,
     rows_of,
     zero_is_default,
     zero_is_off,
 )
+
+
+def lowercase_or_none(value: str | None, _default: object) -> str | None:
+    return value.strip().lower() or None if value is not None else None
+
+
+def default_if_empty(value: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
+    return value or default
+
 
 ENGINE = Group("engine")
 MOCKER = Group(
@@ -53,7 +66,15 @@ ROUTER = Group(
     "instead of running an in-process engine.",
 )
 
+DISCOVERY = Group(
+    "discovery and fleet health (etcd)",
+    "With --discovery-backend etcd, workers register under a lease in etcd (worker, register) "
+    "and frontends list and watch them (serve). The frontend also probes its idle workers and "
+    "reads each worker's /metrics for the load every frontend sees alike.",
+)
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DISCOVERY_BACKENDS = ("static", "file", "etcd")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +96,10 @@ class Config:
         "--model-name",
         "DYN_MODEL_NAME",
         TEXT,
-        "name the model is served under",
+        "name the model is served under (register: the name the engine is registered under, "
+        "instead of the names its /v1/models lists)",
         group=ENGINE,
+        commands=ALL,
         unset="the engine's name",
     )
     context_length: int | None = option(
@@ -204,17 +227,51 @@ class Config:
         "server interface: rsgi (granian, fastest) or asgi (uvicorn)",
         group=HTTP,
     )
+    num_workers: int = option(
+        1,
+        "--num-workers",
+        "DYN_HTTP_NUM_WORKERS",
+        PROCESSES,
+        "frontend processes serving the one listening socket (auto: one per core); each routes "
+        "with its own counts, /metrics adds them all up, one that dies is restarted",
+        group=HTTP,
+        commands=SERVE,
+        metavar="N|auto",
+    )
     api_keys: tuple[str, ...] = option(
         (),
         "--api-key",
         "DYN_API_KEY",
         LIST,
-        "require Authorization: Bearer KEY on every /v1/ route (401 otherwise); repeat the flag "
-        "or separate keys with commas for several; prefer the variable (a flag shows in ps)",
+        "require an API key on every /v1/ route, as Authorization: Bearer KEY or x-api-key: KEY "
+        "(401 otherwise); repeat the flag or separate keys with commas for several, and any "
+        "key of --api-key-file is accepted too; prefer the variable (a flag shows in ps)",
         group=HTTP,
         metavar="KEY",
         unset="none: no authentication",
         secret=True,
+    )
+    api_key_file: str | None = option(
+        None,
+        "--api-key-file",
+        "DYN_API_KEY_FILE",
+        TEXT,
+        "require an API key as --api-key does, accepting any key in this file: one a line, "
+        "blank lines and lines starting with # ignored; a change is seen within a second (a "
+        "new key on its first use) without a restart; a version that cannot be read or holds "
+        "no key is logged and ignored, the last good keys kept; at start-up the file must "
+        "hold a key",
+        group=HTTP,
+        metavar="PATH",
+        unset="none",
+    )
+    protect_metrics: bool = option(
+        False,
+        "--protect-metrics",
+        "DYN_PROTECT_METRICS",
+        BOOL,
+        "with API keys, /metrics needs a key too (/health and /live stay open for probes)",
+        group=HTTP,
     )
     http2: bool = option(
         False,
@@ -227,11 +284,14 @@ class Config:
         group=HTTP,
     )
     body_limit_mb: int = option(
-        45,
+        4,
         "--body-limit-mb",
         "DYN_HTTP_BODY_LIMIT_MB",
         INT,
-        "largest request body accepted (413 above); 0 is the default",
+        "largest request body accepted (413 above); 0 is the default. A body is decoded on the "
+        "event loop, about 2-3 ms per MB during which every other stream of the process waits: "
+        "4 MB holds a 256k-token context four times over; raise it for inline base64 images "
+        "(Dynamo's default is 45)",
         group=HTTP,
         normalize=zero_is_default,
     )
@@ -242,6 +302,17 @@ class Config:
         FLOAT,
         "on SIGTERM/SIGINT, how long requests in flight may finish before they are stopped",
         group=HTTP,
+    )
+    http_read_timeout_secs: float = option(
+        30.0,
+        "--http-read-timeout-secs",
+        "DYN_HTTP_READ_TIMEOUT_SECS",
+        FLOAT,
+        "a client must send a request's headers within this long, and then its body within "
+        "this long again, or its connection is closed (slow clients cannot hold connections); "
+        "0 is the default",
+        group=HTTP,
+        normalize=positive_or_default,
     )
     # ---- timeouts: unset, unparsable or 0 is off ----------------------------------------------
     backend_stream_timeout_secs: int | None = option(
@@ -288,6 +359,7 @@ class Config:
         CHOICE,
         "log level",
         group=OPS,
+        commands=ALL,
         choices=LOG_LEVELS,
         normalize=lowercase,
     )
@@ -298,9 +370,10 @@ class Config:
         "--upstream",
         "DYN_UPSTREAMS",
         LIST,
-        "a worker's base URL (repeatable); its models are read from its /v1/models",
+        "a worker's base URL (repeatable); its models are read from its /v1/models (register: "
+        "the engine to register)",
         group=ROUTER,
-        commands=SERVE,
+        commands=("serve", "register"),
         metavar="URL",
         unset="none",
     )
@@ -310,11 +383,12 @@ class Config:
         "DYN_UPSTREAM_API_KEY",
         TEXT,
         "sent to every worker as Authorization: Bearer KEY (a vLLM or SGLang started with "
-        "--api-key, a dynamo-llm worker with --api-key); prefer the variable; not together with "
+        "--api-key, a dynamo-llm worker with --api-key), except to one given its own api_key in "
+        "--upstream-file; prefer the variable; not together with "
         "credentials in a worker URL (http://user:pass@host, sent as basic auth): refused at "
         "start-up",
         group=ROUTER,
-        commands=SERVE,
+        commands=("serve", "register"),
         metavar="KEY",
         unset="none",
         secret=True,
@@ -324,7 +398,9 @@ class Config:
         "--upstream-file",
         "DYN_UPSTREAM_FILE",
         TEXT,
-        "YAML or JSON mapping each model to a list of worker URLs; reloaded when it changes",
+        "YAML or JSON mapping each model to a list of workers, each a URL or {url: URL, "
+        "api_key: KEY} (its own key, sent instead of --upstream-api-key, never shown); "
+        "reloaded when it changes",
         group=ROUTER,
         commands=SERVE,
         metavar="PATH",
@@ -391,7 +467,7 @@ class Config:
         "a quarantined worker comes back only after a 1-token completion (or, where the engine "
         "offers none, /health or /v1/models) answers within this long",
         group=ROUTER,
-        commands=SERVE,
+        commands=("serve", "register"),
         metavar="S",
         normalize=zero_is_default,
     )
@@ -410,6 +486,101 @@ class Config:
         normalize=at_least_zero,
     )
 
+    # ---- discovery (etcd), idle probes and engine-reported load: issue 12 ---------------------
+    discovery_backend: str | None = option(
+        None,
+        "--discovery-backend",
+        "DYN_DISCOVERY_BACKEND",
+        CHOICE,
+        "where workers are found: static (--upstream), file (--upstream-file) or etcd (workers "
+        "register under a lease; worker and register hold one)",
+        group=DISCOVERY,
+        commands=ALL,
+        choices=DISCOVERY_BACKENDS,
+        normalize=lowercase_or_none,
+        unset="static with --upstream, file with --upstream-file, else the in-process engine",
+    )
+    etcd_endpoints: tuple[str, ...] = option(
+        ("http://127.0.0.1:2379",),
+        "--etcd-endpoints",
+        "ETCD_ENDPOINTS",
+        LIST,
+        "etcd client URLs (comma-separated or repeated; the first that answers is used)",
+        group=DISCOVERY,
+        commands=ALL,
+        metavar="URL",
+        normalize=default_if_empty,
+    )
+    namespace: str = option(
+        "dynamo",
+        "--namespace",
+        "DYN_NAMESPACE",
+        TEXT,
+        "the etcd namespace workers register in and frontends watch",
+        group=DISCOVERY,
+        commands=ALL,
+    )
+    discovery_lease_ttl_secs: int = option(
+        10,
+        "--discovery-lease-ttl-secs",
+        "DYN_DISCOVERY_LEASE_TTL_SECS",
+        INT,
+        "TTL of a worker's etcd lease, kept alive every third of it: a worker that dies "
+        "leaves routing within this long",
+        group=DISCOVERY,
+        commands=("worker", "register"),
+        metavar="S",
+        normalize=zero_is_default,
+    )
+    advertise_url: str | None = option(
+        None,
+        "--advertise-url",
+        "DYN_ADVERTISE_URL",
+        TEXT,
+        "the URL frontends reach this worker at, as registered in etcd",
+        group=DISCOVERY,
+        commands=("worker",),
+        metavar="URL",
+        unset="http://<--http-host>:<port> (the host name when listening on 0.0.0.0)",
+    )
+    register_probe_interval_secs: float = option(
+        2.0,
+        "--register-probe-interval-secs",
+        "DYN_REGISTER_PROBE_INTERVAL_SECS",
+        FLOAT,
+        "register: how often the engine is probed (a 1-token completion); it is registered "
+        "only while the probe passes",
+        group=DISCOVERY,
+        commands=REGISTER,
+        metavar="S",
+        normalize=zero_is_default,
+    )
+    worker_idle_probe_interval_secs: float | None = option(
+        2.0,
+        "--worker-idle-probe-interval-secs",
+        "DYN_WORKER_IDLE_PROBE_INTERVAL_SECS",
+        FLOAT,
+        "serve: a worker with nothing in flight is checked this often (GET /v1/models), so a "
+        "dead idle worker is quarantined before a request is sent to it (0 turns it off)",
+        group=DISCOVERY,
+        commands=SERVE,
+        metavar="S",
+        normalize=positive_or_off,
+    )
+    worker_metrics_interval_secs: float | None = option(
+        1.0,
+        "--worker-metrics-interval-secs",
+        "DYN_WORKER_METRICS_INTERVAL_SECS",
+        FLOAT,
+        "serve: each worker's /metrics is read this often for its engine-reported queue and KV "
+        "use (vLLM, SGLang, llama.cpp, dynamo_mocker_*), the load the router modes use (0 "
+        "turns it off: local in-flight counts only)",
+        group=DISCOVERY,
+        commands=SERVE,
+        metavar="S",
+        normalize=positive_or_off,
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
         """The configuration ``environ`` describes: each option's variable, else its default.
@@ -425,7 +596,21 @@ class Config:
     @property
     def routed(self) -> bool:
         """True when requests go to remote workers rather than an in-process engine."""
-        return bool(self.upstreams or self.upstream_file)
+        return bool(self.upstreams or self.upstream_file or self.discovery_backend)
+
+    @property
+    def discovery(self) -> str | None:
+        """The discovery backend in force: the one named, else implied by the upstream flags."""
+        if self.discovery_backend is not None:
+            return self.discovery_backend
+        if self.upstreams:
+            return "static"
+        return "file" if self.upstream_file else None
+
+    @property
+    def has_api_keys(self) -> bool:
+        """True when requests to the protected routes need an API key."""
+        return bool(self.api_keys or self.api_key_file)
 
     @property
     def http_inactivity_secs(self) -> float | None:

@@ -9,6 +9,16 @@
         - http://10.0.0.1:8000
         - http://10.0.0.2:8000
       qwen-7b: [http://10.0.0.3:8000]
+      mistral-7b:
+        - url: http://10.0.0.4:8000
+          api_key: sk-worker-4  # this worker's own key, instead of --upstream-api-key
+
+  A worker given as ``{url, api_key}`` is sent its ``api_key`` as ``Authorization: Bearer`` on
+  every request (whichever model it is listed under, and if it is also an ``--upstream``),
+  instead of ``--upstream-api-key``; the key is never shown (``/health``, ``/metrics``, logs
+  show the worker's redacted URL). A worker given two different keys, or a key and
+  credentials in its URL, makes the file malformed. The keys go to ``on_api_keys({url: key})``
+  whenever the file is loaded.
 
   The file is checked every ``reload_interval`` seconds and reloaded when it changes: new
   workers are added, missing ones removed (their requests in flight finish), and a file that
@@ -24,20 +34,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ..errors import clip
 from ..router import Worker, WorkerSet
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import has_credentials, redact_url
+from .base import ModelFetcher, ModelsCallback, ModelsPublisher
 
 log = logging.getLogger("dynamo_llm.discovery")
 
-ModelFetcher = Callable[[str], Awaitable[tuple[frozenset[str], bool]]]
-ModelsCallback = Callable[[frozenset[str]], None]
+KeysCallback = Callable[[dict[str, str]], None]
 
 
 def normalise_url(url: str) -> str:
@@ -57,25 +69,68 @@ def check_no_credentials(urls: Iterable[str], why: str) -> None:
             )
 
 
-def parse_upstream_file(text: str) -> dict[str, list[str]]:
-    """``{model: [url, ...]}`` from YAML or JSON text; raises ValueError when malformed."""
+@dataclass(frozen=True, slots=True)
+class UpstreamFile:
+    """What an upstream file says: each model's worker URLs, and the workers' own keys."""
+
+    models: dict[str, list[str]]
+    api_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    """``{url: key}`` for the workers given an ``api_key``."""
+
+
+def parse_upstream_file(text: str) -> UpstreamFile:
+    """The workers of YAML or JSON text; raises ValueError when malformed.
+
+    No message quotes a key: a YAML error is described by its place and problem only (the
+    parser's own message would show the offending line).
+    """
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not YAML or JSON: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = ", ".join(filter(None, (exc.context, exc.problem)))
+        raise ValueError(f"not YAML or JSON{where}: {what}") from None
+    except yaml.YAMLError:
+        raise ValueError("not YAML or JSON") from None
     if data is None:
-        return {}
+        return UpstreamFile({})
     if not isinstance(data, Mapping):
         raise ValueError("the file must map each model name to a list of worker URLs")
     out: dict[str, list[str]] = {}
+    keys: dict[str, str] = {}
     for model, entry in data.items():
         if not isinstance(model, str) or not model:
             raise ValueError(f"model names must be non-empty strings, got {model!r}")
-        urls = [entry] if isinstance(entry, str) else entry
-        if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+        items = [entry] if isinstance(entry, str) else entry
+        if not isinstance(items, list):
             raise ValueError(f"model {model!r}: expected a list of worker URLs")
-        out[model] = [normalise_url(u) for u in urls]
-    return out
+        out[model] = [_worker_entry(model, item, keys) for item in items]
+    return UpstreamFile(out, keys)
+
+
+def _worker_entry(model: str, item: object, keys: dict[str, str]) -> str:
+    """The normalised URL of one worker entry (a URL, or ``{url, api_key}``); its key, if any,
+    goes into ``keys``."""
+    if isinstance(item, str) and item:
+        return normalise_url(item)
+    shape = f"model {model!r}: a worker is a URL or {{url: URL, api_key: KEY}}"
+    if not isinstance(item, Mapping):
+        raise ValueError(shape)
+    url, key = item.get("url"), item.get("api_key")
+    unknown = sorted(str(name) for name in item if name not in ("url", "api_key"))
+    if unknown or not (isinstance(url, str) and url) or not (key is None or isinstance(key, str)):
+        raise ValueError(shape + (f" (unknown field {clip(unknown[0], 64)})" if unknown else ""))
+    url = normalise_url(url)
+    if key:
+        if has_credentials(url):
+            raise ValueError(
+                f"worker {redact_url(url)} has both an api_key and credentials in its URL: "
+                "a request carries one Authorization header; use one or the other"
+            )
+        if keys.setdefault(url, key) != key:
+            raise ValueError(f"worker {redact_url(url)} is given two different api_key values")
+    return url
 
 
 class StaticDiscovery:
@@ -93,6 +148,7 @@ class StaticDiscovery:
         reload_interval: float = 1.0,
         retry_interval: float = 2.0,
         forbid_credentials: str | None = None,
+        on_api_keys: KeysCallback | None = None,
     ) -> None:
         """``forbid_credentials``, when given, says why a worker URL may not carry credentials
         (an upstream key is set): a file version with such a URL is refused like a malformed
@@ -102,22 +158,26 @@ class StaticDiscovery:
         self._clock = clock
         self._urls = [normalise_url(u) for u in urls]
         self._path = Path(path) if path is not None else None
-        self._on_models = on_models
         self._reload_interval = reload_interval
         self._retry_interval = retry_interval
         self._forbid_credentials = forbid_credentials
+        self._on_api_keys = on_api_keys
         self._file_workers: dict[str, frozenset[str]] = {}  # url -> models, from the file
         self._pending: set[str] = set()  # --upstream workers whose models are not known yet
         self._file_stamp: tuple[float, int] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._models: frozenset[str] = frozenset()
+        self._models = ModelsPublisher(workers, on_models)
 
     def models(self) -> frozenset[str]:
-        return self._models
+        return self._models.models
 
     def pending(self) -> list[str]:
         """The ``--upstream`` workers that have not told their models yet (URLs redacted)."""
         return [redact_url(url) for url in sorted(self._pending)]
+
+    def status(self) -> Mapping[str, object]:
+        backend = "static" if self._urls else "file"
+        return {"backend": backend, **({"file": str(self._path)} if self._path else {})}
 
     async def start(self) -> None:
         """Load the file, ask every ``--upstream`` worker for its models once, then keep watch."""
@@ -184,7 +244,8 @@ class StaticDiscovery:
             return False
         self._file_stamp = stamp
         try:
-            mapping = parse_upstream_file(self._path.read_text())
+            upstream = parse_upstream_file(self._path.read_text())
+            mapping = upstream.models
             if self._forbid_credentials is not None:
                 check_no_credentials(
                     (url for urls in mapping.values() for url in urls), self._forbid_credentials
@@ -194,6 +255,8 @@ class StaticDiscovery:
                 raise ValueError(f"upstream file {self._path}: {exc}") from None
             log.error("upstream file %s: %s; keeping the previous workers", self._path, exc)
             return False
+        if self._on_api_keys is not None:
+            self._on_api_keys(upstream.api_keys)
         wanted: dict[str, set[str]] = {}
         for model, urls in mapping.items():
             for url in urls:
@@ -215,11 +278,7 @@ class StaticDiscovery:
         return True
 
     def _publish(self) -> None:
-        models = frozenset(self.workers.models())
-        if models != self._models:
-            self._models = models
-            if self._on_models is not None:
-                self._on_models(models)
+        self._models.publish()
 
 
 def _describe(exc: BaseException) -> str:

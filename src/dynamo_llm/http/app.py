@@ -23,6 +23,7 @@ from ..metrics import Metrics
 from ..runtime.clock import Clock, SystemClock
 from ..runtime.context import StopReason
 from . import control, inference, info
+from .auth import ApiKeys
 from .connection import Connection, HttpRequest
 from .routes import RouteTable
 from .state import AppState, ServedModel
@@ -53,11 +54,14 @@ class App(AppState):
         self._lifecycle.append((start, close))
 
     async def astart(self) -> None:
-        """Start background work (the event-loop canary) and the lifecycle hooks."""
+        """Start background work (the event-loop canary, the writer of this process's metrics
+        when several share ``/metrics``) and the lifecycle hooks."""
         if not self._background:
             self._background.append(
                 asyncio.create_task(self.metrics.run_event_loop_canary(self.clock))
             )
+            if self.metrics.shared is not None:
+                self._background.append(asyncio.create_task(self.metrics.run_sharing(self.clock)))
             for start, _ in self._lifecycle:
                 await start()
 
@@ -70,6 +74,7 @@ class App(AppState):
             for _, close in reversed(self._lifecycle):
                 await close()
         self._background.clear()
+        self.metrics.close()  # shared: the last requests of a process that is going away
         engines = {id(m.engine): m.engine for m in self.models.values()}
         for engine in engines.values():
             await engine.aclose()
@@ -102,6 +107,7 @@ def create_app(
     """Build the app; a fresh metrics registry and the system clock unless given.
 
     ``control_routes`` enables ``POST /v1/requests/{id}/stop`` (for ``dynamo-llm worker``).
+    Raises ValueError when ``--api-key-file`` cannot be read or holds no key.
     """
     app = App(
         config,
@@ -112,6 +118,7 @@ def create_app(
     )
     app.routes = RouteTable(
         [*inference.routes(app), *info.routes(app), *control.routes(app)],
-        api_keys=config.api_keys,
+        ApiKeys.configured(config.api_keys, config.api_key_file, app.clock),
+        protect_metrics=config.protect_metrics,
     )
     return app

@@ -27,6 +27,7 @@ from ..errors import (
     AllWorkersBusy,
     DynamoError,
     ModelNotFound,
+    RequestBodyTimeout,
     ServerDraining,
     UnsupportedMediaType,
     clip,
@@ -46,7 +47,7 @@ from .sse import SSE_HEADERS, ChunkRenderer
 from .state import AppState, ServedModel
 from .stream import SseResponse, monitor_for_disconnects
 
-__all__ = ["InferenceHandler", "resolve_request_id", "routes"]
+__all__ = ["InferenceHandler", "read_body_within", "resolve_request_id", "routes"]
 
 log = logging.getLogger("dynamo_llm.http")
 
@@ -65,6 +66,20 @@ def resolve_request_id(value: str | None) -> str:
     if value and len(value) <= 128 and all(0x21 <= ord(c) <= 0x7E for c in value):
         return value
     return str(uuid4())
+
+
+async def read_body_within(conn: Connection, limit: int, seconds: float) -> bytes:
+    """The request body, or :class:`RequestBodyTimeout` when it takes over ``seconds`` to arrive.
+
+    A client that trickles its body (slow loris) is answered 408 and its connection closed. Both
+    servers run the handler in a cancellable asyncio task (granian with its asyncio task
+    implementation, the default), so the read is cancelled in place: no task of its own.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            return await conn.read_body(limit)
+    except TimeoutError:
+        raise RequestBodyTimeout(f"The request body did not arrive within {seconds:g}s") from None
 
 
 def _routing_hint(request: HttpRequest) -> RoutingHint:
@@ -148,6 +163,8 @@ class InferenceHandler(Generic[P]):
             record.mark_error("cancelled")
         except DynamoError as exc:
             record.mark_error(exc.error_type)
+            if isinstance(exc, RequestBodyTimeout):
+                headers = [*headers, ("connection", "close")]
             if isinstance(exc, AllWorkersBusy):
                 state.metrics.model_rejection_total.labels(record.model, endpoint).inc()
             if monitor is not None:
@@ -181,7 +198,10 @@ class InferenceHandler(Generic[P]):
                 raise UnsupportedMediaType(
                     f"Content-Type must be application/json, got {content_type[:100]!r}"
                 )
-            body = await conn.read_body(self._state.config.body_limit_bytes)
+            config = self._state.config
+            body = await read_body_within(
+                conn, config.body_limit_bytes, config.http_read_timeout_secs
+            )
             params = self._family.decode(body, self._state.accepts_unknown_fields)
         except DynamoError:
             # Label the failure with the model when it is one we serve; otherwise the fixed label.

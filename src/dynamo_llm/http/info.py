@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..errors import ModelNotFound, clip
 from .connection import Connection, HttpRequest
@@ -90,6 +90,9 @@ class _Info:
         body: dict[str, object] = {"status": status, "models": models}
         if waiting:
             body["waiting_for"] = waiting
+        discovery = state.discovery()
+        if discovery is not None:
+            body["discovery"] = dict(discovery)
         await respond_json(conn, 200 if any_ready else 503, body)
 
     async def live(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
@@ -99,15 +102,16 @@ class _Info:
             await respond_json(conn, 200, {"status": "live", "message": "Service is live"})
 
     async def metrics(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
-        registry = self._state.metrics.registry
-        await conn.respond(200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(registry))
+        body = self._state.metrics.render()
+        await conn.respond(200, [("content-type", CONTENT_TYPE_LATEST)], body)
 
     async def openapi(self, request: HttpRequest, conn: Connection, args: dict[str, str]) -> None:
         state = self._state
         shape = DocumentShape(
             accepts_unknown_fields=state.forwards_unknown_fields,
             model_names=tuple(state.models),
-            api_keys=bool(state.config.api_keys),
+            api_keys=state.config.has_api_keys,
+            protect_metrics=state.config.protect_metrics,
             control_routes=state.control_routes,
         )
         await conn.respond(200, JSON_HEADERS, openapi_document(shape))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
@@ -50,6 +50,10 @@ def _nothing() -> Sequence[str]:
     return ()
 
 
+def _no_discovery() -> Mapping[str, object] | None:
+    return None
+
+
 @dataclass(eq=False, repr=False)
 class AppState:
     """The configuration, metrics, clock, served models and requests in flight."""
@@ -69,6 +73,10 @@ class AppState:
     """What the app still waits for before it can serve everything it was configured with
     (e.g. workers that have not answered yet, set by whoever owns them): ``/health`` reports
     it, and says ``loading`` while nothing is ready."""
+    discovery: Callable[[], Mapping[str, object] | None] = field(
+        default_factory=lambda: _no_discovery, init=False
+    )
+    """The discovery backend's state (e.g. etcd unreachable), for ``/health``; None: none."""
     _live: dict[EngineContext, None] = field(default_factory=dict, init=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 

@@ -7,6 +7,8 @@
   log-spaced buckets; the event-loop canary records into it.
 - :mod:`.record`: :class:`RequestRecord`, the exactly-once outcome guard of one request, and
   :class:`Outcome`, how a request ended (its ``status`` and ``error_type`` labels).
+- :mod:`.shared`: one ``/metrics`` for the ``--num-workers`` processes (prometheus_client's
+  multiprocess files, written from the families every 50 ms).
 
 A leaf: nothing here imports another ``dynamo_llm`` module; time comes in as a
 :class:`TimeSource`, which the runtime's clock satisfies.

@@ -18,10 +18,11 @@ import math
 import re
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from .families import Counter, FamiliesCollector, Family, Gauge, Histogram
 from .record import RequestRecord, TimeSource
+from .shared import SharedMetrics
 
 DEFAULT_PREFIX = "dynamo_frontend"
 ENDPOINTS = ("chat_completions", "completions")
@@ -148,6 +149,27 @@ class Metrics:
             ("worker",),
             TTFT_BUCKETS,
         )
+        # What each worker's engine says of itself, read from its /metrics (issue 12).
+        self.worker_engine_running_requests = Gauge(
+            f"{p}_worker_engine_running_requests",
+            "Requests the worker's engine reports running, at its last scrape",
+            ("worker",),
+        )
+        self.worker_engine_queued_requests = Gauge(
+            f"{p}_worker_engine_queued_requests",
+            "Requests the worker's engine reports queued, at its last scrape",
+            ("worker",),
+        )
+        self.worker_kv_usage = Gauge(
+            f"{p}_worker_kv_usage",
+            "Fraction of the worker's KV cache in use (0..1), at its last scrape",
+            ("worker",),
+        )
+        self.worker_metrics_scrape_failures_total = Counter(
+            f"{p}_worker_metrics_scrape_failures_total",
+            "Scrapes of the worker's /metrics that failed",
+            ("worker",),
+        )
         self.model_ready = Gauge(
             f"{p}_model_ready", "1 while at least one worker can take a request", model
         )
@@ -161,10 +183,21 @@ class Metrics:
             f"{p}_event_loop_stall_total", "Canary wake-ups more than 5 ms late"
         )
         self._families: list[Family] = [v for v in vars(self).values() if isinstance(v, Family)]
+        self.shared: SharedMetrics | None = None
+        """Set by :meth:`share` when several processes serve one ``/metrics``."""
         self.registry.register(FamiliesCollector(lambda: self._families))
         # The unlabelled families have their one series from the start.
         self.disconnected_clients.labels()
         self.event_loop_stall_total.labels()
+
+    def forget_engine_load(self, worker: str) -> None:
+        """Drop what ``worker``'s engine last reported (it reports nothing now, or it is gone)."""
+        for family in (
+            self.worker_engine_running_requests,
+            self.worker_engine_queued_requests,
+            self.worker_kv_usage,
+        ):
+            family.remove(worker)
 
     def declare_model(self, model: str) -> None:
         """Give every counter and gauge of ``model`` a sample at 0 before its first request.
@@ -184,6 +217,42 @@ class Metrics:
                 self.requests_started_total.labels(model, endpoint, request_type)
                 self.model_cancellation_total.labels(model, endpoint, request_type)
                 self.requests_total.labels(model, endpoint, request_type, "success", "")
+
+    def share(self, directory: str) -> None:
+        """Expose the totals of every process writing to ``directory`` (``--num-workers``):
+        this process's values are written there (:mod:`.shared`) and ``/metrics`` reads them
+        all."""
+        self.shared = SharedMetrics(
+            directory,
+            {
+                self.model_ready.name: "livemax",
+                self.worker_quarantined.name: "livemax",
+                self.disconnected_clients.name: "sum",
+            },
+        )
+
+    def render(self) -> bytes:
+        """The ``/metrics`` text: this process's families, or every process's when shared."""
+        if self.shared is None:
+            return generate_latest(self.registry)
+        self.publish()
+        return generate_latest(self.shared.registry)
+
+    def publish(self) -> None:
+        """While shared, write this process's values now (before a scrape, before exiting)."""
+        if self.shared is not None:
+            self.shared.write(self._families)
+
+    def close(self) -> None:
+        """Write the last values and close the shared files (the app is closing)."""
+        if self.shared is not None:
+            self.shared.write(self._families)
+            self.shared.close()
+
+    async def run_sharing(self, clock: SleepingTimeSource) -> None:
+        """While shared, write this process's values for the others to read, forever."""
+        if self.shared is not None:
+            await self.shared.run(lambda: self._families, clock)
 
     def add_family(self, family: Family) -> None:
         """Expose another family (engines and routers add their own)."""

@@ -10,8 +10,9 @@ workers exactly like an in-process engine. Per request it:
 2. runs one :class:`~.attempt.Attempt` on it: the request is opened on the worker under an
    attempt context linked to the request's, its outputs are relayed under the attempt's
    watchdog, and the outcome is reported (a quarantining fault takes the worker out of
-   rotation; a clean end resets its failure count). A worker that left the set while we were
-   connecting to it is re-chosen once;
+   rotation; a clean end resets its failure count). A dispatch that could not connect (refused,
+   or the worker left the set meanwhile) is tried on another worker whatever the migration
+   limit: nothing was generated, so it is not a migration;
 3. for a request that may migrate (``DYN_MIGRATION_LIMIT``, :mod:`.migration`), reads the
    attempt's outputs through a :class:`~.migration.MigrationState` and, when the attempt fails
    with a migratable error (a worker gone silent included), continues the request on another
@@ -256,9 +257,21 @@ class Router:
         replay: bool = False,
         migration_type: str | None = None,
     ) -> tuple[Worker, OwnedStream]:
-        """One attempt on one worker; the worker is added to ``exclude`` if opening fails."""
+        """One attempt on one worker; the worker is added to ``exclude`` if opening fails.
+
+        A dispatch whose connection could not even be made (:class:`WorkerUnreachable`: the
+        connection was refused or timed out) is tried on another worker whatever the migration
+        limit says: nothing was sent, so nothing was generated, and it is not a migration. With
+        no other worker left the client gets that first failure.
+        """
+        refused: WorkerUnreachable | None = None
         while True:
-            worker, slot = self._acquire(request, hashes, exclude)
+            try:
+                worker, slot = self._acquire(request, hashes, exclude)
+            except (NoWorkersAvailable, AllWorkersBusy) as exc:
+                if refused is not None:
+                    raise refused from exc
+                raise
             if migration_type is not None:
                 # Counted once a worker took the replay: a migration actually attempted.
                 if self.metrics is not None:
@@ -282,16 +295,18 @@ class Router:
                     self.client, request, migrating=migrating, replay=replay
                 )
             except DynamoError as exc:
-                if (
-                    isinstance(exc, WorkerUnreachable)
-                    and worker.id not in self.workers
-                    and worker.id not in exclude
-                    and not ctx.is_stopped
-                ):
-                    # The worker left the set while we were connecting: choose once more.
-                    exclude.add(worker.id)
-                    continue
                 exclude.add(worker.id)
+                if isinstance(exc, WorkerUnreachable) and not ctx.is_stopped:
+                    # Refused, or the worker left the set while we were connecting: the
+                    # attempt has reported it down; choose another.
+                    log.info(
+                        "request %s: could not connect to %s (%s); trying another worker",
+                        request.id,
+                        worker.id,
+                        exc.message,
+                    )
+                    refused = refused or exc
+                    continue
                 raise
             return worker, stream
 

@@ -69,10 +69,12 @@ class Worker:
     __slots__ = (
         "health",
         "id",
+        "instance_ids",
         "is_ours",
         "last_ttft",
         "load",
         "max_inflight",
+        "metrics_url",
         "models",
         "probe_path",
         "url",
@@ -98,6 +100,10 @@ class Worker:
         self.last_ttft: float | None = None
         # The probe that last decided this worker's return (its path), tried first next time.
         self.probe_path: str | None = None
+        # Set by a discovery backend that knows them (etcd): the registered instances behind
+        # this URL, and where the worker's Prometheus metrics are.
+        self.instance_ids: tuple[str, ...] = ()
+        self.metrics_url: str | None = None
         self.load = WorkerLoad()
         self.health = Health()
 
@@ -135,9 +141,11 @@ class Worker:
 
     @property
     def is_free(self) -> bool:
+        """Available and below the busy threshold, judged on the engine-reported load when
+        there is one (see :class:`~.slot.WorkerLoad`)."""
         if self.health.quarantined:
             return False
-        return self.max_inflight is None or self.load.inflight < self.max_inflight
+        return self.max_inflight is None or self.load.load < self.max_inflight
 
     @property
     def state(self) -> WorkerState:
@@ -146,13 +154,19 @@ class Worker:
         return WorkerState.FREE if self.is_free else WorkerState.BUSY
 
     def view(self) -> WorkerView:
+        load = self.load
         return WorkerView(
-            self.id, self.load.inflight, self.load.active_blocks, self.is_available, self.is_free
+            self.id,
+            load.inflight,
+            load.active_blocks,
+            self.is_available,
+            self.is_free,
+            None if load.reported is None else load.load,
         )
 
     def describe(self) -> dict[str, Any]:
         """The worker's state for ``/health``."""
-        return {
+        described: dict[str, Any] = {
             "id": self.id,
             "url": redact_url(self.url),
             "state": str(self.state),
@@ -160,6 +174,11 @@ class Worker:
             "failures": self.failures,
             "ours": self.is_ours,
         }
+        if self.load.reported is not None:
+            described["engine_load"] = self.load.load
+        if self.instance_ids:
+            described["instances"] = list(self.instance_ids)
+        return described
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.state} inflight={self.inflight}>"
@@ -246,8 +265,11 @@ class WorkerSet:
         self._quarantine.unwatch(worker)
         worker.load.attach_gauge(None)
         if self._metrics is not None:
-            self._metrics.worker_inflight_requests.remove(worker_id)
-            self._metrics.worker_time_to_first_token_seconds.remove(worker_id)
+            m = self._metrics
+            m.worker_inflight_requests.remove(worker_id)
+            m.worker_time_to_first_token_seconds.remove(worker_id)
+            m.worker_metrics_scrape_failures_total.remove(worker_id)
+            m.forget_engine_load(worker_id)
         if self.kv_index is not None:
             self.kv_index.remove_worker(worker_id)
         log.info("worker %s removed", worker_id)

@@ -12,6 +12,10 @@ Before any mode runs, the snapshot decides between the two 503s (SPEC §8.2):
 - available workers, but none free (each at its in-flight limit) →
   :class:`~dynamo_llm.errors.AllWorkersBusy` (load shedding).
 
+A worker's *load* is the engine's own count of running and queued requests at its last scrape
+plus what this frontend sent since (``WorkerView.load``, see :class:`~.slot.WorkerLoad`), or the
+requests this frontend has in flight on it when the engine reports nothing.
+
 The modes (SPEC §8.1, reference §6.2) choose among the *free* workers:
 
 ``round-robin``
@@ -19,17 +23,19 @@ The modes (SPEC §8.1, reference §6.2) choose among the *free* workers:
 ``random``
     uniform.
 ``power-of-two``
-    two distinct random candidates; fewer in-flight requests wins, a tie goes to the first.
+    two distinct random candidates; the lower load wins, a tie goes to the first.
 ``least-loaded``
-    the minimum in-flight count; ties are broken with the injected ``rng``, so equal workers
+    the minimum load; ties are broken with the injected ``rng``, so equal workers
     share light sequential load instead of the first one taking all of it.
 ``kv``
     prefix-aware: ``score = overlap_weight * blocks_to_prefill + active_blocks``, where
     ``blocks_to_prefill`` is the request's blocks minus those the worker is believed to cache
     (:class:`~.kv_index.KvIndex`) and ``active_blocks`` the blocks of the worker's in-flight
-    requests. The lowest score wins, ties at random. With ``temperature > 0`` the worker is
-    sampled from ``softmax(-score / (max - min) / temperature)`` as Dynamo does (uniform when
-    every score is equal), so the best worker is the most likely, not the only choice.
+    requests, plus, when the engine reports more requests than this frontend has in flight there
+    (other frontends'), that many more requests of this one's size. The lowest score wins, ties
+    at random. With ``temperature > 0`` the worker is sampled from
+    ``softmax(-score / (max - min) / temperature)`` as Dynamo does (uniform when every score is
+    equal), so the best worker is the most likely, not the only choice.
 ``direct``
     the worker named by the ``X-Worker-Instance-Id`` header: 400 when it is absent, 503
     ``no_workers_available`` when that worker is not available, 503 ``all_workers_busy`` when
@@ -67,6 +73,13 @@ class WorkerView(NamedTuple):
     active_blocks: int
     available: bool
     free: bool
+    reported_load: float | None = None
+    """The engine-reported load (plus requests sent since), None when the engine reports none."""
+
+    @property
+    def load(self) -> float:
+        """What the load-aware modes compare: the reported load, else the in-flight count."""
+        return self.inflight if self.reported_load is None else self.reported_load
 
 
 class RoundRobin:
@@ -105,7 +118,8 @@ def kv_scores(
     scores: list[float] = []
     for v in views:
         cached = kv_index.overlap(v.id, hashes) if kv_index is not None else 0
-        scores.append(overlap_weight * (blocks - cached) + v.active_blocks)
+        others = max(0.0, v.load - v.inflight) * blocks  # requests other frontends sent it
+        scores.append(overlap_weight * (blocks - cached) + v.active_blocks + others)
     return scores
 
 
@@ -143,10 +157,10 @@ def choose_worker(
     if mode is RouterMode.POWER_OF_TWO:
         i, j = rng.sample(range(len(free)), 2)
         first, second = free[i], free[j]
-        return first.id if first.inflight <= second.inflight else second.id
+        return first.id if first.load <= second.load else second.id
     if mode is RouterMode.LEAST_LOADED:
-        lowest = min(v.inflight for v in free)
-        return _pick([v for v in free if v.inflight == lowest], rng).id
+        lowest = min(v.load for v in free)
+        return _pick([v for v in free if v.load == lowest], rng).id
     if mode is RouterMode.KV:
         scores = kv_scores(free, hashes, kv_index, overlap_weight)
         return _choose_by_score(free, scores, temperature, rng).id

@@ -11,6 +11,13 @@ manual "+1 here, -1 in three places" design leaked).
 The gauge ``worker_inflight_requests{worker}`` is set from the count itself on every change
 while one is attached (a worker removed from its set has none, so a late release does not
 resurrect its series).
+
+**The load the router balances on** (:attr:`WorkerLoad.load`) is the engine's own figure when
+one is known: the requests it reported running and queued at the last scrape of its
+``/metrics`` (:meth:`WorkerLoad.report`, from every frontend in front of it), plus the requests
+this frontend sent it since then, so that two frontends do not both pile onto the worker that
+was least loaded a second ago. Without a report (no metrics, a failed scrape) it is the local
+in-flight count.
 """
 
 from __future__ import annotations
@@ -63,12 +70,14 @@ class InflightSlot(Generic[W]):
 class WorkerLoad:
     """A worker's requests in flight and their KV blocks; changed only through its slots."""
 
-    __slots__ = ("_active_blocks", "_gauge", "_inflight")
+    __slots__ = ("_active_blocks", "_gauge", "_inflight", "_reported", "_sent")
 
     def __init__(self) -> None:
         self._inflight = 0
         self._active_blocks = 0
         self._gauge: GaugeChild | None = None
+        self._reported: float | None = None
+        self._sent = 0
 
     @property
     def inflight(self) -> int:
@@ -79,6 +88,27 @@ class WorkerLoad:
         """KV blocks of the requests in flight (the ``kv`` mode's load)."""
         return self._active_blocks
 
+    @property
+    def reported(self) -> float | None:
+        """The requests the engine reported holding at its last scrape (None: no report)."""
+        return self._reported
+
+    @property
+    def sent_since_report(self) -> int:
+        return self._sent
+
+    @property
+    def load(self) -> float:
+        """The engine-reported requests plus those sent since, else the in-flight count."""
+        if self._reported is None:
+            return float(self._inflight)
+        return self._reported + self._sent
+
+    def report(self, requests: float | None) -> None:
+        """The engine now holds ``requests`` (running + queued); None: no figure, count locally."""
+        self._reported = requests
+        self._sent = 0
+
     def attach_gauge(self, gauge: GaugeChild | None) -> None:
         """Report the count to ``gauge`` from now on (None: stop reporting)."""
         self._gauge = gauge
@@ -88,6 +118,7 @@ class WorkerLoad:
     def take(self, worker: W, blocks: int) -> InflightSlot[W]:
         """Count one more request (of ``blocks`` KV blocks) until the slot is released."""
         self._inflight += 1
+        self._sent += 1
         self._active_blocks += blocks
         self._publish()
         return InflightSlot(worker, blocks, self._give_back)

@@ -83,7 +83,14 @@ async def serving(
 ) -> AsyncIterator[Frontend]:
     """Serve an app already built (a worker's, a routed one) on 127.0.0.1, an OS-chosen port;
     shut it down (no grace) and stop the server after."""
-    server = HttpServer(app, "127.0.0.1", 0, interface=interface, http2=http2)
+    server = HttpServer(
+        app,
+        "127.0.0.1",
+        0,
+        interface=interface,
+        http2=http2,
+        read_timeout=app.config.http_read_timeout_secs,
+    )
     await server.start()
     try:
         yield Frontend(app, server)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
 from dynamo_llm.cli import CHOICES, build_parser, parse_config
 from dynamo_llm.config import OPTIONS, Config, Option
-from dynamo_llm.config.options import BOOL, CHOICE, FLOAT, INT, LIST, TEXT
+from dynamo_llm.config.options import BOOL, CHOICE, FLOAT, INT, LIST, PROCESSES, TEXT
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 
@@ -34,7 +35,7 @@ def test_every_config_field_is_one_row_with_its_own_flag_and_variable() -> None:
 
 def sample(row: Option, which: int) -> tuple[str, object]:
     """A value for ``row`` as text, and what it parses to; ``which`` picks one of two."""
-    if row.kind is INT:
+    if row.kind is INT or row.kind is PROCESSES:
         return str(7 + which), 7 + which
     if row.kind is FLOAT:
         return str(2.5 + which), 2.5 + which
@@ -104,9 +105,13 @@ def test_help_shows_the_default_the_environment_put_in_force(
         ("backend_stream_timeout_secs", "0", None),
         ("backend_stream_timeout_secs", "-5", None),
         ("request_timeout_secs", "30", 30),
-        ("body_limit_mb", "0", 45),
+        ("body_limit_mb", "0", 4),
         ("max_inflight_per_worker", "0", None),
         ("migration_limit", "-2", 0),
+        ("num_workers", "auto", len(os.sched_getaffinity(0))),
+        ("num_workers", " 3 ", 3),
+        ("http_read_timeout_secs", "0", 30.0),
+        ("http_read_timeout_secs", "-1", 30.0),
     ],
 )
 def test_a_flag_and_its_variable_mean_the_same(field: str, text: str, value: object) -> None:
@@ -127,6 +132,13 @@ def test_an_unparsable_variable_is_ignored_with_a_warning(
     assert config.request_timeout_secs is None
     assert config.log_level == "debug"
     assert "ignoring DYN_HTTP_PORT='eighty': not an integer" in caplog.text
+
+
+def test_a_number_of_workers_below_one_is_not_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert Config.from_env({"DYN_HTTP_NUM_WORKERS": "0"}).num_workers == 1  # ignored: default
+    with pytest.raises(SystemExit):
+        parse_config(["serve", "--num-workers", "0"], {})
+    assert "--num-workers" in capsys.readouterr().err
 
 
 def test_an_unparsable_flag_is_an_error_that_names_it(capsys: pytest.CaptureFixture[str]) -> None:

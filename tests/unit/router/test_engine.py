@@ -144,16 +144,40 @@ async def test_a_client_kill_is_not_held_against_the_worker() -> None:
     await router.aclose()
 
 
-async def test_a_refused_connection_quarantines_and_the_next_request_goes_elsewhere() -> None:
+async def test_a_refused_connection_quarantines_and_the_next_requests_go_elsewhere() -> None:
     _, workers, client, router = setup("http://a", "http://b")
     client.behaviour["http://a"] = "refuse"
-    with pytest.raises(WorkerUnreachable):
-        await router.generate(request("r1"), EngineContext("r1"))
+    stream = await router.generate(request("r1"), EngineContext("r1"))  # retried on b
+    assert isinstance(stream, OwnedStream)
+    await stream.aclose()
     assert registered(workers, "http://a").quarantined
-    for i in range(3):
+    for i in range(2):
         stream = await router.generate(request(f"r{i + 2}"), EngineContext(f"r{i + 2}"))
         assert isinstance(stream, OwnedStream)
         await stream.aclose()
     assert client.opened == ["http://a", "http://b", "http://b", "http://b"]
+    assert inflight(workers) == {"http://a": 0, "http://b": 0}
+    await router.aclose()
+
+
+async def test_a_refused_dispatch_is_retried_on_another_worker_with_migration_off() -> None:
+    _, workers, client, router = setup("http://a", "http://b", "http://c")
+    client.behaviour = {"http://a": "refuse", "http://b": "refuse"}
+    stream = await router.generate(request(), EngineContext("r1"))
+    assert [out.text async for out in stream] == ["a", "b"]
+    # Round-robin started at a; each refusing worker is tried once at most, then c serves.
+    assert client.opened[0] == "http://a" and client.opened[-1] == "http://c"
+    assert len(client.opened) == len(set(client.opened))
+    assert all(registered(workers, url).quarantined for url in client.opened[:-1])
+    assert inflight(workers) == {"http://a": 0, "http://b": 0, "http://c": 0}
+    await router.aclose()
+
+
+async def test_when_every_worker_refuses_the_client_gets_the_first_refusal() -> None:
+    _, workers, client, router = setup("http://a", "http://b")
+    client.behaviour = {"http://a": "refuse", "http://b": "refuse"}
+    with pytest.raises(WorkerUnreachable):
+        await router.generate(request(), EngineContext("r1"))
+    assert client.opened == ["http://a", "http://b"]
     assert inflight(workers) == {"http://a": 0, "http://b": 0}
     await router.aclose()
