@@ -2,7 +2,9 @@
 
 ``generate()`` tokenizes the prompt (a chat request is first rendered with the fixed template of
 :func:`.tokens.render_chat`; a completions prompt given as token ids is used as is), checks the
-context window and returns the stream. Errors are raised there, before any stream exists.
+context window and returns the stream. Errors are raised there, before any stream exists. A long
+prompt is encoded without holding the event loop (:meth:`.tokens.MockTokenizer.aencode`), so a
+prompt near the body limit does not stall the other streams.
 
 The request joins the scheduler's waiting queue when the stream is first iterated, and leaves it
 in exactly one place, the stream's ``finally``, whichever way the stream ends: finished, the
@@ -62,16 +64,25 @@ class MockerEngine:
 
     def tokenize(self, request: EngineRequest) -> list[int]:
         """The prompt token ids the engine would compute for ``request``."""
+        prompt = self._prompt(request)
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+
+    async def atokenize(self, request: EngineRequest) -> list[int]:
+        """:meth:`tokenize`, yielding to the event loop while a long prompt is encoded."""
+        prompt = self._prompt(request)
+        return await self.tokenizer.aencode(prompt) if isinstance(prompt, str) else prompt
+
+    def _prompt(self, request: EngineRequest) -> str | list[int]:
+        # The text to encode, or the client's token ids (checked, copied).
         if request.endpoint == "chat_completions":
-            text = render_chat(
+            return render_chat(
                 request.messages,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final=request.continue_final_message,
             )
-            return self.tokenizer.encode(text)
         prompt = request.prompt
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return prompt
         if isinstance(prompt, list) and all(type(t) is int for t in prompt):
             problem = self.tokenizer.check_ids(prompt)
             if problem is not None:
@@ -84,7 +95,7 @@ class MockerEngine:
     ) -> AsyncIterator[EngineOutput]:
         if self._closed or self._scheduler.failed:
             raise EngineError("The simulated engine is not running")
-        prompt_ids = self.tokenize(request)
+        prompt_ids = await self.atokenize(request)
         param = "messages" if request.endpoint == "chat_completions" else "prompt"
         if not prompt_ids:
             raise InvalidRequest("The prompt is empty after tokenization", param=param)

@@ -225,7 +225,7 @@ class Scheduler:
         while not preempted and waiting and budget > 0 and len(running) < config.max_num_seqs:
             seq = waiting[0]
             # Cache hits cover whole blocks and leave at least one token to compute.
-            hits = kv.lookup(seq.block_hashes((seq.num_tokens - 1) // bs))
+            hits = kv.lookup(seq.iter_block_hashes((seq.num_tokens - 1) // bs))
             cached = len(hits) * bs
             num_new = seq.num_tokens - cached
             if chunked:

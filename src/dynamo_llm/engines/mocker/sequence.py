@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..base import EngineOutput, Usage
 from .tokens import MockTokenizer, next_token_id, seed_key
@@ -201,6 +201,15 @@ class Sequence:
             parent = hashes[-1] if hashes else _ROOT_HASH
             hashes.append(hash((parent, *ids[j * bs : (j + 1) * bs])))
         return hashes[:n] if len(hashes) > n else hashes
+
+    def iter_block_hashes(self, n: int) -> Iterator[int]:
+        """:meth:`block_hashes` one at a time, each computed when reached: a prefix-cache lookup
+        stops at its first miss, so a long new prompt is not hashed whole at admission."""
+        hashes = self._block_hashes
+        for j in range(n):
+            if j == len(hashes):
+                self.block_hashes(j + 1)
+            yield hashes[j]
 
     def generate_token(self) -> bool:
         """Append the next token and queue its output; True when the sequence has finished."""
