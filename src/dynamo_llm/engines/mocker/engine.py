@@ -30,6 +30,7 @@ from ...runtime.clock import Clock, SystemClock
 from ...runtime.context import EngineContext
 from ..base import EngineOutput, EngineRequest, check_context_length
 from .config import MockerConfig
+from .kv import BlockPool
 from .scheduler import MockerSnapshot, Scheduler
 from .sequence import Sequence
 from .tokens import MockTokenizer, load_tokenizer, render_chat
@@ -55,6 +56,11 @@ class MockerEngine:
     def context_length(self) -> int:
         """The context window enforced on requests (prompt + completion tokens)."""
         return self.config.effective_context_length
+
+    @property
+    def kv_pool(self) -> BlockPool:
+        """The simulated KV cache (:mod:`.events` listens to it)."""
+        return self._scheduler.kv
 
     def snapshot(self) -> MockerSnapshot:
         """Running/waiting counts, KV occupancy, prefix-cache hit rate, preemptions, cancels."""
