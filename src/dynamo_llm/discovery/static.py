@@ -10,6 +10,15 @@
         - http://10.0.0.2:8000
       qwen-7b: [http://10.0.0.3:8000]
 
+  A worker may be a mapping instead of a URL, to say where it publishes its KV cache events
+  (vLLM's ZMQ format, followed in ``--router-mode kv``)::
+
+      llama-3-8b:
+        - url: http://10.0.0.1:8000
+          kv_events_endpoint: tcp://10.0.0.1:5557
+          kv_events_replay_endpoint: tcp://10.0.0.1:5558   # optional
+          kv_block_size: 16                                # optional: the events carry it
+
   The file is checked every ``reload_interval`` seconds and reloaded when it changes: new
   workers are added, missing ones removed (their requests in flight finish), and a file that
   does not parse is logged and ignored, keeping the last good set.
@@ -30,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from ..router import Worker, WorkerSet
+from ..router.kv_blocks import KvEventSource
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import has_credentials, redact_url
@@ -57,6 +67,15 @@ def check_no_credentials(urls: Iterable[str], why: str) -> None:
 
 def parse_upstream_file(text: str) -> dict[str, list[str]]:
     """``{model: [url, ...]}`` from YAML or JSON text; raises ValueError when malformed."""
+    return {model: [url for url, _ in entries] for model, entries in parse_upstreams(text).items()}
+
+
+UpstreamEntry = tuple[str, KvEventSource | None]
+
+
+def parse_upstreams(text: str) -> dict[str, list[UpstreamEntry]]:
+    """``{model: [(url, kv_events), ...]}`` from YAML or JSON text (see the module docstring);
+    raises ValueError when malformed."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -65,15 +84,35 @@ def parse_upstream_file(text: str) -> dict[str, list[str]]:
         return {}
     if not isinstance(data, Mapping):
         raise ValueError("the file must map each model name to a list of worker URLs")
-    out: dict[str, list[str]] = {}
+    out: dict[str, list[UpstreamEntry]] = {}
     for model, entry in data.items():
         if not isinstance(model, str) or not model:
             raise ValueError(f"model names must be non-empty strings, got {model!r}")
-        urls = [entry] if isinstance(entry, str) else entry
-        if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+        items = [entry] if isinstance(entry, str) else entry
+        if not isinstance(items, list):
             raise ValueError(f"model {model!r}: expected a list of worker URLs")
-        out[model] = [normalise_url(u) for u in urls]
+        out[model] = [_upstream_entry(model, item) for item in items]
     return out
+
+
+def _upstream_entry(model: str, item: object) -> UpstreamEntry:
+    if isinstance(item, str) and item:
+        return normalise_url(item), None
+    if not isinstance(item, Mapping):
+        raise ValueError(f"model {model!r}: expected a list of worker URLs")
+    url = item.get("url")
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"model {model!r}: a worker mapping needs a url")
+    endpoint = item.get("kv_events_endpoint")
+    replay = item.get("kv_events_replay_endpoint")
+    block_size = item.get("kv_block_size")
+    if endpoint is None:
+        return normalise_url(url), None
+    if not isinstance(endpoint, str) or not (replay is None or isinstance(replay, str)):
+        raise ValueError(f"model {model!r}: KV event endpoints must be strings")
+    if block_size is not None and (type(block_size) is not int or block_size < 1):
+        raise ValueError(f"model {model!r}: kv_block_size must be a positive integer")
+    return normalise_url(url), KvEventSource(endpoint, replay, block_size)
 
 
 class StaticDiscovery:
@@ -185,7 +224,8 @@ class StaticDiscovery:
             return False
         self._file_stamp = stamp
         try:
-            mapping = parse_upstream_file(self._path.read_text())
+            entries = parse_upstreams(self._path.read_text())
+            mapping = {model: [url for url, _ in items] for model, items in entries.items()}
             if self._forbid_credentials is not None:
                 check_no_credentials(
                     (url for urls in mapping.values() for url in urls), self._forbid_credentials
@@ -196,9 +236,12 @@ class StaticDiscovery:
             log.error("upstream file %s: %s; keeping the previous workers", self._path, exc)
             return False
         wanted: dict[str, set[str]] = {}
-        for model, urls in mapping.items():
-            for url in urls:
+        sources: dict[str, KvEventSource] = {}
+        for model, items in entries.items():
+            for url, source in items:
                 wanted.setdefault(url, set()).add(model)
+                if source is not None:
+                    sources[url] = source
         for url in set(self._file_workers) - set(wanted):
             if url not in self._urls:
                 self.workers.remove(redact_url(url))
@@ -208,7 +251,10 @@ class StaticDiscovery:
             merged = frozenset(models) | (
                 existing.models if url in self._urls and existing else frozenset()
             )
-            self.workers.add(Worker(url, merged, is_ours=existing.is_ours if existing else False))
+            worker = self.workers.add(
+                Worker(url, merged, is_ours=existing.is_ours if existing else False)
+            )
+            worker.kv_events = sources.get(url)
         self._file_workers = {url: frozenset(m) for url, m in wanted.items()}
         log.info(
             "upstream file %s: %d model(s), %d worker(s)", self._path, len(mapping), len(wanted)

@@ -136,9 +136,10 @@ def _decode_event(raw: Any) -> KvEvent | None:
             return None
         values = dict(zip(names, fields, strict=False))
     elif isinstance(raw, Mapping):
-        kind = raw.get("type")
-        if kind not in _FIELDS:
+        tag = raw.get("type")
+        if not isinstance(tag, str) or tag not in _FIELDS:
             return None
+        kind = tag
         values = {k: raw[k] for k in _FIELDS[kind] if k in raw}
     else:
         raise ValueError(f"not a KV event: {raw!r:.80}")

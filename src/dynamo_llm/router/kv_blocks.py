@@ -24,11 +24,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from ..protocols.kv_events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, KvEvent
 
 DEFAULT_MAX_BLOCKS = 100_000
 _ROOT = 0x5BD1E995  # the "parent key" of a first block
+
+
+@dataclass(frozen=True, slots=True)
+class KvEventSource:
+    """Where a worker publishes its KV events."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    block_size: int | None = None
 
 
 def chain_key(parent: int | None, token_ids: Sequence[int]) -> int:

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -45,7 +44,8 @@ from ..protocols.kv_events import (
     encode_sequence,
 )
 from ..runtime.tasks import cancel_and_wait
-from .kv_blocks import KvBlockIndex
+from .kv_blocks import KvBlockIndex, KvEventSource
+from .policies import PreciseOverlap
 
 log = logging.getLogger("dynamo_llm.router.kv_events")
 
@@ -55,15 +55,6 @@ _EVENT_NAMES = {
     BlockRemoved: "removed",
     AllBlocksCleared: "cleared",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class KvEventSource:
-    """Where a worker publishes its KV events."""
-
-    endpoint: str
-    replay_endpoint: str | None = None
-    block_size: int | None = None
 
 
 class KvEventSubscriber:
@@ -257,6 +248,24 @@ class KvEventIntake:
 
     def precise_workers(self) -> set[str]:
         return {wid for wid, (sub, _task) in self._subscribers.items() if sub.is_precise}
+
+    def mode(self, worker_id: str) -> str:
+        """``precise`` while the worker's events are followed consistently, else
+        ``approximate`` (the kv mode guesses from the traffic routed there)."""
+        sub = self.subscriber(worker_id)
+        return "precise" if sub is not None and sub.is_precise else "approximate"
+
+    def predict(self, token_ids: Sequence[int], worker_ids: Iterable[str]) -> PreciseOverlap | None:
+        """The cached prompt tokens on each of ``worker_ids`` whose events flow; None when
+        none does."""
+        precise = [
+            wid
+            for wid in worker_ids
+            if (entry := self._subscribers.get(wid)) is not None and entry[0].is_precise
+        ]
+        if not precise:
+            return None
+        return PreciseOverlap(len(token_ids), self.index.overlap_tokens(precise, token_ids))
 
     async def reconcile(self, sources: Iterable[tuple[str, KvEventSource | None]]) -> None:
         """Subscribe to each worker's source; stop (and forget) the rest."""

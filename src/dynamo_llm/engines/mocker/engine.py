@@ -31,9 +31,10 @@ from ...runtime.context import EngineContext
 from ..base import EngineOutput, EngineRequest, check_context_length
 from .config import MockerConfig
 from .kv import BlockPool
+from .prompt import prompt_token_ids
 from .scheduler import MockerSnapshot, Scheduler
 from .sequence import Sequence
-from .tokens import MockTokenizer, load_tokenizer, render_chat
+from .tokens import MockTokenizer, load_tokenizer
 
 
 class MockerEngine:
@@ -68,22 +69,7 @@ class MockerEngine:
 
     def tokenize(self, request: EngineRequest) -> list[int]:
         """The prompt token ids the engine would compute for ``request``."""
-        if request.endpoint == "chat_completions":
-            text = render_chat(
-                request.messages,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final=request.continue_final_message,
-            )
-            return self.tokenizer.encode(text)
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(type(t) is int for t in prompt):
-            problem = self.tokenizer.check_ids(prompt)
-            if problem is not None:
-                raise InvalidRequest(problem, param="prompt")
-            return list(prompt)
-        raise InvalidRequest("The prompt must be a string or a list of token ids", param="prompt")
+        return prompt_token_ids(self.tokenizer, request)
 
     async def generate(
         self, request: EngineRequest, ctx: EngineContext
