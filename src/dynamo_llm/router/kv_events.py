@@ -79,6 +79,7 @@ class KvEventSubscriber:
         self._dealer: zmq.asyncio.Socket | None = None
         self.expected: int | None = None
         """The next sequence number expected; None until a consistent stream is followed."""
+        self._last_live: int | None = None  # the last sequence seen on the live (SUB) stream
         self.gaps = 0
         self.resets = 0
         self.batches = 0
@@ -117,7 +118,10 @@ class KvEventSubscriber:
             self._set_mode()
 
     async def _receive(self, seq: int, payload: bytes) -> None:
+        last_live, self._last_live = self._last_live, seq
         expected = self.expected
+        if expected is not None and seq < expected and (last_live is None or seq > last_live):
+            return  # queued behind a replay that already brought it
         if expected is not None and seq < expected:
             log.info(
                 "worker %s: KV event sequence went back (%d < %d): the engine restarted",
