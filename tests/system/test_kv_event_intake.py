@@ -18,6 +18,7 @@ import zmq.asyncio
 from dynamo_llm.protocols.kv_events import (
     END_OF_REPLAY,
     AllBlocksCleared,
+    BlockHash,
     BlockRemoved,
     BlockStored,
     KvEvent,
@@ -79,7 +80,7 @@ class ScriptedPublisher:
 
 
 def stored(tokens: list[int], hashes: list[int], parent: int | None = None) -> BlockStored:
-    return BlockStored(hashes, parent, tokens, BS)
+    return BlockStored(list[BlockHash](hashes), parent, tokens, BS)
 
 
 @contextlib.asynccontextmanager

@@ -17,10 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from dynamo_llm.router.kv_blocks import WorkerBlocks
+from dynamo_llm.router.kv_blocks import KvEventSource, WorkerBlocks
+from dynamo_llm.testing.etcd import EtcdServer
 from dynamo_llm.testing.process import ServerProcess
 from tests.helpers import environ_without_dyn
-from tests.system.etcd_fleet import polled
+from tests.system.etcd_fleet import etcd_frontend, polled, start_worker, stop_all
 from tests.system.fleet_helpers import RoutedFrontend, routed_frontend
 
 pytestmark = pytest.mark.usefixtures("safety_net")
@@ -201,3 +202,24 @@ async def test_a_worker_that_leaves_the_fleet_leaves_the_index(
         assert intake.subscriber(str(gone.url)) is None
         metrics = (await fe.http.get("/metrics")).text
         assert f'router_kv_mode{{worker="{gone.url}"}}' not in metrics
+
+
+async def test_a_worker_registered_in_etcd_advertises_its_kv_events(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    extra = ("--engine", "mocker", "--speedup-ratio", "1000", "--kv-events-port", "0")
+    proc = await start_worker(etcd, "m", *extra)
+    try:
+        health = await worker_health(proc)
+        env = {"DYN_ROUTER_MODE": "kv"}
+        async with etcd_frontend(tmp_path, etcd, env=env) as fe:
+            await fe.until(lambda: {w.url for w in fe.fleet.workers} == {proc.url})
+            worker = next(iter(fe.fleet.workers))
+            assert worker.kv_events == KvEventSource(
+                health["kv_events_endpoint"], health["kv_events_replay_endpoint"], 64
+            )
+            intake = fe.fleet.kv_intake
+            assert intake is not None
+            await polled(lambda: intake.precise_workers() == {worker.id}, "the worker precise")
+    finally:
+        await stop_all(proc)

@@ -9,6 +9,7 @@ from dynamo_llm.protocols.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    KvEvent,
     decode_batch,
     decode_sequence,
     encode_batch,
@@ -17,7 +18,11 @@ from dynamo_llm.protocols.kv_events import (
 
 
 def test_a_batch_round_trips_in_the_array_form() -> None:
-    events = [BlockStored([1, 2], None, [1, 2, 3, 4], 2), BlockRemoved([7]), AllBlocksCleared()]
+    events: list[KvEvent] = [
+        BlockStored([1, 2], None, [1, 2, 3, 4], 2),
+        BlockRemoved([7]),
+        AllBlocksCleared(),
+    ]
     raw = msgspec.msgpack.decode(encode_batch(1.5, events))
     assert raw[0] == 1.5 and raw[2] == 0
     assert raw[1][0] == ["BlockStored", [1, 2], None, [1, 2, 3, 4], 2, None, "GPU", None]
