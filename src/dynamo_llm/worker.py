@@ -11,10 +11,13 @@ serves the app until SIGTERM or SIGINT.
 
 When the engine is the mocker its scheduler state is exposed in ``/metrics``
 (:class:`~dynamo_llm.engines.mocker.metrics.MockerMetrics`, read at scrape time) and summarised
-per model in ``/health``.
+per model in ``/health``. With ``--kv-events-port`` its KV cache changes are published as vLLM's
+KV events (:class:`~dynamo_llm.engines.mocker.events.KvEventPublisher`, started and stopped with
+the app); ``/health`` names the endpoints and counts the cached blocks.
 
 With ``--discovery-backend etcd`` the worker registers itself once it accepts connections
-(:func:`build_registration`: its URL, models, context length, KV block size and metrics URL,
+(:func:`build_registration`: its URL, models, context length, KV block size, metrics URL and,
+with ``--kv-events-port``, its KV event endpoints,
 under a lease kept alive at a third of ``--discovery-lease-ttl-secs``), and on SIGTERM it
 withdraws that key *before* it drains, so frontends stop sending it work first.
 """

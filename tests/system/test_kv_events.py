@@ -111,6 +111,13 @@ async def in_sync(fe: RoutedFrontend, procs: list[ServerProcess]) -> None:
         await polled(matches, f"index of {proc.url} at {truth} blocks")
 
 
+def sample(metrics: str, name: str) -> float:
+    line = next(
+        line for line in metrics.splitlines() if line.startswith(f"dynamo_frontend_{name} ")
+    )
+    return float(line.split()[1])
+
+
 def words(tag: str, n: int) -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
 
@@ -182,7 +189,9 @@ async def test_a_prefix_cached_by_other_traffic_is_routed_to_the_worker_holding_
             assert cached_tokens(result) >= 20, result
             prefix = words(f"other{holder.pid}", 24)
         metrics = (await fe.http.get("/metrics")).text
-        assert "router_kv_predicted_cached_tokens_total" in metrics
+        predicted = sample(metrics, "router_kv_predicted_cached_tokens_total")
+        reported = sample(metrics, "router_kv_reported_cached_tokens_total")
+        assert predicted == reported >= 40, metrics
 
 
 async def test_a_worker_that_leaves_the_fleet_leaves_the_index(

@@ -50,6 +50,7 @@ from .policies import PreciseOverlap
 log = logging.getLogger("dynamo_llm.router.kv_events")
 
 DEFAULT_REPLAY_TIMEOUT = 2.0
+_YIELD_EVERY = 64  # replayed batches applied between two turns of the event loop
 _EVENT_NAMES = {
     BlockStored: "stored",
     BlockRemoved: "removed",
@@ -155,7 +156,9 @@ class KvEventSubscriber:
         engine no longer holds them) resets the worker's entries first; without any state
         yet, what the engine still holds is learned as it is."""
         replayed = await self._replay(start)
-        for seq, payload in replayed or ():
+        for n, (seq, payload) in enumerate(replayed or ()):
+            if n and n % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a long replay must not hold the loop
             if self.expected is not None:
                 if seq < self.expected:
                     continue
