@@ -28,7 +28,13 @@ import resource
 import statistics
 import time
 
-from dynamo_llm.protocols.kv_events import BlockRemoved, BlockStored, decode_batch, encode_batch
+from dynamo_llm.protocols.kv_events import (
+    BlockRemoved,
+    BlockStored,
+    KvEvent,
+    decode_batch,
+    encode_batch,
+)
 from dynamo_llm.router.kv_blocks import KvBlockIndex, block_keys
 from dynamo_llm.router.policies import PreciseOverlap, RouterMode, WorkerView, choose_worker
 
@@ -104,17 +110,17 @@ def bench_intake(args: argparse.Namespace) -> None:
         tokens = [rng.randrange(32000) for _ in range(4 * BLOCK)]
         hashes: list[int | bytes] = [4 * i + j for j in range(4)]
         removed: list[int | bytes] = [4 * (i - 100) + j for j in range(4)] if i >= 100 else []
-        events = [BlockStored(hashes, None, tokens, BLOCK), BlockRemoved(removed)]
+        events: list[KvEvent] = [BlockStored(hashes, None, tokens, BLOCK), BlockRemoved(removed)]
         payloads.append(encode_batch(0.0, events))
     index = KvBlockIndex()
     start = time.perf_counter()
     for payload in payloads:
         index.apply("w", decode_batch(payload).events)
     took = time.perf_counter() - start
-    events = 2 * args.batches
+    count = 2 * args.batches
     print(
-        f"intake: {args.batches} batches ({events} events, {4 * args.batches} blocks stored) "
-        f"in {took:.2f} s: {events / took:,.0f} events/s, {took / args.batches * 1e6:.1f} µs/batch"
+        f"intake: {args.batches} batches ({count} events, {4 * args.batches} blocks stored) "
+        f"in {took:.2f} s: {count / took:,.0f} events/s, {took / args.batches * 1e6:.1f} µs/batch"
     )
 
 

@@ -45,6 +45,7 @@ from .router.scraper import EngineReport, LoadScraper
 from .runtime.clock import Clock
 from .runtime.tasks import Periodic
 from .transport import WorkerClient, make_session
+from .transport.auth import WorkerKeys
 from .transport.scrape import scrape_engine_load
 
 log = logging.getLogger("dynamo_llm.fleet")
@@ -76,6 +77,8 @@ class Fleet:
             max_inflight=config.max_inflight_per_worker,
             kv_index=self.kv_index,
         )
+        self.worker_keys = WorkerKeys()
+        """The keys of the workers of ``--upstream-file`` that have their own."""
         self._session: aiohttp.ClientSession | None = None
         self._client: WorkerClient | None = None
         self.router: Router | None = None
@@ -93,7 +96,9 @@ class Fleet:
     async def start(self) -> None:
         config = self.config
         self._session = make_session(
-            config.worker_connect_timeout_secs, api_key=config.upstream_api_key
+            config.worker_connect_timeout_secs,
+            api_key=config.upstream_api_key,
+            worker_keys=self.worker_keys,
         )
         self._client = WorkerClient(self._session)
         self.router = Router(
@@ -125,6 +130,7 @@ class Fleet:
                 path=config.upstream_file,
                 on_models=self._models_changed,
                 forbid_credentials=_UPSTREAM_KEY if config.upstream_api_key else None,
+                on_api_keys=self.worker_keys.replace,
             )
         self.app.waiting_for = self.discovery.pending
         self.app.discovery = self.discovery.status
@@ -292,18 +298,24 @@ def check_upstream_credentials(config: Config) -> None:
     Both would be the request's ``Authorization`` header (aiohttp refuses to send the two), so
     every request to that worker would fail; the operator hears it at start-up instead, with
     the worker named redacted. A worker in ``--upstream-file`` is checked as the file is now
-    (and again whenever it is reloaded: such a version is refused, the last good one kept).
+    (and again whenever it is reloaded: such a version is refused, the last good one kept); a
+    file that cannot be read or is malformed now is a start-up error too.
     """
-    if not config.upstream_api_key:
-        return
     urls = [normalise_url(url) for url in config.upstreams]
     if config.upstream_file is not None:
         try:
-            mapping = parse_upstream_file(Path(config.upstream_file).read_text())
-        except (OSError, ValueError):
-            mapping = {}  # discovery reports an unreadable or malformed file itself
+            mapping = parse_upstream_file(Path(config.upstream_file).read_text()).models
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"upstream file {config.upstream_file}: {_reason(exc)}") from None
         urls += [url for file_urls in mapping.values() for url in file_urls]
-    check_no_credentials(urls, _UPSTREAM_KEY)
+    if config.upstream_api_key:
+        check_no_credentials(urls, _UPSTREAM_KEY)
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    if isinstance(exc, OSError):
+        return f"cannot read it ({exc.strerror or type(exc).__name__})"
+    return str(exc)
 
 
 def build_routed_app(config: Config, clock: Clock) -> App:

@@ -265,12 +265,35 @@ class Config:
         "--api-key",
         "DYN_API_KEY",
         LIST,
-        "require Authorization: Bearer KEY on every /v1/ route (401 otherwise); repeat the flag "
-        "or separate keys with commas for several; prefer the variable (a flag shows in ps)",
+        "require an API key on every /v1/ route, as Authorization: Bearer KEY or x-api-key: KEY "
+        "(401 otherwise); repeat the flag or separate keys with commas for several, and any "
+        "key of --api-key-file is accepted too; prefer the variable (a flag shows in ps)",
         group=HTTP,
         metavar="KEY",
         unset="none: no authentication",
         secret=True,
+    )
+    api_key_file: str | None = option(
+        None,
+        "--api-key-file",
+        "DYN_API_KEY_FILE",
+        TEXT,
+        "require an API key as --api-key does, accepting any key in this file: one a line, "
+        "blank lines and lines starting with # ignored; a change is seen within a second (a "
+        "new key on its first use) without a restart; a version that cannot be read or holds "
+        "no key is logged and ignored, the last good keys kept; at start-up the file must "
+        "hold a key",
+        group=HTTP,
+        metavar="PATH",
+        unset="none",
+    )
+    protect_metrics: bool = option(
+        False,
+        "--protect-metrics",
+        "DYN_PROTECT_METRICS",
+        BOOL,
+        "with API keys, /metrics needs a key too (/health and /live stay open for probes)",
+        group=HTTP,
     )
     http2: bool = option(
         False,
@@ -382,7 +405,8 @@ class Config:
         "DYN_UPSTREAM_API_KEY",
         TEXT,
         "sent to every worker as Authorization: Bearer KEY (a vLLM or SGLang started with "
-        "--api-key, a dynamo-llm worker with --api-key); prefer the variable; not together with "
+        "--api-key, a dynamo-llm worker with --api-key), except to one given its own api_key in "
+        "--upstream-file; prefer the variable; not together with "
         "credentials in a worker URL (http://user:pass@host, sent as basic auth): refused at "
         "start-up",
         group=ROUTER,
@@ -396,7 +420,9 @@ class Config:
         "--upstream-file",
         "DYN_UPSTREAM_FILE",
         TEXT,
-        "YAML or JSON mapping each model to a list of worker URLs; reloaded when it changes",
+        "YAML or JSON mapping each model to a list of workers, each a URL or {url: URL, "
+        "api_key: KEY} (its own key, sent instead of --upstream-api-key, never shown); "
+        "reloaded when it changes",
         group=ROUTER,
         commands=SERVE,
         metavar="PATH",
@@ -602,6 +628,11 @@ class Config:
         if self.upstreams:
             return "static"
         return "file" if self.upstream_file else None
+
+    @property
+    def has_api_keys(self) -> bool:
+        """True when requests to the protected routes need an API key."""
+        return bool(self.api_keys or self.api_key_file)
 
     @property
     def http_inactivity_secs(self) -> float | None:

@@ -9,9 +9,19 @@
         - http://10.0.0.1:8000
         - http://10.0.0.2:8000
       qwen-7b: [http://10.0.0.3:8000]
+      mistral-7b:
+        - url: http://10.0.0.4:8000
+          api_key: sk-worker-4  # this worker's own key, instead of --upstream-api-key
 
-  A worker may be a mapping instead of a URL, to say where it publishes its KV cache events
-  (vLLM's ZMQ format, followed in ``--router-mode kv``)::
+  A worker given as ``{url, api_key}`` is sent its ``api_key`` as ``Authorization: Bearer`` on
+  every request (whichever model it is listed under, and if it is also an ``--upstream``),
+  instead of ``--upstream-api-key``; the key is never shown (``/health``, ``/metrics``, logs
+  show the worker's redacted URL). A worker given two different keys, or a key and
+  credentials in its URL, makes the file malformed. The keys go to ``on_api_keys({url: key})``
+  whenever the file is loaded.
+
+  A worker mapping may also say where the worker publishes its KV cache events (vLLM's ZMQ
+  format, followed in ``--router-mode kv``)::
 
       llama-3-8b:
         - url: http://10.0.0.1:8000
@@ -33,11 +43,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ..errors import clip
 from ..router import Worker, WorkerSet
 from ..router.kv_blocks import KvEventSource
 from ..runtime.clock import Clock
@@ -46,6 +58,8 @@ from ..runtime.urls import has_credentials, redact_url
 from .base import ModelFetcher, ModelsCallback, ModelsPublisher
 
 log = logging.getLogger("dynamo_llm.discovery")
+
+KeysCallback = Callable[[dict[str, str]], None]
 
 
 def normalise_url(url: str) -> str:
@@ -65,54 +79,98 @@ def check_no_credentials(urls: Iterable[str], why: str) -> None:
             )
 
 
-def parse_upstream_file(text: str) -> dict[str, list[str]]:
-    """``{model: [url, ...]}`` from YAML or JSON text; raises ValueError when malformed."""
-    return {model: [url for url, _ in entries] for model, entries in parse_upstreams(text).items()}
+@dataclass(frozen=True, slots=True)
+class UpstreamFile:
+    """What an upstream file says: each model's worker URLs, and the workers' own keys."""
+
+    models: dict[str, list[str]]
+    api_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    """``{url: key}`` for the workers given an ``api_key``."""
+    kv_events: dict[str, KvEventSource] = field(default_factory=dict)
+    """``{url: source}`` for the workers given a ``kv_events_endpoint``."""
 
 
-UpstreamEntry = tuple[str, KvEventSource | None]
+def parse_upstream_file(text: str) -> UpstreamFile:
+    """The workers of YAML or JSON text; raises ValueError when malformed.
 
-
-def parse_upstreams(text: str) -> dict[str, list[UpstreamEntry]]:
-    """``{model: [(url, kv_events), ...]}`` from YAML or JSON text (see the module docstring);
-    raises ValueError when malformed."""
+    No message quotes a key: a YAML error is described by its place and problem only (the
+    parser's own message would show the offending line).
+    """
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not YAML or JSON: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = ", ".join(filter(None, (exc.context, exc.problem)))
+        raise ValueError(f"not YAML or JSON{where}: {what}") from None
+    except yaml.YAMLError:
+        raise ValueError("not YAML or JSON") from None
     if data is None:
-        return {}
+        return UpstreamFile({})
     if not isinstance(data, Mapping):
         raise ValueError("the file must map each model name to a list of worker URLs")
-    out: dict[str, list[UpstreamEntry]] = {}
+    out: dict[str, list[str]] = {}
+    keys: dict[str, str] = {}
+    sources: dict[str, KvEventSource] = {}
     for model, entry in data.items():
         if not isinstance(model, str) or not model:
             raise ValueError(f"model names must be non-empty strings, got {model!r}")
         items = [entry] if isinstance(entry, str) else entry
         if not isinstance(items, list):
             raise ValueError(f"model {model!r}: expected a list of worker URLs")
-        out[model] = [_upstream_entry(model, item) for item in items]
-    return out
+        out[model] = [_worker_entry(model, item, keys, sources) for item in items]
+    return UpstreamFile(out, keys, sources)
 
 
-def _upstream_entry(model: str, item: object) -> UpstreamEntry:
+def _worker_entry(
+    model: str, item: object, keys: dict[str, str], sources: dict[str, KvEventSource]
+) -> str:
+    """The normalised URL of one worker entry (a URL, or a mapping with ``url``); its key, if
+    any, goes into ``keys``, its KV event endpoints into ``sources``."""
     if isinstance(item, str) and item:
-        return normalise_url(item), None
+        return normalise_url(item)
+    shape = f"model {model!r}: a worker is a URL or {{url: URL, api_key: KEY}}"
     if not isinstance(item, Mapping):
-        raise ValueError(f"model {model!r}: expected a list of worker URLs")
-    url = item.get("url")
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"model {model!r}: a worker mapping needs a url")
+        raise ValueError(shape)
+    url, key = item.get("url"), item.get("api_key")
+    unknown = sorted(str(name) for name in item if name not in _WORKER_FIELDS)
+    if unknown or not (isinstance(url, str) and url) or not (key is None or isinstance(key, str)):
+        raise ValueError(shape + (f" (unknown field {clip(unknown[0], 64)})" if unknown else ""))
+    url = normalise_url(url)
+    source = _kv_event_source(model, item)
+    if source is not None:
+        sources[url] = source
+    if key:
+        if has_credentials(url):
+            raise ValueError(
+                f"worker {redact_url(url)} has both an api_key and credentials in its URL: "
+                "a request carries one Authorization header; use one or the other"
+            )
+        if keys.setdefault(url, key) != key:
+            raise ValueError(f"worker {redact_url(url)} is given two different api_key values")
+    return url
+
+
+_WORKER_FIELDS = (
+    "url",
+    "api_key",
+    "kv_events_endpoint",
+    "kv_events_replay_endpoint",
+    "kv_block_size",
+)
+
+
+def _kv_event_source(model: str, item: Mapping[object, object]) -> KvEventSource | None:
     endpoint = item.get("kv_events_endpoint")
     replay = item.get("kv_events_replay_endpoint")
     block_size = item.get("kv_block_size")
     if endpoint is None:
-        return normalise_url(url), None
+        return None
     if not isinstance(endpoint, str) or not (replay is None or isinstance(replay, str)):
         raise ValueError(f"model {model!r}: KV event endpoints must be strings")
     if block_size is not None and (type(block_size) is not int or block_size < 1):
         raise ValueError(f"model {model!r}: kv_block_size must be a positive integer")
-    return normalise_url(url), KvEventSource(endpoint, replay, block_size)
+    return KvEventSource(endpoint, replay, block_size)
 
 
 class StaticDiscovery:
@@ -130,6 +188,7 @@ class StaticDiscovery:
         reload_interval: float = 1.0,
         retry_interval: float = 2.0,
         forbid_credentials: str | None = None,
+        on_api_keys: KeysCallback | None = None,
     ) -> None:
         """``forbid_credentials``, when given, says why a worker URL may not carry credentials
         (an upstream key is set): a file version with such a URL is refused like a malformed
@@ -142,6 +201,7 @@ class StaticDiscovery:
         self._reload_interval = reload_interval
         self._retry_interval = retry_interval
         self._forbid_credentials = forbid_credentials
+        self._on_api_keys = on_api_keys
         self._file_workers: dict[str, frozenset[str]] = {}  # url -> models, from the file
         self._pending: set[str] = set()  # --upstream workers whose models are not known yet
         self._file_stamp: tuple[float, int] | None = None
@@ -224,8 +284,8 @@ class StaticDiscovery:
             return False
         self._file_stamp = stamp
         try:
-            entries = parse_upstreams(self._path.read_text())
-            mapping = {model: [url for url, _ in items] for model, items in entries.items()}
+            upstream = parse_upstream_file(self._path.read_text())
+            mapping = upstream.models
             if self._forbid_credentials is not None:
                 check_no_credentials(
                     (url for urls in mapping.values() for url in urls), self._forbid_credentials
@@ -235,13 +295,12 @@ class StaticDiscovery:
                 raise ValueError(f"upstream file {self._path}: {exc}") from None
             log.error("upstream file %s: %s; keeping the previous workers", self._path, exc)
             return False
+        if self._on_api_keys is not None:
+            self._on_api_keys(upstream.api_keys)
         wanted: dict[str, set[str]] = {}
-        sources: dict[str, KvEventSource] = {}
-        for model, items in entries.items():
-            for url, source in items:
+        for model, urls in mapping.items():
+            for url in urls:
                 wanted.setdefault(url, set()).add(model)
-                if source is not None:
-                    sources[url] = source
         for url in set(self._file_workers) - set(wanted):
             if url not in self._urls:
                 self.workers.remove(redact_url(url))
@@ -254,7 +313,7 @@ class StaticDiscovery:
             worker = self.workers.add(
                 Worker(url, merged, is_ours=existing.is_ours if existing else False)
             )
-            worker.kv_events = sources.get(url)
+            worker.kv_events = upstream.kv_events.get(url)
         self._file_workers = {url: frozenset(m) for url, m in wanted.items()}
         log.info(
             "upstream file %s: %d model(s), %d worker(s)", self._path, len(mapping), len(wanted)

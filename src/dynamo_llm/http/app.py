@@ -23,6 +23,7 @@ from ..metrics import Metrics
 from ..runtime.clock import Clock, SystemClock
 from ..runtime.context import StopReason
 from . import control, inference, info
+from .auth import ApiKeys
 from .connection import Connection, HttpRequest
 from .routes import RouteTable
 from .state import AppState, ServedModel
@@ -106,6 +107,7 @@ def create_app(
     """Build the app; a fresh metrics registry and the system clock unless given.
 
     ``control_routes`` enables ``POST /v1/requests/{id}/stop`` (for ``dynamo-llm worker``).
+    Raises ValueError when ``--api-key-file`` cannot be read or holds no key.
     """
     app = App(
         config,
@@ -116,6 +118,7 @@ def create_app(
     )
     app.routes = RouteTable(
         [*inference.routes(app), *info.routes(app), *control.routes(app)],
-        api_keys=config.api_keys,
+        ApiKeys.configured(config.api_keys, config.api_key_file, app.clock),
+        protect_metrics=config.protect_metrics,
     )
     return app

@@ -110,7 +110,8 @@ class _Info:
         shape = DocumentShape(
             accepts_unknown_fields=state.forwards_unknown_fields,
             model_names=tuple(state.models),
-            api_keys=bool(state.config.api_keys),
+            api_keys=state.config.has_api_keys,
+            protect_metrics=state.config.protect_metrics,
             control_routes=state.control_routes,
         )
         await conn.respond(200, JSON_HEADERS, openapi_document(shape))

@@ -151,7 +151,9 @@ class DocumentShape:
     model_names: tuple[str, ...] = ()
     """The models served now: examples of ``model``."""
     api_keys: bool = False
-    """``/v1/`` routes need ``Authorization: Bearer``."""
+    """``/v1/`` routes need an API key (``Authorization: Bearer`` or ``x-api-key``)."""
+    protect_metrics: bool = False
+    """With ``api_keys``, ``/metrics`` needs one too."""
     control_routes: bool = False
     """The worker's ``POST /v1/requests/{id}/stop`` is on."""
 
@@ -260,9 +262,9 @@ def _paths(shape: DocumentShape) -> dict[str, Schema]:
         }
     if shape.api_keys:
         for path, ops in paths.items():
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or (shape.protect_metrics and path == "/metrics"):
                 for op in ops.values():
-                    op["security"] = [{"bearer": []}]
+                    op["security"] = [{"bearer": []}, {"apiKey": []}]
                     op["responses"]["401"] = _error("A missing or wrong API key")
     return paths
 
@@ -286,5 +288,8 @@ def openapi_document(shape: DocumentShape = DocumentShape()) -> bytes:
         "components": {"schemas": components},
     }
     if shape.api_keys:
-        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        }
     return msgspec.json.encode(doc)

@@ -12,11 +12,11 @@ table.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import AuthenticationFailed, MethodNotAllowed, NotFound, clip
+from .auth import ApiKeys
 from .connection import Connection, HttpRequest
 from .responses import JSON_HEADERS, respond_error
 
@@ -61,7 +61,9 @@ class Route:
 PROTECTED_PREFIX = "/v1/"
 """With API keys configured, every path under this prefix needs one (as vLLM does); the
 operational routes (``/health``, ``/live``, ``/metrics``, ``/openapi.json``, ``/docs``) stay
-open so probes and scrapers need no credential."""
+open so probes and scrapers need no credential (``/metrics`` too unless ``protect_metrics``)."""
+
+METRICS_PATH = "/metrics"
 
 _UNAUTHORIZED_HEADERS = [*JSON_HEADERS, ("www-authenticate", "Bearer")]
 
@@ -69,16 +71,23 @@ _UNAUTHORIZED_HEADERS = [*JSON_HEADERS, ("www-authenticate", "Bearer")]
 class RouteTable:
     """Dispatches a request to the first route matching its path (literal paths first).
 
-    With ``api_keys``, a request under :data:`PROTECTED_PREFIX` must carry
-    ``Authorization: Bearer <one of them>``, checked before the path is matched (so a stranger
-    learns nothing about the routes) and in constant time per key. A refused request that a
-    route would have answered is reported to its ``on_unauthorised``.
+    With ``api_keys``, a request under :data:`PROTECTED_PREFIX` (and to ``/metrics`` with
+    ``protect_metrics``) must carry one of them (:mod:`.auth`), checked before the path is
+    matched, so a stranger learns nothing about the routes. A refused request that a route
+    would have answered is reported to its ``on_unauthorised``.
     """
 
-    __slots__ = ("_exact", "_keys", "_patterns")
+    __slots__ = ("_exact", "_keys", "_patterns", "_protect_metrics")
 
-    def __init__(self, routes: Iterable[Route], api_keys: Iterable[str] = ()) -> None:
-        self._keys = tuple(key.encode() for key in api_keys if key)
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        api_keys: ApiKeys | None = None,
+        *,
+        protect_metrics: bool = False,
+    ) -> None:
+        self._keys = api_keys
+        self._protect_metrics = protect_metrics
         self._exact: dict[str, Route] = {}
         self._patterns: list[Route] = []
         for route in routes:
@@ -99,26 +108,23 @@ class RouteTable:
                 return route, args
         return None
 
-    def _is_authorised(self, request: HttpRequest) -> bool:
-        scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        presented = token.strip().encode()
-        # Every key is compared, so the time taken does not say which one nearly matched.
-        matches = [hmac.compare_digest(presented, key) for key in self._keys]
-        return any(matches)
+    def _is_protected(self, path: str) -> bool:
+        return path.startswith(PROTECTED_PREFIX) or (self._protect_metrics and path == METRICS_PATH)
 
     async def dispatch(self, request: HttpRequest, conn: Connection) -> None:
         path = request.path
         method = request.method
-        if self._keys and path.startswith(PROTECTED_PREFIX) and not self._is_authorised(request):
+        keys = self._keys
+        if keys is not None and self._is_protected(path) and not keys.accepts(request.headers):
             found = self._find(path)
             refused = found[0] if found is not None else None
             if refused is not None and method in refused.methods and refused.on_unauthorised:
                 refused.on_unauthorised()
             await respond_error(
                 conn,
-                AuthenticationFailed("Invalid or missing API key (Authorization: Bearer <key>)"),
+                AuthenticationFailed(
+                    "Invalid or missing API key (Authorization: Bearer <key>, or x-api-key: <key>)"
+                ),
                 _UNAUTHORIZED_HEADERS,
             )
             return

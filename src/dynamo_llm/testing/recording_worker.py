@@ -14,6 +14,10 @@ honouring ``max_tokens`` / ``max_completion_tokens``, ``return_token_ids`` (ids 
 request is a :class:`Script`: ``"ok"``, or ``"cut@K"`` (K tokens, then the body ends without
 ``[DONE]``, which a frontend may migrate). Several workers may share one script, so that "the
 first request anywhere is cut" is deterministic whichever worker the router picks.
+
+With ``api_key``, the worker is a vLLM started with ``--api-key``: every ``/v1/`` request that
+does not carry ``Authorization: Bearer <api_key>`` gets 401 (and is counted in ``refused``, not
+recorded). ``worker.api_key`` may be changed while it runs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 # The answers are the bad workers' ``ok`` ones (their chunks, usage and unary body).
 from .bad_workers.behaviours import Options, _Seen, _Stream
@@ -61,10 +66,14 @@ class Script:
 class RecordingWorker:
     """The worker's state: what it received, and the event of each arrival."""
 
-    def __init__(self, *, model: str, tokens: int, script: Script) -> None:
+    def __init__(
+        self, *, model: str, tokens: int, script: Script, api_key: str | None = None
+    ) -> None:
         self.model = model
         self.tokens = tokens
         self.script = script
+        self.api_key = api_key
+        self.refused = 0
         self.url = ""
         self.received: list[Received] = []
         self._arrived = asyncio.Condition()
@@ -76,12 +85,21 @@ class RecordingWorker:
         return self.received
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._check_key])
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_post("/v1/completions", self._generate)
         return app
+
+    @web.middleware
+    async def _check_key(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        needed = self.api_key is not None and request.path.startswith("/v1/")
+        if needed and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            self.refused += 1
+            error = {"message": "Invalid API key", "type": "authentication_error"}
+            return web.json_response({"error": error}, status=401)
+        return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -121,10 +139,14 @@ class RecordingWorker:
 
 @contextlib.asynccontextmanager
 async def recording_worker(
-    *, model: str = "rec-model", tokens: int = 4, script: Script | None = None
+    *,
+    model: str = "rec-model",
+    tokens: int = 4,
+    script: Script | None = None,
+    api_key: str | None = None,
 ) -> AsyncIterator[RecordingWorker]:
     """Serve a :class:`RecordingWorker` on 127.0.0.1 for the body of the ``async with``."""
-    worker = RecordingWorker(model=model, tokens=tokens, script=script or Script())
+    worker = RecordingWorker(model=model, tokens=tokens, script=script or Script(), api_key=api_key)
     runner = web.AppRunner(worker.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     try:

@@ -36,6 +36,7 @@ from ..errors import Cancelled, UpstreamError, WorkerDisconnected, WorkerUnreach
 from ..protocols.completions import CompletionRequest
 from ..protocols.models import decode_model_list
 from ..runtime.context import EngineContext
+from .auth import WorkerKeys
 from .body import upstream_body
 from .errors import admission_error, describe, error_from_worker, no_stream_error
 from .probe import ProbeResult, probe_worker
@@ -50,6 +51,7 @@ def make_session(
     *,
     keepalive_timeout: float = 4.0,
     api_key: str | None = None,
+    worker_keys: WorkerKeys | None = None,
 ) -> aiohttp.ClientSession:
     """A pooled session for talking to workers; the caller owns it and closes it.
 
@@ -60,7 +62,8 @@ def make_session(
     ``keepalive_timeout`` is shorter than the idle timeout of the common worker servers (uvicorn
     closes idle connections after 5 s) so that a pooled connection is not reused just as the
     worker closes it. ``api_key`` is sent to every worker as ``Authorization: Bearer``, on every
-    request the session makes (generation, probes, model lists, graceful stops).
+    request the session makes (generation, probes, model lists, graceful stops), except to a
+    worker that ``worker_keys`` gives a key of its own (:mod:`.auth`).
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     connector = aiohttp.TCPConnector(
@@ -75,6 +78,7 @@ def make_session(
         trust_env=False,
         raise_for_status=False,
         headers=headers,
+        middlewares=(worker_keys.middleware,) if worker_keys is not None else (),
     )
 
 

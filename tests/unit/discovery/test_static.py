@@ -14,9 +14,9 @@ import pytest
 
 from dynamo_llm.discovery.static import (
     StaticDiscovery,
+    UpstreamFile,
     normalise_url,
     parse_upstream_file,
-    parse_upstreams,
 )
 from dynamo_llm.router import Worker, WorkerSet
 from dynamo_llm.router.kv_blocks import KvEventSource
@@ -39,12 +39,12 @@ EXPECTED = {"llama-3-8b": [A, B], "org/qwen-7b": [C], "single": [A]}
 
 
 def test_the_upstream_file_is_yaml_or_json_with_urls_normalised() -> None:
-    assert parse_upstream_file(YAML) == EXPECTED
+    assert parse_upstream_file(YAML).models == EXPECTED
     as_json = json.dumps(
         {"llama-3-8b": [A, "10.0.0.2:8000/"], "org/qwen-7b": [C + "/v1"], "single": A}
     )
-    assert parse_upstream_file(as_json) == EXPECTED
-    assert parse_upstream_file("") == {}
+    assert parse_upstream_file(as_json).models == EXPECTED
+    assert parse_upstream_file("") == UpstreamFile({})
     assert normalise_url(" https://h:1/v1/ ") == "https://h:1"
 
 
@@ -64,6 +64,49 @@ def test_the_upstream_file_is_yaml_or_json_with_urls_normalised() -> None:
 def test_a_malformed_upstream_file_is_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_upstream_file(text)
+
+
+def test_a_worker_may_have_its_own_key_which_no_repr_shows() -> None:
+    text = f"""\
+llama:
+  - {A}
+  - url: {B}/v1
+    api_key: sk-b-planted
+qwen:
+  - url: {B}
+    api_key: sk-b-planted
+  - url: {C}
+"""
+    parsed = parse_upstream_file(text)
+    assert parsed.models == {"llama": [A, B], "qwen": [B, C]}
+    assert parsed.api_keys == {B: "sk-b-planted"}
+    assert "sk-b-planted" not in repr(parsed)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("m: [{url: http://a, api_key: k1}, {url: http://a/, api_key: k2}]\n", "two different"),
+        ("m: [{url: 'http://u:pw@a', api_key: k1}]\n", "http://***@a has both an api_key"),
+        ("m: [{url: http://a, apikey: k1}]\n", "unknown field apikey"),
+        ("m: [{api_key: k1}]\n", "a worker is a URL or"),
+        ("m: [{url: http://a, api_key: [k1]}]\n", "a worker is a URL or"),
+    ],
+)
+def test_a_malformed_worker_key_is_refused_without_quoting_a_key(text: str, said: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_upstream_file(text)
+    assert said in str(caught.value)
+    assert "k1" not in str(caught.value) and "k2" not in str(caught.value)
+    assert "pw" not in str(caught.value)
+
+
+def test_a_yaml_error_names_its_place_but_never_quotes_the_line() -> None:
+    text = "m:\n  - url: http://a\n    api_key: sk-planted: x\n"
+    with pytest.raises(ValueError) as caught:
+        parse_upstream_file(text)
+    assert "line 3" in str(caught.value)
+    assert "sk-planted" not in str(caught.value)
 
 
 # --- StaticDiscovery on a FakeClock --------------------------------------------------------------
@@ -302,13 +345,9 @@ m:
     kv_events_replay_endpoint: tcp://b:5558
     kv_block_size: 16
 """
-    assert parse_upstreams(text) == {
-        "m": [
-            ("http://a:1", None),
-            ("http://b:2", KvEventSource("tcp://b:5557", "tcp://b:5558", 16)),
-        ]
-    }
-    assert parse_upstream_file(text) == {"m": ["http://a:1", "http://b:2"]}
+    upstream = parse_upstream_file(text)
+    assert upstream.models == {"m": ["http://a:1", "http://b:2"]}
+    assert upstream.kv_events == {"http://b:2": KvEventSource("tcp://b:5557", "tcp://b:5558", 16)}
 
 
 @pytest.mark.parametrize(
@@ -321,4 +360,4 @@ m:
 )
 def test_a_malformed_kv_event_entry_is_refused(entry: str) -> None:
     with pytest.raises(ValueError):
-        parse_upstreams(f"m: [{entry}]")
+        parse_upstream_file(f"m: [{entry}]")

@@ -32,14 +32,27 @@ def test_a_router_allows_unknown_fields_and_names_its_models() -> None:
         assert schemas[name]["properties"]["model"]["examples"] == ["llama", "qwen"]
 
 
-def test_with_api_keys_every_v1_operation_needs_the_bearer_scheme() -> None:
+_EITHER_KEY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+
+
+def test_with_api_keys_every_v1_operation_needs_a_bearer_or_an_x_api_key() -> None:
     doc = _doc(api_keys=True, control_routes=True)
-    assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert doc["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+    }
     for path, ops in doc["paths"].items():
         for op in ops.values():
             if path.startswith("/v1/"):
-                assert op["security"] == [{"bearer": []}], path
+                assert op["security"] == _EITHER_KEY, path
                 assert "401" in op["responses"], path
             else:
                 assert "security" not in op, path
     assert "post" in doc["paths"]["/v1/requests/{id}/stop"]
+
+
+def test_with_protected_metrics_the_metrics_operation_needs_a_key_and_the_probes_do_not() -> None:
+    paths = _doc(api_keys=True, protect_metrics=True)["paths"]
+    assert paths["/metrics"]["get"]["security"] == _EITHER_KEY
+    for path in ("/health", "/live"):
+        assert "security" not in paths[path]["get"], path

@@ -1,0 +1,61 @@
+"""Per-worker API keys: the ``Authorization`` a request to one worker carries.
+
+The session's default header is ``--upstream-api-key`` (:func:`~.client.make_session`), sent to
+every worker. A worker of ``--upstream-file`` may have a key of its own; :class:`WorkerKeys`
+holds those, by worker base URL, and its :meth:`~WorkerKeys.middleware` (an aiohttp client
+middleware, so it covers every request the session makes: generation, probes, model lists,
+graceful stops) puts ``Authorization: Bearer <key>`` on a request to a URL under one of them,
+overriding the default. Discovery replaces the whole table whenever the file is reloaded.
+
+With no per-worker key the middleware costs one dictionary-emptiness check per request. A key
+is never shown: :class:`WorkerKeys` has no ``repr`` of its contents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import hdrs
+from yarl import URL
+
+__all__ = ["WorkerKeys"]
+
+
+class WorkerKeys:
+    """The keys of the workers that have their own, by base URL (no credentials, no slash at
+    the end); a request goes to a worker when its URL is the base URL or under it."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: Mapping[str, str] | None = None) -> None:
+        self._keys: dict[str, str] = {}
+        self.replace(keys or {})
+
+    def __repr__(self) -> str:
+        return f"WorkerKeys({len(self._keys)} worker(s))"
+
+    def replace(self, keys: Mapping[str, str]) -> None:
+        """Make ``keys`` the whole table (the previous one is dropped)."""
+        # Spelled as aiohttp spells a request's URL (host lower-cased, default port dropped).
+        self._keys = {str(URL(base)).rstrip("/"): key for base, key in keys.items()}
+
+    def key_for(self, url: str) -> str | None:
+        """The key of the worker ``url`` goes to (the longest base URL it is under), or None."""
+        if not self._keys:
+            return None
+        under = [
+            base
+            for base in self._keys
+            if url.startswith(base) and (len(url) == len(base) or url[len(base)] in "/?")
+        ]
+        return self._keys[max(under, key=len)] if under else None
+
+    async def middleware(
+        self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        if self._keys:
+            key = self.key_for(str(request.url))
+            if key is not None:
+                request.headers[hdrs.AUTHORIZATION] = f"Bearer {key}"
+        return await handler(request)
