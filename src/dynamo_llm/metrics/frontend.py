@@ -219,6 +219,8 @@ class Metrics:
         # The unlabelled families have their one series from the start.
         self.disconnected_clients.labels()
         self.event_loop_stall_total.labels()
+        self.router_kv_predicted_cached_tokens_total.labels()
+        self.router_kv_reported_cached_tokens_total.labels()
 
     def forget_engine_load(self, worker: str) -> None:
         """Drop what ``worker``'s engine last reported (it reports nothing now, or it is gone)."""
