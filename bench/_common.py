@@ -10,6 +10,8 @@ Import it from a script in ``bench/`` as ``import _common`` (the script's direct
 - :func:`proc_cpu_seconds` / :func:`self_cpu_seconds` read CPU time (user + system, every thread)
   at the edges of a measured window; :func:`core_ticks` / :func:`core_usage` say how busy each
   core was over it, all processes included (a noisy neighbour shows there).
+- :class:`Profiler` samples a process with ``py-spy`` over a window (py-spy is not a project
+  dependency: install it in a venv of your own, outside the checkout, and put it on ``PATH``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import contextlib
 import math
 import os
 import platform
+import shutil
+import subprocess
+import sys
+from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from dynamo_llm.testing.process import ServerProcess
 
@@ -111,3 +119,97 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+class Profiler:
+    """``py-spy record`` of process ``pid`` for ``duration`` seconds, in collapsed stacks.
+
+    Python frames only and non-blocking by default (the target is not paused); ``native`` takes
+    native frames too, pausing the target at each sample, so its proportions are skewed towards
+    system calls. :meth:`finish` waits for py-spy and summarises the profile.
+    """
+
+    def __init__(
+        self, pid: int, path: str, *, duration: float, rate: int = 250, native: bool = False
+    ) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(exe).exists():
+            raise RuntimeError("py-spy is not installed (pip install py-spy, in a venv of yours)")
+        cmd = [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(max(1, round(duration))),
+            "--rate",
+            str(rate),
+            "--format",
+            "raw",
+            "--output",
+            path,
+            "--native" if native else "--nonblocking",
+        ]
+        self.path = path
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def finish(self) -> dict[str, Any] | None:
+        try:
+            _, err = self._proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            _, err = self._proc.communicate()
+        if self._proc.returncode != 0:
+            print(
+                f"warning: py-spy exited {self._proc.returncode}: {err.decode()[-500:]}",
+                file=sys.stderr,
+            )
+        return summarise_collapsed(Path(self.path))
+
+
+def _function(frame: str) -> str:
+    """``"f (path/x.py:12)"`` -> ``"f (path/x.py)"``: one entry per function, lines merged."""
+    head, sep, rest = frame.rpartition(":")
+    return head + ")" if sep and rest.rstrip(")").isdigit() else frame
+
+
+def summarise_collapsed(path: Path, top: int = 20) -> dict[str, Any] | None:
+    """Own-time (leaf frame) and inclusive totals from py-spy's collapsed-stack output."""
+    if not path.exists():
+        return None
+    own: Counter[str] = Counter()
+    own_fn: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_s)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] += count
+        own_fn[_function(frames[-1])] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return None
+    return {
+        "samples": total,
+        "file": str(path),
+        "own": [(f, round(100 * c / total, 1)) for f, c in own.most_common(top)],
+        "own_by_function": [(f, round(100 * c / total, 1)) for f, c in own_fn.most_common(top)],
+        "inclusive": [(f, round(100 * c / total, 1)) for f, c in inclusive.most_common(top)],
+    }
+
+
+def print_profile(profile: dict[str, Any] | None, top: int = 20) -> None:
+    """The top frames of a :func:`summarise_collapsed` summary, by own time and inclusive."""
+    if profile is None:
+        print("profile: no samples")
+        return
+    print(f"profile: {profile['samples']} samples in {profile['file']}")
+    for title in ("own_by_function", "inclusive"):
+        print(f"  {title.replace('_', ' ')}:")
+        for frame, pct in profile[title][:top]:
+            print(f"    {pct:5.1f} %  {frame}")

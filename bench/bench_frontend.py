@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+import _common
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_ERRORS_SHOWN = 10
@@ -459,7 +460,17 @@ async def run_load(args: argparse.Namespace, frontend: Frontend) -> dict[str, An
         client_cpu0 = self_cpu_seconds()
         cores0 = core_ticks()
         switches0 = proc_context_switches(frontend.pid)
-        profiler = start_profiler(args, frontend.pid)
+        profiler = (
+            _common.Profiler(
+                frontend.pid,
+                args.py_spy,
+                duration=args.duration,
+                rate=args.py_spy_rate,
+                native=args.py_spy_native,
+            )
+            if args.py_spy
+            else None
+        )
         await asyncio.sleep(args.duration)
         window.end = time.perf_counter()
         server_cpu1 = proc_cpu_seconds(frontend.pid)
@@ -479,7 +490,7 @@ async def run_load(args: argparse.Namespace, frontend: Frontend) -> dict[str, An
                     results.error("client crashed", repr(exc))
         if pending:
             results.error("stall", f"{len(pending)} clients still in a request 30 s after the end")
-        profile = finish_profiler(profiler)
+        profile = profiler.finish() if profiler is not None else None
 
     elapsed = window.end - window.start
     server_user = server_cpu1[0] - server_cpu0[0]
@@ -542,89 +553,6 @@ async def run_load(args: argparse.Namespace, frontend: Frontend) -> dict[str, An
         "error_samples": results.error_samples,
         "total_requests_completed": results.total_requests,
         "profile": profile,
-    }
-
-
-# --- optional py-spy profile of the frontend --------------------------------------------------
-
-
-def start_profiler(
-    args: argparse.Namespace, pid: int
-) -> tuple[subprocess.Popen[bytes], str] | None:
-    if not args.py_spy:
-        return None
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(exe).exists():
-        raise RuntimeError("--py-spy given but py-spy is not installed (pip install py-spy)")
-    cmd = [
-        exe,
-        "record",
-        "--pid",
-        str(pid),
-        "--duration",
-        str(max(1, round(args.duration))),
-        "--rate",
-        str(args.py_spy_rate),
-        "--format",
-        "raw",
-        "--output",
-        args.py_spy,
-    ]
-    # Native stacks need the target paused while sampled; Python-only sampling does not.
-    cmd.append("--native" if args.py_spy_native else "--nonblocking")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return proc, args.py_spy
-
-
-def finish_profiler(
-    profiler: tuple[subprocess.Popen[bytes], str] | None,
-) -> dict[str, Any] | None:
-    if profiler is None:
-        return None
-    proc, path = profiler
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    if proc.returncode != 0:
-        print(f"warning: py-spy exited {proc.returncode}: {err.decode()[-500:]}", file=sys.stderr)
-    return summarise_collapsed(Path(path))
-
-
-def _function(frame: str) -> str:
-    """``"f (path/x.py:12)"`` -> ``"f (path/x.py)"``: one entry per function, lines merged."""
-    head, sep, rest = frame.rpartition(":")
-    return head + ")" if sep and rest.rstrip(")").isdigit() else frame
-
-
-def summarise_collapsed(path: Path, top: int = 20) -> dict[str, Any] | None:
-    """Own-time (leaf frame) and inclusive totals from py-spy's collapsed-stack output."""
-    if not path.exists():
-        return None
-    own: Counter[str] = Counter()
-    own_fn: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_s = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_s)
-        frames = stack.split(";")
-        total += count
-        own[frames[-1]] += count
-        own_fn[_function(frames[-1])] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    if not total:
-        return None
-    return {
-        "samples": total,
-        "file": str(path),
-        "own": [(f, round(100 * c / total, 1)) for f, c in own.most_common(top)],
-        "own_by_function": [(f, round(100 * c / total, 1)) for f, c in own_fn.most_common(top)],
-        "inclusive": [(f, round(100 * c / total, 1)) for f, c in inclusive.most_common(top)],
     }
 
 

@@ -34,10 +34,13 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -59,7 +62,7 @@ class FakeWorker:
     It inherits this process's affinity: pin this process first (:func:`_common.pin_self`).
     """
 
-    def __init__(self, tokens: int) -> None:
+    def __init__(self, tokens: int, gap_ms: float = 0.0) -> None:
         args = [
             sys.executable,
             "-m",
@@ -72,6 +75,8 @@ class FakeWorker:
             "0",
             "--model",
             MODEL,
+            "--gap",
+            str(gap_ms / 1000),
         ]
         self.proc = subprocess.Popen(
             args,
@@ -160,8 +165,17 @@ async def client(
             await asyncio.sleep(0.01)
 
 
-async def measure(args: argparse.Namespace, base_url: str, pids: dict[str, int]) -> dict[str, Any]:
-    """One closed-loop window against ``base_url``: rates and the CPU time of ``pids``."""
+async def measure(
+    args: argparse.Namespace,
+    base_url: str,
+    pids: dict[str, int],
+    *,
+    profile: tuple[int, str] | None = None,
+) -> dict[str, Any]:
+    """One closed-loop window against ``base_url``: rates and the CPU time of ``pids``.
+
+    ``profile``: (pid, path) to sample with py-spy over the window.
+    """
     url = f"{base_url}/v1/chat/completions"
     body = json.dumps(
         {
@@ -184,11 +198,18 @@ async def measure(args: argparse.Namespace, base_url: str, pids: dict[str, int])
         cpu0 = {name: _common.proc_cpu_seconds(pid) for name, pid in pids.items()}
         self0, cores0, t0 = _common.self_cpu_seconds(), _common.core_ticks(), time.perf_counter()
         tally.measuring = True
+        profiler = (
+            None
+            if profile is None
+            else _common.Profiler(profile[0], profile[1], duration=args.duration)
+        )
         await asyncio.sleep(args.duration)
         tally.measuring = False
         t1 = time.perf_counter()
         cpu1 = {name: _common.proc_cpu_seconds(pid) for name, pid in pids.items()}
         self1, cores1 = _common.self_cpu_seconds(), _common.core_ticks()
+        if profiler is not None:
+            _common.print_profile(profiler.finish())
         stop.set()
         _, pending = await asyncio.wait(tasks, timeout=30)
         for task in pending:
@@ -226,34 +247,152 @@ def describe(label: str, r: dict[str, Any], tokens: int) -> str:
     )
 
 
-async def run(args: argparse.Namespace, worker: FakeWorker, frontend_url: str, fpid: int) -> int:
+@dataclass
+class Router:
+    """One frontend under test: its name, URL and process."""
+
+    name: str
+    url: str
+    pid: int
+
+
+async def run(args: argparse.Namespace, worker: FakeWorker, routers: list[Router]) -> int:
     failed = False
-    ratios: list[float] = []
-    frontend_ms: list[float] = []
+    table: dict[str, list[dict[str, Any]]] = {r.name: [] for r in routers}
     for k in range(1, args.rounds + 1):
         print(f"round {k}:")
         direct = await measure(args, worker.url, {"worker": worker.pid})
         print(describe("direct", direct, args.tokens), flush=True)
-        routed = await measure(args, frontend_url, {"frontend": fpid, "worker": worker.pid})
-        print(describe("through", routed, args.tokens), flush=True)
-        ratio = routed["rps"] / direct["rps"] if direct["rps"] else float("nan")
-        per_request = routed["cpu_ms"]["frontend"]
-        print(
-            f"  ratio through/direct {ratio:.3f}; frontend CPU {per_request:.3f} ms per request "
-            f"({1000 * per_request / args.tokens:.1f} µs per streamed token; at that cost one "
-            f"core would serve about {1000 / per_request:.0f} req/s)"
+        failed = failed or bool(direct["errors"])
+        for router in routers:
+            profile = (
+                (router.pid, args.py_spy)
+                if args.py_spy and k == args.rounds and router.name == "dynamo-llm"
+                else None
+            )
+            routed = await measure(
+                args, router.url, {"frontend": router.pid, "worker": worker.pid}, profile=profile
+            )
+            print(describe(router.name, routed, args.tokens), flush=True)
+            ratio = routed["rps"] / direct["rps"] if direct["rps"] else float("nan")
+            per_request = routed["cpu_ms"]["frontend"]
+            print(
+                f"  {router.name}: ratio to direct {ratio:.3f}; its CPU {per_request:.3f} ms per "
+                f"request ({1000 * per_request / args.tokens:.1f} µs per streamed token; at that "
+                f"cost one core would serve about {1000 / per_request:.0f} req/s)"
+            )
+            table[router.name].append({"rps": routed["rps"], "ratio": ratio, "ms": per_request})
+            failed = failed or bool(routed["errors"])
+    print("summary (per round: req/s, CPU ms/request, ratio to direct):")
+    for name, rows in table.items():
+        cells = " / ".join(
+            f"{r['rps']:.0f} req/s, {r['ms']:.3f} ms, {r['ratio']:.3f}" for r in rows
         )
-        ratios.append(ratio)
-        frontend_ms.append(per_request)
-        failed = failed or bool(direct["errors"] or routed["errors"])
-    print(
-        f"summary: ratio {' / '.join(f'{r:.3f}' for r in ratios)}; "
-        f"frontend CPU ms/request {' / '.join(f'{m:.3f}' for m in frontend_ms)}"
-    )
+        print(f"  {name:<14} {cells}")
     if failed:
         print("FAILED: some responses were wrong (see above)", file=sys.stderr)
         return 1
     return 0
+
+
+# --- the peer routers -------------------------------------------------------------------------
+
+PEERS_DIR = Path.home() / ".cache" / "dynamo-llm-bench" / "peers" / "bin"
+PEERS = {
+    # name: (executable, arguments before the common ones)
+    "vllm-router": ("vllm-router", []),
+    "sglang-router": ("sglang-router", ["launch"]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PeerRouter:
+    """A peer router (a Rust binary from PyPI) in front of the worker, pinned to ``cpu``."""
+
+    def __init__(self, name: str, exe: Path, worker_url: str, cpu: int) -> None:
+        _, pre = PEERS[name]
+        self.name = name
+        port, metrics_port = free_port(), free_port()
+        args = [str(exe), *pre, "--host", "127.0.0.1", "--port", str(port)]
+        args += ["--worker-urls", worker_url, "--policy", "round_robin"]
+        args += ["--prometheus-port", str(metrics_port), "--log-level", "error"]
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
+        # Pinned before the fork, so that every thread it starts inherits the core.
+        mine = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cpu})
+        try:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT
+            )
+        finally:
+            os.sched_setaffinity(0, mine)
+        self.pid = self.proc.pid
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def wait_ready(self, within: float = 60.0) -> None:
+        """Until a streamed chat comes back whole through it."""
+        body = json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        ).encode()
+        deadline = time.monotonic() + within
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.proc.returncode}: {self.output()}"
+                    )
+                try:
+                    async with session.post(
+                        f"{self.url}/v1/chat/completions", data=body, headers=HEADERS
+                    ) as resp:
+                        if resp.status == 200 and DONE_LINE in await resp.read():
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not ready within {within} s: {self.output()}")
+                await asyncio.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-2000:].decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def start_peers(args: argparse.Namespace, worker: FakeWorker) -> list[PeerRouter]:
+    """The peers that are installed and start; a line for each that is not, or does not."""
+    peers: list[PeerRouter] = []
+    for name, (exe_name, _) in PEERS.items():
+        if name not in args.peers:
+            continue
+        exe = Path(args.peers_dir) / exe_name
+        if not exe.exists():
+            print(f"{name}: not installed at {exe} (run bench/install-peers); skipped")
+            continue
+        peer = PeerRouter(name, exe, worker.url, args.frontend_cpu)
+        try:
+            asyncio.run(peer.wait_ready())
+        except RuntimeError as exc:
+            print(f"{name}: did not start ({exc}); skipped")
+            peer.stop()
+            continue
+        peers.append(peer)
+    return peers
 
 
 def main() -> int:
@@ -265,33 +404,77 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="the worker waits this long after each token (paced like an engine: every event "
+        "reaches the frontend in its own read, so the cost per event is measured whatever the "
+        "load; 0: as fast as it can write)",
+    )
+    parser.add_argument(
+        "--peers",
+        default="vllm-router,sglang-router",
+        type=lambda v: [p for p in v.split(",") if p],
+        help="peer routers measured in the same run, comma-separated ('' for none)",
+    )
+    parser.add_argument(
+        "--peers-dir", default=str(PEERS_DIR), help="where bench/install-peers put them"
+    )
+    parser.add_argument(
+        "--migration-limit",
+        type=int,
+        default=0,
+        help="dynamo-llm's --migration-limit (the raw relay is kept with migration on too)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="PATH",
+        help="profile the frontend with py-spy over the last round's window through it, "
+        "writing collapsed stacks to PATH (py-spy on PATH; profiling adds CPU, so that round's "
+        "figures are not comparable)",
+    )
     args = parser.parse_args()
+    unknown = set(args.peers) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; known: {', '.join(PEERS)}")
     if args.frontend_cpu == args.worker_cpu:
         parser.error("the frontend needs a core of its own")
     _common.check_cores(args.frontend_cpu, args.worker_cpu)
 
-    # The load generator and, inheriting it, the worker on one core; the frontend on the other.
+    # The load generator and, inheriting it, the worker on one core; the frontends on the other
+    # (all started up front, each loaded alone in its turn).
     _common.pin_self(args.worker_cpu)
-    worker = FakeWorker(args.tokens)
+    worker = FakeWorker(args.tokens, args.gap_ms)
+    peers: list[PeerRouter] = []
     try:
         if os.sched_getaffinity(worker.pid) != {args.worker_cpu}:
             raise RuntimeError(f"the worker's affinity is {os.sched_getaffinity(worker.pid)}")
         frontend = _common.start_server(
-            ["serve", "--upstream", worker.url, "--http-port", "0", "--log-level", "warning"],
+            [
+                *("serve", "--upstream", worker.url, "--http-port", "0"),
+                *("--log-level", "warning", "--migration-limit", str(args.migration_limit)),
+            ],
             args.frontend_cpu,
         )
         try:
             assert frontend.url is not None
+            peers = start_peers(args, worker)
+            names = ", ".join(["dynamo-llm serve --upstream", *(p.name for p in peers)])
             print(
-                f"cores: frontend (dynamo-llm serve --upstream) on core {args.frontend_cpu}; "
-                f"fake worker (bad_workers ok, {args.tokens} tokens) and this load generator on "
-                f"core {args.worker_cpu}\n"
+                f"cores: frontends ({names}) on core {args.frontend_cpu}, one loaded at a "
+                f"time; fake worker (bad_workers ok, {args.tokens} tokens) and this load "
+                f"generator on core {args.worker_cpu}\n"
                 f"machine: {_common.cpu_model()}, {os.cpu_count()} cores; Python "
                 f"{sys.version.split()[0]}; concurrency {args.concurrency}, warm-up "
                 f"{args.warmup:g} s, window {args.duration:g} s"
             )
-            return asyncio.run(run(args, worker, frontend.url, frontend.pid))
+            routers = [Router("dynamo-llm", frontend.url, frontend.pid)]
+            routers += [Router(p.name, p.url, p.pid) for p in peers]
+            return asyncio.run(run(args, worker, routers))
         finally:
+            for peer in peers:
+                peer.stop()
             frontend.stop()
     finally:
         worker.stop()

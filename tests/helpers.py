@@ -1,5 +1,6 @@
 """Helpers that tests of both tiers use (``unit/`` and ``system/``)."""
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -37,3 +38,21 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) ->
 def environ_without_dyn() -> dict[str, str]:
     """This process's environment without ``DYN_*``, for a child that must see only its own."""
     return {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
+
+
+def chat_chunk_event(
+    content: str | None,
+    finish: str | None = None,
+    *,
+    chunk_id: str = "chatcmpl-up",
+    model: str = "m",
+    **extra: object,
+) -> bytes:
+    """One SSE event of a worker's streamed chat: a content delta (``None``: no choice, as in a
+    usage chunk), with ``extra`` top-level keys."""
+    choices = [] if content is None else [
+        {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": finish}
+    ]  # fmt: skip
+    obj = {"id": chunk_id, "object": "chat.completion.chunk", "created": 1, "model": model,
+           "choices": choices, **extra}  # fmt: skip
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"

@@ -24,6 +24,7 @@ for plain responses and SSE error frames alike.
     ├── ResponseTimeout              504 timeout_error               response_timeout
     │   └── WorkerResponseTimeout    504   the worker said it timed out: quarantines, not migratable
     │       └── WorkerSilent         504   the router's own timer: quarantines, migratable
+    ├── SlowClient                   408 timeout_error               slow_client (read nothing)
     ├── Cancelled                    499 cancelled                   cancelled
     │   └── ServerShuttingDown       503 service_unavailable_error   cancelled
     ├── ServerDraining               503 service_unavailable_error   unavailable (new work refused)
@@ -168,6 +169,17 @@ class ResponseTimeout(DynamoError):
     error_type = Outcome.RESPONSE_TIMEOUT
     default_code = "response_timeout"
     default_message = "The engine stopped responding"
+
+
+class SlowClient(DynamoError):
+    """The client read nothing of its stream for too long (``DYN_HTTP_SLOW_CLIENT_TIMEOUT_SECS``)
+    while the frontend held a full buffer for it: the request is stopped."""
+
+    status = 408
+    type = "timeout_error"
+    error_type = Outcome.SLOW_CLIENT
+    default_code = "slow_client"
+    default_message = "The client stopped reading its stream; the request was stopped"
 
 
 class Cancelled(DynamoError):

@@ -83,6 +83,7 @@ class Sse:
         self.errors: list[dict[str, Any]] = []
         self.done = 0
         self.roles = 0
+        self.token_ids = 0  # chunks that carried token ids the client did not ask for
 
 
 async def stream_and_kill(
@@ -118,7 +119,9 @@ async def stream_and_kill(
             seen.ids.add(obj["id"])
             if obj.get("usage"):
                 seen.usage = obj["usage"]
+            seen.token_ids += "prompt_token_ids" in obj
             for choice in obj["choices"]:
+                seen.token_ids += "token_ids" in choice or "prompt_token_ids" in choice
                 seen.roles += (choice.get("delta") or {}).get("role") is not None
                 if text := piece(choice):
                     seen.text.append(text)
@@ -144,6 +147,7 @@ async def test_a_worker_killed_mid_stream_is_invisible_to_the_client(
         text, usage = await expected(next(iter(workers)), kind)
         seen = await stream_and_kill(fe, workers, kind, "mig-1")
         assert seen.errors == []
+        assert seen.token_ids == 0, "the ids asked of the worker for a replay are not relayed"
         assert "".join(seen.text) == text, "no duplicated and no missing text"
         assert seen.done == 1
         assert seen.roles == (1 if kind == "chat" else 0)

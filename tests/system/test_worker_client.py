@@ -204,9 +204,12 @@ async def test_track_tokens_parses_token_ids_and_still_relays(client: WorkerClie
     assert [c["choices"][0].get("token_ids") for c in chunks[1:-1]] == [[i] for i in range(5)]
 
 
-async def test_track_tokens_without_client_asking_does_not_relay_token_ids(
+async def test_track_tokens_without_client_asking_relays_the_bytes_with_their_token_ids(
     client: WorkerClient,
 ) -> None:
+    # With migration on the raw relay is kept: the ids stay in the bytes, for the migration
+    # state to parse if the request migrates (it strips them before the client sees them:
+    # tests/unit/router/test_migration_raw.py).
     async with asyncio.timeout(SAFETY_NET) as net, spawn_bad_worker("ok") as w:
         request = chat()
         stream = await client.open_stream(
@@ -216,8 +219,9 @@ async def test_track_tokens_without_client_asking_does_not_relay_token_ids(
         seen = await w.request_record(request.id)
     assert not net.expired()
     assert seen["body"]["return_token_ids"] is True
-    assert all(out.raw is None for out in outputs)  # the frontend renders these
-    assert [i for out in outputs for i in out.token_ids or ()] == list(range(len(TOKENS)))
+    assert all(out.raw is not None for out in outputs)
+    relayed = b"".join(out.raw or b"" for out in outputs)
+    assert all(f'"token_ids":[{i}]'.encode() in relayed for i in range(len(TOKENS)))
 
 
 async def test_batch_element_goes_upstream_alone_and_is_parsed(client: WorkerClient) -> None:

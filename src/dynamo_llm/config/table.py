@@ -364,6 +364,16 @@ class Config:
         group=TIMEOUTS,
         normalize=positive_or_off,
     )
+    slow_client_timeout_secs: int | None = option(
+        30,
+        "--slow-client-timeout-secs",
+        "DYN_HTTP_SLOW_CLIENT_TIMEOUT_SECS",
+        INT,
+        "stop a stream whose client has read nothing for this long while its buffer is full "
+        "(counted as slow_client); until then the engine is not pulled for it",
+        group=TIMEOUTS,
+        normalize=positive_or_off,
+    )
     # ---- metrics and logging ------------------------------------------------------------------
     metrics_prefix: str | None = option(
         None,

@@ -246,12 +246,15 @@ class InferenceHandler(Generic[P]):
             open_fanout(served.engine, requests, exchange.ctx, n=params.n or 1)
         )
         stream = await exchange.handler_phase(opening)
-        response = SseResponse(exchange, with_request_id(SSE_HEADERS, exchange.request_id))
+        response = SseResponse(
+            exchange,
+            with_request_id(SSE_HEADERS, exchange.request_id),
+            self._state.config.slow_client_timeout_secs,
+        )
         try:
             await monitor_for_disconnects(exchange, stream, response, renderer)
         finally:
-            if response.writer is not None:
-                await exchange.conn.end_stream()
+            await response.end()
 
     async def _unary(
         self, exchange: Exchange, served: ServedModel, params: P, requests: list[EngineRequest]

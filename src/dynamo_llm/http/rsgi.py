@@ -5,6 +5,10 @@ that resolves within about a millisecond of a hang-up (no task, no polling), and
 after that raises ``RSGIProtocolClosed``. The handler coroutine granian runs cannot be cancelled
 (its task object ignores ``cancel()``), which is why the app runs all cancellable work in tasks of
 its own and only *waits* in the handler.
+
+A response stream's ``send_bytes`` never waits (granian queues without bound), so the writer can
+also say how much its client has not read yet, from the connection's socket (:mod:`.unread`),
+for the pump's backpressure.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ..errors import RequestTooLarge
 from .app import App
 from .connection import DisconnectSignal, Headers, HttpRequest
 from .exchange import ClientGone
+from .unread import UnreadMeter, open_meter
 
 
 async def _send_after_end(data: bytes) -> None:
@@ -25,11 +30,17 @@ async def _send_after_end(data: bytes) -> None:
 
 
 class _RsgiWriter:
-    __slots__ = ("closed_errors", "send")
+    __slots__ = ("_client", "closed_errors", "send")
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, client: str | None) -> None:
         self.send: Callable[[bytes], Awaitable[None]] = transport.send_bytes
         self.closed_errors: tuple[type[BaseException], ...] = (ProtocolClosed, RuntimeError)
+        self._client = client
+
+    def meter(self, sent: int) -> UnreadMeter | None:
+        """What the client has not read yet, from the kernel (:mod:`.unread`); None when the
+        connection's socket cannot be watched."""
+        return None if self._client is None else open_meter(self._client, sent)
 
     def detach(self) -> None:
         # granian ends a streamed body when its transport object is freed: drop our reference
@@ -38,12 +49,13 @@ class _RsgiWriter:
 
 
 class RsgiConnection(DisconnectSignal):
-    __slots__ = ("_disconnect", "_headers", "_proto", "_writer")
+    __slots__ = ("_client", "_disconnect", "_headers", "_proto", "_writer")
 
-    def __init__(self, proto: Any, headers: Any) -> None:
+    def __init__(self, proto: Any, headers: Any, client: str | None = None) -> None:
         super().__init__()
         self._proto = proto
         self._headers = headers
+        self._client = client  # "host:port" over HTTP/1.1 TCP: its socket can be watched
         self._disconnect: Any = None
         self._writer: _RsgiWriter | None = None
 
@@ -95,7 +107,7 @@ class RsgiConnection(DisconnectSignal):
         self._proto.response_bytes(status, headers, body)
 
     async def start_stream(self, status: int, headers: Headers) -> _RsgiWriter:
-        self._writer = _RsgiWriter(self._proto.response_stream(status, headers))
+        self._writer = _RsgiWriter(self._proto.response_stream(status, headers), self._client)
         return self._writer
 
     async def end_stream(self) -> None:
@@ -114,7 +126,10 @@ class RsgiApp:
         if scope.proto != "http":
             return
         headers = scope.headers
-        conn = RsgiConnection(proto, headers)
+        # One connection carries one stream at a time only over HTTP/1: its socket then says
+        # how much of that stream the client has read.
+        client = scope.client if scope.http_version.startswith("1") else None
+        conn = RsgiConnection(proto, headers, client)
         try:
             await self.app.handle(
                 HttpRequest(scope.method, scope.path, scope.query_string, headers), conn

@@ -30,9 +30,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol, runtime_checkable
 
 from ..engines.base import EngineOutput, aclose_stream
-from ..errors import DynamoError, internal_error, render_error
+from ..errors import DynamoError, SlowClient, internal_error, render_error
 from ..runtime.coalesce import next_or_flush
 from ..runtime.context import StopReason
 from ..runtime.tasks import cancel_and_wait
@@ -41,10 +42,26 @@ from .disconnect import error_for_stop
 from .exchange import Exchange
 from .responses import JSON_HEADERS, with_request_id
 from .sse import DONE, ChunkRenderer, error_frame
+from .unread import UnreadMeter
 
-__all__ = ["SseResponse", "monitor_for_disconnects"]
+__all__ = ["BUFFER_LIMIT", "SseResponse", "monitor_for_disconnects"]
 
 log = logging.getLogger("dynamo_llm.http.stream")
+
+
+BUFFER_LIMIT = 128 * 1024
+"""Bytes a stream's client may leave unread before its engine is no longer pulled."""
+CHECK_EVERY = 32 * 1024
+"""Bytes written between two looks at how much the client has read."""
+POLL_SECONDS = 0.05
+"""While a stream is held, how often the client's progress is looked at."""
+
+
+@runtime_checkable
+class Metered(Protocol):
+    """A stream writer that can say how much its client has not read (granian's)."""
+
+    def meter(self, sent: int) -> UnreadMeter | None: ...
 
 
 class SseResponse:
@@ -58,15 +75,43 @@ class SseResponse:
     Chunks are collected in ``pending`` and written together by ``flush()``, which the pump calls
     when the engine has to wait for its next item (see :mod:`~dynamo_llm.runtime.coalesce`): a
     burst of chunks costs one write, and nothing is held back while the engine is busy.
+
+    **Backpressure.** Every :data:`CHECK_EVERY` bytes written, ``flush()`` looks at how much the
+    client has not read (:mod:`.unread` under granian; under uvicorn a write itself waits once
+    its buffer is full). Past :data:`BUFFER_LIMIT`, ``flush()`` does not return until the client
+    has read it down to half, so the engine is not pulled meanwhile: an in-process engine pauses,
+    a worker's connection is not read and the worker feels TCP backpressure. While it waits, the
+    request's silence timers (its own and its worker attempt's) are told the pause is ours. A
+    client that reads nothing for ``slow_client_timeout`` seconds ends the request with
+    :class:`~dynamo_llm.errors.SlowClient`.
     """
 
-    __slots__ = ("_exchange", "_headers", "pending", "writer")
+    __slots__ = (
+        "_exchange",
+        "_headers",
+        "_meter",
+        "_next_check",
+        "_sent",
+        "_slow_client_timeout",
+        "abandoned",
+        "pending",
+        "pending_size",
+        "writer",
+    )
 
-    def __init__(self, exchange: Exchange, headers: Headers) -> None:
+    def __init__(
+        self, exchange: Exchange, headers: Headers, slow_client_timeout: float | None = None
+    ) -> None:
         self._exchange = exchange
         self._headers = headers
+        self._slow_client_timeout = slow_client_timeout
         self.pending: list[bytes] = []
+        self.pending_size = 0  # of the relayed bytes in pending (what the pump counts)
         self.writer: StreamWriter | None = None
+        self._sent = 0
+        self._next_check = CHECK_EVERY
+        self._meter: UnreadMeter | None = None
+        self.abandoned = False
 
     async def start(self) -> StreamWriter:
         if self.writer is None:
@@ -79,13 +124,78 @@ class SseResponse:
             pending.append(extra)
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
+        self.pending_size = 0
         return data
 
     async def flush(self) -> None:
-        """Write the pending chunks (raises the writer's closed error if the client is gone)."""
+        """Write the pending chunks (raises the writer's closed error if the client is gone);
+        past the buffer limit, wait for the client to read first (see above)."""
         if self.pending:
-            assert self.writer is not None
-            await self.writer.send(self._take())
+            writer = self.writer
+            assert writer is not None
+            data = self._take()
+            size = len(data)
+            if self._sent + size >= self._next_check:
+                self._next_check = self._sent + size + CHECK_EVERY
+                await self._hold_while_unread(writer, size)
+            if self._sent < CHECK_EVERY or self._meter is not None:
+                await writer.send(data)
+            else:
+                await self._send_within_timeout(writer, data)
+            self._sent += size
+
+    async def _send_within_timeout(self, writer: StreamWriter, data: bytes) -> None:
+        # A writer that waits while its client does not read (uvicorn's): bound that wait.
+        try:
+            async with asyncio.timeout(self._slow_client_timeout):
+                await writer.send(data)
+        except TimeoutError:
+            raise SlowClient() from None
+
+    async def _hold_while_unread(self, writer: StreamWriter, size: int) -> None:
+        """Before ``size`` more bytes go out: wait while the client leaves too much unread."""
+        meter = self._meter
+        if meter is None:
+            if isinstance(writer, Metered):
+                self._meter = writer.meter(self._sent)  # None until its socket is found
+            return
+        unread = meter.unread(self._sent)
+        if unread + size <= BUFFER_LIMIT:
+            return
+        clock = self._exchange.watchdog.clock
+        ctx = self._exchange.ctx
+        timeout = self._slow_client_timeout
+        since = clock.now()
+        while unread > BUFFER_LIMIT // 2:
+            ctx.hold()
+            await clock.sleep(POLL_SECONDS)
+            if ctx.is_stopped:
+                return  # stopped from elsewhere: the pump ends between items
+            now_unread = meter.unread(self._sent)
+            now = clock.now()
+            if now_unread < unread:
+                since = now  # the client read something
+            elif timeout is not None and now - since >= timeout:
+                raise SlowClient()
+            unread = now_unread
+
+    async def end(self) -> None:
+        """End the body, if it was started; for a client that stopped reading, without waiting
+        for it (a server whose writes wait, uvicorn, then closes the connection)."""
+        if self.writer is None:
+            return
+        if not self.abandoned:
+            await self._exchange.conn.end_stream()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0):
+                await self._exchange.conn.end_stream()
+
+    def close(self) -> None:
+        """Let go of the socket the stream watched, if any."""
+        if self._meter is not None:
+            self._meter.close()
+            self._meter = None
 
     async def finish(self, data: bytes) -> None:
         """Write what is pending and the last bytes; a client that left changes nothing."""
@@ -180,6 +290,11 @@ async def _pump(
                             renderer.add_tail(chunk)
                     if raw:
                         append(raw)
+                        response.pending_size += len(raw)
+                        if response.pending_size >= CHECK_EVERY:
+                            # A fast worker's big reads: written now, so that what the
+                            # client has not read is looked at often enough.
+                            await response.flush()
                 if ctx.state:  # not LIVE (ContextState.LIVE == 0): stopped or killed
                     await response.flush()
                     return _STOPPED
@@ -247,6 +362,7 @@ async def monitor_for_disconnects(
             await cancel_and_wait(pump)
         # The pump closes the stream when it ends; one cancelled before its first step never
         # ran, and the engine must still get back what it holds for this request.
+        response.close()
         await aclose_stream(stream)
 
     result = pump.result() if not pump.cancelled() else _STOPPED
@@ -257,6 +373,9 @@ async def monitor_for_disconnects(
         record.mark_error(result.error_type)
         handle.disarm()
         ctx.kill()
+        if isinstance(result, SlowClient):
+            response.abandoned = True  # it reads nothing: no error frame, no waiting on it
+            return
         await response.fail(result)
         return
     if result == _ENDED and not ctx.is_stopped:

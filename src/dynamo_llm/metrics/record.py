@@ -38,6 +38,7 @@ class Outcome(StrEnum):
     OVERLOAD = "overload"  # 429, or 503 because every worker is busy
     UNAVAILABLE = "unavailable"  # 503 because no worker can serve the model
     CANCELLED = "cancelled"  # the client went away
+    SLOW_CLIENT = "slow_client"  # the client stopped reading its stream
     RESPONSE_TIMEOUT = "response_timeout"  # inactivity / first-token / total timeout
     NOT_IMPLEMENTED = "not_implemented"  # 501
     INTERNAL = "internal"  # anything else

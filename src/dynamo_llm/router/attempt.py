@@ -138,10 +138,10 @@ class Attempt:
         dog.start()
         log.debug("request %s: to %s as upstream id %s", request.id, worker.id, self.upstream_id)
         try:
-            # Migrating: token ids and text for a replay. The worker's own bytes still reach
-            # the client while nothing has migrated (when the client asked for token ids too;
-            # else the outputs are parsed, to leave out the ids it did not ask for). A replay's
-            # outputs the frontend renders itself, whichever worker or endpoint produced them.
+            # Migrating: token ids for a replay. The worker's own bytes still reach the client
+            # while nothing has migrated (the migration state keeps them for a replay and strips
+            # the ids the client did not ask for). A replay's outputs the frontend renders
+            # itself, whichever worker or endpoint produced them.
             open_stream = functools.partial(
                 client.open_stream,
                 worker.url,

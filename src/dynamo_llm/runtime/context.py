@@ -143,6 +143,19 @@ class EngineContext:
                     callback()
             ctx = ctx._parent
 
+    def hold(self) -> None:
+        """The frontend holds the request's engine back on purpose (its client is not reading):
+        tell whoever times the silence of this context or of any linked child, so that nobody
+        takes the pause for a silent engine or worker."""
+        pending: list[EngineContext] = [self]
+        while pending:
+            ctx = pending.pop()
+            if ctx._keep_alive_callbacks:
+                for callback in list(ctx._keep_alive_callbacks):
+                    callback()
+            if ctx._children:
+                pending.extend(ctx._children)
+
     def on_keep_alive(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` on every :meth:`keep_alive` of this context or of a linked child.
         Returns a function that unregisters it."""

@@ -12,7 +12,9 @@ graceful stop for our own workers). The modules, in the order a request meets th
   classes (:func:`error_from_worker`).
 - :mod:`.stream` — :class:`RemoteStream`: the read loop, cancellation and the release of the
   connection.
-- :mod:`.relay` — the raw relay's fast path, and the id and model rewrite.
+- :mod:`.buffered` — :func:`~.buffered.read_any`, the body read in whole buffers.
+- :mod:`.relay` — the raw relay's fast path, its check that each relayed event is a JSON-object
+  line, and the id and model rewrite.
 - :mod:`.events` — the slow path: SSE events parsed into the shared chunk shape
   (:mod:`dynamo_llm.protocols.stream`).
 - :mod:`.probe` — the active probe of a quarantined worker: a 1-token completion, falling back

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -67,7 +69,11 @@ def make_session(
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     connector = aiohttp.TCPConnector(
-        limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=60
+        limit=limit,
+        limit_per_host=0,
+        keepalive_timeout=keepalive_timeout,
+        ttl_dns_cache=60,
+        socket_factory=_worker_socket,
     )
     timeout = aiohttp.ClientTimeout(
         total=None, connect=None, sock_connect=connect_timeout, sock_read=None
@@ -80,6 +86,23 @@ def make_session(
         headers=headers,
         middlewares=(worker_keys.middleware,) if worker_keys is not None else (),
     )
+
+
+RECEIVE_BUFFER = 256 * 1024
+"""The receive buffer of a connection to a worker (the kernel doubles it for its bookkeeping).
+
+Fixed rather than autotuned, which on Linux may grow to ``net.ipv4.tcp_rmem``'s maximum (32 MiB
+here): a stream whose client stopped reading stops being read from its worker's connection, and
+only a bounded buffer makes the worker feel that soon. A token stream needs little: 256 KiB keeps
+up with 25 MB/s at a 10 ms round trip.
+"""
+
+
+def _worker_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    return sock
 
 
 class WorkerClient:
@@ -112,8 +135,10 @@ class WorkerClient:
         ``model`` replaces the request's model name upstream (the worker's own name for it).
         ``first_token_timeout`` bounds the wait for the response headers and the first event.
         ``is_ours``: the worker is a ``dynamo-llm worker`` and understands a graceful stop.
-        ``track_tokens`` asks the worker for token ids (``return_token_ids``) and fills
-        ``text``/``token_ids`` of every output, for migration. ``response_id`` is the id the
+        ``track_tokens`` asks the worker for token ids (``return_token_ids``), for migration:
+        relayed, they stay in the ``raw`` bytes (the migration state parses them only for a
+        replay); for a client that asked for them too, every output also carries its
+        ``text``/``token_ids``. ``response_id`` is the id the
         client sees, by default ``chatcmpl-<request id>`` or ``cmpl-<request id>``.
         ``relay=False`` forces the parsed mode (no ``raw`` bytes): the frontend renders every
         output itself, as a migration needs, since its replay may go to another endpoint
@@ -135,7 +160,9 @@ class WorkerClient:
         if not params.stream or subrequest or not relay:
             mode = StreamMode.PARSED
         elif track_tokens:
-            mode = StreamMode.TRACKED if params.return_token_ids else StreamMode.PARSED
+            # The worker sends token ids; the migration state keeps the relayed bytes and parses
+            # them only if the request migrates (and strips the ids the client did not ask for).
+            mode = StreamMode.TRACKED if params.return_token_ids else StreamMode.RELAY
         else:
             mode = StreamMode.RELAY
         body = upstream_body(request, model=model, return_token_ids=track_tokens)

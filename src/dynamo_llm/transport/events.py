@@ -26,6 +26,7 @@ An ``event: error`` frame or a ``data: {"error": ...}`` event becomes the matchi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -38,6 +39,8 @@ from .errors import error_from_worker
 from .relay import RawRelay
 
 __all__ = ["EventParser", "decode_chunk", "split_event"]
+
+log = logging.getLogger("dynamo_llm.transport")
 
 
 class EventParser:
@@ -319,8 +322,12 @@ def split_event(event: bytes) -> tuple[bytes | None, bytes | None]:
 
 
 def _malformed(what: bytes) -> UpstreamError:
-    """The error for bytes that are not an SSE event or not a chunk."""
-    return UpstreamError(f"The worker sent a malformed event: {what[:80]!r}")
+    """The error for bytes that are not an SSE event or not a chunk.
+
+    The client is told what happened in our words; the worker's bytes go to the log only.
+    """
+    log.warning("a worker sent a malformed event: %r", what[:200])
+    return UpstreamError("The worker sent a malformed event (not an SSE event with a JSON object)")
 
 
 def _engine_usage(usage: UsageInfo, raw: Any) -> Usage:

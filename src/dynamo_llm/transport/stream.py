@@ -6,11 +6,15 @@ answered with its headers. How much it parses depends on what the caller needs:
 ========  ============================================  ================================
 mode      when                                          outputs
 ========  ============================================  ================================
-relay     a streaming client (the hot path)             ``raw`` bytes, ``num_tokens``
-tracked   a streaming client, ``track_tokens``          ``raw`` + ``text``/``token_ids``
+relay     a streaming client (the hot path), with       ``raw`` bytes, ``num_tokens``
+          migration on too (``track_tokens``: the
+          worker also sends token ids, kept in the
+          bytes for the migration state to parse)
+tracked   a streaming client, ``track_tokens``, that    ``raw`` + ``text``/``token_ids``
+          asked for token ids itself
 parsed    a unary client; a fan-out sub-request (n>1,   ``text``/``token_ids``, no raw
-          batch); ``track_tokens`` when the client      (``prompt_token_ids`` on the
-          did not ask for token ids; ``relay=False``    first, when the worker sends them)
+          batch); ``relay=False`` (a replay)            (``prompt_token_ids`` on the
+                                                        first, when the worker sends them)
 ========  ============================================  ================================
 
 The stream reads whatever buffers the socket gives and cuts them at the last ``\\n\\n``; the
@@ -51,6 +55,7 @@ from ..errors import UpstreamError, WorkerDisconnected, WorkerResponseTimeout
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
+from .buffered import read_any
 from .errors import describe, no_stream_error
 from .events import EventParser
 from .relay import RawRelay
@@ -220,7 +225,7 @@ class RemoteStream:
     async def _read_first(self) -> bytes:
         try:
             async with asyncio.timeout_at(self._deadline) as timer:
-                return await self._resp.content.readany()
+                return await read_any(self._resp.content)
         except TimeoutError as exc:
             if not timer.expired() or isinstance(exc, aiohttp.ClientError):
                 raise
@@ -229,7 +234,7 @@ class RemoteStream:
             ) from None
 
     async def _run(self) -> AsyncGenerator[EngineOutput, None]:
-        read = self._resp.content.readany
+        content = self._resp.content
         ctx = self._ctx
         parser = self._parser
         parse = parser.parse
@@ -239,7 +244,7 @@ class RemoteStream:
         try:
             while True:
                 try:
-                    chunk = await (read() if parser.seen_first else self._read_first())
+                    chunk = await (read_any(content) if parser.seen_first else self._read_first())
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                     if self._ended_quietly():
                         return
@@ -281,11 +286,26 @@ class RemoteStream:
                 end += 2
                 part = data[:end] if end < len(data) else data
                 tail = data[end:]
-                out = fast(part) if fast is not None else None
-                if out is None:
+                if fast is None:
                     out = parse(part)
-                if out is not None:
-                    yield out
+                    if out is not None:
+                        yield out
+                else:
+                    if not parser.seen_first:
+                        # The first event teaches the relay the upstream's id and spacing.
+                        first = part.find(b"\n\n") + 2
+                        out = parse(part[:first])
+                        if out is not None:
+                            yield out
+                        part = part[first:]
+                        if not part or parser.failure is not None or parser.done:
+                            part = b""
+                    if part:
+                        out, part = fast(part)
+                        if out is not None:
+                            yield out
+                        if part and (out := parse(part)) is not None:
+                            yield out
                 if parser.failure is not None:
                     if self._ended_quietly():
                         return  # a worker told to stop may say so with an error

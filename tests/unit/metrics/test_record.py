@@ -18,6 +18,7 @@ SPEC_ERROR_TYPES = {
     "response_timeout",
     "not_implemented",
     "internal",
+    "slow_client",  # beyond SPEC §5: a client that stopped reading (issue 11, backpressure)
 }
 
 

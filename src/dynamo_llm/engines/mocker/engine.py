@@ -2,7 +2,9 @@
 
 ``generate()`` tokenizes the prompt (a chat request is first rendered with the fixed template of
 :func:`.tokens.render_chat`; a completions prompt given as token ids is used as is), checks the
-context window and returns the stream. Errors are raised there, before any stream exists.
+context window and returns the stream. Errors are raised there, before any stream exists. A long
+prompt is encoded without holding the event loop (:meth:`.tokens.MockTokenizer.aencode`), so a
+prompt near the body limit does not stall the other streams.
 
 The request joins the scheduler's waiting queue when the stream is first iterated, and leaves it
 in exactly one place, the stream's ``finally``, whichever way the stream ends: finished, the
@@ -31,7 +33,7 @@ from ...runtime.context import EngineContext
 from ..base import EngineOutput, EngineRequest, check_context_length
 from .config import MockerConfig
 from .kv import BlockPool
-from .prompt import prompt_token_ids
+from .prompt import prompt_of
 from .scheduler import MockerSnapshot, Scheduler
 from .sequence import Sequence
 from .tokens import MockTokenizer, load_tokenizer
@@ -69,14 +71,23 @@ class MockerEngine:
 
     def tokenize(self, request: EngineRequest) -> list[int]:
         """The prompt token ids the engine would compute for ``request``."""
-        return prompt_token_ids(self.tokenizer, request)
+        prompt = self._prompt(request)
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+
+    async def atokenize(self, request: EngineRequest) -> list[int]:
+        """:meth:`tokenize`, yielding to the event loop while a long prompt is encoded."""
+        prompt = self._prompt(request)
+        return await self.tokenizer.aencode(prompt) if isinstance(prompt, str) else prompt
+
+    def _prompt(self, request: EngineRequest) -> str | list[int]:
+        return prompt_of(self.tokenizer, request)
 
     async def generate(
         self, request: EngineRequest, ctx: EngineContext
     ) -> AsyncIterator[EngineOutput]:
         if self._closed or self._scheduler.failed:
             raise EngineError("The simulated engine is not running")
-        prompt_ids = self.tokenize(request)
+        prompt_ids = await self.atokenize(request)
         param = "messages" if request.endpoint == "chat_completions" else "prompt"
         if not prompt_ids:
             raise InvalidRequest("The prompt is empty after tokenization", param=param)

@@ -1,7 +1,7 @@
-"""The prompt token ids of a request, as the mocker computes them.
+"""The prompt of a request, as the mocker reads it: the text to encode, or the client's ids.
 
-One function for the engine (:meth:`.engine.MockerEngine.tokenize`) and for a frontend that
-routes on the mocker workers' KV events (:mod:`dynamo_llm.router.kv_events`): the same
+One place for the engine (:meth:`.engine.MockerEngine.tokenize` and ``atokenize``) and for a
+frontend that routes on the mocker workers' KV events (:mod:`dynamo_llm.fleet`): the same
 tokenizer and chat template give the same ids, so the frontend's block keys are the worker's.
 """
 
@@ -12,22 +12,27 @@ from ..base import EngineRequest
 from .tokens import MockTokenizer, render_chat
 
 
-def prompt_token_ids(tokenizer: MockTokenizer, request: EngineRequest) -> list[int]:
-    """The prompt token ids the mocker computes for ``request``; raises ``InvalidRequest`` for
-    a prompt it would refuse."""
+def prompt_of(tokenizer: MockTokenizer, request: EngineRequest) -> str | list[int]:
+    """The text to encode (a chat rendered with the mocker's template), or the client's token
+    ids (checked, copied); raises ``InvalidRequest`` for a prompt the mocker refuses."""
     if request.endpoint == "chat_completions":
-        text = render_chat(
+        return render_chat(
             request.messages,
             add_generation_prompt=request.add_generation_prompt,
             continue_final=request.continue_final_message,
         )
-        return tokenizer.encode(text)
     prompt = request.prompt
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return prompt
     if isinstance(prompt, list) and all(type(t) is int for t in prompt):
         problem = tokenizer.check_ids(prompt)
         if problem is not None:
             raise InvalidRequest(problem, param="prompt")
         return list(prompt)
     raise InvalidRequest("The prompt must be a string or a list of token ids", param="prompt")
+
+
+def prompt_token_ids(tokenizer: MockTokenizer, request: EngineRequest) -> list[int]:
+    """The prompt token ids the mocker computes for ``request`` (see :func:`prompt_of`)."""
+    prompt = prompt_of(tokenizer, request)
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else prompt

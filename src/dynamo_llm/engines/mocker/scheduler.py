@@ -27,6 +27,11 @@ does, and it goes like this:
 When nothing is waiting or running the loop awaits an event set by :meth:`Scheduler.add`: no
 timer, no polling.
 
+Backpressure: a running sequence whose output channel is full (its consumer stopped pulling,
+because the frontend's client does not read) is left out of the passes, holding its KV blocks,
+until the consumer takes an output again (the channel's ``on_drain`` wakes the loop). When every
+running sequence is held that way, the loop waits for that wake-up.
+
 Cancellation (SPEC §10 fix): :meth:`Scheduler.abort` takes a sequence out of the waiting queue
 or the running batch and frees its KV blocks immediately, so the next pass can admit into the
 freed capacity. If the sequence is part of the pass in flight, that pass finishes (the
@@ -107,6 +112,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; it is considered at the next pass."""
         seq.status = SeqStatus.WAITING
+        seq.channel.on_drain = self._wakeup.set
         self._waiting.append(seq)
         self._wakeup.set()
 
@@ -163,7 +169,9 @@ class Scheduler:
                 start = clock.now()
                 steps, prefill_tokens, emits = self._schedule()
                 if not steps:
-                    if self._waiting or self._running:
+                    if (self._waiting and not self._running) or not all(
+                        seq.channel.is_full for seq in self._running
+                    ):
                         # Every admitted request fits the pool alone, so this cannot happen;
                         # if it did, idling would hang those requests for ever.
                         raise RuntimeError("a pass scheduled nothing while requests wait")
@@ -195,6 +203,9 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
+            if seq.is_prefilled and seq.channel.is_full:
+                i += 1  # its consumer stopped pulling: it waits, holding its blocks
+                continue
             num_new = seq.num_tokens - seq.num_computed
             if not seq.is_prefilled and chunked:
                 num_new = min(num_new, budget)
@@ -219,7 +230,7 @@ class Scheduler:
         while not preempted and waiting and budget > 0 and len(running) < config.max_num_seqs:
             seq = waiting[0]
             # Cache hits cover whole blocks and leave at least one token to compute.
-            hits = kv.lookup(seq.block_hashes((seq.num_tokens - 1) // bs))
+            hits = kv.lookup(seq.iter_block_hashes((seq.num_tokens - 1) // bs))
             cached = len(hits) * bs
             num_new = seq.num_tokens - cached
             if chunked:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from collections.abc import Callable, Iterator
 
 from ..base import EngineOutput, Usage
 from .tokens import MockTokenizer, next_token_id, seed_key
@@ -26,16 +27,30 @@ class SeqStatus(enum.IntEnum):
     FINISHED = 3
 
 
-class OutputChannel:
-    """A single-consumer queue of outputs, closed with an optional error."""
+HELD_OUTPUTS = 64
+"""Outputs a stream may hold undelivered before its sequence pauses (its consumer, the frontend,
+stopped pulling because the client does not read): the engine side of backpressure."""
 
-    __slots__ = ("_error", "_items", "_waiter", "closed")
+
+class OutputChannel:
+    """A single-consumer queue of outputs, closed with an optional error.
+
+    ``is_full`` once it holds :data:`HELD_OUTPUTS`; ``on_drain`` is called when the consumer
+    takes one from a full channel (the scheduler resumes the sequence).
+    """
+
+    __slots__ = ("_error", "_items", "_waiter", "closed", "on_drain")
 
     def __init__(self) -> None:
         self._items: deque[EngineOutput] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self.closed = False
+        self.on_drain: Callable[[], None] | None = None
+
+    @property
+    def is_full(self) -> bool:
+        return len(self._items) >= HELD_OUTPUTS
 
     def put(self, item: EngineOutput) -> None:
         self._items.append(item)
@@ -59,7 +74,11 @@ class OutputChannel:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        items = self._items
+        item = items.popleft()
+        if len(items) == HELD_OUTPUTS - 1 and self.on_drain is not None:
+            self.on_drain()
+        return item
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -182,6 +201,15 @@ class Sequence:
             parent = hashes[-1] if hashes else _ROOT_HASH
             hashes.append(hash((parent, *ids[j * bs : (j + 1) * bs])))
         return hashes[:n] if len(hashes) > n else hashes
+
+    def iter_block_hashes(self, n: int) -> Iterator[int]:
+        """:meth:`block_hashes` one at a time, each computed when reached: a prefix-cache lookup
+        stops at its first miss, so a long new prompt is not hashed whole at admission."""
+        hashes = self._block_hashes
+        for j in range(n):
+            if j == len(hashes):
+                self.block_hashes(j + 1)
+            yield hashes[j]
 
     def generate_token(self) -> bool:
         """Append the next token and queue its output; True when the sequence has finished."""

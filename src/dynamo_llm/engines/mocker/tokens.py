@@ -11,6 +11,11 @@ Two tokenizers share one small interface (:class:`MockTokenizer`):
   does not round-trip: decoding renders an id as a pronounceable made-up word with a leading
   space (id 0 is ``" ka"``), which is enough for a simulated model's output.
 
+``aencode`` is ``encode`` for the event loop: a long text never holds it for long. The word
+tokenizer encodes a slice at a time (cut at whitespace, which no piece spans), yielding between
+slices; a ``tokenizer.json`` encodes in a thread through ``encode_batch``, which releases the
+GIL (``encode`` does not: measured, it holds it for the whole call).
+
 The next token is a pure function of the seed and the last :data:`CONTEXT_WINDOW` token ids of
 the context (prompt + generated), hashed with BLAKE2b and mapped onto the tokenizer's ordinary
 (non-special) ids. Nothing else enters it (not the position, the time, or the batch), so
@@ -21,6 +26,7 @@ would have. The mocker never samples an end-of-sequence token: a stream ends by 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import re
@@ -31,6 +37,7 @@ from typing import Protocol
 import tokenizers
 
 from ...protocols.chat import ChatMessage, content_text
+from ..slices import SLICE_CHARS, text_slices
 
 CONTEXT_WINDOW = 4
 """How many trailing context tokens the next-token hash looks at."""
@@ -54,6 +61,10 @@ class MockTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    async def aencode(self, text: str) -> list[int]:
+        """``encode(text)``, without holding the event loop for long on a long text."""
+        ...
+
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
     def detokenizer(self, prompt_len: int) -> Detokenizer: ...
@@ -70,6 +81,7 @@ class MockTokenizer(Protocol):
 # ---- fallback ---------------------------------------------------------------------------------
 
 _PIECE = re.compile(r"\w+|[^\w\s]")
+_SPACE = re.compile(r"\s")
 _SYLLABLES = (
     "ka", "lo", "mi", "nu", "pe", "ra", "si", "to",
     "ve", "zu", "ba", "de", "fi", "go", "hu", "ja",
@@ -110,6 +122,12 @@ class WordTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [_piece_id(piece) for piece in _PIECE.findall(text)]
+
+    async def aencode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        async for piece in text_slices(text, _SPACE):
+            ids += self.encode(piece)
+        return ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(render_word(t) for t in token_ids)
@@ -174,6 +192,12 @@ class FileTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text).ids)
+
+    async def aencode(self, text: str) -> list[int]:
+        if len(text) < SLICE_CHARS:
+            return self.encode(text)
+        (encoding,) = await asyncio.to_thread(self._tokenizer.encode_batch, [text])
+        return list(encoding.ids)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids))

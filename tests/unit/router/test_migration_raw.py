@@ -1,0 +1,86 @@
+"""With migration on, a worker's bytes are relayed raw and parsed only if a replay needs them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dynamo_llm.engines.base import EngineOutput, EngineRequest
+from dynamo_llm.engines.endpoints import CHAT
+from dynamo_llm.router.migration import MigrationState
+
+
+def chat_request(**fields: Any) -> EngineRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    raw = json.dumps({**body, **fields}).encode()
+    params = CHAT.decode(raw, lambda model: True)
+    return CHAT.request(params, id="r", model="m", max_tokens=10, raw_body=raw)
+
+
+def event(choice: dict[str, Any], **top: Any) -> bytes:
+    full = {"index": 0, "logprobs": None, "finish_reason": None, **choice}
+    obj = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [full], **top}  # fmt: skip
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+FIRST = EngineOutput(
+    "",
+    0,
+    prompt_token_ids=[1, 2, 3],
+    prompt_tokens=3,
+    raw=event({"delta": {"role": "assistant", "content": ""}}, prompt_token_ids=[1, 2, 3]),
+)
+TOKENS = event({"delta": {"content": "a"}, "token_ids": [7]}) + event(
+    {"delta": {"content": "b"}, "token_ids": [8]}
+)
+
+
+def test_relayed_bytes_reach_the_client_without_the_token_ids_it_did_not_ask_for() -> None:
+    state = MigrationState(chat_request(), budget=1)
+    first = state.observe(FIRST)
+    out = state.observe(EngineOutput(raw=TOKENS, num_tokens=2))
+    for raw in (first.raw, out.raw):
+        assert raw is not None and b"token_ids" not in raw
+        for line in raw.split(b"\n\n"):
+            if line:
+                json.loads(line.removeprefix(b"data: "))  # still JSON
+    assert out.raw is not None and b'"content":"a"' in out.raw
+
+
+def test_a_client_that_asked_for_token_ids_keeps_them() -> None:
+    state = MigrationState(chat_request(return_token_ids=True), budget=1)
+    out = state.observe(EngineOutput(raw=TOKENS, num_tokens=2))
+    assert out.raw == TOKENS
+
+
+def test_the_replay_is_token_exact_from_the_kept_bytes() -> None:
+    state = MigrationState(chat_request(), budget=1)
+    state.observe(FIRST)
+    state.observe(EngineOutput(raw=TOKENS, num_tokens=2))
+    assert state.generated == 2
+    replay = state.next_replay()
+    assert replay is not None and replay.raw_body is not None
+    body = json.loads(replay.raw_body)
+    assert body["prompt"] == [1, 2, 3, 7, 8]
+    assert body["max_tokens"] == 8
+
+
+def test_without_token_ids_the_kept_bytes_give_the_text_to_continue() -> None:
+    state = MigrationState(chat_request(), budget=1)
+    state.observe(EngineOutput("", 0, raw=event({"delta": {"role": "assistant", "content": ""}})))
+    raw = event({"delta": {"content": "Hel"}}) + event({"delta": {"content": "lo"}})
+    state.observe(EngineOutput(raw=raw, num_tokens=2))
+    replay = state.next_replay()
+    assert replay is not None and replay.raw_body is not None
+    body = json.loads(replay.raw_body)
+    assert body["messages"][-1] == {"role": "assistant", "content": "Hello"}
+    assert body["continue_final_message"] is True
+
+
+def test_a_finished_stream_does_not_migrate_even_from_kept_bytes() -> None:
+    state = MigrationState(chat_request(), budget=1)
+    state.observe(FIRST)
+    state.observe(EngineOutput(raw=TOKENS, num_tokens=2))
+    state.observe(EngineOutput("", 0, finish_reason="stop", raw=event({"delta": {}})))
+    assert state.next_replay() is None

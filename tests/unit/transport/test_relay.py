@@ -1,0 +1,58 @@
+"""The raw relay passes in-progress chunks on as bytes and leaves only decisions to the parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dynamo_llm.transport.events import EventParser
+from dynamo_llm.transport.relay import RawRelay
+from tests.helpers import chat_chunk_event
+
+
+def chunk(content: str | None, finish: str | None = None, **extra: Any) -> bytes:
+    return chat_chunk_event(content, finish, chunk_id="up-1", model="up", **extra)
+
+
+FIRST = chunk("")
+TOKENS = [chunk(f"tok{i}") for i in range(5)]
+FINISH = chunk("", "stop")
+USAGE = chunk(None, usage={"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7})
+DONE = b"data: [DONE]\n\n"
+
+
+def relay_after_first() -> tuple[RawRelay, EventParser]:
+    relay = RawRelay(response_id="chatcmpl-ours", model="ours", fast=True)
+    parser = EventParser(relay, keep_raw=True, sees_all=False)
+    assert parser.parse(FIRST) is not None
+    return relay, parser
+
+
+def test_a_buffer_of_in_progress_chunks_is_relayed_whole_and_rewritten() -> None:
+    relay, _ = relay_after_first()
+    out, rest = relay.pass_on(b"".join(TOKENS))
+    assert rest == b""
+    assert out is not None and out.num_tokens == 5
+    assert out.raw is not None and b'"up-1"' not in out.raw and b'"model":"ours"' in out.raw
+
+
+def test_the_tokens_before_the_last_events_are_relayed_and_only_the_end_is_parsed() -> None:
+    relay, parser = relay_after_first()
+    out, rest = relay.pass_on(b"".join(TOKENS) + FINISH + USAGE + DONE)
+    assert out is not None and out.num_tokens == 5
+    assert rest == FINISH + USAGE + DONE
+    last = parser.parse(rest)
+    assert parser.done
+    assert last is not None and last.finish_reason == "stop"
+    assert last.usage is not None and last.usage.completion_tokens == 5
+
+
+def test_a_buffer_that_starts_with_a_decision_goes_wholly_to_the_parser() -> None:
+    relay, _ = relay_after_first()
+    assert relay.pass_on(FINISH + DONE) == (None, FINISH + DONE)
+    assert relay.pass_on(b": keep-alive\n\n" + TOKENS[0]) == (None, b": keep-alive\n\n" + TOKENS[0])
+
+
+def test_a_paused_relay_sends_everything_to_the_parser() -> None:
+    relay, _ = relay_after_first()
+    relay.pause()
+    assert relay.pass_on(TOKENS[0]) == (None, TOKENS[0])
