@@ -31,7 +31,7 @@ from .discovery.static import (
     parse_upstream_file,
 )
 from .engines.base import EngineRequest
-from .engines.mocker.prompt import prompt_token_ids
+from .engines.mocker.prompt import prompt_of
 from .engines.mocker.tokens import load_tokenizer
 from .errors import DynamoError, InvalidRequest
 from .http.app import App, ServedModel, create_app
@@ -183,18 +183,20 @@ class Fleet:
         assert self.kv_intake is not None
         await self.kv_intake.reconcile((w.id, w.kv_events) for w in self.workers)
 
-    def _predict_kv(
+    async def _predict_kv(
         self, request: EngineRequest, worker_ids: Sequence[str]
     ) -> PreciseOverlap | None:
         """The request's token ids, as the (mocker) workers compute them, against the
-        workers' KV events; None when no worker's events flow or the prompt does not tokenize."""
+        workers' KV events; None when no worker's events flow or the prompt does not tokenize.
+        A long prompt is encoded without holding the loop (``aencode``)."""
         assert self.kv_intake is not None
         if not self.kv_intake.precise_workers():
             return None
         try:
-            token_ids = prompt_token_ids(self._tokenizer, request)
+            prompt = prompt_of(self._tokenizer, request)
         except InvalidRequest:
             return None
+        token_ids = await self._tokenizer.aencode(prompt) if isinstance(prompt, str) else prompt
         return self.kv_intake.predict(token_ids, worker_ids)
 
     async def _fetch_models(self, url: str) -> tuple[frozenset[str], bool]:

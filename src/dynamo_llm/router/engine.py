@@ -28,7 +28,7 @@ connection) is given back by the attempt, exactly once, whichever way it ends.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream
@@ -66,7 +66,7 @@ def prompt_text(request: EngineRequest) -> str:
     return "\n".join(f"{m.role}: {content_text(m.content, '')}" for m in request.messages)
 
 
-KvPredictor = Callable[[EngineRequest, Sequence[str]], PreciseOverlap | None]
+KvPredictor = Callable[[EngineRequest, Sequence[str]], Awaitable[PreciseOverlap | None]]
 """What the workers' KV events predict for a request over these workers (precise ``kv`` mode)."""
 
 
@@ -144,7 +144,7 @@ class Router:
     async def generate(
         self, request: EngineRequest, ctx: EngineContext
     ) -> AsyncIterator[EngineOutput]:
-        key = self._route_key(request)
+        key = await self._route_key(request)
         exclude: set[str] = set()
         budget = migration_budget(request, self.migration_limit)
         if not budget:
@@ -156,14 +156,14 @@ class Router:
         current = _CurrentAttempt(*await self._dispatch(state, request, ctx, key, exclude))
         return OwnedStream(self._migrate(state, ctx, key, exclude, current), current.aclose)
 
-    def _route_key(self, request: EngineRequest) -> _RouteKey:
+    async def _route_key(self, request: EngineRequest) -> _RouteKey:
         if not self.policy.uses_prefix:
             return _RouteKey([])
         hashes = block_hashes(prompt_text(request))
         if self.kv_predictor is None:
             return _RouteKey(hashes)
         ids = [w.id for w in self.workers.workers_for(request.model)]
-        return _RouteKey(hashes, self.kv_predictor(request, ids))
+        return _RouteKey(hashes, await self.kv_predictor(request, ids))
 
     def _count_prediction(self, key: _RouteKey, worker_id: str) -> None:
         precise = key.precise

@@ -30,9 +30,3 @@ def prompt_of(tokenizer: MockTokenizer, request: EngineRequest) -> str | list[in
             raise InvalidRequest(problem, param="prompt")
         return list(prompt)
     raise InvalidRequest("The prompt must be a string or a list of token ids", param="prompt")
-
-
-def prompt_token_ids(tokenizer: MockTokenizer, request: EngineRequest) -> list[int]:
-    """The prompt token ids the mocker computes for ``request`` (see :func:`prompt_of`)."""
-    prompt = prompt_of(tokenizer, request)
-    return tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
