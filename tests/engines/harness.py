@@ -43,7 +43,9 @@ KINDS = ("llama-server", "llama-cpp-python", "vllm")
 # case sees generation stop well before its end.
 LLAMA_CTX = 32768
 LLAMA_CPP_PYTHON_CTX = 32768
-VLLM_MAX_MODEL_LEN = 4096
+# Room for HANGUP_TOKENS (tests/engines/clients.py): its KV cache (VLLM_CPU_KVCACHE_SPACE=1,
+# 1 GiB) holds 524 288 tokens of the tiny model.
+VLLM_MAX_MODEL_LEN = 16384
 START_TIMEOUT = {"llama-server": 60.0, "llama-cpp-python": 90.0, "vllm": 420.0}
 REPO = Path(__file__).resolve().parents[2]
 # What a case learnt about an engine that is not a pass or a fail (printed at the end).
@@ -206,8 +208,8 @@ class Engine(Process):
         self.argv, self.env = self.command()
         super().start()
 
-    def is_ready(self) -> bool:
-        r = httpx.get(self.url + "/v1/models", timeout=2.0)
+    def is_ready(self, timeout: float = 2.0) -> bool:
+        r = httpx.get(self.url + "/v1/models", timeout=timeout)
         return r.status_code == 200 and any(m["id"] == MODEL for m in r.json()["data"])
 
     def wait_ready(self) -> None:
@@ -291,7 +293,7 @@ def start_frontend(
         models = httpx.get(fe.url + "/v1/models", timeout=2.0).json()["data"]
         return any(m["id"] == MODEL for m in models)
 
-    wait_until(serving, 30.0, 0.1, f"{name} serving {MODEL}")
+    wait_until(serving, 90.0, 0.1, f"{name} serving {MODEL}")
     return fe
 
 
@@ -350,8 +352,10 @@ class Pair:
 
 
 def _answers(engine: Engine) -> bool:
+    # A generous timeout: a live engine on a loaded machine may take seconds to answer, and a
+    # needless restart costs a minute (vLLM) and every frontend in front of the pair.
     try:
-        return engine.is_ready()
+        return engine.is_ready(timeout=15.0)
     except (httpx.HTTPError, OSError, KeyError, json.JSONDecodeError):
         return False
 

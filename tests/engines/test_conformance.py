@@ -84,7 +84,7 @@ def test_text_through_the_frontend_equals_the_engine_reached_directly(
     # The engines' own counters: two requests of TOKENS tokens each, nothing more (vLLM's
     # counter may trail the answer by a scheduler step).
     with contextlib.suppress(TimeoutError):
-        wait_until(lambda: _generated(fleet, marks) - before >= 2 * TOKENS, 5.0, 0.1)
+        wait_until(lambda: _generated(fleet, marks) - before >= 2 * TOKENS, 30.0, 0.1)
     assert _generated(fleet, marks) - before == 2 * TOKENS
 
 
@@ -191,7 +191,9 @@ def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
         e.signal_group(signal.SIGCONT)
     # The OpenAI-shaped error frame after the first token, of the timeout type.
     assert info.value.type == "timeout_error", (info.value.type, info.value.body)
-    assert waited < limit + 5, waited
+    # The attempt's silence limit fired (generous: a loaded machine delays it), not the
+    # client's own timeout (TIMEOUT, minutes).
+    assert waited < limit + 30, waited
     quarantined = {k: v for k, v in fe.metrics().items() if k[0].endswith("worker_quarantined")}
     assert any(v == 1 for (_, labels), v in quarantined.items() if (("worker", e.url),) == labels)
 
@@ -200,9 +202,10 @@ def test_a_sigstopped_engine_times_out_with_migration_off(fleet: Pair) -> None:
 @pytest.mark.destructive
 def test_migration_after_sigkill_is_token_exact_on_vllm(fleet: Pair) -> None:
     fe = fleet.frontend(migration_limit=1, fresh="migration")
-    direct = stream_completion(client(fleet.engines[0].url + "/v1"), 600)
+    tokens = HANGUP_TOKENS[fleet.kind]  # long enough to be killed mid-stream
+    direct = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
-    stream = completion_stream(fe.base_url, 600, stream_options={"include_usage": True})
+    stream = completion_stream(fe.base_url, tokens, stream_options={"include_usage": True})
     killed: list[Engine] = []
 
     def kill() -> None:
@@ -214,7 +217,7 @@ def test_migration_after_sigkill_is_token_exact_on_vllm(fleet: Pair) -> None:
     assert killed
     other = next(e for e in fleet.engines if e is not killed[0])
     assert got == direct.text
-    assert usage is not None and usage["completion_tokens"] == 600
+    assert usage is not None and usage["completion_tokens"] == tokens
     # The survivor finished it, from a replayed prompt (the original plus what was generated).
     assert served_requests(other, marks[fleet.engines.index(other)])
     metrics = fe.metrics()

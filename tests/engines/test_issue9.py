@@ -1,15 +1,16 @@
 """Issue 9's nine problems, each shown against the real engines.
 
-Every case here failed before issue 9's fixes. Those that still fail on main are marked
-``xfail(strict=True)`` with the problem they show (strict: the fix that makes one pass turns
-the run red until its mark is removed). Each compares with the engine reached directly, so what
-"right" means is what the engine itself does.
+Every case here failed before issue 9's fixes, and passes since (a case for a problem not fixed
+yet would be marked ``xfail(strict=True)``, so that the fix turns the run red until the mark is
+removed). Each compares with the engine reached directly, so what "right" means is what the
+engine itself does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import time
 from typing import Any
@@ -45,14 +46,6 @@ from tests.engines.harness import (
 
 TOKENS = 30
 COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
-
-
-def problem(n: int, why: str) -> pytest.MarkDecorator:
-    """Expected to fail, by a failed check or the error the client gets; anything else (a
-    harness error, an engine that did not start) is a real failure."""
-    return pytest.mark.xfail(
-        strict=True, raises=(AssertionError, openai.APIError), reason=f"issue 9 problem {n}: {why}"
-    )
 
 
 # vLLM makes a tool call of a random model by guided decoding into the tool's schema. llama.cpp
@@ -174,7 +167,6 @@ def test_usage_is_the_engines_or_absent(fleet: Pair, stream: bool) -> None:
 
 @only("llama-server")
 @pytest.mark.destructive
-@problem(4, "after a text-continuation migration prompt_tokens is not the original prompt's")
 def test_usage_after_a_text_continuation_migration(fleet: Pair) -> None:
     fe = fleet.frontend(migration_limit=1, fresh="usage-migration")
     tokens = HANGUP_TOKENS[fleet.kind]
@@ -225,7 +217,7 @@ def _quarantined(
 @only("llama-cpp-python")
 @pytest.mark.destructive
 def test_a_quarantined_engine_without_health_comes_back(fleet: Pair) -> None:
-    fe = fleet.frontend(backend_stream_timeout_secs=2, fresh="probe-404")
+    fe = fleet.frontend(backend_stream_timeout_secs=SILENCE_LIMIT[fleet.kind], fresh="probe-404")
     c = client(fe.base_url)
     victim = fleet.engines[0]
     assert victim.get("/health").status_code == 404  # what the probe meets
@@ -254,32 +246,47 @@ def test_a_hung_engine_core_is_not_readmitted(fleet: Pair) -> None:
     fe = fleet.frontend(backend_stream_timeout_secs=SILENCE_LIMIT["vllm"], fresh="probe-hung")
     c = client(fe.base_url, timeout=30.0)
     victim = fleet.engines[0]
+    failed_probe = f"probe of worker {victim.url} failed"
+    mark = fe.process.log_mark()
     with paused(victim, victim.child_pids()):
         assert victim.get("/health", timeout=5.0).status_code == 200  # the HTTP server lives
-        failures = 0
-        for _ in range(8):
+        # Requests go on until the victim has failed two probes (each after its back-off): no
+        # request may meet it again in between.
+        failures, sent = 0, 0
+        deadline = time.monotonic() + 120.0
+        while sent < 8 or fe.log_text(mark).count(failed_probe) < 2:
+            assert time.monotonic() < deadline, ("probes seen", fe.log_text(mark)[-3000:])
             try:
                 unary_completion(c, 5)
             except openai.APIError:
                 failures += 1
-            time.sleep(1.0)
+            sent += 1
         # One request may meet the hung engine before it is known; after that, none.
         assert failures <= 1, failures
+        assert _quarantined(fe.metrics(), victim.url) == 1
 
 
 # --- 7. a 200 with an empty body -----------------------------------------------------------------
 
 
 @only("llama-cpp-python")
-@problem(7, "a 200 with an empty body quarantines the worker")
 def test_an_empty_200_is_an_upstream_error_not_a_dead_worker(fleet: Pair) -> None:
     fe = fleet.frontend()
     long_prompt = "weather " * (2 * LLAMA_CPP_PYTHON_CTX)
     body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 5, "stream": True}
     direct = fleet.engines[0].post("/v1/completions", body)
     assert direct.status_code == 200 and direct.content == b""  # what the engine does
+    mark = fe.process.log_mark()
     r = httpx.post(fe.base_url + "/completions", json={**body, "stream": False}, timeout=60.0)
     assert r.status_code == 502, r.text
+    # The worker is probed at once; what the probe decided is in the frontend's log.
+    verdict = wait_until(
+        lambda: re.search(r"(passed|failed) its probe.*", fe.log_text(mark)),
+        30.0,
+        0.1,
+        "the probe of the worker decides",
+    )
+    assert verdict.group(1) == "passed", fe.log_text(mark)
     metrics = fe.metrics()
     assert all(_quarantined(metrics, e.url) == 0 for e in fleet.engines)
 

@@ -486,14 +486,26 @@ async def test_a_token_exact_migration_keeps_logprobs_and_reports_the_original_p
     }
 
 
-async def test_a_text_migration_leaves_out_the_prompt_count_it_cannot_know() -> None:
+async def test_a_text_migration_counts_the_original_prompt_with_a_one_token_request() -> None:
     body = chat_body(stream_options={"include_usage": True})
     async with migrating(hold_after=3, token_ids=False) as (workers, fe):
         chunks = await first_events_then_kill(fe, workers, body, after=3)
+        asked = await streamed_requests(survivor(workers))
+        theirs = await direct(survivor(workers), body)
     (choice,) = fold(chunks).values()
     assert choice["content"] == "".join(f"t{i} " for i in range(12))
-    # The replay's prompt holds the continued text: its count is not the client's prompt.
-    assert chunks[-1]["usage"] == {"completion_tokens": 12}
+    # The first worker died before its usage, and the replay's prompt holds the continued
+    # text: its count is not the client's prompt. The request itself, for one token, says it.
+    replay, count = asked
+    assert replay["body"]["messages"][-1]["role"] == "assistant"
+    assert count["body"]["messages"] == body["messages"]
+    assert count["body"]["max_tokens"] == 1
+    prompt = theirs["usage"]["prompt_tokens"]
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": 12,
+        "total_tokens": prompt + 12,
+    }
 
 
 async def test_a_migrated_stream_that_asked_for_token_ids_gets_the_workers_bytes_then_ours() -> (

@@ -127,12 +127,15 @@ async def test_a_worker_silent_after_its_first_token_hands_the_rest_on(kind: str
         await closed(silent)
         assert quarantined(fleet, silent)
         assert migrations(fe, "ongoing_request") == 1 and migrations(fe) == 1
-        [replay] = good.requests()
-        # The replay continues what the client already has.
+        # The replay continues what the client already has; the silent worker never said the
+        # prompt's size, so the original request is sent once more for one token to count it.
+        [replay, count] = good.requests()
         body = replay.body
         assert isinstance(body, dict)
         continued = body.get("prompt") or body["messages"][-1]["content"]
         assert str(continued).endswith("tok0")
+        assert isinstance(count.body, dict) and count.body["max_tokens"] == 1
+        assert "tok0" not in json.dumps(count.body)
 
 
 async def test_the_http_safety_net_does_not_cut_a_request_the_router_is_moving() -> None:

@@ -282,7 +282,8 @@ async def test_each_choice_of_n_gets_its_own_uuid() -> None:
 
 async def test_a_migrated_request_sends_a_new_uuid_and_every_field_again() -> None:
     # Whichever worker the router picks first cuts the stream after two tokens; the other one
-    # takes the replay. Expected: two attempts, two different UUIDs, one client id; the replay
+    # takes the replay. Expected: two attempts (and the prompt's count), each its own UUID, one
+    # client id; the replay
     # carries every field the client sent, the messages as written, and continues the text.
     script = Script(["cut@2"])
     async with (
@@ -299,10 +300,15 @@ async def test_a_migrated_request_sends_a_new_uuid_and_every_field_again() -> No
     assert {c["id"] for c in chunks} == {"chatcmpl-mig"}
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == "tok0tok1" + "tok0tok1tok2tok3"  # the replay's budget is what was left
-    first, replay = sorted([*one.received, *two.received], key=_is_replay)
-    ids = [first.headers["x-request-id"], replay.headers["x-request-id"]]
-    assert all(map(is_uuid4, ids)) and ids[0] != ids[1]
-    assert {first.headers["x-client-request-id"], replay.headers["x-client-request-id"]} == {"mig"}
+    received = [*one.received, *two.received]
+    # The first worker cut the stream before its usage, so it never said the prompt's size, and
+    # the replay's prompt is not the client's: the request itself, for one token, counts it.
+    [count] = [r for r in received if r.json.get("max_tokens") == 1]
+    first, replay = sorted([r for r in received if r is not count], key=_is_replay)
+    ids = [r.headers["x-request-id"] for r in (first, replay, count)]
+    assert all(map(is_uuid4, ids)) and len(set(ids)) == 3
+    assert {r.headers["x-client-request-id"] for r in (first, replay, count)} == {"mig"}
+    assert count.json == as_forwarded(sent) | {"max_tokens": 1}
     assert first.json == as_forwarded(sent) | {"return_token_ids": True}
     assert replay.json == as_forwarded(sent) | {
         "return_token_ids": True,

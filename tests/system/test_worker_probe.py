@@ -118,6 +118,22 @@ async def test_a_broken_answer_fails_the_probe_without_falling_back(
     assert words in result.summary, result.summary
 
 
+async def test_a_connection_closed_unanswered_is_asked_again_once(client: WorkerClient) -> None:
+    # A pooled connection the worker closed just as the probe went out on it: asked again on a
+    # fresh one. A worker that closes every connection fails.
+    async with asyncio.timeout(SAFETY_NET) as net:
+        async with scripted_worker(model="m", script=["close"]) as w:
+            result = await client.probe(w.url, within=2.0, model="m")
+            assert result and result.path == COMPLETIONS_PROBE, result.summary
+            assert [s.behaviour for s in w.seen] == ["close", "ok"]
+            assert "closed the connection" in result.summary and "asked again" in result.summary
+        async with scripted_worker(model="m", default="close") as w:
+            result = await client.probe(w.url, within=2.0, model="m")
+            assert not result and result.path == COMPLETIONS_PROBE
+            assert [s.behaviour for s in w.seen] == ["close", "close"], "no fallback to /health"
+    assert not net.expired()
+
+
 async def test_the_remembered_probe_is_asked_first(client: WorkerClient) -> None:
     async with asyncio.timeout(SAFETY_NET) as net, scripted_worker(model="m") as w:
         result = await client.probe(w.url, within=2.0, model="m", first=CHAT_PROBE)

@@ -19,7 +19,8 @@ workers exactly like an in-process engine. Per request it:
    worker with the replay. ``model_migration_total`` counts a ``new_request`` when nothing was
    generated yet and an ``ongoing_request`` otherwise; each migration keeps the request's
    context alive (``keep_alive()``), so the HTTP layer's net does not fire before the new
-   attempt's own limits.
+   attempt's own limits. A request continued as text whose first worker never said the
+   prompt's size gets it from a 1-token request before its usage goes out (:mod:`.migration`).
 
 Whatever the attempt holds (the in-flight slot, the attempt context's link, the upstream
 connection) is given back by the attempt, exactly once, whichever way it ends.
@@ -232,8 +233,17 @@ class Router:
         try:
             while True:
                 try:
+                    last: EngineOutput | None = None
                     async for out in current.stream:
+                        if out.usage is not None and state.lacks_prompt_count:
+                            last = out  # the usage comes last: the stream ends after it
+                            continue
                         yield observe(out)
+                    if last is not None:
+                        # Counted once the replay's attempt is over, so its silence limit
+                        # cannot fire while the count runs.
+                        await self._count_prompt(state, ctx, hashes, exclude)
+                        yield observe(last)
                     return
                 except DynamoError as exc:
                     # The attempt has already reported its worker down and given back what it
@@ -258,6 +268,29 @@ class Router:
                     )
         finally:
             await current.aclose()
+
+    async def _count_prompt(
+        self, state: MigrationState, ctx: EngineContext, hashes: list[int], exclude: set[str]
+    ) -> None:
+        """Ask a worker for the original prompt's size when the replay's usage needs it and the
+        first attempt never said it (see :mod:`.migration`); on failure it stays unknown."""
+        request = state.prompt_count_request()
+        if request is None:
+            return
+        try:
+            _worker, stream = await self._attempt(request, ctx, hashes, set(exclude))
+            try:
+                async for out in stream:
+                    if out.usage is not None and out.usage.prompt_tokens is not None:
+                        state.count_prompt(out.usage.prompt_tokens)
+            finally:
+                await stream.aclose()
+        except DynamoError as exc:
+            log.info(
+                "request %s: the prompt could not be counted (%s); its usage leaves it out",
+                request.id,
+                exc.code,
+            )
 
     async def _attempt(
         self,

@@ -21,10 +21,14 @@ carry the replay's own prompt (``prompt_tokens``, ``prompt_token_ids``) or a sec
 chat continued on ``/v1/completions`` gets its chunks back in the chat shape (``text`` as
 ``delta.content``, completions logprobs as chat logprobs); a completion's ``text_offset``
 counts from the start of the whole answer. The final ``usage`` is the request's own: the
-*original* prompt's size (known from the first attempt's prompt ids or count, else left out;
-never the replay's prompt less a guess), every token generated across attempts, and the cached
-prompt tokens only as the first attempt's engine reported them; the replay's other usage keys
-describe the replay, not the request, and are dropped.
+*original* prompt's size, every token generated across attempts, and the cached prompt tokens
+only as the first attempt's engine reported them; the replay's other usage keys describe the
+replay, not the request, and are dropped. The original prompt's size comes from the first
+attempt's prompt ids or count; an engine that reports neither before its last chunk (llama.cpp)
+and died first leaves it unknown, and the replay's prompt (the original plus the text, tokenized
+anew) does not tell it. The router then asks a worker for it, before the replay's usage goes out:
+the request itself with ``max_tokens: 1`` (:meth:`MigrationState.prompt_count_request`), whose
+usage is the engine's own count of the original prompt (left out if that fails; never a guess).
 
 The replay is passed on like the request itself: its ``raw_body`` is the client's JSON with the
 replay's changes made (:func:`_replay_body`), so every field the frontend does not know, and
@@ -123,6 +127,7 @@ class MigrationState:
         "_as_chat",
         "_before",
         "_cached",
+        "_counting",
         "_exact",
         "_finished",
         "_prompt_ids",
@@ -157,6 +162,7 @@ class MigrationState:
         self._finished = False
         self._raw: list[bytes] = []  # relayed bytes not parsed yet: the replay buffer
         self._raw_events = 0  # the tokens counted for them (one per event)
+        self._counting = False  # the prompt's count was asked for
 
     @property
     def is_token_exact(self) -> bool:
@@ -269,6 +275,34 @@ class MigrationState:
                 self.generated += count
                 if text:
                     self._texts.append(text)
+
+    @property
+    def lacks_prompt_count(self) -> bool:
+        """A replay runs and the original prompt's size is unknown (and was not asked for)."""
+        return self._replaying and self._prompt_tokens is None and not self._counting
+
+    def prompt_count_request(self) -> EngineRequest | None:
+        """The request asking for one token, whose usage counts the original prompt: once, for
+        a replay whose first attempt never said the prompt's size (see the module doc); None
+        when the count is known, was asked for already, or cannot be asked."""
+        if not self.lacks_prompt_count:
+            return None
+        self._counting = True
+        request = self.request
+        params = request.params
+        if isinstance(params, ChatCompletionRequest):
+            key = "max_tokens" if params.max_completion_tokens is None else "max_completion_tokens"
+            chat = msgspec.structs.replace(params, min_tokens=None, **{key: 1})
+            return _replay(request, CHAT, chat, None, 1)
+        prompt = request.prompt if request.prompt is not None else params.prompt
+        if not isinstance(prompt, str):
+            return None
+        one = msgspec.structs.replace(params, max_tokens=1, min_tokens=None, echo=None)
+        return _replay(request, COMPLETIONS, one, prompt, 1)
+
+    def count_prompt(self, tokens: int) -> None:
+        """The original prompt's size, as an engine counted it for :meth:`prompt_count_request`."""
+        self._prompt_tokens = tokens
 
     def _client_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
         """A replay's chunk as the client's stream continues it."""

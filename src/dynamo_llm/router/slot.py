@@ -70,7 +70,7 @@ class InflightSlot(Generic[W]):
 class WorkerLoad:
     """A worker's requests in flight and their KV blocks; changed only through its slots."""
 
-    __slots__ = ("_active_blocks", "_gauge", "_inflight", "_reported", "_sent")
+    __slots__ = ("_active_blocks", "_done", "_gauge", "_inflight", "_reported", "_sent")
 
     def __init__(self) -> None:
         self._inflight = 0
@@ -78,6 +78,7 @@ class WorkerLoad:
         self._gauge: GaugeChild | None = None
         self._reported: float | None = None
         self._sent = 0
+        self._done = 0  # requests of ours that ended since the report
 
     @property
     def inflight(self) -> int:
@@ -99,15 +100,18 @@ class WorkerLoad:
 
     @property
     def load(self) -> float:
-        """The engine-reported requests plus those sent since, else the in-flight count."""
+        """The engine-reported requests, plus those sent since, minus those of ours that ended
+        since (the report counted them, or they were sent after it); never less than what this
+        frontend has in flight. Without a report: the in-flight count."""
         if self._reported is None:
             return float(self._inflight)
-        return self._reported + self._sent
+        return max(self._reported + self._sent - self._done, float(self._inflight))
 
     def report(self, requests: float | None) -> None:
         """The engine now holds ``requests`` (running + queued); None: no figure, count locally."""
         self._reported = requests
         self._sent = 0
+        self._done = 0
 
     def attach_gauge(self, gauge: GaugeChild | None) -> None:
         """Report the count to ``gauge`` from now on (None: stop reporting)."""
@@ -125,6 +129,7 @@ class WorkerLoad:
 
     def _give_back(self, blocks: int) -> None:
         self._inflight -= 1
+        self._done += 1
         self._active_blocks -= blocks
         self._publish()
 

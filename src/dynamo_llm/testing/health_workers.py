@@ -22,6 +22,9 @@ next entry of ``script`` says, or as ``default`` once the script is used up:
 ``cut``         sends the headers, then closes the connection before any event (chunked, so
                 the client sees the body cut short, not ended)
 ``empty``       200 ``text/event-stream`` with an empty body (llama_cpp.server, over-long prompt)
+``empty-close`` the same, and then, as llama_cpp.server's uvicorn does once its app raised, the
+                connection is closed: the next request sent on it is read and lost unanswered
+``close``       reads the request and closes the connection without answering
 ``json-error``  200 ``application/json`` with an OpenAI error body
 ``http-500``    500 with an OpenAI error body
 ==============  ===================================================================================
@@ -34,7 +37,8 @@ Every request is recorded as a :class:`Seen` (``seen``): its path, id, body, whe
 probe (a ``stream: false`` generation request or a ``GET /health``; the frontend streams every
 client request upstream) and whether the client closed the connection before the answer ended
 (``disconnected``; aiohttp's ``handler_cancellation`` cancels the handler at once, as a real
-engine server reacts).
+engine server reacts). A request lost on a connection closed by ``empty-close`` is recorded with
+the behaviour ``lost``.
 """
 
 from __future__ import annotations
@@ -68,7 +72,18 @@ __all__ = [
     "worker_client",
 ]
 
-BEHAVIOURS = ("ok", "hang", "first-hang", "drop", "cut", "empty", "json-error", "http-500")
+BEHAVIOURS = (
+    "ok",
+    "hang",
+    "first-hang",
+    "drop",
+    "cut",
+    "empty",
+    "empty-close",
+    "close",
+    "json-error",
+    "http-500",
+)
 GENERATION_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
@@ -126,6 +141,8 @@ class ScriptedWorker:
         self.url = ""
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        # Connections an ``empty-close`` answer left to be closed at their next request.
+        self._closing: set[asyncio.BaseTransport] = set()
 
     # --- what the test uses -------------------------------------------------------------------
 
@@ -206,7 +223,10 @@ class ScriptedWorker:
                 body = json.loads(await request.read())
             except ValueError:
                 body = None
-            behaviour = self.script.pop(0) if self.script else self.default
+            if request.transport in self._closing:
+                behaviour = "lost"
+            else:
+                behaviour = self.script.pop(0) if self.script else self.default
             seen = Seen(request.path, request.headers.get("X-Request-Id", ""), body, behaviour)
             return await self._record(seen, lambda: self._behave(request, seen, name == "chat"))
 
@@ -216,6 +236,11 @@ class ScriptedWorker:
         behaviour = seen.behaviour
         if behaviour == "hang":
             await asyncio.Event().wait()
+        if behaviour in ("lost", "close"):
+            assert request.transport is not None
+            self._closing.discard(request.transport)
+            request.transport.close()
+            return web.Response(status=500)  # never written: the connection is gone
         if behaviour == "http-500":
             seen.answered = True
             return web.Response(
@@ -237,11 +262,13 @@ class ScriptedWorker:
             assert request.transport is not None
             request.transport.close()
             return resp
-        if behaviour == "empty":
+        if behaviour in ("empty", "empty-close"):
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             await resp.write_eof()
             seen.answered = True
+            if behaviour == "empty-close" and request.transport is not None:
+                self._closing.add(request.transport)
             return resp
         answer = _Answer(self, seen, chat)
         if not _get(seen.body, "stream"):

@@ -48,7 +48,14 @@ from ..errors import (
 )
 from ..runtime.context import EngineContext
 
-__all__ = ["admission_error", "describe", "error_from_worker", "no_stream_error", "summarize_body"]
+__all__ = [
+    "admission_error",
+    "describe",
+    "error_from_worker",
+    "is_closed_unanswered",
+    "no_stream_error",
+    "summarize_body",
+]
 
 # How much of a worker's error message is passed on.
 MAX_MESSAGE_CHARS = 1000
@@ -194,13 +201,22 @@ def admission_error(
         return WorkerUnreachable(f"Could not connect to the worker: {describe(exc)}")
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
         return WorkerResponseTimeout("The worker did not answer in time")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+    if is_closed_unanswered(exc):
         return None
     if isinstance(exc, aiohttp.InvalidURL):
         return WorkerUnreachable("The worker's URL is invalid")
     if isinstance(exc, aiohttp.ClientResponseError):
         return UpstreamError(f"The worker sent a malformed HTTP response: {describe(exc)}")
     return WorkerDisconnected(f"The worker's connection failed: {describe(exc)}")
+
+
+def is_closed_unanswered(exc: BaseException) -> bool:
+    """Whether the worker closed (or reset) a connection it had accepted before answering: most
+    likely a pooled connection it closed just as a request went out on it, worth one more try on
+    a fresh one. A failed connect is not such a case."""
+    return isinstance(
+        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+    ) and not isinstance(exc, aiohttp.ClientConnectorError)
 
 
 def describe(exc: BaseException) -> str:

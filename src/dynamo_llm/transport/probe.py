@@ -22,7 +22,12 @@ behind a live HTTP server stays out. The caller remembers which probe decided
 (:attr:`ProbeResult.path`) and passes it back as ``first`` the next time, so an engine without
 completions is not asked for them on every probe.
 
-One deadline (``within``) bounds the whole probe; a probe that runs out of it closes its
+A probe whose connection the worker closes before any answer is asked once more: the connection
+was most likely a pooled one the worker closed just as the probe went out on it (uvicorn closes
+the connection of a request its app failed, llama_cpp.server's empty 200 among them, a moment
+after the body ended), which says nothing about the engine; the second attempt gets a fresh
+connection, and a worker that closes that one too fails the probe. One deadline (``within``)
+bounds the whole probe; a probe that runs out of it closes its
 connection, so a hung worker sees the request abandoned. The request id is a fresh UUID (some
 engines, llama_cpp.server among them, refuse any other). A probe is not a client request: it
 goes to the worker directly, past the frontend's request metrics.
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 import aiohttp
 import msgspec
 
-from .errors import describe, summarize_body
+from .errors import describe, is_closed_unanswered, summarize_body
 
 __all__ = [
     "CHAT_PROBE",
@@ -104,7 +109,16 @@ async def probe_worker(
             steps.append(f"{_method(path)} {path}: no time left")
             return ProbeResult(False, path, "; ".join(steps))
         try:
-            status, body = await _ask(session, base, path, model, left)
+            try:
+                status, body = await _ask(session, base, path, model, left)
+            except aiohttp.ClientError as exc:
+                # Closed before any answer: most likely a pooled connection the worker closed
+                # just as the probe went out on it (see the module doc). Once more, afresh.
+                left = deadline - time.monotonic()
+                if not is_closed_unanswered(exc) or left <= 0:
+                    raise
+                steps.append(f"{_method(path)} {path}: {describe(exc)}, asked again")
+                status, body = await _ask(session, base, path, model, left)
         except (TimeoutError, aiohttp.ClientError) as exc:
             elapsed = time.monotonic() - started
             if isinstance(exc, TimeoutError):

@@ -56,7 +56,8 @@ class Scripted:
     worker they go to (then ``behaviour[url]``'s steps, then ``ok``). A step is
     ``ok``, ``refuse``, ``drop@K`` (K tokens then the connection drops), ``shutdown@K``,
     ``timeout@K``, ``reject`` (a 4xx), ``hold`` (waits for the attempt to be killed before
-    answering its headers), ``text`` (no token ids)."""
+    answering its headers), ``text`` (no token ids), ``late`` (no token ids, and the prompt's
+    size only in the usage at the end, as llama.cpp reports it; ``late@K`` fails before it)."""
 
     def __init__(self) -> None:
         self.steps: list[str] = []
@@ -114,11 +115,12 @@ class Scripted:
                 token = next_id(ids)
                 ids.append(token)
                 last = k == max_tokens - 1
+                exact = kind not in ("text", "late")
                 yield EngineOutput(
                     word(token),
-                    token_ids=None if kind == "text" else [token],
-                    prompt_token_ids=list(ids[:prompt_len]) if k == 0 and kind != "text" else None,
-                    prompt_tokens=prompt_len if k == 0 else None,
+                    token_ids=[token] if exact else None,
+                    prompt_token_ids=list(ids[:prompt_len]) if k == 0 and exact else None,
+                    prompt_tokens=prompt_len if k == 0 and kind != "late" else None,
                     finish_reason="length" if last else None,
                     usage=Usage(prompt_len, k + 1) if last else None,
                 )
@@ -243,6 +245,49 @@ async def test_without_token_ids_the_replay_continues_the_text(
         assert isinstance(replay.params, CompletionRequest)
         assert replay.prompt == replay.params.prompt == "hi" + head
         assert replay.params.max_tokens == 2
+    await router.aclose()
+
+
+@pytest.mark.parametrize("make", [completion, chat], ids=["completions", "chat"])
+async def test_the_original_prompt_is_counted_when_the_first_worker_never_said_its_size(
+    make: Callable[[int], EngineRequest],
+) -> None:
+    # llama.cpp: no token ids, and the prompt's size only in the usage the first worker never
+    # sent. The replay's prompt (the original and the text) is not the client's: the request
+    # asks for one token to learn it, once the replay is over.
+    _metrics, workers, client, router = setup("http://a", "http://b")
+    client.behaviour["http://a"] = ["late@3"]
+    client.behaviour["http://b"] = ["late", "late"]
+    request = make(5)
+    outs = await collect(router, request)
+    _, text = reference(5)
+    assert joined(outs) == text
+    assert outs[-1].usage == Usage(3, 5)
+    assert [url for url, _, _ in client.sent] == ["http://a", "http://b", "http://b"]
+    count = client.sent[2][1]
+    assert count.endpoint == request.endpoint
+    assert count.max_tokens == 1
+    if make is chat:
+        assert isinstance(count.params, ChatCompletionRequest)
+        assert count.params.messages == request.messages
+        assert count.params.max_tokens == 1
+    else:
+        assert isinstance(count.params, CompletionRequest)
+        assert count.prompt == count.params.prompt == "hi"
+        assert count.params.max_tokens == 1
+    assert client.closed == ["http://a", "http://b", "http://b"], "the replay ended first"
+    assert inflight(workers) == {"http://a": 0, "http://b": 0}
+    await router.aclose()
+
+
+async def test_a_prompt_count_that_fails_leaves_the_prompt_out_of_the_usage() -> None:
+    _metrics, _workers, client, router = setup("http://a", "http://b")
+    client.behaviour["http://a"] = ["late@3"]
+    client.behaviour["http://b"] = ["late", "reject"]
+    outs = await collect(router, completion(5))
+    assert joined(outs) == reference(5)[1]
+    assert outs[-1].usage == Usage(None, 5), "unknown, never the replay's prompt"
+    assert len(client.sent) == 3
     await router.aclose()
 
 

@@ -11,6 +11,7 @@ from dynamo_llm.router import (
     RoutingPolicy,
     UnknownWorker,
     Worker,
+    WorkerLoad,
     block_hashes,
 )
 from dynamo_llm.runtime import FakeClock
@@ -118,3 +119,24 @@ def test_acquire_counts_the_request_blocks_as_active_and_records_them() -> None:
     assert index.overlap("http://a", hashes) == 4
     workers.remove("http://a")
     assert index.cached_blocks("http://a") == 0
+
+
+def test_engine_reported_load_forgets_our_own_requests_that_ended_since_the_report() -> None:
+    """The engine's figure counted our requests in flight at the scrape; once they end, they are
+    neither ours nor another frontend's (else ``kv`` mode takes them for foreign load until the
+    next scrape and spreads a shared prefix away from its cache)."""
+    load = WorkerLoad()
+    first = load.take("w", blocks=4)
+    load.report(1.0)  # the engine holds our one request
+    assert load.load == 1
+    first.release()
+    assert load.load == 0  # it ended: nobody's load now
+    second = load.take("w", blocks=4)
+    assert load.load == 1  # sent since the report
+    second.release()
+    assert load.load == 0
+    load.report(3.0)  # two other frontends' requests, none of ours
+    third = load.take("w", blocks=4)
+    assert load.load == 4
+    third.release()
+    assert load.load == 3  # theirs still run
