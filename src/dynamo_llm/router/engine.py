@@ -242,7 +242,7 @@ class Router:
                     if last is not None:
                         # Counted once the replay's attempt is over, so its silence limit
                         # cannot fire while the count runs.
-                        await self._count_prompt(state, ctx, hashes, exclude)
+                        await self._count_prompt(state, ctx, key, exclude)
                         yield observe(last)
                     return
                 except DynamoError as exc:
@@ -270,7 +270,7 @@ class Router:
             await current.aclose()
 
     async def _count_prompt(
-        self, state: MigrationState, ctx: EngineContext, hashes: list[int], exclude: set[str]
+        self, state: MigrationState, ctx: EngineContext, key: _RouteKey, exclude: set[str]
     ) -> None:
         """Ask a worker for the original prompt's size when the replay's usage needs it and the
         first attempt never said it (see :mod:`.migration`); on failure it stays unknown."""
@@ -278,7 +278,7 @@ class Router:
         if request is None:
             return
         try:
-            _worker, stream = await self._attempt(request, ctx, hashes, set(exclude))
+            _worker, stream = await self._attempt(request, ctx, key, set(exclude))
             try:
                 async for out in stream:
                     if out.usage is not None and out.usage.prompt_tokens is not None:
