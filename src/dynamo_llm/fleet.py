@@ -14,6 +14,7 @@ available).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,20 @@ from .discovery.static import (
     normalise_url,
     parse_upstream_file,
 )
-from .errors import DynamoError
+from .engines.base import EngineRequest
+from .engines.mocker.prompt import prompt_of
+from .engines.mocker.tokens import load_tokenizer
+from .errors import DynamoError, InvalidRequest
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
 from .router import AttemptLimits, KvIndex, Router, RouterMode, RoutingPolicy, Worker, WorkerSet
+from .router.kv_blocks import KvBlockIndex
+from .router.kv_events import KvEventIntake
 from .router.liveness import IdleChecker
+from .router.policies import PreciseOverlap
 from .router.scraper import EngineReport, LoadScraper
 from .runtime.clock import Clock
+from .runtime.tasks import Periodic
 from .transport import WorkerClient, make_session
 from .transport.auth import WorkerKeys
 from .transport.scrape import scrape_engine_load
@@ -43,6 +51,8 @@ from .transport.scrape import scrape_engine_load
 log = logging.getLogger("dynamo_llm.fleet")
 
 MODELS_WITHIN = 5.0
+KV_FOLLOW_INTERVAL = 0.5
+"""How often the KV event subscribers are matched to the fleet (seconds)."""
 
 
 class Fleet:
@@ -75,6 +85,12 @@ class Fleet:
         self.discovery: Discovery | None = None
         self.idle_checker: IdleChecker | None = None
         self.scraper: LoadScraper | None = None
+        # kv mode: the workers' own KV events, where they publish them (issue 13).
+        self.kv_intake: KvEventIntake | None = None
+        self._kv_follower: Periodic | None = None
+        if self.policy.mode is RouterMode.KV:
+            self.kv_intake = KvEventIntake(KvBlockIndex(), metrics=metrics)
+            self._tokenizer = load_tokenizer(config.mocker_tokenizer)
         self.workers.on_change(self._availability_changed)
 
     async def start(self) -> None:
@@ -119,6 +135,16 @@ class Fleet:
         self.app.waiting_for = self.discovery.pending
         self.app.discovery = self.discovery.status
         await self.discovery.start()
+        if self.kv_intake is not None:
+            self.router.kv_predictor = self._predict_kv
+            self._kv_follower = Periodic(
+                self._follow_kv_events,
+                self.clock,
+                KV_FOLLOW_INTERVAL,
+                name="kv-events",
+                immediately=True,
+            )
+            self._kv_follower.start()
         if config.worker_idle_probe_interval_secs:
             self.idle_checker = IdleChecker(
                 self.workers, self._check_idle, self.clock, config.worker_idle_probe_interval_secs
@@ -135,6 +161,10 @@ class Fleet:
             self.scraper.start()
 
     async def aclose(self) -> None:
+        if self._kv_follower is not None:
+            await self._kv_follower.aclose()
+        if self.kv_intake is not None:
+            await self.kv_intake.aclose()
         if self.scraper is not None:
             await self.scraper.aclose()
         if self.idle_checker is not None:
@@ -148,6 +178,26 @@ class Fleet:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def _follow_kv_events(self) -> None:
+        assert self.kv_intake is not None
+        await self.kv_intake.reconcile((w.id, w.kv_events) for w in self.workers)
+
+    async def _predict_kv(
+        self, request: EngineRequest, worker_ids: Sequence[str]
+    ) -> PreciseOverlap | None:
+        """The request's token ids, as the (mocker) workers compute them, against the
+        workers' KV events; None when no worker's events flow or the prompt does not tokenize.
+        A long prompt is encoded without holding the loop (``aencode``)."""
+        assert self.kv_intake is not None
+        if not self.kv_intake.precise_workers():
+            return None
+        try:
+            prompt = prompt_of(self._tokenizer, request)
+        except InvalidRequest:
+            return None
+        token_ids = await self._tokenizer.aencode(prompt) if isinstance(prompt, str) else prompt
+        return self.kv_intake.predict(token_ids, worker_ids)
 
     async def _fetch_models(self, url: str) -> tuple[frozenset[str], bool]:
         assert self._client is not None
@@ -202,8 +252,14 @@ class Fleet:
         assert self.router is not None
         workers = self.workers
 
+        intake = self.kv_intake
+
         def describe() -> dict[str, Any]:
-            return {"workers": [w.describe() for w in workers.workers_for(name)]}
+            described = [w.describe() for w in workers.workers_for(name)]
+            if intake is not None:
+                for w in described:
+                    w["kv_mode"] = intake.mode(w["id"])
+            return {"workers": described}
 
         return ServedModel(
             name,

@@ -11,10 +11,13 @@ serves the app until SIGTERM or SIGINT.
 
 When the engine is the mocker its scheduler state is exposed in ``/metrics``
 (:class:`~dynamo_llm.engines.mocker.metrics.MockerMetrics`, read at scrape time) and summarised
-per model in ``/health``.
+per model in ``/health``. With ``--kv-events-port`` its KV cache changes are published as vLLM's
+KV events (:class:`~dynamo_llm.engines.mocker.events.KvEventPublisher`, started and stopped with
+the app); ``/health`` names the endpoints and counts the cached blocks.
 
 With ``--discovery-backend etcd`` the worker registers itself once it accepts connections
-(:func:`build_registration`: its URL, models, context length, KV block size and metrics URL,
+(:func:`build_registration`: its URL, models, context length, KV block size, metrics URL and,
+with ``--kv-events-port``, its KV event endpoints,
 under a lease kept alive at a third of ``--discovery-lease-ttl-secs``), and on SIGTERM it
 withdraws that key *before* it drains, so frontends stop sending it work first.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import Config
 from .discovery.etcd_client import EtcdClient
@@ -30,6 +34,7 @@ from .discovery.instance import Instance
 from .discovery.registration import Registration
 from .engines.factory import build_engine
 from .engines.mocker import MockerEngine
+from .engines.mocker.events import KvEventPublisher
 from .engines.mocker.metrics import MockerMetrics
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
@@ -50,19 +55,65 @@ def build_models(config: Config, clock: Clock, metrics: Metrics) -> list[ServedM
         mocker_metrics = MockerMetrics()
         mocker_metrics.register(metrics)
         mocker_metrics.watch(name, engine.snapshot)
-        served.describe = lambda: _describe_mocker(engine)
+        publisher = build_kv_publisher(config, engine)
+        served.describe = lambda: _describe_mocker(engine, publisher)
     return [served]
 
 
-def _describe_mocker(engine: MockerEngine) -> dict[str, Any]:
+def build_kv_publisher(config: Config, engine: MockerEngine) -> KvEventPublisher | None:
+    """The publisher of the mocker's KV events when ``--kv-events-port`` is set (not started:
+    :func:`kv_publisher_of` finds it for the app's lifecycle)."""
+    port = config.kv_events_port
+    if port is None:
+        return None
+    replay = config.kv_events_replay_port
+    if replay is None:
+        replay = port + 1 if port else 0
+    publisher = KvEventPublisher(
+        engine.config.block_size,
+        host=config.http_host,
+        port=port,
+        replay_port=replay,
+        advertise_host=_advertised_host(config),
+    )
+    engine.kv_pool.listener = publisher
+    return publisher
+
+
+def kv_publisher_of(engine: object) -> KvEventPublisher | None:
+    """The KV event publisher listening to a mocker engine's pool, if any."""
+    if isinstance(engine, MockerEngine):
+        listener = engine.kv_pool.listener
+        if isinstance(listener, KvEventPublisher):
+            return listener
+    return None
+
+
+def _advertised_host(config: Config) -> str:
+    if config.advertise_url:
+        host = urlsplit(config.advertise_url).hostname
+        if host:
+            return host
+    if config.http_host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return config.http_host
+
+
+def _describe_mocker(engine: MockerEngine, publisher: KvEventPublisher | None) -> dict[str, Any]:
     s = engine.snapshot()
-    return {
+    out: dict[str, Any] = {
         "engine": "mocker",
         "running": s.running,
         "waiting": s.waiting,
         "kv_blocks_used": s.kv_blocks_used,
         "kv_blocks_total": s.kv_blocks_total,
+        "kv_blocks_cached": engine.kv_pool.num_cached,
     }
+    if publisher is not None:
+        out["kv_events_endpoint"] = publisher.endpoint
+        out["kv_events_replay_endpoint"] = publisher.replay_endpoint
+        out["kv_event_batches"] = publisher.batches_sent
+    return out
 
 
 def build_app(config: Config, clock: Clock | None = None, *, control_routes: bool = False) -> App:
@@ -73,13 +124,13 @@ def build_app(config: Config, clock: Clock | None = None, *, control_routes: boo
     """
     clock = clock if clock is not None else SystemClock()
     metrics = Metrics(prefix=config.metrics_prefix)
-    return create_app(
-        config,
-        build_models(config, clock, metrics),
-        metrics,
-        clock,
-        control_routes=control_routes,
-    )
+    models = build_models(config, clock, metrics)
+    app = create_app(config, models, metrics, clock, control_routes=control_routes)
+    for model in models:
+        publisher = kv_publisher_of(model.engine)
+        if publisher is not None:
+            app.add_lifecycle(publisher.start, publisher.aclose)
+    return app
 
 
 def advertised_url(config: Config, base_url: str, port: int) -> str:
@@ -97,6 +148,8 @@ def build_registration(app: App, config: Config, url: str, clock: Clock) -> Regi
 
     def describe(instance_id: str) -> Instance:
         lengths = [m.context_length for m in app.models.values() if m.context_length]
+        publishers = [p for m in app.models.values() if (p := kv_publisher_of(m.engine))]
+        publisher = publishers[0] if publishers else None
         return Instance(
             instance_id=instance_id,
             url=url,
@@ -105,6 +158,8 @@ def build_registration(app: App, config: Config, url: str, clock: Clock) -> Regi
             context_length=min(lengths) if lengths else None,
             kv_block_size=config.mocker_block_size if config.engine == "mocker" else None,
             metrics_url=url + "/metrics",
+            kv_events_endpoint=publisher.endpoint if publisher else None,
+            kv_events_replay_endpoint=publisher.replay_endpoint if publisher else None,
             owned_by="dynamo-llm",
         )
 

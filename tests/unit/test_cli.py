@@ -93,6 +93,8 @@ ROUTER_FLAGS = {
 }
 # What only a worker that registers itself in etcd needs.
 REGISTRATION_FLAGS = {"--discovery-lease-ttl-secs", "--advertise-url"}
+# What only a worker publishing its mocker's KV cache events needs.
+KV_EVENT_FLAGS = {"--kv-events-port", "--kv-events-replay-port"}
 SERVE_ONLY = {
     *ROUTER_FLAGS,
     # A worker's stop route must reach the process holding the request: one process only.
@@ -107,9 +109,9 @@ def test_serve_and_worker_take_the_same_flags_but_only_serve_routes() -> None:
     assert isinstance(choices, dict)  # a subparsers action's choices: name -> parser
     serve = {s for a in choices["serve"]._actions for s in a.option_strings}
     worker = {s for a in choices["worker"]._actions for s in a.option_strings}
-    assert serve - SERVE_ONLY == worker - REGISTRATION_FLAGS
+    assert serve - SERVE_ONLY == worker - REGISTRATION_FLAGS - KV_EVENT_FLAGS
     assert serve >= SERVE_ONLY
-    assert worker >= REGISTRATION_FLAGS
+    assert worker >= REGISTRATION_FLAGS | KV_EVENT_FLAGS
 
 
 def test_router_flags_and_environment_feed_the_config() -> None:

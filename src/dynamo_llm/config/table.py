@@ -193,6 +193,28 @@ class Config:
         "seed of the deterministic next-token function (a request's own seed wins)",
         group=MOCKER,
     )
+    kv_events_port: int | None = option(
+        None,
+        "--kv-events-port",
+        "DYN_KV_EVENTS_PORT",
+        INT,
+        "publish the mocker's KV cache events (vLLM's ZMQ format) on this port; 0 lets the "
+        "OS choose; the endpoint goes into the worker's etcd record",
+        group=MOCKER,
+        commands=("worker",),
+        metavar="PORT",
+    )
+    kv_events_replay_port: int | None = option(
+        None,
+        "--kv-events-replay-port",
+        "DYN_KV_EVENTS_REPLAY_PORT",
+        INT,
+        "the ROUTER port that replays missed KV event batches",
+        group=MOCKER,
+        commands=("worker",),
+        metavar="PORT",
+        unset="--kv-events-port + 1 (OS-chosen when that is 0)",
+    )
     # ---- the echo engine ----------------------------------------------------------------------
     token_echo_delay_ms: float = option(
         10.0,

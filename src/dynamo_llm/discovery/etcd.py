@@ -29,6 +29,7 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from ..router import Worker, WorkerSet
+from ..router.kv_blocks import KvEventSource
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
@@ -255,6 +256,14 @@ class EtcdDiscovery:
         worker.instance_ids = tuple(sorted(iid for iid, i in self.instances.items() if i in mine))
         metrics = next((i.metrics_url for i in mine if i.metrics_url), None)
         worker.metrics_url = metrics
+        events = next((i for i in mine if i.kv_events_endpoint), None)
+        worker.kv_events = (
+            KvEventSource(
+                events.kv_events_endpoint, events.kv_events_replay_endpoint, events.kv_block_size
+            )
+            if events is not None and events.kv_events_endpoint
+            else None
+        )
 
     def _publish(self) -> None:
         self._models.publish()

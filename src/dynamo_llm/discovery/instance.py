@@ -8,7 +8,8 @@ as Dynamo names an endpoint's instances (``v1/instances/<namespace>/<component>/
 component ``backend`` and endpoint ``generate`` being what Dynamo's workers serve); the
 instance id is the lease id in hex, as in Dynamo, so the key, the lease and the worker are one
 thing. The value is the JSON :class:`Instance`: the worker's URL, the model names it serves,
-its context length and KV block size when known, where its Prometheus metrics are, and whether
+its context length and KV block size when known, where its Prometheus metrics and its KV
+event sockets are, and whether
 it is a ``dynamo-llm worker`` (which understands a graceful stop).
 """
 
@@ -39,6 +40,10 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
     context_length: int | None = None
     kv_block_size: int | None = None
     metrics_url: str | None = None
+    kv_events_endpoint: str | None = None
+    """The ZMQ PUB endpoint of the worker's KV cache events (vLLM's format), when it has one."""
+    kv_events_replay_endpoint: str | None = None
+    """The ZMQ ROUTER endpoint that replays missed KV event batches."""
     owned_by: str = "unknown"
     """``dynamo-llm`` for our own worker; the engine's name (``vllm``, ...) for a sidecar's."""
 

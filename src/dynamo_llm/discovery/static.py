@@ -20,6 +20,15 @@
   credentials in its URL, makes the file malformed. The keys go to ``on_api_keys({url: key})``
   whenever the file is loaded.
 
+  A worker mapping may also say where the worker publishes its KV cache events (vLLM's ZMQ
+  format, followed in ``--router-mode kv``)::
+
+      llama-3-8b:
+        - url: http://10.0.0.1:8000
+          kv_events_endpoint: tcp://10.0.0.1:5557
+          kv_events_replay_endpoint: tcp://10.0.0.1:5558   # optional
+          kv_block_size: 16                                # optional: the events carry it
+
   The file is checked every ``reload_interval`` seconds and reloaded when it changes: new
   workers are added, missing ones removed (their requests in flight finish), and a file that
   does not parse is logged and ignored, keeping the last good set.
@@ -42,6 +51,7 @@ import yaml
 
 from ..errors import clip
 from ..router import Worker, WorkerSet
+from ..router.kv_blocks import KvEventSource
 from ..runtime.clock import Clock
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import has_credentials, redact_url
@@ -76,6 +86,8 @@ class UpstreamFile:
     models: dict[str, list[str]]
     api_keys: dict[str, str] = field(default_factory=dict, repr=False)
     """``{url: key}`` for the workers given an ``api_key``."""
+    kv_events: dict[str, KvEventSource] = field(default_factory=dict)
+    """``{url: source}`` for the workers given a ``kv_events_endpoint``."""
 
 
 def parse_upstream_file(text: str) -> UpstreamFile:
@@ -99,29 +111,35 @@ def parse_upstream_file(text: str) -> UpstreamFile:
         raise ValueError("the file must map each model name to a list of worker URLs")
     out: dict[str, list[str]] = {}
     keys: dict[str, str] = {}
+    sources: dict[str, KvEventSource] = {}
     for model, entry in data.items():
         if not isinstance(model, str) or not model:
             raise ValueError(f"model names must be non-empty strings, got {model!r}")
         items = [entry] if isinstance(entry, str) else entry
         if not isinstance(items, list):
             raise ValueError(f"model {model!r}: expected a list of worker URLs")
-        out[model] = [_worker_entry(model, item, keys) for item in items]
-    return UpstreamFile(out, keys)
+        out[model] = [_worker_entry(model, item, keys, sources) for item in items]
+    return UpstreamFile(out, keys, sources)
 
 
-def _worker_entry(model: str, item: object, keys: dict[str, str]) -> str:
-    """The normalised URL of one worker entry (a URL, or ``{url, api_key}``); its key, if any,
-    goes into ``keys``."""
+def _worker_entry(
+    model: str, item: object, keys: dict[str, str], sources: dict[str, KvEventSource]
+) -> str:
+    """The normalised URL of one worker entry (a URL, or a mapping with ``url``); its key, if
+    any, goes into ``keys``, its KV event endpoints into ``sources``."""
     if isinstance(item, str) and item:
         return normalise_url(item)
     shape = f"model {model!r}: a worker is a URL or {{url: URL, api_key: KEY}}"
     if not isinstance(item, Mapping):
         raise ValueError(shape)
     url, key = item.get("url"), item.get("api_key")
-    unknown = sorted(str(name) for name in item if name not in ("url", "api_key"))
+    unknown = sorted(str(name) for name in item if name not in _WORKER_FIELDS)
     if unknown or not (isinstance(url, str) and url) or not (key is None or isinstance(key, str)):
         raise ValueError(shape + (f" (unknown field {clip(unknown[0], 64)})" if unknown else ""))
     url = normalise_url(url)
+    source = _kv_event_source(model, item)
+    if source is not None:
+        sources[url] = source
     if key:
         if has_credentials(url):
             raise ValueError(
@@ -131,6 +149,28 @@ def _worker_entry(model: str, item: object, keys: dict[str, str]) -> str:
         if keys.setdefault(url, key) != key:
             raise ValueError(f"worker {redact_url(url)} is given two different api_key values")
     return url
+
+
+_WORKER_FIELDS = (
+    "url",
+    "api_key",
+    "kv_events_endpoint",
+    "kv_events_replay_endpoint",
+    "kv_block_size",
+)
+
+
+def _kv_event_source(model: str, item: Mapping[object, object]) -> KvEventSource | None:
+    endpoint = item.get("kv_events_endpoint")
+    replay = item.get("kv_events_replay_endpoint")
+    block_size = item.get("kv_block_size")
+    if endpoint is None:
+        return None
+    if not isinstance(endpoint, str) or not (replay is None or isinstance(replay, str)):
+        raise ValueError(f"model {model!r}: KV event endpoints must be strings")
+    if block_size is not None and (type(block_size) is not int or block_size < 1):
+        raise ValueError(f"model {model!r}: kv_block_size must be a positive integer")
+    return KvEventSource(endpoint, replay, block_size)
 
 
 class StaticDiscovery:
@@ -270,7 +310,10 @@ class StaticDiscovery:
             merged = frozenset(models) | (
                 existing.models if url in self._urls and existing else frozenset()
             )
-            self.workers.add(Worker(url, merged, is_ours=existing.is_ours if existing else False))
+            worker = self.workers.add(
+                Worker(url, merged, is_ours=existing.is_ours if existing else False)
+            )
+            worker.kv_events = upstream.kv_events.get(url)
         self._file_workers = {url: frozenset(m) for url, m in wanted.items()}
         log.info(
             "upstream file %s: %d model(s), %d worker(s)", self._path, len(mapping), len(wanted)

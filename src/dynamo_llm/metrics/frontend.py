@@ -170,6 +170,36 @@ class Metrics:
             "Scrapes of the worker's /metrics that failed",
             ("worker",),
         )
+        # Precise KV routing (issue 13): the engines' KV events, and how well they predict.
+        self.router_kv_mode = Gauge(
+            f"{p}_router_kv_mode",
+            "1 while the worker's KV events feed the kv router (precise), 0 when it guesses",
+            ("worker",),
+        )
+        self.router_kv_events_total = Counter(
+            f"{p}_router_kv_events_total",
+            "KV cache events received from the worker",
+            ("worker", "event"),
+        )
+        self.router_kv_event_gaps_total = Counter(
+            f"{p}_router_kv_event_gaps_total",
+            "Gaps in the worker's KV event sequence (missed batches)",
+            ("worker",),
+        )
+        self.router_kv_predicted_overlap_tokens = Histogram(
+            f"{p}_router_kv_predicted_overlap_tokens",
+            "Prompt tokens the chosen worker was predicted to have cached (precise mode)",
+            (),
+            ISL_BUCKETS,
+        )
+        self.router_kv_predicted_cached_tokens_total = Counter(
+            f"{p}_router_kv_predicted_cached_tokens_total",
+            "Prompt tokens predicted cached on the chosen worker (precise mode)",
+        )
+        self.router_kv_reported_cached_tokens_total = Counter(
+            f"{p}_router_kv_reported_cached_tokens_total",
+            "Prompt tokens the engine reported cached, for requests routed in precise mode",
+        )
         self.model_ready = Gauge(
             f"{p}_model_ready", "1 while at least one worker can take a request", model
         )
@@ -189,6 +219,8 @@ class Metrics:
         # The unlabelled families have their one series from the start.
         self.disconnected_clients.labels()
         self.event_loop_stall_total.labels()
+        self.router_kv_predicted_cached_tokens_total.labels()
+        self.router_kv_reported_cached_tokens_total.labels()
 
     def forget_engine_load(self, worker: str) -> None:
         """Drop what ``worker``'s engine last reported (it reports nothing now, or it is gone)."""

@@ -29,8 +29,8 @@ connection) is given back by the attempt, exactly once, whichever way it ends.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream
 from ..errors import (
@@ -48,7 +48,7 @@ from .attempt import Attempt, AttemptLimits
 from .kv_index import block_hashes
 from .membership import UnknownWorker, Worker, WorkerSet
 from .migration import MigrationState, migration_budget
-from .policies import RoutingPolicy
+from .policies import PreciseOverlap, RoutingPolicy
 from .slot import InflightSlot
 
 if TYPE_CHECKING:
@@ -65,6 +65,17 @@ def prompt_text(request: EngineRequest) -> str:
             return " ".join(map(str, prompt))
         return prompt or ""
     return "\n".join(f"{m.role}: {content_text(m.content, '')}" for m in request.messages)
+
+
+KvPredictor = Callable[[EngineRequest, Sequence[str]], Awaitable[PreciseOverlap | None]]
+"""What the workers' KV events predict for a request over these workers (precise ``kv`` mode)."""
+
+
+class _RouteKey(NamedTuple):
+    """What the ``kv`` mode routes a request on: approximate hashes, the precise prediction."""
+
+    hashes: list[int]
+    precise: PreciseOverlap | None = None
 
 
 class _CurrentAttempt:
@@ -107,21 +118,26 @@ class Router:
         self.metrics = metrics
         self.limits = limits or AttemptLimits()
         self.migration_limit = migration_limit
+        self.kv_predictor: KvPredictor | None = None
+        """Set by the fleet when workers' KV events are followed (``kv`` mode)."""
         self._closed = False
 
     def _acquire(
-        self, request: EngineRequest, hashes: list[int], exclude: set[str]
+        self, request: EngineRequest, key: _RouteKey, exclude: set[str]
     ) -> tuple[Worker, InflightSlot[Worker]]:
         for _ in range(2):
             worker = self.workers.select(
                 request.model,
                 self.policy,
                 exclude=tuple(exclude),
-                hashes=hashes,
+                hashes=key.hashes,
                 direct_id=request.routing.worker_id,
+                precise=key.precise,
             )
             try:
-                return worker, self.workers.acquire(worker.id, hashes=hashes)
+                slot = self.workers.acquire(worker.id, hashes=key.hashes)
+                self._count_prediction(key, worker.id)
+                return worker, slot
             except UnknownWorker:
                 exclude.add(worker.id)  # vanished since it was chosen: choose once more
         raise NoWorkersAvailable(f"No worker can serve the model `{request.model}`")
@@ -129,22 +145,52 @@ class Router:
     async def generate(
         self, request: EngineRequest, ctx: EngineContext
     ) -> AsyncIterator[EngineOutput]:
-        hashes = block_hashes(prompt_text(request)) if self.policy.uses_prefix else []
+        key = await self._route_key(request)
         exclude: set[str] = set()
         budget = migration_budget(request, self.migration_limit)
         if not budget:
-            _worker, stream = await self._attempt(request, ctx, hashes, exclude)
+            worker, stream = await self._attempt(request, ctx, key, exclude)
+            if key.precise is not None and worker.id in key.precise.cached:
+                return OwnedStream(self._count_reported(stream), stream.aclose)
             return stream
         state = MigrationState(request, budget)
-        current = _CurrentAttempt(*await self._dispatch(state, request, ctx, hashes, exclude))
-        return OwnedStream(self._migrate(state, ctx, hashes, exclude, current), current.aclose)
+        current = _CurrentAttempt(*await self._dispatch(state, request, ctx, key, exclude))
+        return OwnedStream(self._migrate(state, ctx, key, exclude, current), current.aclose)
+
+    async def _route_key(self, request: EngineRequest) -> _RouteKey:
+        if not self.policy.uses_prefix:
+            return _RouteKey([])
+        hashes = block_hashes(prompt_text(request))
+        if self.kv_predictor is None:
+            return _RouteKey(hashes)
+        ids = [w.id for w in self.workers.workers_for(request.model)]
+        return _RouteKey(hashes, await self.kv_predictor(request, ids))
+
+    def _count_prediction(self, key: _RouteKey, worker_id: str) -> None:
+        precise = key.precise
+        if precise is None or self.metrics is None:
+            return
+        predicted = precise.cached.get(worker_id)
+        if predicted is not None:
+            self.metrics.router_kv_predicted_overlap_tokens.labels().observe(predicted)
+            self.metrics.router_kv_predicted_cached_tokens_total.labels().inc(predicted)
+
+    async def _count_reported(self, stream: OwnedStream) -> AsyncGenerator[EngineOutput, None]:
+        """``stream``, counting the cached tokens its engine reports (precise predictions)."""
+        async for out in stream:
+            usage = out.usage
+            if usage is not None and usage.cached_tokens and self.metrics is not None:
+                self.metrics.router_kv_reported_cached_tokens_total.labels().inc(
+                    usage.cached_tokens
+                )
+            yield out
 
     async def _dispatch(
         self,
         state: MigrationState,
         request: EngineRequest,
         ctx: EngineContext,
-        hashes: list[int],
+        key: _RouteKey,
         exclude: set[str],
         *,
         migration_type: str | None = None,
@@ -159,7 +205,7 @@ class Router:
                 return await self._attempt(
                     request,
                     ctx,
-                    hashes,
+                    key,
                     exclude,
                     migrating=True,
                     replay=request is not state.request,
@@ -179,7 +225,7 @@ class Router:
         self,
         state: MigrationState,
         ctx: EngineContext,
-        hashes: list[int],
+        key: _RouteKey,
         exclude: set[str],
         current: _CurrentAttempt,
     ) -> AsyncGenerator[EngineOutput, None]:
@@ -196,7 +242,7 @@ class Router:
                     if last is not None:
                         # Counted once the replay's attempt is over, so its silence limit
                         # cannot fire while the count runs.
-                        await self._count_prompt(state, ctx, hashes, exclude)
+                        await self._count_prompt(state, ctx, key, exclude)
                         yield observe(last)
                     return
                 except DynamoError as exc:
@@ -218,13 +264,13 @@ class Router:
                     # request starts over elsewhere, a new request as far as the count goes.
                     kind = "ongoing_request" if state.generated else "new_request"
                     current.worker, current.stream = await self._dispatch(
-                        state, replay, ctx, hashes, exclude, migration_type=kind, cause=exc
+                        state, replay, ctx, key, exclude, migration_type=kind, cause=exc
                     )
         finally:
             await current.aclose()
 
     async def _count_prompt(
-        self, state: MigrationState, ctx: EngineContext, hashes: list[int], exclude: set[str]
+        self, state: MigrationState, ctx: EngineContext, key: _RouteKey, exclude: set[str]
     ) -> None:
         """Ask a worker for the original prompt's size when the replay's usage needs it and the
         first attempt never said it (see :mod:`.migration`); on failure it stays unknown."""
@@ -232,7 +278,7 @@ class Router:
         if request is None:
             return
         try:
-            _worker, stream = await self._attempt(request, ctx, hashes, set(exclude))
+            _worker, stream = await self._attempt(request, ctx, key, set(exclude))
             try:
                 async for out in stream:
                     if out.usage is not None and out.usage.prompt_tokens is not None:
@@ -250,7 +296,7 @@ class Router:
         self,
         request: EngineRequest,
         ctx: EngineContext,
-        hashes: list[int],
+        key: _RouteKey,
         exclude: set[str],
         *,
         migrating: bool = False,
@@ -267,7 +313,7 @@ class Router:
         refused: WorkerUnreachable | None = None
         while True:
             try:
-                worker, slot = self._acquire(request, hashes, exclude)
+                worker, slot = self._acquire(request, key, exclude)
             except (NoWorkersAvailable, AllWorkersBusy) as exc:
                 if refused is not None:
                     raise refused from exc

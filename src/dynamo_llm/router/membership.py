@@ -34,8 +34,9 @@ from typing import Any
 from ..metrics import Metrics
 from ..runtime.clock import Clock
 from ..runtime.urls import redact_url
+from .kv_blocks import KvEventSource
 from .kv_index import KvIndex
-from .policies import RoutingPolicy, WorkerView
+from .policies import PreciseOverlap, RoutingPolicy, WorkerView
 from .quarantine import DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, Health, Quarantine
 from .slot import InflightSlot, WorkerLoad
 
@@ -71,6 +72,7 @@ class Worker:
         "id",
         "instance_ids",
         "is_ours",
+        "kv_events",
         "last_ttft",
         "load",
         "max_inflight",
@@ -104,6 +106,8 @@ class Worker:
         # this URL, and where the worker's Prometheus metrics are.
         self.instance_ids: tuple[str, ...] = ()
         self.metrics_url: str | None = None
+        # Where the worker publishes its KV cache events (etcd record or --upstream-file).
+        self.kv_events: KvEventSource | None = None
         self.load = WorkerLoad()
         self.health = Health()
 
@@ -335,6 +339,7 @@ class WorkerSet:
         exclude: Collection[str] = (),
         hashes: Sequence[int] = (),
         direct_id: str | None = None,
+        precise: PreciseOverlap | None = None,
     ) -> Worker:
         """The worker ``policy`` chooses for a request to ``model``, skipping ``exclude``.
 
@@ -342,7 +347,8 @@ class WorkerSet:
         Call :meth:`acquire` before the next ``await`` so the choice and the count agree.
         """
         views = self.snapshot(model, exclude=exclude)
-        return self._workers[policy.choose(model, views, hashes=hashes, direct_id=direct_id)]
+        chosen = policy.choose(model, views, hashes=hashes, direct_id=direct_id, precise=precise)
+        return self._workers[chosen]
 
     def acquire(self, worker_id: str, *, hashes: Sequence[int] = ()) -> InflightSlot[Worker]:
         """Count a request in flight on the worker until the returned slot is released.

@@ -32,10 +32,13 @@ The modes (SPEC §8.1, reference §6.2) choose among the *free* workers:
     ``blocks_to_prefill`` is the request's blocks minus those the worker is believed to cache
     (:class:`~.kv_index.KvIndex`) and ``active_blocks`` the blocks of the worker's in-flight
     requests, plus, when the engine reports more requests than this frontend has in flight there
-    (other frontends'), that many more requests of this one's size. The lowest score wins, ties
-    at random. With ``temperature > 0`` the worker is sampled from
-    ``softmax(-score / (max - min) / temperature)`` as Dynamo does (uniform when every score is
-    equal), so the best worker is the most likely, not the only choice.
+    (other frontends'), that many more requests of this one's size. For a worker whose KV
+    events flow (:class:`PreciseOverlap`, from :mod:`.kv_blocks`) the cached part is what its
+    events say instead of the guess: its predicted cached tokens as a share of the prompt's
+    tokens, in the same blocks. The lowest score wins, ties at random. With ``temperature > 0``
+    the worker is sampled from ``softmax(-score / (max - min) / temperature)`` as Dynamo does
+    (uniform when every score is equal), so the best worker is the most likely, not the only
+    choice.
 ``direct``
     the worker named by the ``X-Worker-Instance-Id`` header: 400 when it is absent, 503
     ``no_workers_available`` when that worker is not available, 503 ``all_workers_busy`` when
@@ -46,7 +49,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -82,6 +85,15 @@ class WorkerView(NamedTuple):
         return self.inflight if self.reported_load is None else self.reported_load
 
 
+class PreciseOverlap(NamedTuple):
+    """What the workers' KV events predict for one request (``kv`` mode, precise workers)."""
+
+    tokens: int
+    """The prompt's length in tokens."""
+    cached: Mapping[str, int]
+    """Predicted cached prompt tokens, for each worker whose KV events flow."""
+
+
 class RoundRobin:
     """Round-robin's only state: one counter per model."""
 
@@ -112,12 +124,19 @@ def kv_scores(
     hashes: Sequence[int],
     kv_index: KvIndex | None,
     overlap_weight: float,
+    precise: PreciseOverlap | None = None,
 ) -> list[float]:
     """``overlap_weight * blocks_to_prefill + active_blocks`` for each view (lower is better)."""
     blocks = len(hashes)
     scores: list[float] = []
+    exact = precise.cached if precise is not None and precise.tokens > 0 else {}
     for v in views:
-        cached = kv_index.overlap(v.id, hashes) if kv_index is not None else 0
+        tokens = exact.get(v.id)
+        if tokens is not None:
+            assert precise is not None
+            cached: float = blocks * tokens / precise.tokens
+        else:
+            cached = kv_index.overlap(v.id, hashes) if kv_index is not None else 0
         others = max(0.0, v.load - v.inflight) * blocks  # requests other frontends sent it
         scores.append(overlap_weight * (blocks - cached) + v.active_blocks + others)
     return scores
@@ -135,6 +154,7 @@ def choose_worker(
     overlap_weight: float = 1.0,
     temperature: float = 0.0,
     direct_id: str | None = None,
+    precise: PreciseOverlap | None = None,
 ) -> str:
     """The id of the worker that should serve the request.
 
@@ -162,7 +182,7 @@ def choose_worker(
         lowest = min(v.load for v in free)
         return _pick([v for v in free if v.load == lowest], rng).id
     if mode is RouterMode.KV:
-        scores = kv_scores(free, hashes, kv_index, overlap_weight)
+        scores = kv_scores(free, hashes, kv_index, overlap_weight, precise)
         return _choose_by_score(free, scores, temperature, rng).id
     raise ValueError(f"unknown router mode {mode!r}")
 
@@ -239,6 +259,7 @@ class RoutingPolicy:
         *,
         hashes: Sequence[int] = (),
         direct_id: str | None = None,
+        precise: PreciseOverlap | None = None,
     ) -> str:
         return choose_worker(
             self.mode,
@@ -251,4 +272,5 @@ class RoutingPolicy:
             overlap_weight=self.overlap_weight,
             temperature=self.temperature,
             direct_id=direct_id,
+            precise=precise,
         )

@@ -19,6 +19,7 @@ from dynamo_llm.discovery.static import (
     parse_upstream_file,
 )
 from dynamo_llm.router import Worker, WorkerSet
+from dynamo_llm.router.kv_blocks import KvEventSource
 from dynamo_llm.runtime import FakeClock
 from tests.helpers import write
 
@@ -333,3 +334,30 @@ async def test_an_upstream_also_named_in_the_file_serves_both_and_stays_when_dro
         assert B in h.workers
     finally:
         await h.discovery.aclose()
+
+
+def test_an_upstream_worker_may_name_its_kv_event_endpoints() -> None:
+    text = """
+m:
+  - http://a:1
+  - url: http://b:2
+    kv_events_endpoint: tcp://b:5557
+    kv_events_replay_endpoint: tcp://b:5558
+    kv_block_size: 16
+"""
+    upstream = parse_upstream_file(text)
+    assert upstream.models == {"m": ["http://a:1", "http://b:2"]}
+    assert upstream.kv_events == {"http://b:2": KvEventSource("tcp://b:5557", "tcp://b:5558", 16)}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "{kv_events_endpoint: tcp://b:1}",
+        "{url: http://b, kv_events_endpoint: 5}",
+        "{url: http://b, kv_events_endpoint: tcp://b:1, kv_block_size: 0}",
+    ],
+)
+def test_a_malformed_kv_event_entry_is_refused(entry: str) -> None:
+    with pytest.raises(ValueError):
+        parse_upstream_file(f"m: [{entry}]")

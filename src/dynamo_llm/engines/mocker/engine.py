@@ -32,9 +32,11 @@ from ...runtime.clock import Clock, SystemClock
 from ...runtime.context import EngineContext
 from ..base import EngineOutput, EngineRequest, check_context_length
 from .config import MockerConfig
+from .kv import BlockPool
+from .prompt import prompt_of
 from .scheduler import MockerSnapshot, Scheduler
 from .sequence import Sequence
-from .tokens import MockTokenizer, load_tokenizer, render_chat
+from .tokens import MockTokenizer, load_tokenizer
 
 
 class MockerEngine:
@@ -58,6 +60,11 @@ class MockerEngine:
         """The context window enforced on requests (prompt + completion tokens)."""
         return self.config.effective_context_length
 
+    @property
+    def kv_pool(self) -> BlockPool:
+        """The simulated KV cache (:mod:`.events` listens to it)."""
+        return self._scheduler.kv
+
     def snapshot(self) -> MockerSnapshot:
         """Running/waiting counts, KV occupancy, prefix-cache hit rate, preemptions, cancels."""
         return self._scheduler.snapshot()
@@ -73,22 +80,7 @@ class MockerEngine:
         return await self.tokenizer.aencode(prompt) if isinstance(prompt, str) else prompt
 
     def _prompt(self, request: EngineRequest) -> str | list[int]:
-        # The text to encode, or the client's token ids (checked, copied).
-        if request.endpoint == "chat_completions":
-            return render_chat(
-                request.messages,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final=request.continue_final_message,
-            )
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            return prompt
-        if isinstance(prompt, list) and all(type(t) is int for t in prompt):
-            problem = self.tokenizer.check_ids(prompt)
-            if problem is not None:
-                raise InvalidRequest(problem, param="prompt")
-            return list(prompt)
-        raise InvalidRequest("The prompt must be a string or a list of token ids", param="prompt")
+        return prompt_of(self.tokenizer, request)
 
     async def generate(
         self, request: EngineRequest, ctx: EngineContext

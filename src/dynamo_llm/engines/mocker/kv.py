@@ -15,12 +15,27 @@ of prompts are evicted before the shared beginnings.
 
 "Used" blocks are those with a reference: that is the KV utilisation the decode time depends
 on, and what an operator would call occupancy. Free cached blocks count as free.
+
+A :class:`KvListener` set as ``listener`` hears every change of the cache's contents (a hash
+registered, a hash evicted), as vLLM's ``BlockStored`` / ``BlockRemoved`` events report them:
+:mod:`.events` publishes them.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+
+class KvListener(Protocol):
+    """Hears the prefix cache change (called synchronously, inside the scheduler's pass)."""
+
+    def stored(self, block_hash: int, parent_hash: int | None, token_ids: Sequence[int]) -> None:
+        """A full block was registered under ``block_hash``, chained to ``parent_hash``."""
+
+    def removed(self, block_hash: int) -> None:
+        """The block registered under ``block_hash`` was evicted."""
 
 
 class BlockPool:
@@ -33,6 +48,7 @@ class BlockPool:
         "_hash",
         "_ref",
         "enable_caching",
+        "listener",
         "num_blocks",
     )
 
@@ -46,6 +62,7 @@ class BlockPool:
         # Free but still cached blocks, least recently freed first.
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         self._cache: dict[int, int] = {}
+        self.listener: KvListener | None = None
 
     @property
     def num_free(self) -> int:
@@ -102,16 +119,33 @@ class BlockPool:
                 if h is not None:
                     del self._cache[h]
                     self._hash[block] = None
+                    if self.listener is not None:
+                        self.listener.removed(h)
             self._ref[block] = 1
             out.append(block)
         return out
 
-    def register(self, block: int, block_hash: int) -> None:
-        """Publish a full block under its chained hash (first registration of a hash wins)."""
+    def register(
+        self,
+        block: int,
+        block_hash: int,
+        parent_hash: int | None = None,
+        token_ids: Sequence[int] = (),
+    ) -> None:
+        """Publish a full block under its chained hash (first registration of a hash wins).
+
+        ``parent_hash`` (the previous block's hash, None for a first block) and ``token_ids``
+        (the block's tokens) are only for the listener."""
         if not self.enable_caching or self._hash[block] is not None or block_hash in self._cache:
             return
         self._cache[block_hash] = block
         self._hash[block] = block_hash
+        if self.listener is not None:
+            self.listener.stored(block_hash, parent_hash, token_ids)
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash in the prefix cache (held or free), in no particular order."""
+        return list(self._cache)
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference on each block, tail first."""

@@ -140,6 +140,11 @@ class Scheduler:
         self._running.clear()
         self._waiting.clear()
 
+    @property
+    def kv(self) -> BlockPool:
+        """The KV block pool (its ``listener`` hears the prefix cache change)."""
+        return self._kv
+
     def snapshot(self) -> MockerSnapshot:
         return MockerSnapshot(
             running=len(self._running),
@@ -266,8 +271,10 @@ class Scheduler:
                 full = seq.num_computed // bs
                 if full > seq.num_registered:
                     hashes = seq.block_hashes(full)
+                    ids = seq.token_ids
                     for j in range(seq.num_registered, full):
-                        kv.register(seq.blocks[j], hashes[j])
+                        parent = hashes[j - 1] if j else None
+                        kv.register(seq.blocks[j], hashes[j], parent, ids[j * bs : (j + 1) * bs])
                     seq.num_registered = full
             if done:
                 seq.is_prefilled = True
