@@ -100,7 +100,7 @@ class Fleet:
             api_key=config.upstream_api_key,
             worker_keys=self.worker_keys,
         )
-        self._client = WorkerClient(self._session)
+        self._client = WorkerClient(self._session, self.worker_keys)
         self.router = Router(
             self.workers,
             self.policy,

@@ -31,11 +31,13 @@ from dynamo_llm.protocols.common import StreamOptions
 from dynamo_llm.protocols.completions import CompletionRequest
 from dynamo_llm.runtime.context import EngineContext
 from dynamo_llm.testing.bad_workers import spawn_bad_worker
+from dynamo_llm.testing.recording_worker import recording_worker
 from dynamo_llm.transport import (
     RemoteStream,
     WorkerClient,
     make_session,
 )
+from dynamo_llm.transport.auth import WorkerKeys
 
 SERVED = "served-model"
 SAFETY_NET = 10.0
@@ -612,3 +614,22 @@ async def test_our_own_worker_is_relayed_as_is_and_stops_gracefully(
     finally:
         await app.shutdown(grace=0, kill_wait=5)
         await server.stop()
+
+
+async def test_a_worker_key_added_after_start_is_sent_on_the_next_stream() -> None:
+    """No per-worker key: generation requests bypass the key middleware (a fixed cost per
+    request); a key the table gets later (a reloaded ``--upstream-file``) is sent from then on."""
+    keys = WorkerKeys()
+    session = make_session(connect_timeout=2.0, worker_keys=keys)
+    client = WorkerClient(session, keys)
+    try:
+        async with asyncio.timeout(SAFETY_NET) as net, recording_worker(model=SERVED) as worker:
+            await collect(await client.open_stream(worker.url, chat(), EngineContext()))
+            keys.replace({worker.url: "wk-late"})
+            await collect(await client.open_stream(worker.url, chat(), EngineContext()))
+            first, second = await worker.until_received(2)
+        assert "authorization" not in first.headers
+        assert second.headers["authorization"] == "Bearer wk-late"
+        assert not net.expired()
+    finally:
+        await session.close()

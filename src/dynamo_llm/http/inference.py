@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 from typing import Any, Generic
-from uuid import uuid4
 
 from ..engines.base import NO_ROUTING_HINT, EngineRequest, RoutingHint, aclose_stream
 from ..engines.endpoints import CHAT, COMPLETIONS, EndpointFamily, P
@@ -36,6 +35,7 @@ from ..errors import (
 from ..metrics import UNKNOWN_MODEL, Outcome, RequestRecord
 from ..protocols.common import peek_request
 from ..runtime.context import EngineContext
+from ..runtime.ids import new_request_id
 from ..runtime.watchdog import Watchdog
 from .aggregate import Aggregator
 from .connection import Connection, Headers, HttpRequest
@@ -65,7 +65,7 @@ def resolve_request_id(value: str | None) -> str:
     """The client's ``X-Request-Id`` when it is 1-128 printable ASCII characters, else a UUIDv4."""
     if value and len(value) <= 128 and all(0x21 <= ord(c) <= 0x7E for c in value):
         return value
-    return str(uuid4())
+    return new_request_id()
 
 
 async def read_body_within(conn: Connection, limit: int, seconds: float) -> bytes:

@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 
 from ..engines.base import EngineOutput, aclose_stream
 from ..errors import DynamoError, SlowClient, internal_error, render_error
+from ..metrics import Outcome
 from ..runtime.coalesce import next_or_flush
 from ..runtime.context import StopReason
 from ..runtime.tasks import cancel_and_wait
@@ -333,7 +334,7 @@ async def monitor_for_disconnects(
     ctx = exchange.ctx
     waker = exchange.waker
     handle.arm()
-    record.mark_error("cancelled")
+    record.mark_error(Outcome.CANCELLED)
     state = _PumpState()
     pump = asyncio.get_running_loop().create_task(
         _pump(stream, response, renderer, exchange, state)

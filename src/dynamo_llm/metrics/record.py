@@ -134,7 +134,8 @@ class RequestRecord:
 
     def mark_error(self, outcome: Outcome | str) -> None:
         """The request is failing with ``outcome`` (a label string is accepted for it too)."""
-        self.outcome = Outcome(outcome)
+        # A member as is: Outcome(member) still goes through the enum's metaclass call.
+        self.outcome = outcome if type(outcome) is Outcome else Outcome(outcome)
 
     def on_tokens(
         self, num_tokens: int, prompt_tokens: int | None, now: float | None = None

@@ -35,13 +35,13 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from uuid import uuid4
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
 from ..errors import DynamoError, WorkerSilent
 from ..metrics import Metrics
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
+from ..runtime.ids import new_request_id
 from ..runtime.watchdog import Watchdog
 from .membership import Worker, WorkerSet
 from .slot import InflightSlot
@@ -93,7 +93,7 @@ class Attempt:
         metrics: Metrics | None = None,
     ) -> None:
         self.worker = worker
-        self.upstream_id = str(uuid4())
+        self.upstream_id = new_request_id()
         """The id the worker knows this attempt by (``X-Request-Id``, a graceful stop): the
         attempt context's own id."""
         self.context = EngineContext(self.upstream_id)

@@ -158,14 +158,19 @@ class Worker:
         return WorkerState.FREE if self.is_free else WorkerState.BUSY
 
     def view(self) -> WorkerView:
+        # Built for every worker of the model on every request: ``is_available`` and
+        # ``is_free`` inlined, so the health and the load are each read once.
         load = self.load
+        available = not self.health.quarantined
+        current = load.load
+        limit = self.max_inflight
         return WorkerView(
             self.id,
             load.inflight,
             load.active_blocks,
-            self.is_available,
-            self.is_free,
-            None if load.reported is None else load.load,
+            available,
+            available and (limit is None or current < limit),
+            None if load.reported is None else current,
         )
 
     def describe(self) -> dict[str, Any]:

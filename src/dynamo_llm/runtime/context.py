@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import uuid
 from collections.abc import Callable
+
+from .ids import new_request_id
 
 
 class StopReason(enum.StrEnum):
@@ -63,7 +64,7 @@ class EngineContext:
     )
 
     def __init__(self, request_id: str | None = None) -> None:
-        self.id: str = request_id if request_id is not None else str(uuid.uuid4())
+        self.id: str = request_id if request_id is not None else new_request_id()
         self.state = ContextState.LIVE
         self.reason: StopReason | None = None
         self._children: list[EngineContext] | None = None

@@ -109,13 +109,18 @@ class WorkerClient:
     """Talks to OpenAI-compatible workers over a shared, pooled :class:`aiohttp.ClientSession`.
 
     Stateless apart from the session, so one client serves every worker; each stream owns what
-    it starts.
+    it starts. ``worker_keys``, the session's :meth:`WorkerKeys.middleware <.auth.WorkerKeys.
+    middleware>` table if it has one, lets a generation request skip that middleware while no
+    worker has a key of its own.
     """
 
-    __slots__ = ("session",)
+    __slots__ = ("_worker_keys", "session")
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, worker_keys: WorkerKeys | None = None
+    ) -> None:
         self.session = session
+        self._worker_keys = worker_keys
 
     async def open_stream(
         self,
@@ -217,6 +222,9 @@ class WorkerClient:
     ) -> aiohttp.ClientResponse:
         if ctx.is_stopped:
             raise Cancelled()
+        keys = self._worker_keys
+        # None: the session's own middlewares; (): none, when no worker has a key of its own.
+        middlewares = () if keys is not None and not keys else None
         for attempt in (1, 2):
             # One timer bounds the wait for headers; a stop of the context fires it at once, so
             # a request abandoned during admission closes its connection too.
@@ -225,7 +233,9 @@ class WorkerClient:
                 async with timer:
                     remove = ctx.on_stop(functools.partial(_expire, timer))
                     try:
-                        return await self.session.post(url, data=body, headers=headers)
+                        return await self.session.post(
+                            url, data=body, headers=headers, middlewares=middlewares
+                        )
                     finally:
                         remove()
             except (TimeoutError, aiohttp.ClientError) as exc:
