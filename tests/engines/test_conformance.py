@@ -112,7 +112,16 @@ def _assert_engine_stops(fleet: Pair, e: Engine, mark: int) -> None:
 
 
 @pytest.mark.parametrize("phase", ["mid-stream", "unary"])
-def test_client_hang_up_stops_the_engine(fleet: Pair, phase: str) -> None:
+def test_client_hang_up_stops_the_engine(
+    fleet: Pair, phase: str, request: pytest.FixtureRequest
+) -> None:
+    if fleet.kind == "vllm" and phase == "unary":
+        # A known bug, not a slow machine: in about half of the runs (quiet or loaded) the
+        # frontend never notices that a unary client in front of vLLM hung up, until the
+        # frontend stops; with the mocker worker it is noticed at once. Not found yet (issue 9).
+        request.applymarker(
+            pytest.mark.xfail(reason="a unary hang-up in front of vLLM is sometimes missed")
+        )
     fe = fleet.frontend()
     marks = [e.log_mark() for e in fleet.engines]
     before = _generated(fleet, marks)
