@@ -116,7 +116,11 @@ class Workload:
 
 
 async def stream_turn(
-    session: aiohttp.ClientSession, url: str, messages: list[dict[str, str]], args: Any, tally: Tally
+    session: aiohttp.ClientSession,
+    url: str,
+    messages: list[dict[str, str]],
+    args: Any,
+    tally: Tally,
 ) -> str | None:
     """One streamed chat completion: the reply's text, or None after recording an error."""
     body = {
@@ -170,6 +174,7 @@ async def converse(
     frontends: Sequence[str],
     workload: Workload,
     c: int,
+    *,
     args: Any,
     tally: Tally,
 ) -> None:
@@ -191,7 +196,7 @@ async def run_workload(frontends: Sequence[str], workload: Workload, args: Any) 
 
     async def one(c: int) -> None:
         async with slots:
-            await converse(session, frontends, workload, c, args, tally)
+            await converse(session, frontends, workload, c, args=args, tally=tally)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(one(c) for c in range(len(workload.turns))))
@@ -381,7 +386,7 @@ async def amain(args: argparse.Namespace) -> int:
             results.append(result)
     print_table(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps(results, indent=2))
     return 1 if any(r["errors"] for r in results) else 0
 
 
@@ -389,15 +394,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--kv-blocks", type=int, default=384)
+    parser.add_argument("--kv-blocks", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--speedup-ratio", type=float, default=1.0)
-    parser.add_argument("--conversations", type=int, default=32)
+    parser.add_argument("--conversations", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--system-prompts", type=int, default=3)
-    parser.add_argument("--system-words", type=int, default=300)
-    parser.add_argument("--user-words", type=int, default=80)
+    parser.add_argument("--system-words", type=int, default=200)
+    parser.add_argument("--user-words", type=int, default=150)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--sticky", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
