@@ -4,23 +4,23 @@ four mocker workers with a small KV cache, routed by two frontends at once.
 For each mode, in one run and in this order (``--modes``), the script starts fresh processes:
 
 - **4 workers** (``dynamo-llm worker --engine mocker``, ``--workers``) with
-  ``--num-gpu-blocks-override`` ``--kv-blocks`` (default 384 blocks of 16 tokens: 6 144 tokens,
-  a fifth of the workload's conversations), so they evict. ``--speedup-ratio 1``: the mocker's
-  timing model as fitted to vLLM on one GPU (prefill ~16.5 ms + 15 µs per uncached token, a
-  decode step 6-34 ms with the KV use), so a prefix-cache hit shortens the TTFT as it would on
-  the GPU. In ``precise`` mode they publish their KV events (``--kv-events-port 0``); in the
-  other modes they do not.
+  ``--num-gpu-blocks-override`` ``--kv-blocks`` (default 512 blocks of 16 tokens: 8 192 tokens
+  each, 32 768 in all, for about 20 000 tokens of the 16 conversations in flight), so they
+  evict. ``--speedup-ratio 1``: the mocker's timing model as fitted to vLLM on one GPU
+  (prefill ~16.5 ms + 15 µs per uncached token, a decode step 6-34 ms with the KV use), so a
+  prefix-cache hit shortens the TTFT as it would on the GPU. In ``precise`` mode they publish
+  their KV events (``--kv-events-port 0``); in the other modes they do not.
 - **2 frontends** (``dynamo-llm serve --upstream-file``) routing the same four workers:
   ``--router-mode round-robin`` or ``kv``; in ``precise`` mode the upstream file names each
   worker's KV event endpoints, in ``approximate`` mode it does not (the frontend guesses from
   the text it routed). The script waits until both frontends list the model (and, precise, see
   every worker as ``kv_mode: precise`` in ``/health``).
 
-The workload (seeded, the same in every mode): ``--conversations`` conversations (default 32),
-at most ``--concurrency`` at a time (16), each ``--turns`` turns (8). A conversation opens with
-one of ``--system-prompts`` shared system prompts (3, of ``--system-words`` words); each turn
-appends a user message of ``--user-words`` words and sends the whole history as a streamed chat
-completion of ``--max-tokens`` tokens (16); the reply joins the history. Turn ``t`` of
+The workload (seeded, the same in every mode): ``--conversations`` conversations (default 48),
+at most ``--concurrency`` at a time (16), each ``--turns`` turns (10). A conversation opens with
+one of ``--system-prompts`` shared system prompts (3, of ``--system-words`` words: 200); each
+turn appends a user message of ``--user-words`` words (150) and sends the whole history as a
+streamed chat completion of ``--max-tokens`` tokens (16); the reply joins the history. Turn ``t`` of
 conversation ``c`` goes to frontend ``(c + t) % 2``: the turns of one conversation alternate
 between the frontends, as behind a load balancer without affinity, so each frontend sees half
 of any conversation's traffic (``--sticky`` keeps a conversation on one frontend instead).
@@ -43,7 +43,7 @@ simulated time (sleeps), so its figures stay the model's while neither core is s
 busy shares say whether that held.
 
 Run: ``PYTHONPATH=src .venv/bin/python bench/bench_kv_routing.py`` (``--help`` for the knobs;
-about 2 minutes with the defaults). Exits 1 if any request failed.
+under a minute with the defaults on a quiet machine). Exits 1 if any request failed.
 """
 
 from __future__ import annotations
