@@ -80,7 +80,12 @@ def test_a_prompt_no_worker_holds_costs_only_its_first_keys(
         index.apply(wid, [BlockStored([1], None, [7, 7], 2)])
     extended: list[int] = []
     real = PromptKeys.extend
-    monkeypatch.setattr(PromptKeys, "extend", lambda self, n: (extended.append(n), real(self, n)))
+
+    def extend(self: PromptKeys, n: int) -> None:
+        extended.append(n)
+        real(self, n)
+
+    monkeypatch.setattr(PromptKeys, "extend", extend)
     assert index.overlap_tokens(["a", "b", "c"], list(range(10_001))) == {"a": 0, "b": 0, "c": 0}
     assert extended == [16]  # once for the three workers, 16 of the prompt's 5 000 keys
 
