@@ -17,17 +17,19 @@ The key is Python's ``hash()`` of a tuple of ints, which is not salted (only ``s
 
 Each worker's entry is bounded (``max_blocks``, 100k by default; ``bench/bench_kv_index.py``
 measured about 22 MB of peak resident memory per 100k blocks): past it the oldest stored blocks
-are dropped, which can only make the index predict less than the worker holds.
+are dropped (a few percent at once, :mod:`.lru`), which can only make the index predict less
+than the worker holds. The entries are in plain dicts of ints, which the garbage collector
+never walks (an ``OrderedDict`` of 10M blocks cost a collection half a second).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
 from ..protocols.kv_events import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, KvEvent
+from .lru import touch, trim_oldest
 
 DEFAULT_MAX_BLOCKS = 100_000
 _ROOT = 0x5BD1E995  # the "parent key" of a first block
@@ -93,7 +95,7 @@ class WorkerBlocks:
     def __init__(self, block_size: int | None, max_blocks: int) -> None:
         self.block_size = block_size
         self.max_blocks = max_blocks
-        self._keys: OrderedDict[int, BlockHash] = OrderedDict()  # key -> engine hash
+        self._keys: dict[int, BlockHash] = {}  # key -> engine hash, in store order (.lru)
         self._by_hash: dict[BlockHash, int] = {}  # engine hash -> key
         self.unkeyed = 0
 
@@ -160,10 +162,8 @@ class WorkerBlocks:
             if old is not None and old != parent:
                 keys.pop(old, None)
             by_hash[h] = parent
-            keys[parent] = h
-            keys.move_to_end(parent)
-        while len(keys) > self.max_blocks:
-            _key, h = keys.popitem(last=False)
+            touch(keys, parent, h)
+        for _key, h in trim_oldest(keys, self.max_blocks):
             by_hash.pop(h, None)
 
 
