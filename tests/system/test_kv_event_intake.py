@@ -54,6 +54,7 @@ class ScriptedPublisher:
         self.next_seq = 0
         self.replay_from = 0  # batches before this are gone from the replay buffer
         self.replays = 0
+        self.topic_in_replays = False  # vLLM 0.32's framing: [b"", topic, seq, payload]
 
     @property
     def source(self) -> KvEventSource:
@@ -73,10 +74,13 @@ class ScriptedPublisher:
             client, _, start = await self.router.recv_multipart()
             self.replays += 1
             first = decode_sequence(start)
+            topic = (b"",) if self.topic_in_replays else ()
             for seq, payload in self.buffer:
                 if seq >= max(first, self.replay_from):
-                    await self.router.send_multipart((client, b"", encode_sequence(seq), payload))
-            await self.router.send_multipart((client, b"", encode_sequence(END_OF_REPLAY), b""))
+                    frames = (client, b"", *topic, encode_sequence(seq), payload)
+                    await self.router.send_multipart(frames)
+            end = (client, b"", *topic, encode_sequence(END_OF_REPLAY), b"")
+            await self.router.send_multipart(end)
 
     def start_serving(self) -> None:
         self.serving = asyncio.create_task(self.serve_replays())
@@ -155,6 +159,18 @@ async def test_a_dropped_batch_is_detected_and_replayed() -> None:
         assert set(entry.keys()) == set(block_keys([1, 2, 3, 4, 5, 6], BS)[1:])
         prediction = intake.predict([1, 2, 3, 4, 5, 6, 7], [W])
         assert prediction is not None and prediction.cached == {W: 0}  # its first block is gone
+
+
+async def test_a_replay_framed_with_the_topic_as_vllm_0_32_sends_it_is_read() -> None:
+    async with following() as (publisher, intake):
+        publisher.topic_in_replays = True
+        await settle(publisher, intake)
+        await publisher.publish(stored([1, 2], [11]), drop=True)
+        await publisher.publish(stored([3, 4], [12], parent=11))
+        await settle(publisher, intake)
+        sub = intake.subscriber(W)
+        assert sub is not None and sub.gaps == 1 and sub.resets == 0 and sub.is_precise
+        assert cached(intake) == 2
 
 
 async def test_a_gap_the_replay_cannot_fill_resets_the_worker() -> None:

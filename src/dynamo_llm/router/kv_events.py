@@ -261,12 +261,14 @@ class KvEventSubscriber:
                 await dealer.send_multipart((b"", encode_sequence(start)))
                 while True:
                     frames = await dealer.recv_multipart()
-                    if len(frames) != 3:
+                    # [b"", seq, payload], or with the topic, [b"", topic, seq, payload] (vLLM
+                    # 0.32: its end marker is [b"", b"", -1, b""]).
+                    if len(frames) not in (3, 4) or frames[0]:
                         continue
-                    seq = decode_sequence(frames[1])
+                    seq = decode_sequence(frames[-2])
                     if seq == END_OF_REPLAY:
                         return out
-                    out.append((seq, frames[2]))
+                    out.append((seq, frames[-1]))
         except TimeoutError:
             log.warning(
                 "worker %s: no KV event replay from %s within %gs",
