@@ -133,6 +133,7 @@ class KvEventSubscriber:
                 await self._catch_up(0)
             if self.source.replay_endpoint is not None:
                 watch = asyncio.get_running_loop().create_task(self._watch_silence())
+                watch.add_done_callback(_log_crash)
             while True:
                 frames = await sub.recv_multipart()
                 if len(frames) != 3:
