@@ -93,7 +93,7 @@ async def test_vllms_publisher_is_followed_idle_and_taken_for_silent_only_when_s
         os.kill(publisher.proc.pid, signal.SIGSTOP)
         try:
             try:
-                await polled(lambda: sub.is_silent, "the stopped publisher taken for silent")
+                await polled(lambda: sub.is_silent, "the stopped publisher taken for silent", 30)
             except AssertionError as exc:
                 state = f"heard at {sub.heard_at}, silences {sub.silences}, gaps {sub.gaps}"
                 raise AssertionError(f"{exc} ({state})") from None
