@@ -28,6 +28,7 @@ from typing import Any
 
 import _common
 import bench_router
+from dynamo_llm.testing.process import ServerProcess
 
 
 def children(pid: int) -> list[int]:
@@ -104,7 +105,7 @@ def main() -> int:
     fronts: dict[str, Any] = {}
     try:
         for n in [w for w in args.workers.split(",") if w]:
-            server = _common.ServerProcess(
+            server = ServerProcess(
                 [
                     *("serve", "--upstream", worker.url, "--http-port", "0"),
                     *("--log-level", "warning", "--num-workers", n),
