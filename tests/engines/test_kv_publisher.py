@@ -17,7 +17,7 @@ import pytest
 from dynamo_llm.router.kv_blocks import KvBlockIndex, KvEventSource, block_keys
 from dynamo_llm.router.kv_events import KvEventIntake, KvEventSubscriber
 from tests.engines.harness import free_port
-from tests.system.etcd_fleet import polled
+from tests.helpers import polled
 
 pytestmark = pytest.mark.usefixtures("safety_net")
 
