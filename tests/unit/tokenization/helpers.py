@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -108,7 +110,7 @@ def model_folder(path: Path, template: str | None = LLAMA2, *, jinja_file: bool 
     return path
 
 
-def chat(body: dict[str, object], rid: str = "r") -> EngineRequest:
+def chat(body: Mapping[str, Any], rid: str = "r") -> EngineRequest:
     """The engine request of a chat body (``model`` filled in)."""
     params = decode_chat_request(json.dumps({"model": "m", **body}).encode())
     assert isinstance(params, ChatCompletionRequest)
