@@ -109,7 +109,8 @@ class Config:
         "DYN_CONTEXT_LENGTH",
         INT,
         "the model's context window in tokens (prompt + completion); longer requests get "
-        "400 context_length_exceeded",
+        "400 context_length_exceeded (serve with workers: checked before dispatch for a model "
+        "with a --tokenizer folder)",
         group=ENGINE,
         unset="mocker 8192 capped by its KV cache, echo unlimited",
     )
