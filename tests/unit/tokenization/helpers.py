@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from dynamo_llm.engines.base import EngineRequest
 from dynamo_llm.protocols.chat import ChatCompletionRequest, decode_chat_request
+from tests.engines.tiny_model import CHAT_TEMPLATE
 
 _TEXT = (
     "the a of to and in is it that for on with as was at by be this from or an are not have "
@@ -26,21 +27,7 @@ _TEXT = (
 )
 WORDS = _TEXT.split(" ")
 
-LLAMA2 = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
-    "{{ '<<SYS>> ' + message['content'] + ' <</SYS>> ' }}"
-    "{% elif message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ ' ' + (message['content'] or '') + eos_token }}"
-    "{% else %}"
-    "{{ '[' + message['role'] + '] ' + (message['content'] or '') + ' ' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
-)
+LLAMA2 = CHAT_TEMPLATE
 """The engine suite's tiny model's template (Llama-2 style; the template writes the BOS)."""
 
 CHATML = """{% if tools %}

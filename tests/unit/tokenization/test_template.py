@@ -25,6 +25,12 @@ TOOLS = [
         },
     }
 ]
+MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "Sunny."},
+    {"role": "user", "content": "And Rome?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +52,7 @@ def test_a_multi_turn_chat_with_a_system_message_renders_as_the_template_says(
 ) -> None:
     text = render(
         llama2,
-        messages=[
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "Sunny."},
-            {"role": "user", "content": "And Rome?"},
-        ],
+        messages=MULTI_TURN,
     )
     assert text == (
         "<s><<SYS>> Be brief. <</SYS>> [INST] Weather in Paris? [/INST] Sunny.</s>"
@@ -62,12 +63,7 @@ def test_a_multi_turn_chat_with_a_system_message_renders_as_the_template_says(
 def test_trim_and_lstrip_blocks_shape_a_multi_line_template(chatml: ModelTokenizer) -> None:
     text = render(
         chatml,
-        messages=[
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "Sunny."},
-            {"role": "user", "content": "And Rome?"},
-        ],
+        messages=MULTI_TURN,
     )
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n\n<|im_start|>user\nWeather in Paris?"
