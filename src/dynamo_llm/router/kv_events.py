@@ -181,6 +181,8 @@ class KvEventSubscriber:
                 await dealer.send_multipart((b"", encode_sequence(start)))
                 while True:
                     frames = await dealer.recv_multipart()
+                    if len(frames) == 4:  # vLLM's: delimiter, topic, sequence, payload
+                        frames = frames[1:]
                     if len(frames) != 3:
                         continue
                     seq = decode_sequence(frames[1])
