@@ -100,6 +100,9 @@ class Fleet:
         self.kv_intake: KvEventIntake | None = None
         self._kv_follower: Periodic | None = None
         paths = config.tokenizer_paths
+        for path in paths.values():
+            if not Path(path).exists():
+                raise ValueError(f"--tokenizer {path}: no such folder or file")
         self.tokenizers = {
             model: ModelTokenizer.load(path) for model, path in paths.items() if Path(path).is_dir()
         }

@@ -17,7 +17,7 @@ import pytest
 
 from dynamo_llm.config import Config
 from dynamo_llm.engines.mocker.events import KvEventPublisher
-from dynamo_llm.fleet import Fleet
+from dynamo_llm.fleet import Fleet, build_routed_app
 from dynamo_llm.http.app import create_app
 from dynamo_llm.metrics import Metrics
 from dynamo_llm.router.kv_blocks import KvEventSource
@@ -110,3 +110,10 @@ async def test_precise_kv_routing_predicts_from_the_models_own_token_ids(
         assert await fleet._predict_kv(image, None, ["w0", "w1"]) is None
     finally:
         await intake.aclose()
+
+
+def test_a_tokenizer_that_cannot_be_loaded_stops_the_frontend_at_start_up(tmp_path: Path) -> None:
+    for path, reason in ((tmp_path / "nowhere", "no such folder"), (tmp_path, "tokenizer.json")):
+        config = Config(upstreams=("http://w0",), tokenizers=(str(path),))
+        with pytest.raises(ValueError, match=reason):
+            build_routed_app(config, FakeClock())
