@@ -39,6 +39,10 @@ log = logging.getLogger("dynamo_llm.tokenization")
 THREAD_CHARS = 16 * 1024
 """A prompt with at least this many characters is rendered and encoded in a thread."""
 
+_OWN_TEMPLATING = (b'"chat_template"', b'"add_special_tokens"', b'"documents"')
+"""vLLM's request fields that change the prompt's ids; a request with one is not tokenized
+(looked for in the client's JSON as it came: a false hit only costs that request's ids)."""
+
 _SPECIAL_KEYS = (
     "bos_token",
     "eos_token",
@@ -108,6 +112,9 @@ class ModelTokenizer:
     async def prompt_ids(self, request: EngineRequest) -> list[int] | None:
         """The request's prompt token ids as its engine computes them; None when the frontend
         cannot know them (no chat template, an image, a template that refuses the request)."""
+        raw = request.raw_body
+        if raw is not None and any(key in raw for key in _OWN_TEMPLATING):
+            return None  # the client's own template or special-token switch: the engine knows
         try:
             if request.endpoint == "chat_completions":
                 if self.template is None:

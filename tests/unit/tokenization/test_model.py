@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import tokenizers
 
@@ -134,3 +136,13 @@ def test_the_cache_drops_the_least_recent_prefix_past_its_bound() -> None:
     assert cache.longest("bbbb+", [4]) is None
     assert cache.longest("aaaa+", [4]) is not None
     assert cache.tokens == 10
+
+
+async def test_a_request_with_its_own_template_or_special_token_switch_is_left_to_the_engine(
+    folder: Path,
+) -> None:
+    tokenizer = ModelTokenizer.load(str(folder))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    raw = json.dumps({**body, "chat_template": "{{ 1 }}"}).encode()  # forwarded, not known
+    request = msgspec.structs.replace(chat(body), raw_body=raw)
+    assert await tokenizer.prompt_ids(request) is None
