@@ -11,6 +11,9 @@ request into the token ids vLLM 0.32 computes for it:
   post-processor adds the BOS, as vLLM's ``tokenizer.encode`` does), or the client's ids as
   they are.
 
+A request that brings its own ``chat_template``, ``add_special_tokens`` or ``documents``
+(vLLM's fields, which the router forwards) is left to the engine: its ids are not known here.
+
 A multi-turn chat reuses the ids of the longest prefix encoded before (:mod:`.prefix`). Work
 on a long prompt (at least :data:`THREAD_CHARS` characters) runs in a thread: ``encode_batch``
 releases the GIL, so the event loop keeps running; a short one is done inline, where a thread
