@@ -22,7 +22,7 @@ from dynamo_llm.http.app import create_app
 from dynamo_llm.metrics import Metrics
 from dynamo_llm.router.kv_blocks import KvEventSource
 from dynamo_llm.runtime.clock import FakeClock
-from tests.system.etcd_fleet import polled
+from tests.helpers import polled
 from tests.unit.tokenization.helpers import chat, model_folder
 
 pytestmark = pytest.mark.usefixtures("safety_net")
