@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from tests.engines.clients import (
+    FIRST_TOKEN_LIMIT,
     HANGUP_TOKENS,
     PROMPT,
     SILENCE_LIMIT,
@@ -330,7 +331,12 @@ def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair) -> None:
 @pytest.mark.destructive
 def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
     limit = SILENCE_LIMIT[fleet.kind]
-    fe = fleet.frontend(migration_limit=1, backend_stream_timeout_secs=limit, fresh="silent")
+    fe = fleet.frontend(
+        migration_limit=1,
+        backend_stream_timeout_secs=limit,
+        first_token_timeout_secs=FIRST_TOKEN_LIMIT[fleet.kind],
+        fresh="silent",
+    )
     tokens = HANGUP_TOKENS[fleet.kind]
     want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]
