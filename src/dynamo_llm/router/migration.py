@@ -39,7 +39,7 @@ from ..engines.base import EngineOutput, EngineRequest, Usage
 from ..protocols.chat import ChatCompletionRequest
 from ..protocols.stream import chat_choice
 from .continuation import build_replay, prompt_count_request
-from .replay_buffer import ReplayBuffer, mentions_tool_call, without_token_ids
+from .replay_buffer import ReplayBuffer, mentions_tool_call, strip_token_ids
 
 __all__ = ["MigrationState", "migration_budget"]
 
@@ -181,7 +181,7 @@ class MigrationState:
             elif out.raw:  # the worker's own bytes (the tracked mode): a call is in them
                 self._tool_call = mentions_tool_call(out.raw)
         if raw and not self._keeps_ids:
-            out = msgspec.structs.replace(out, raw=without_token_ids(raw))
+            out = msgspec.structs.replace(out, raw=strip_token_ids(raw)[0])
         if not self._replaying:
             self._note_prompt(out)
             return out
@@ -211,17 +211,22 @@ class MigrationState:
     def _keep_raw(self, out: EngineOutput, raw: bytes) -> EngineOutput:
         """A relayed output of the first attempt: its bytes into the replay buffer, parsed only
         if the request migrates; from the first one on, every output with bytes goes there, so
-        that the buffer keeps the stream's order."""
-        self._raw.keep(raw, out.num_tokens)
-        self.generated += out.num_tokens
+        that the buffer keeps the stream's order. The client gets the bytes without the token
+        ids, and the output the number of tokens they listed (the relay counted events)."""
+        num_tokens = out.num_tokens
+        if not self._keeps_ids:
+            stripped, extra = strip_token_ids(raw)
+            if out.token_ids is None:  # parsed outputs counted their ids already
+                num_tokens += extra
+            out = msgspec.structs.replace(out, raw=stripped, num_tokens=num_tokens)
+        self._raw.keep(raw, num_tokens)
+        self.generated += num_tokens
         if not self._tool_call:
             self._tool_call = mentions_tool_call(raw)
         if out.finish_reason is not None:
             self._finished = True
         self._note_prompt(out)
-        if self._keeps_ids:
-            return out
-        return msgspec.structs.replace(out, raw=without_token_ids(raw))
+        return out
 
     def _parse_raw(self) -> None:
         """The replay buffer parsed: its text and token ids join what was generated, in order."""

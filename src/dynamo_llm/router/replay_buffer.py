@@ -2,10 +2,17 @@
 
 With migration on, a streaming request is still relayed as the worker's own bytes (the hot path
 parses nothing), but the worker is asked for token ids, so that a replay can be token-exact. The
-bytes of the first attempt go to the client without those ids (:func:`without_token_ids`, unless
+bytes of the first attempt go to the client without those ids (:func:`strip_token_ids`, unless
 the client asked for them itself) and into a :class:`ReplayBuffer`, unparsed: only a request that
 migrates pays for parsing them (:meth:`ReplayBuffer.drain`), to learn the text and the token ids
 its replay continues.
+
+The ids make the relay's token count exact too, for nearly nothing: the relay counts one token per
+event, and an engine that packs several tokens into one event (vLLM, on a busy machine) lists them
+all. Stripping the lists (:func:`strip_token_ids`) also counts their ids, so a relayed output
+says how many tokens it carried, and the inter-token latency is observed per token (SPEC §6),
+not per event. Only the compact spelling (``"token_ids":[...]``, as vLLM and our worker write it)
+is counted; any other leaves the count at one per event, corrected by the final usage.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import re
 from ..errors import DynamoError
 from ..transport.events import decode_chunk, split_event
 
-__all__ = ["ReplayBuffer", "mentions_tool_call", "without_token_ids"]
+__all__ = ["ReplayBuffer", "mentions_tool_call", "strip_token_ids"]
 
 
 class ReplayBuffer:
@@ -26,7 +33,7 @@ class ReplayBuffer:
     def __init__(self) -> None:
         self._raws: list[bytes] = []
         self.tokens = 0
-        """The tokens counted for the kept bytes as the relay counted them (one per event)."""
+        """The tokens counted for the kept bytes before they were parsed."""
 
     def __bool__(self) -> bool:
         return bool(self._raws)
@@ -71,7 +78,7 @@ def mentions_tool_call(raw: bytes) -> bool:
 # neighbour. Inside a JSON string a quote is escaped, so these bytes are always a key. The usual
 # compact spelling first: a literal prefix lets the regex engine skip ahead (1.8 us for six
 # 230-byte events, where the general pattern, tried at every comma, takes 20).
-_IDS = re.compile(rb',"token_ids":(?:\[[^\]]*\]|null)')
+_IDS = re.compile(rb'(,"token_ids":(?:\[[^\]]*\]|null))')  # captured: split() keeps the lists
 _PROMPT_IDS = re.compile(rb',"prompt_token_ids":(?:\[[^\]]*\]|null)')
 _ANY_IDS = re.compile(
     rb'(?:,\s*"(?:prompt_)?token_ids"\s*:\s*(?:\[[^\]]*\]|null))'
@@ -79,13 +86,21 @@ _ANY_IDS = re.compile(
 )
 
 
-def without_token_ids(raw: bytes) -> bytes:
-    """A worker's events without the token ids the frontend asked for only for a replay."""
+def strip_token_ids(raw: bytes) -> tuple[bytes, int]:
+    """A worker's events without the token ids the frontend asked for only for a replay, and how
+    many more tokens than one per event their lists held (a packed event's extra tokens)."""
     if b"token_ids" not in raw:
-        return raw
-    raw = _IDS.sub(b"", raw)
+        return raw, 0
+    extra = 0
+    parts = _IDS.split(raw)
+    if len(parts) > 1:
+        # Each list is `,"token_ids":[a,b,c]`: as many commas as ids, so its commas less one are
+        # the tokens it holds beyond the one the relay counted (0 for one id, `[]` or null).
+        lists = b"".join(parts[1::2])
+        extra = lists.count(b",") - (len(parts) >> 1)
+        raw = b"".join(parts[::2])
     if b"prompt_token_ids" in raw:
         raw = _PROMPT_IDS.sub(b"", raw)
     if b"token_ids" in raw:  # another spelling (or the words in a text: then nothing matches)
         raw = _ANY_IDS.sub(b"", raw)
-    return raw
+    return raw, extra
