@@ -298,6 +298,9 @@ def test_an_empty_200_is_an_upstream_error_not_a_dead_worker(fleet: Pair) -> Non
 @only("vllm")
 @pytest.mark.parametrize("migration_limit", [0, 1], ids=["relayed", "migratable"])
 def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair, migration_limit: int) -> None:
+    # With migration on each relayed item counts the tokens its token ids list (asked for a
+    # replay), not its events: the counts below then agree with the engine's from the first
+    # item on, and an overcount would show (a counter cannot be corrected down by the usage).
     fe = fleet.frontend(fresh="metrics", migration_limit=migration_limit)
     marks = [e.log_mark() for e in fleet.engines]
 
@@ -323,12 +326,6 @@ def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair, migration_li
     assert metric_sum(m, "dynamo_frontend_input_sequence_tokens_count") == requests
     assert metric_sum(m, "dynamo_frontend_input_sequence_tokens_sum") == prompt1 - prompt0
     assert sum(len(served_requests(e, mk)) for e, mk in zip(fleet.engines, marks, strict=True))
-    if migration_limit:
-        # The token ids asked for a replay say how many tokens each relayed item holds, however
-        # many vLLM packed into an event: every token is timed (Δt/n), none goes in as a 0
-        # once the usage comes (vLLM's first chunk holds one token: no 0 for its others either).
-        zero = metric_sum(m, "dynamo_frontend_inter_token_latency_seconds_bucket", le="0.0")
-        assert zero == 0, zero
 
 
 # --- 9. silence is not migrated ------------------------------------------------------------------
