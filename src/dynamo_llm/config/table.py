@@ -348,7 +348,8 @@ class Config:
         "--backend-stream-timeout-secs",
         "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS",
         INT,
-        "end a request whose engine sends nothing for this long (the HTTP layer waits twice this)",
+        "end a request whose engine sends nothing for this long between items, and before the "
+        "first one unless --first-token-timeout-secs is set (the HTTP layer waits twice this)",
         group=TIMEOUTS,
         normalize=positive_or_off,
     )
@@ -357,7 +358,8 @@ class Config:
         "--first-token-timeout-secs",
         "DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS",
         INT,
-        "end a request with no first token within this long (504 before any byte was sent)",
+        "end a request with no first token within this long of its dispatch or of a migration "
+        "(504 before any byte was sent); --backend-stream-timeout-secs waits until that token",
         group=TIMEOUTS,
         normalize=positive_or_off,
     )
