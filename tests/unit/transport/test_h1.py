@@ -52,13 +52,19 @@ class FakeTransport(asyncio.Transport):
         self.closed = True
 
 
-async def answered(head: bytes) -> tuple[Connection, FakeTransport]:
-    """A connection whose request is sent and whose answer begins with ``head``."""
+async def sent() -> tuple[Connection, FakeTransport, asyncio.Future[None]]:
+    """A connection whose request is sent, and the wait for its answer's head."""
     conn = Connection()
     transport = FakeTransport()
     conn.connection_made(transport)
     task = asyncio.ensure_future(conn.request(b"POST / HTTP/1.1\r\n\r\n"))
     await asyncio.sleep(0)
+    return conn, transport, task
+
+
+async def answered(head: bytes) -> tuple[Connection, FakeTransport]:
+    """A connection whose request is sent and whose answer begins with ``head``."""
+    conn, transport, task = await sent()
     conn.data_received(head)
     await task
     return conn, transport
@@ -129,18 +135,12 @@ async def test_an_interim_answer_is_skipped() -> None:
 
 
 async def test_a_close_before_any_byte_is_closed_unanswered_and_after_some_a_drop() -> None:
-    conn = Connection()
-    conn.connection_made(FakeTransport())
-    task = asyncio.ensure_future(conn.request(b"x"))
-    await asyncio.sleep(0)
+    conn, _, task = await sent()
     conn.connection_lost(None)
     with pytest.raises(ClosedUnanswered):
         await task
 
-    conn = Connection()
-    conn.connection_made(FakeTransport())
-    task = asyncio.ensure_future(conn.request(b"x"))
-    await asyncio.sleep(0)
+    conn, _transport, task = await sent()
     conn.data_received(b"HTTP/1.1 200 O")
     conn.connection_lost(ConnectionResetError())
     with pytest.raises(ConnectionDropped):
@@ -165,11 +165,7 @@ async def test_a_body_cut_short_is_raised_after_what_came_before_it() -> None:
     ],
 )
 async def test_an_answer_that_is_not_http_is_a_bad_response(answer: bytes) -> None:
-    conn = Connection()
-    transport = FakeTransport()
-    conn.connection_made(transport)
-    task = asyncio.ensure_future(conn.request(b"x"))
-    await asyncio.sleep(0)
+    conn, transport, task = await sent()
     conn.data_received(answer)
     with pytest.raises(BadResponse):
         await task
@@ -178,10 +174,7 @@ async def test_an_answer_that_is_not_http_is_a_bad_response(answer: bytes) -> No
 
 
 async def test_a_head_larger_than_the_bound_is_refused() -> None:
-    conn = Connection()
-    conn.connection_made(FakeTransport())
-    task = asyncio.ensure_future(conn.request(b"x"))
-    await asyncio.sleep(0)
+    conn, _transport, task = await sent()
     conn.data_received(b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"a" * MAX_HEAD + b"\r\n")
     with pytest.raises(BadResponse):
         await task
@@ -215,11 +208,7 @@ async def test_release_closes_unless_the_answer_was_read_to_its_end() -> None:
 
 
 async def test_a_cancelled_wait_for_the_head_closes_the_connection() -> None:
-    conn = Connection()
-    transport = FakeTransport()
-    conn.connection_made(transport)
-    task = asyncio.ensure_future(conn.request(b"x"))
-    await asyncio.sleep(0)
+    _conn, transport, task = await sent()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
