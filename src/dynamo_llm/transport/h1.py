@@ -15,8 +15,8 @@ its own chunk), then its reader handed the chunks out one by one. :class:`Connec
   connection's buffer; the reader, if it waits, is woken once per socket read.
   (``bench/bench_relay.py`` measured a hand-written dechunker, a loop of ``bytes.find`` over
   the buffer, 50-70 µs slower per 100-token stream: ``bench/README.md``.)
-- :meth:`Connection.read_any` hands over everything buffered at once (up to a limit), as
-  :func:`~.buffered.read_any` did over aiohttp's reader.
+- :meth:`Connection.read_any` hands over everything buffered at once (up to a limit, so that a
+  stream held back for a slow client is passed on in pieces its buffer can be watched between).
 - **Backpressure**: once more than :data:`HIGH_WATER` body bytes wait unread, the transport
   stops reading the socket (``pause_reading``), and reading resumes when the reader took them
   down to :data:`LOW_WATER`; with the socket's fixed receive buffer (:mod:`.pool`) the worker
