@@ -85,7 +85,11 @@ def rich_chat(*, stream: bool, extras: Mapping[str, Any] = EXTRAS) -> dict[str, 
 
 
 def as_forwarded(sent: Mapping[str, Any]) -> dict[str, Any]:
-    """What the worker must receive for ``sent``: the same JSON, streamed with usage."""
+    """What the worker must receive for ``sent``: the same JSON, streamed with usage; a unary
+    request (no migration, no silence limit: the answer is taken whole) without stream options.
+    """
+    if not sent.get("stream"):
+        return {k: v for k, v in sent.items() if k != "stream_options"}
     options = dict(sent.get("stream_options") or {})
     return {**sent, "stream": True, "stream_options": {**options, "include_usage": True}}
 

@@ -16,7 +16,10 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
    that) and the first-token limit; the clock starts at dispatch, so a worker that never even
    sends its headers is silent too, and is quarantined by the inactivity limit alone. Its
    verdict is a :class:`~dynamo_llm.errors.WorkerSilent`, which a migrating request survives
-   like a dropped stream;
+   like a dropped stream. A unary request that does not migrate, while neither limit is set,
+   is asked of the worker as unary and its answer is the one output
+   (:meth:`~dynamo_llm.transport.WorkerClient.open_answer`): a whole answer has no events
+   before its end to time, and its worker-level time to first token is not observed;
 3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
    stream, stream ended without its terminal item, silence past the limit; the watchdog's
    verdict wins over the error it caused) goes to ``report_down``; a clean end to
@@ -150,8 +153,13 @@ class Attempt:
                 first_token_timeout=self._limits.first_token,
                 is_ours=worker.is_ours,
             )
+            stream: AsyncIterator[EngineOutput]
             if migrating or replay:
                 stream = await open_stream(track_tokens=True, relay=not replay)
+            elif self._takes_whole(request):
+                stream = await client.open_answer(
+                    worker.url, request, self.context, is_ours=worker.is_ours
+                )
             else:
                 stream = await open_stream()
         except BaseException as exc:
@@ -165,6 +173,15 @@ class Attempt:
             raise
         self._stream = stream
         return OwnedStream(self._relay(stream), self.aclose)
+
+    def _takes_whole(self, request: EngineRequest) -> bool:
+        """Whether a unary request's answer may come whole: no silence limit times its events
+        (a whole answer has none before its end, so a first-token or inactivity limit would cut
+        a long but live generation and quarantine its worker)."""
+        limits = self._limits
+        return (
+            not request.params.stream and limits.inactivity is None and (limits.first_token is None)
+        )
 
     async def aclose(self) -> None:
         """Give back what the attempt holds, and close the upstream stream. Idempotent."""
@@ -189,7 +206,7 @@ class Attempt:
             waiting_first = True
             async for out in stream:
                 touch()
-                if waiting_first and out.num_tokens > 0:
+                if waiting_first and out.num_tokens > 0 and out.response is None:
                     waiting_first = False
                     self._observe_ttft(self._clock.now() - self._started)
                 yield out

@@ -12,6 +12,8 @@ graceful stop for our own workers). The modules, in the order a request meets th
   classes (:func:`error_from_worker`).
 - :mod:`.stream` — :class:`RemoteStream`: the read loop, cancellation and the release of the
   connection.
+- :mod:`.answer` — a unary answer taken whole (:meth:`WorkerClient.open_answer`): the worker's
+  body passed on, its id and model name renamed, its usage read.
 - :mod:`.buffered` — :func:`~.buffered.read_any`, the body read in whole buffers.
 - :mod:`.relay` — the raw relay's fast path, its check that each relayed event is a JSON-object
   line, and the id and model rewrite.
