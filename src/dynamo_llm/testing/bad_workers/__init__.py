@@ -25,6 +25,11 @@ prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connec
 ``malformed-sse``       a 200 event stream whose first event is invalid JSON, then non-SSE text
 ======================  =========================================================================
 
+A unary request (``stream: false``) meets its behaviour where its stream would:
+``zombie-after-first`` never answers, the mid-stream ones misbehave a few tokens' time in
+(``stop-mid-stream`` ends a body cut short, ``error-mid-stream`` answers 500), and
+``malformed-sse`` answers plain text.
+
 Every behaviour that listens keeps a record of what it saw: ``GET /_record`` returns
 ``{"requests": [{"id", "upstream_id", "path", "body", "disconnected", "disconnected_at",
 "completed", "stopped"}]}``, where ``id`` is the frontend's id for the request
