@@ -23,7 +23,10 @@ frontend has a core of its own, so the ratio shows how much of that the frontend
 is never the bottleneck) and the CPU per request what it costs.
 
 Every response is checked (HTTP 200, exactly ``--tokens`` content chunks, a usage chunk saying
-so, no error event, ``[DONE]``); any failure makes the script exit with status 1.
+so, no error event, ``[DONE]``); any failure makes the script exit with status 1. ``--unary``
+sends unary chats instead (the answer's text and usage checked); ``--baseline CHECKOUT`` also
+runs ``dynamo-llm`` from another checkout's ``src/`` on the frontend's core, measured in turn
+with this one in every round (an A/B in one run, e.g. against a detached worktree of ``main``).
 
 Run: ``.venv/bin/python bench/bench_router.py`` (see ``--help``).
 """
