@@ -1,9 +1,11 @@
 """Helpers that tests of both tiers use (``unit/`` and ``system/``)."""
 
+import asyncio
+import inspect
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,24 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) ->
         if time.monotonic() > deadline:
             pytest.fail(f"safety net: {what} not seen within {timeout}s")
         time.sleep(0.02)
+
+
+async def polled(
+    condition: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = 15.0
+) -> float:
+    """:func:`wait_for` for a test on an event loop: poll state another process changes (the
+    condition may be a coroutine function) until it holds; the seconds it took."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return loop.time() - start
+        if loop.time() - start > timeout:
+            raise AssertionError(f"safety net: {what} not seen within {timeout}s")
+        await asyncio.sleep(0.02)
 
 
 def environ_without_dyn() -> dict[str, str]:

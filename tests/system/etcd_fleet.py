@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from dynamo_llm.discovery.etcd import EtcdDiscovery
@@ -67,14 +67,3 @@ def discovery_of(fe: RoutedFrontend) -> EtcdDiscovery:
 
 def urls(fe: RoutedFrontend) -> set[str]:
     return {w.url for w in fe.fleet.workers}
-
-
-async def polled(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> float:
-    """Poll state another process changes until ``condition`` holds; the seconds it took."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not condition():
-        if loop.time() - start > timeout:
-            raise AssertionError(f"safety net: {what} not seen within {timeout}s")
-        await asyncio.sleep(0.02)
-    return loop.time() - start

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,8 @@ from dynamo_llm.discovery.etcd_client import EtcdClient
 from dynamo_llm.discovery.instance import decode_instance, instances_prefix
 from dynamo_llm.testing.etcd import EtcdServer
 from dynamo_llm.testing.tcp_proxy import TcpProxy
-from tests.system.etcd_fleet import (
-    TTL,
-    discovery_of,
-    etcd_frontend,
-    polled,
-    start_worker,
-    stop_all,
-    urls,
-)
+from tests.helpers import polled
+from tests.system.etcd_fleet import TTL, discovery_of, etcd_frontend, start_worker, stop_all, urls
 from tests.system.fleet_helpers import chat, ok, send
 
 pytestmark = pytest.mark.usefixtures("safety_net")
@@ -189,7 +181,7 @@ async def test_changes_missed_while_cut_off_from_etcd_are_reconciled_by_instance
                 # sees), another registers, and the history is compacted away.
                 await asyncio.to_thread(leaving.stop)
                 newcomer = await start_worker(etcd)
-                await polled_async(lambda: _has(etcd, str(newcomer.url)), "the newcomer's key")
+                await polled(lambda: _has(etcd, str(newcomer.url)), "the newcomer's key")
                 await direct.compact(await direct.put("unrelated", b""))
                 assert urls(fe) == {leaving.url, staying.url}  # the last known set, meanwhile
                 resyncs = discovery_of(fe).resyncs
@@ -210,11 +202,3 @@ async def test_changes_missed_while_cut_off_from_etcd_are_reconciled_by_instance
 
 async def _has(etcd: EtcdServer, url: str) -> bool:
     return url in (await registered(etcd)).values()
-
-
-async def polled_async(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    for _ in range(500):
-        if await condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"safety net: {what} not seen")

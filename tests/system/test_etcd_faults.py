@@ -17,7 +17,8 @@ from dynamo_llm.discovery.registration import Registration
 from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.testing.bad_workers import BadWorker
 from dynamo_llm.testing.etcd import EtcdServer
-from tests.system.etcd_fleet import etcd_frontend, polled, urls
+from tests.helpers import polled
+from tests.system.etcd_fleet import etcd_frontend, urls
 from tests.system.fleet_helpers import HOLD, LIMITS, RawClient, bad_workers, chat, rid, send
 
 pytestmark = pytest.mark.usefixtures("safety_net")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.etcd_fleet import polled
+from tests.helpers import polled
 from tests.system.fleet_helpers import bad_workers, chat, health, ok, routed_frontend
 
 pytestmark = pytest.mark.usefixtures("safety_net")

@@ -28,7 +28,7 @@ from dynamo_llm.protocols.kv_events import (
 )
 from dynamo_llm.router.kv_blocks import KvBlockIndex, KvEventSource, block_keys
 from dynamo_llm.router.kv_events import KvEventIntake
-from tests.system.etcd_fleet import polled
+from tests.helpers import polled
 
 pytestmark = pytest.mark.usefixtures("safety_net")
 

@@ -20,8 +20,8 @@ import pytest
 from dynamo_llm.router.kv_blocks import KvEventSource, WorkerBlocks
 from dynamo_llm.testing.etcd import EtcdServer
 from dynamo_llm.testing.process import ServerProcess
-from tests.helpers import environ_without_dyn
-from tests.system.etcd_fleet import etcd_frontend, polled, start_worker, stop_all
+from tests.helpers import environ_without_dyn, polled
+from tests.system.etcd_fleet import etcd_frontend, start_worker, stop_all
 from tests.system.fleet_helpers import RoutedFrontend, routed_frontend
 
 pytestmark = pytest.mark.usefixtures("safety_net")

@@ -13,8 +13,8 @@ import pytest
 
 from dynamo_llm.testing.etcd import EtcdServer
 from dynamo_llm.testing.process import ServerProcess
-from tests.helpers import environ_without_dyn
-from tests.system.etcd_fleet import etcd_frontend, polled, urls
+from tests.helpers import environ_without_dyn, polled
+from tests.system.etcd_fleet import etcd_frontend, urls
 from tests.system.fleet_helpers import bad_workers, chat, ok
 
 pytestmark = pytest.mark.usefixtures("safety_net")

@@ -15,7 +15,8 @@ import pytest
 
 from dynamo_llm.router import Worker
 from dynamo_llm.testing.etcd import EtcdServer
-from tests.system.etcd_fleet import etcd_frontend, polled, start_worker, stop_all, urls
+from tests.helpers import polled
+from tests.system.etcd_fleet import etcd_frontend, start_worker, stop_all, urls
 from tests.system.fleet_helpers import chat, ok
 
 pytestmark = pytest.mark.usefixtures("safety_net")

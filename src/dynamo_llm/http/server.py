@@ -17,8 +17,9 @@ and leaves the rest in the kernel's accept queue (its default, the backlog, is 1
 every new client, a health probe included, waits for a connection to close. The limit here is the
 process's file-descriptor limit (which ``cli`` raises to its hard limit), so what bounds
 connections is memory, not a counter. A client must send its request headers within
-``read_timeout`` (granian's HTTP/1 header read timeout; the body's is enforced by the inference
-routes), so slow-loris connections are closed rather than held. uvicorn has no header timeout.
+``read_timeout`` (granian's HTTP/1 header read timeout; under uvicorn, which has none, the same
+rule from :mod:`.header_timeout`; the body's is enforced by the inference routes), so slow-loris
+connections are closed rather than held.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from granian.server.embed import Server
 from ..runtime.tasks import cancel_and_wait
 from .app import App
 from .asgi import AsgiApp
+from .header_timeout import protocol_with_header_timeout
 from .rsgi import RsgiApp
 
 log = logging.getLogger("dynamo_llm.http.server")
@@ -174,7 +176,12 @@ class HttpServer:
 
     def _start_uvicorn(self, sock: socket.socket) -> None:
         config = uvicorn.Config(
-            AsgiApp(self.app), lifespan="off", log_config=None, access_log=False, backlog=BACKLOG
+            AsgiApp(self.app),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            backlog=BACKLOG,
+            http=protocol_with_header_timeout(self.read_timeout),
         )
         server = uvicorn.Server(config)
         self._server = server
