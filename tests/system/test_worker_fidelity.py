@@ -157,6 +157,33 @@ async def test_a_completions_request_passes_its_unknown_fields_on_too() -> None:
 
 
 @pytest.mark.parametrize(
+    "env",
+    [
+        {"DYN_MIGRATION_LIMIT": "1"},
+        {"DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS": "30"},
+        {"DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS": "30"},
+    ],
+    ids=["migration", "inactivity-limit", "first-token-limit"],
+)
+async def test_a_unary_request_is_streamed_upstream_while_something_needs_its_events(
+    env: dict[str, str],
+) -> None:
+    sent = {"model": MODEL, "prompt": "once upon", "max_tokens": 3}
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        recording_worker() as worker,
+        routed(worker.url, env=env) as fe,
+    ):
+        response = await post(fe, "/v1/completions", sent)
+    assert not net.expired()
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == "tok0tok1tok2"
+    [received] = worker.received
+    assert received.json["stream"] is True
+    assert received.json["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
     ("extra", "code", "param"),
     [
         ({"temperature": "hot"}, "invalid_type", "temperature"),

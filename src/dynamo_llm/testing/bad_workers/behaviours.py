@@ -295,9 +295,7 @@ class _Stream:
             if limit and i >= limit:
                 return await self._misbehave_unary(request, behaviour)
             if gap > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(gap):
-                        await self.seen.stop.wait()
+                await self._pause(gap)
             if self.seen.stop.is_set():
                 self.seen.stopped = True
                 self.count = i + 1
@@ -341,14 +339,18 @@ class _Stream:
                 await self._misbehave(resp, behaviour)
                 return
             if gap > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(gap):
-                        await self.seen.stop.wait()
+                await self._pause(gap)
         if self.seen.stop.is_set():
             self.seen.stopped = True
             return
         await resp.write(self.tail())
         self.seen.completed = True
+
+    async def _pause(self, gap: float) -> None:
+        """One token's time, cut short by a graceful stop."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(gap):
+                await self.seen.stop.wait()
 
     async def _misbehave_unary(self, request: web.Request, behaviour: str) -> web.StreamResponse:
         if behaviour == "die-mid-stream":
