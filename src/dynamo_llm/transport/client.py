@@ -174,7 +174,7 @@ class WorkerClient:
             request,
             ctx,
             body=body,
-            accept=_EVENT_STREAM,
+            whole=False,
             first_token_timeout=first_token_timeout,
         )
         if _is_json(resp.content_type):
@@ -217,7 +217,7 @@ class WorkerClient:
             return await self.open_stream(url, request, ctx, model=model, is_ours=is_ours)
         body = upstream_body(request, model=model, stream=False)
         resp, _ = await self._admit(
-            url, request, ctx, body=body, accept=_JSON, first_token_timeout=None
+            url, request, ctx, body=body, whole=True, first_token_timeout=None
         )
         response_id = family_of(request).response_id(request.id)
         if resp.content_type == _EVENT_STREAM:
@@ -243,25 +243,24 @@ class WorkerClient:
         ctx: EngineContext,
         *,
         body: bytes,
-        accept: str,
+        whole: bool,
         first_token_timeout: float | None,
     ) -> tuple[aiohttp.ClientResponse, float | None]:
         """POST ``body`` for ``request``; the worker's 2xx response and the admission deadline.
 
-        An error status is read (bounded) and raised as the worker's error.
+        ``whole``: a unary answer is asked for (its headers come at its end). An error status is
+        read (bounded) and raised as the worker's error.
         """
         headers = {
             "Content-Type": "application/json",
-            "Accept": accept,
+            "Accept": _JSON if whole else _EVENT_STREAM,
             "X-Request-Id": ctx.id,
             "X-Client-Request-Id": request.id,
         }
         loop = asyncio.get_running_loop()
         deadline = None if first_token_timeout is None else loop.time() + first_token_timeout
         path = family_of(request).path
-        resp = await self._post(
-            url.rstrip("/") + path, body, headers, ctx, deadline, whole=accept == _JSON
-        )
+        resp = await self._post(url.rstrip("/") + path, body, headers, ctx, deadline, whole=whole)
         if resp.status >= 400:
             try:
                 error_body = await _read_bounded(resp, deadline)
