@@ -19,7 +19,7 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
    like a dropped stream. A unary request that does not migrate, while neither limit is set,
    is asked of the worker as unary and its answer is the one output
    (:meth:`~dynamo_llm.transport.WorkerClient.open_answer`): a whole answer has no events
-   before its end to time, and its worker-level time to first token is not observed;
+   before its end to time, and its first token comes with it;
 3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
    stream, stream ended without its terminal item, silence past the limit; the watchdog's
    verdict wins over the error it caused) goes to ``report_down``; a clean end to
@@ -206,7 +206,7 @@ class Attempt:
             waiting_first = True
             async for out in stream:
                 touch()
-                if waiting_first and out.num_tokens > 0 and out.response is None:
+                if waiting_first and out.num_tokens > 0:
                     waiting_first = False
                     self._observe_ttft(self._clock.now() - self._started)
                 yield out
