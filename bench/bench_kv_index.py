@@ -23,6 +23,7 @@ runs on is shared; figures are indicative.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import resource
 import statistics
@@ -80,27 +81,72 @@ def bench_decision(args: argparse.Namespace) -> None:
     ids = list(heads)
     views = [WorkerView(wid, 0, 0, True, True) for wid in ids]
     hashes = list(range(args.prompt_tokens // 64))
-    times: list[float] = []
+    if args.gc_freeze:
+        gc.freeze()  # the index's containers leave the collector's generations
+    collections: list[tuple[int, float]] = []  # (generation, seconds) of each GC pass
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        else:
+            collections.append((info["generation"], time.perf_counter() - started.pop()))
+
+    gc.callbacks.append(on_gc)
+    samples: list[tuple[float, float, list[tuple[int, float]]]] = []  # wall, CPU, GC passes
     key_times: list[float] = []
     chosen = ""
-    for _ in range(args.decisions):
-        t0 = time.perf_counter()
-        block_keys(prompt, BLOCK)
-        t1 = time.perf_counter()
-        cached = index.overlap_tokens(ids, prompt)
-        precise = PreciseOverlap(len(prompt), cached)
-        chosen = choose_worker(RouterMode.KV, views, rng=rng, hashes=hashes, precise=precise)
-        t2 = time.perf_counter()
-        key_times.append(t1 - t0)
-        times.append(t2 - t1)
+    try:
+        for _ in range(args.decisions):
+            t0 = time.perf_counter()
+            block_keys(prompt, BLOCK)
+            t1 = time.perf_counter()
+            c1, n1 = time.thread_time(), len(collections)
+            cached = index.overlap_tokens(ids, prompt)
+            precise = PreciseOverlap(len(prompt), cached)
+            chosen = choose_worker(RouterMode.KV, views, rng=rng, hashes=hashes, precise=precise)
+            t2, c2 = time.perf_counter(), time.thread_time()
+            key_times.append(t1 - t0)
+            samples.append((t2 - t1, c2 - c1, collections[n1:]))
+    finally:
+        gc.callbacks.remove(on_gc)
     assert chosen == holder, (chosen, holder)
-    times.sort()
+    times = sorted(wall for wall, _, _ in samples)
+    median = statistics.median(times)
     p99 = times[int(len(times) * 0.99) - 1]
     print(
         f"decision over {args.workers} workers, {args.prompt_tokens}-token prompt: "
-        f"median {statistics.median(times) * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs "
-        f"(of which the prompt's keys: median {statistics.median(key_times) * 1e6:.0f} µs)"
+        f"median {median * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs, max {times[-1] * 1e6:.0f} µs "
+        f"(the prompt's {len(prompt) // BLOCK} keys alone: median "
+        f"{statistics.median(key_times) * 1e6:.0f} µs)"
     )
+    describe_outliers(samples, median, p99)
+
+
+def describe_outliers(
+    samples: list[tuple[float, float, list[tuple[int, float]]]], median: float, p99: float
+) -> None:
+    """What the decisions at or above the p99 have in common: a garbage-collector pass inside
+    them, or wall time the thread did not run (the OS ran another process), or neither."""
+    slow = [s for s in samples if s[0] >= max(p99, 2 * median)]
+    with_gc = [s for s in slow if s[2]]
+    preempted = [s for s in slow if not s[2] and s[0] - s[1] > median]
+    print(f"decisions at or above the p99 (and 2x the median): {len(slow)}")
+    for wall, cpu, passes in sorted(slow, reverse=True)[:5]:
+        gcs = ", ".join(f"gen{g} {d * 1e6:.0f} µs" for g, d in passes) or "no GC"
+        print(f"  {wall * 1e6:.0f} µs wall, {cpu * 1e6:.0f} µs thread CPU; {gcs}")
+    print(
+        f"  of which a GC pass inside: {len(with_gc)}; no GC but wall - CPU > median "
+        f"(not running): {len(preempted)}; neither: {len(slow) - len(with_gc) - len(preempted)}"
+    )
+    passes = [p for _, _, ps in samples for p in ps]
+    for gen in (0, 1, 2):
+        durations = sorted(d for g, d in passes if g == gen)
+        if durations:
+            print(
+                f"  gen{gen} passes during the decisions: {len(durations)}, median "
+                f"{statistics.median(durations) * 1e6:.0f} µs, max {durations[-1] * 1e6:.0f} µs"
+            )
 
 
 def bench_intake(args: argparse.Namespace) -> None:
@@ -129,7 +175,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=100)
     parser.add_argument("--blocks", type=int, default=100_000)
     parser.add_argument("--prompt-tokens", type=int, default=4096)
-    parser.add_argument("--decisions", type=int, default=200)
+    parser.add_argument("--decisions", type=int, default=2000)
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() the filled index before deciding"
+    )
     parser.add_argument("--batches", type=int, default=50_000)
     args = parser.parse_args()
     bench_intake(args)

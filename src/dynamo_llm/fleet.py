@@ -89,7 +89,7 @@ class Fleet:
         self.kv_intake: KvEventIntake | None = None
         self._kv_follower: Periodic | None = None
         if self.policy.mode is RouterMode.KV:
-            self.kv_intake = KvEventIntake(KvBlockIndex(), metrics=metrics)
+            self.kv_intake = KvEventIntake(KvBlockIndex(), metrics=metrics, clock=clock)
             self._tokenizer = load_tokenizer(config.mocker_tokenizer)
         self.workers.on_change(self._availability_changed)
 

@@ -171,6 +171,7 @@ async def test_every_counter_and_gauge_has_a_sample_before_the_first_request() -
         "dynamo_frontend_router_kv_mode",
         "dynamo_frontend_router_kv_events",
         "dynamo_frontend_router_kv_event_gaps",
+        "dynamo_frontend_router_kv_event_silences",
     }
     empty = [
         f.name

@@ -235,7 +235,11 @@ def test_a_shared_prefix_is_reported_as_cached_tokens(client: openai.OpenAI, wor
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details is not None
     assert second.usage.prompt_tokens_details.cached_tokens == 192
-    assert value(scrape(worker), "dynamo_mocker_prefix_cache_hit_rate", model=MODEL) > 0
+    samples = scrape(worker)
+    assert value(samples, "dynamo_mocker_prefix_cache_hit_rate", model=MODEL) > 0
+    assert value(samples, "dynamo_mocker_prefix_cache_hits_total", model=MODEL) >= 192
+    queried = value(samples, "dynamo_mocker_prefix_cache_queries_total", model=MODEL)
+    assert queried >= 400
 
 
 def test_health_and_metrics_show_the_scheduler(worker: str) -> None:
@@ -251,6 +255,8 @@ def test_health_and_metrics_show_the_scheduler(worker: str) -> None:
         "dynamo_mocker_kv_blocks_total",
         "dynamo_mocker_kv_cache_usage_ratio",
         "dynamo_mocker_prefix_cache_hit_rate",
+        "dynamo_mocker_prefix_cache_queries_total",
+        "dynamo_mocker_prefix_cache_hits_total",
         "dynamo_mocker_preemptions_total",
         "dynamo_mocker_cancelled_requests_total",
         "dynamo_mocker_finished_requests_total",

@@ -186,6 +186,12 @@ class Metrics:
             "Gaps in the worker's KV event sequence (missed batches)",
             ("worker",),
         )
+        self.router_kv_event_silences_total = Counter(
+            f"{p}_router_kv_event_silences_total",
+            "Times the worker's KV event publisher fell silent and did not answer a replay "
+            "request (the worker is routed approximately until it answers)",
+            ("worker",),
+        )
         self.router_kv_predicted_overlap_tokens = Histogram(
             f"{p}_router_kv_predicted_overlap_tokens",
             "Prompt tokens the chosen worker was predicted to have cached (precise mode)",

@@ -15,7 +15,9 @@ a tagged array whose first element is its class name (vLLM's ``msgspec`` structs
 
 Missed batches are asked for on the engine's ROUTER socket: the subscriber (a DEALER) sends
 ``[b"", start_sequence]`` and receives ``[b"", sequence, payload]`` for every batch still
-buffered from ``start_sequence`` on, then ``[b"", -1, b""]``.
+buffered from ``start_sequence`` on, then ``[b"", -1, b""]``. vLLM 0.32 puts the topic before
+the sequence (``[b"", topic, sequence, payload]``, then ``[b"", b"", -1, b""]``); the
+subscriber reads both, the mocker sends the first.
 
 :func:`decode_batch` also reads the map form newer vLLM releases write (the same structs
 without ``array_like``: ``{"type": "BlockStored", "block_hashes": ...}``) and ignores fields it

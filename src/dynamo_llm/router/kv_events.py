@@ -15,7 +15,24 @@ missed batches, a DEALER on its ROUTER replay endpoint (wire format in
   entries are cleared (a restarted mocker also opens with ``AllBlocksCleared``).
 
 The worker is *precise* (``router_kv_mode{worker} = 1``) once a consistent stream is being
-followed. Batches are decoded and applied synchronously, a few microseconds per event, so the
+followed, and for as long as its publisher is known to be alive. vLLM sends nothing while it is
+idle (no heartbeat; its publisher thread only polls its ROUTER socket for replay requests), so
+silence alone cannot mean "gone". The rule, checked on the injected clock:
+
+- after ``silence`` seconds (default 5) with no batch, the subscriber asks the replay endpoint
+  for everything from the next expected sequence. An answer (an idle engine's is the bare
+  end-of-replay marker) proves the publisher alive and brings any batch the live stream lost
+  silently: the worker stays precise, and the next check is ``silence`` seconds later;
+- no answer within the replay timeout: the publisher hung or the path to it broke, and the
+  entries may be stale. The worker turns *approximate* (``router_kv_mode`` 0, ``kv_mode`` in
+  ``/health``): routing guesses for it, as for a worker without events. Its entries are kept,
+  the check repeats every ``silence`` seconds, and when the publisher answers again (or a batch
+  arrives) the replay from the expected sequence re-syncs it (a reset first, when the engine's
+  buffer no longer reaches back that far) and it is precise again;
+- a worker without a replay endpoint cannot be asked: its silence is taken for idleness, as
+  before (it stays precise).
+
+Batches are decoded and applied synchronously, a few microseconds per event, so the
 loop never waits on the index; only a replay waits (on the socket), and only in this worker's
 task.
 
@@ -28,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import zmq
@@ -43,6 +61,7 @@ from ..protocols.kv_events import (
     decode_sequence,
     encode_sequence,
 )
+from ..runtime.clock import Clock, SystemClock
 from ..runtime.tasks import cancel_and_wait
 from .kv_blocks import KvBlockIndex, KvEventSource
 from .policies import PreciseOverlap
@@ -50,6 +69,8 @@ from .policies import PreciseOverlap
 log = logging.getLogger("dynamo_llm.router.kv_events")
 
 DEFAULT_REPLAY_TIMEOUT = 2.0
+DEFAULT_SILENCE = 5.0
+"""Seconds without a batch after which a worker's publisher is asked whether it is alive."""
 _YIELD_EVERY = 64  # replayed batches applied between two turns of the event loop
 _EVENT_NAMES = {
     BlockStored: "stored",
@@ -70,6 +91,8 @@ class KvEventSubscriber:
         *,
         metrics: Metrics | None = None,
         replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
+        clock: Clock | None = None,
+        silence: float = DEFAULT_SILENCE,
     ) -> None:
         self.worker_id = worker_id
         self.source = source
@@ -77,6 +100,14 @@ class KvEventSubscriber:
         self._ctx = ctx
         self._metrics = metrics
         self._replay_timeout = replay_timeout
+        self._clock = clock if clock is not None else SystemClock()
+        self._silence = silence
+        self.heard_at = self._clock.now()
+        """When (clock time) the publisher last proved alive: a batch, or a replay's answer."""
+        self._lock = asyncio.Lock()  # one of the live stream and the silence check at a time
+        self.is_silent = False
+        """True while the publisher has not answered a liveness check (see the module doc)."""
+        self.silences = 0
         self._dealer: zmq.asyncio.Socket | None = None
         self.expected: int | None = None
         """The next sequence number expected; None until a consistent stream is followed."""
@@ -88,7 +119,7 @@ class KvEventSubscriber:
 
     @property
     def is_precise(self) -> bool:
-        return self.expected is not None
+        return self.expected is not None and not self.is_silent
 
     async def run(self) -> None:
         sub = self._ctx.socket(zmq.SUB)
@@ -96,8 +127,13 @@ class KvEventSubscriber:
         sub.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(self.source.endpoint)
+        watch: asyncio.Task[None] | None = None
         try:
-            await self._catch_up(0)
+            async with self._lock:
+                await self._catch_up(0)
+            if self.source.replay_endpoint is not None:
+                watch = asyncio.get_running_loop().create_task(self._watch_silence())
+                watch.add_done_callback(_log_crash)
             while True:
                 frames = await sub.recv_multipart()
                 if len(frames) != 3:
@@ -110,8 +146,11 @@ class KvEventSubscriber:
                 except ValueError as exc:
                     log.warning("worker %s: bad KV event sequence: %s", self.worker_id, exc)
                     continue
-                await self._receive(seq, frames[2])
+                async with self._lock:
+                    await self._receive(seq, frames[2])
         finally:
+            if watch is not None:
+                await cancel_and_wait(watch)
             sub.close()
             if self._dealer is not None:
                 self._dealer.close()
@@ -119,6 +158,7 @@ class KvEventSubscriber:
             self._set_mode()
 
     async def _receive(self, seq: int, payload: bytes) -> None:
+        self._heard_from()
         last_live, self._last_live = self._last_live, seq
         expected = self.expected
         if expected is not None and seq < expected and (last_live is None or seq > last_live):
@@ -151,12 +191,44 @@ class KvEventSubscriber:
                     self._reset()  # the missing batches are gone: follow from here
         self._apply(seq, payload)
 
-    async def _catch_up(self, start: int) -> None:
-        """Apply the replayed batches from ``start`` on. A replay that skips batches (the
-        engine no longer holds them) resets the worker's entries first; without any state
-        yet, what the engine still holds is learned as it is."""
+    async def _watch_silence(self) -> None:
+        clock = self._clock
+        asked_at = -math.inf  # the last check that had no answer
+        while True:
+            due = max(self.heard_at, asked_at) + self._silence
+            if clock.now() < due:
+                await clock.sleep(due - clock.now())
+                continue
+            async with self._lock:
+                if clock.now() < self.heard_at + self._silence:
+                    continue  # a batch arrived while this check waited for the lock
+                answered = await self._catch_up(self.expected if self.expected is not None else 0)
+                if not answered:
+                    asked_at = clock.now()  # ask again one silence from now
+                    if not self.is_silent:
+                        self.is_silent = True
+                        self.silences += 1
+                        if self._metrics is not None:
+                            self._metrics.router_kv_event_silences_total.labels(
+                                self.worker_id
+                            ).inc()
+                        log.warning(
+                            "worker %s: no KV events for %gs and no answer to a replay "
+                            "request: routing it approximately until its publisher answers",
+                            self.worker_id,
+                            self._silence,
+                        )
+                        self._set_mode()
+
+    async def _catch_up(self, start: int) -> bool:
+        """Apply the replayed batches from ``start`` on; whether the engine answered. A replay
+        that skips batches (the engine no longer holds them) resets the worker's entries
+        first; without any state yet, what the engine still holds is learned as it is."""
         replayed = await self._replay(start)
-        for n, (seq, payload) in enumerate(replayed or ()):
+        if replayed is None:
+            return False
+        self.heard_at = self._clock.now()
+        for n, (seq, payload) in enumerate(replayed):
             if n and n % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # a long replay must not hold the loop
             if self.expected is not None:
@@ -165,6 +237,15 @@ class KvEventSubscriber:
                 if seq > self.expected:
                     self._reset()
             self._apply(seq, payload)
+        self._heard_from()  # precise again only once the replay is applied
+        return True
+
+    def _heard_from(self) -> None:
+        self.heard_at = self._clock.now()
+        if self.is_silent:
+            self.is_silent = False
+            log.info("worker %s: its KV event publisher answers again", self.worker_id)
+            self._set_mode()
 
     async def _replay(self, start: int) -> list[tuple[int, bytes]] | None:
         endpoint = self.source.replay_endpoint
@@ -181,12 +262,14 @@ class KvEventSubscriber:
                 await dealer.send_multipart((b"", encode_sequence(start)))
                 while True:
                     frames = await dealer.recv_multipart()
-                    if len(frames) != 3:
+                    # [b"", seq, payload], or with the topic, [b"", topic, seq, payload] (vLLM
+                    # 0.32: its end marker is [b"", b"", -1, b""]).
+                    if len(frames) not in (3, 4) or frames[0]:
                         continue
-                    seq = decode_sequence(frames[1])
+                    seq = decode_sequence(frames[-2])
                     if seq == END_OF_REPLAY:
                         return out
-                    out.append((seq, frames[2]))
+                    out.append((seq, frames[-1]))
         except TimeoutError:
             log.warning(
                 "worker %s: no KV event replay from %s within %gs",
@@ -241,10 +324,14 @@ class KvEventIntake:
         *,
         metrics: Metrics | None = None,
         replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
+        clock: Clock | None = None,
+        silence: float = DEFAULT_SILENCE,
     ) -> None:
         self.index = index
         self._metrics = metrics
         self._replay_timeout = replay_timeout
+        self._clock = clock if clock is not None else SystemClock()
+        self._silence = silence
         self._ctx = zmq.asyncio.Context()
         self._subscribers: dict[str, tuple[KvEventSubscriber, asyncio.Task[None]]] = {}
         self._lock = asyncio.Lock()
@@ -290,6 +377,8 @@ class KvEventIntake:
                         self._ctx,
                         metrics=self._metrics,
                         replay_timeout=self._replay_timeout,
+                        clock=self._clock,
+                        silence=self._silence,
                     )
                     task = asyncio.get_running_loop().create_task(sub.run())
                     task.add_done_callback(_log_crash)
@@ -309,6 +398,7 @@ class KvEventIntake:
         if self._metrics is not None:
             self._metrics.router_kv_mode.remove(wid)
             self._metrics.router_kv_event_gaps_total.remove(wid)
+            self._metrics.router_kv_event_silences_total.remove(wid)
             for name in _EVENT_NAMES.values():
                 self._metrics.router_kv_events_total.remove(wid, name)
 

@@ -18,8 +18,9 @@ collide too often at 100k blocks per worker. Measured cost: about 1.3 µs per ch
 only.
 
 :class:`KvIndex` keeps, per worker, the set of chunk hashes routed there, bounded by
-``max_blocks_per_worker`` with least-recently-used eviction (an ``OrderedDict``, about 100
-bytes per entry: 10 MB for 100k blocks). :meth:`KvIndex.record` refreshes a prompt's chunks
+``max_blocks_per_worker`` with least-recently-used eviction (a plain dict in recency order,
+which the garbage collector never walks, :mod:`.lru`; about 100 bytes per entry: 10 MB for 100k
+blocks). :meth:`KvIndex.record` refreshes a prompt's chunks
 from last to first, so the shared roots of many prompts are the most recently used and a
 prefix's tail is evicted before its head, which keeps every cached set close to prefix-closed
 (as a real cache's is). :meth:`KvIndex.overlap` counts how many leading hashes of a request a
@@ -33,8 +34,9 @@ gives both back.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+
+from .lru import touch, trim_oldest
 
 DEFAULT_BLOCK_CHARS = 256
 DEFAULT_MAX_BLOCKS_PER_WORKER = 100_000
@@ -65,7 +67,7 @@ class KvIndex:
         if max_blocks_per_worker <= 0:
             raise ValueError("max_blocks_per_worker must be positive")
         self.max_blocks_per_worker = max_blocks_per_worker
-        self._cached: dict[str, OrderedDict[int, None]] = {}
+        self._cached: dict[str, dict[int, None]] = {}
 
     def overlap(self, worker_id: str, hashes: Sequence[int]) -> int:
         """How many leading ``hashes`` the worker is believed to hold (its cached prefix)."""
@@ -85,15 +87,11 @@ class KvIndex:
             return
         cached = self._cached.get(worker_id)
         if cached is None:
-            cached = self._cached[worker_id] = OrderedDict()
+            cached = self._cached[worker_id] = {}
         # Last to first: the head of the prefix ends up most recently used, evicted last.
         for h in reversed(hashes):
-            if h in cached:
-                cached.move_to_end(h)
-            else:
-                cached[h] = None
-        while len(cached) > self.max_blocks_per_worker:
-            cached.popitem(last=False)
+            touch(cached, h, None)
+        trim_oldest(cached, self.max_blocks_per_worker)
 
     def cached_blocks(self, worker_id: str) -> int:
         """How many block hashes are remembered for the worker."""

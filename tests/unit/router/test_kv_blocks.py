@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from dynamo_llm.protocols.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from dynamo_llm.router.kv_blocks import KvBlockIndex, block_keys, chain_key
+from dynamo_llm.router.kv_blocks import KvBlockIndex, PromptKeys, block_keys, chain_key
 from dynamo_llm.router.policies import PreciseOverlap, RouterMode, WorkerView, choose_worker
 
 
@@ -47,6 +49,45 @@ def test_a_mismatched_block_size_or_unknown_parent_is_counted_not_keyed() -> Non
     index.apply("w", [BlockStored([1], None, [1, 2, 3, 4], 4), BlockStored([2], 7, [1, 2], 2)])
     entry = index.get("w")
     assert entry is not None and len(entry) == 0 and entry.unkeyed == 2
+
+
+def test_each_workers_overlap_is_its_longest_cached_prefix_with_keys_computed_once() -> None:
+    rng = random.Random(3)
+    bs = 2
+    prompt = [rng.randrange(50) for _ in range(2 * 90 + 1)]
+    keys = block_keys(prompt[:-1], bs)
+    index = KvBlockIndex()
+    # Workers holding 0, 1, 15-17 (around the first batch of keys), 40, every block of it.
+    held = {"none": 0, "one": 1, "a": 15, "b": 16, "c": 17, "d": 40, "all": 90}
+    for wid, n in held.items():
+        index.worker(wid, bs)
+        if n:
+            index.apply(wid, [BlockStored(list(range(1, n + 1)), None, prompt[: n * bs], bs)])
+    index.apply("other", [BlockStored([1], None, [99, 99], bs)])  # holds something else
+    assert index.overlap_tokens([*held, "other"], prompt) == {
+        **{wid: n * bs for wid, n in held.items()},
+        "other": 0,
+    }
+    entry = index.get("d")
+    assert entry is not None and set(entry.keys()) == set(keys[:40])
+
+
+def test_a_prompt_no_worker_holds_costs_only_its_first_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    index = KvBlockIndex()
+    for wid in ("a", "b", "c"):
+        index.apply(wid, [BlockStored([1], None, [7, 7], 2)])
+    extended: list[int] = []
+    real = PromptKeys.extend
+
+    def extend(self: PromptKeys, n: int) -> None:
+        extended.append(n)
+        real(self, n)
+
+    monkeypatch.setattr(PromptKeys, "extend", extend)
+    assert index.overlap_tokens(["a", "b", "c"], list(range(10_001))) == {"a": 0, "b": 0, "c": 0}
+    assert extended == [16]  # once for the three workers, 16 of the prompt's 5 000 keys
 
 
 def view(worker_id: str) -> WorkerView:

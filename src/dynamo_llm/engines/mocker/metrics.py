@@ -34,6 +34,18 @@ _GAUGES: tuple[tuple[str, str, _Reader], ...] = (
     ),
 )
 _COUNTERS: tuple[tuple[str, str, _Reader], ...] = (
+    # vLLM's prefix_cache_queries / prefix_cache_hits, in tokens: a ratio of sums over any
+    # window (or any set of workers) is a hit rate, which the lifetime gauge above is not.
+    (
+        "prefix_cache_queries_total",
+        "Prompt tokens looked up in the prefix cache at admission (readmissions included)",
+        lambda s: s.prefix_cache_queried_tokens,
+    ),
+    (
+        "prefix_cache_hits_total",
+        "Looked-up prompt tokens found in the prefix cache",
+        lambda s: s.prefix_cache_hit_tokens,
+    ),
     (
         "preemptions_total",
         "Requests preempted for lack of KV blocks",
