@@ -9,6 +9,16 @@ workers serve, and each is served by the :class:`~dynamo_llm.router.engine.Route
 keeps the app's model list in line with discovery (a model appears once a worker serves it) and
 ``model_ready{model}`` in line with quarantine (1 while at least one of its workers is
 available).
+
+A model with a tokenizer (``--tokenizer [MODEL=]FOLDER``, :mod:`dynamo_llm.tokenization`) has
+every request's prompt tokenized as its engine does, whatever the router mode: the ids are the
+precise ``kv`` keys, are checked against the model's context window before dispatch
+(``--context-length``, else the smallest its workers registered in etcd, the largest of those
+over its workers: a request that fits one of them goes), and give ``input_sequence_tokens``. In
+``kv`` mode a model without one is tokenized as the mocker workers do (a bare ``--tokenizer
+tokenizer.json``, else the word tokenizer, and the mocker's ChatML template), for those workers'
+KV events: so precise routing over mocker workers wants the workers' own ``tokenizer.json``
+here, not a folder whose chat template the mocker does not apply.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from .discovery.static import (
 )
 from .engines.base import EngineRequest
 from .engines.mocker.prompt import prompt_of
-from .engines.mocker.tokens import load_tokenizer
+from .engines.mocker.tokens import MockTokenizer, load_tokenizer
 from .errors import DynamoError, InvalidRequest
 from .http.app import App, ServedModel, create_app
 from .metrics import Metrics
@@ -44,6 +54,7 @@ from .router.policies import PreciseOverlap
 from .router.scraper import EngineReport, LoadScraper
 from .runtime.clock import Clock
 from .runtime.tasks import Periodic
+from .tokenization import ModelTokenizer
 from .transport import WorkerClient, make_session
 from .transport.auth import WorkerKeys
 from .transport.scrape import scrape_engine_load
@@ -88,9 +99,19 @@ class Fleet:
         # kv mode: the workers' own KV events, where they publish them (issue 13).
         self.kv_intake: KvEventIntake | None = None
         self._kv_follower: Periodic | None = None
+        paths = config.tokenizer_paths
+        for path in paths.values():
+            if not Path(path).exists():
+                raise ValueError(f"--tokenizer {path}: no such folder or file")
+        self.tokenizers = {
+            model: ModelTokenizer.load(path) for model, path in paths.items() if Path(path).is_dir()
+        }
+        """The model tokenizers by model (None: every model without its own)."""
+        self._mocker_tokenizer: MockTokenizer | None = None
         if self.policy.mode is RouterMode.KV:
             self.kv_intake = KvEventIntake(KvBlockIndex(), metrics=metrics, clock=clock)
-            self._tokenizer = load_tokenizer(config.mocker_tokenizer)
+            files = [path for path in paths.values() if not Path(path).is_dir()]
+            self._mocker_tokenizer = load_tokenizer(files[0] if files else None)
         self.workers.on_change(self._availability_changed)
 
     async def start(self) -> None:
@@ -135,6 +156,9 @@ class Fleet:
         self.app.waiting_for = self.discovery.pending
         self.app.discovery = self.discovery.status
         await self.discovery.start()
+        if self.tokenizers:
+            self.router.prompt_ids = self._prompt_ids
+            self.router.context_length = self._context_length
         if self.kv_intake is not None:
             self.router.kv_predictor = self._predict_kv
             self._kv_follower = Periodic(
@@ -183,20 +207,43 @@ class Fleet:
         assert self.kv_intake is not None
         await self.kv_intake.reconcile((w.id, w.kv_events) for w in self.workers)
 
+    def _tokenizer_of(self, model: str) -> ModelTokenizer | None:
+        tokenizers = self.tokenizers
+        return tokenizers.get(model) or tokenizers.get(None)
+
+    async def _prompt_ids(self, request: EngineRequest) -> list[int] | None:
+        tokenizer = self._tokenizer_of(request.model)
+        return None if tokenizer is None else await tokenizer.prompt_ids(request)
+
+    def _context_length(self, model: str) -> int | None:
+        if self.config.context_length is not None:
+            return self.config.context_length
+        lengths = [w.context_length for w in self.workers.workers_for(model)]
+        if not lengths or None in lengths:
+            return None
+        return max(n for n in lengths if n is not None)
+
     async def _predict_kv(
-        self, request: EngineRequest, worker_ids: Sequence[str]
+        self, request: EngineRequest, token_ids: list[int] | None, worker_ids: Sequence[str]
     ) -> PreciseOverlap | None:
-        """The request's token ids, as the (mocker) workers compute them, against the
-        workers' KV events; None when no worker's events flow or the prompt does not tokenize.
-        A long prompt is encoded without holding the loop (``aencode``)."""
+        """The request's token ids against the workers' KV events; None when no worker's
+        events flow or the prompt does not tokenize.
+
+        The ids are the model tokenizer's (``token_ids``); a model without one is tokenized as
+        the mocker workers do, a long prompt without holding the loop (``aencode``).
+        """
         assert self.kv_intake is not None
         if not self.kv_intake.precise_workers():
             return None
-        try:
-            prompt = prompt_of(self._tokenizer, request)
-        except InvalidRequest:
-            return None
-        token_ids = await self._tokenizer.aencode(prompt) if isinstance(prompt, str) else prompt
+        if token_ids is None:
+            tokenizer = self._mocker_tokenizer
+            if tokenizer is None or self._tokenizer_of(request.model) is not None:
+                return None  # the model's own tokenizer could not say: nothing to guess with
+            try:
+                prompt = prompt_of(tokenizer, request)
+            except InvalidRequest:
+                return None
+            token_ids = await tokenizer.aencode(prompt) if isinstance(prompt, str) else prompt
         return self.kv_intake.predict(token_ids, worker_ids)
 
     async def _fetch_models(self, url: str) -> tuple[frozenset[str], bool]:

@@ -34,6 +34,11 @@ STOPS_WITHIN = 8.0
 # a migration's 4 400-token replay looked silent once, in a run where a 5 s probe deadline fired
 # after 10.5 s (the frontend itself was starved).
 SILENCE_LIMIT = {"llama-server": 4, "llama-cpp-python": 4, "vllm": 15}
+# --first-token-timeout-secs for the silence cases that migrate: the replay's first token comes
+# after the other instance prefilled the prompt and every token generated so far (thousands: a
+# vLLM took over 15 s for such a replay on a loaded machine), a wait the silence limit above
+# does not bound once this is set (SPEC §4), as an operator sizes it for the longest prefill.
+FIRST_TOKEN_LIMIT = {"llama-server": 60, "llama-cpp-python": 60, "vllm": 120}
 PROMPT = "The weather in Paris is"
 MESSAGES = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 # Greedy decoding: the same request gets the same tokens from every instance of an engine.

@@ -23,13 +23,14 @@ from typing import Any
 import pytest
 
 from tests.engines.clients import close_clients, close_streams
-from tests.engines.harness import FINDINGS, KINDS, Engine, Pair
+from tests.engines.harness import FINDINGS, KINDS, VLLM_KV, Engine, Pair
 from tests.engines.tiny_model import TinyModel, ensure_model
 
 ENGINE_ENV = {
     "llama-server": "DYN_ENGINES_LLAMA_SERVER",
     "llama-cpp-python": "DYN_ENGINES_LLAMA_CPP_PYTHON",
     "vllm": "DYN_ENGINES_VLLM_PYTHON",
+    VLLM_KV: "DYN_ENGINES_VLLM_PYTHON",
 }
 _started: dict[str, float] = {}
 

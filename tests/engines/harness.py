@@ -46,7 +46,10 @@ LLAMA_CPP_PYTHON_CTX = 32768
 # Room for HANGUP_TOKENS (tests/engines/clients.py): its KV cache (VLLM_CPU_KVCACHE_SPACE=1,
 # 1 GiB) holds 524 288 tokens of the tiny model.
 VLLM_MAX_MODEL_LEN = 16384
-START_TIMEOUT = {"llama-server": 60.0, "llama-cpp-python": 90.0, "vllm": 420.0}
+START_TIMEOUT = {"llama-server": 60.0, "llama-cpp-python": 90.0, "vllm": 420.0, "vllm-kv": 420.0}
+VLLM_KV = "vllm-kv"
+"""vLLM publishing its KV cache events (``--kv-events-config``): a pair only the cases that
+ask for it with ``only(VLLM_KV)`` start, after every other kind's cases (not in ``KINDS``)."""
 REPO = Path(__file__).resolve().parents[2]
 # What a case learnt about an engine that is not a pass or a fail (printed at the end).
 FINDINGS: list[str] = []
@@ -156,6 +159,8 @@ class Engine(Process):
         self.index = index
         self.model_dir = model_dir
         self.port = 0
+        self.kv_events_port = 0
+        self.kv_replay_port = 0
         super().__init__(f"{kind}-{index}", [], log_dir / f"{kind}-{index}.log")
 
     @property
@@ -177,7 +182,7 @@ class Engine(Process):
             flags = f"--n_ctx {LLAMA_CPP_PYTHON_CTX} --n_threads 1 --n_threads_batch 1"
             argv = [exe, "-m", "llama_cpp.server", "--model", gguf, *where]
             return [*argv, "--model_alias", MODEL, *flags.split()], {}
-        if self.kind == "vllm":
+        if self.kind in ("vllm", VLLM_KV):
             exe = os.environ["DYN_ENGINES_VLLM_PYTHON"]
             flags = (
                 f"--dtype float32 --max-model-len {VLLM_MAX_MODEL_LEN} --max-num-seqs 8 --seed 0"
@@ -190,6 +195,17 @@ class Engine(Process):
                 " --enable-log-requests"
             )
             argv = [exe, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir)]
+            if self.kind == VLLM_KV:
+                # A PUB endpoint without a wildcard is connected to, not bound (vLLM 0.32's
+                # ZmqEventPublisher._is_bind_endpoint): "*" makes the engine the server.
+                events = {
+                    "enable_kv_cache_events": True,
+                    "publisher": "zmq",
+                    "endpoint": f"tcp://*:{self.kv_events_port}",
+                    "replay_endpoint": f"tcp://*:{self.kv_replay_port}",
+                }
+                # usage.prompt_tokens_details.cached_tokens: what the index predicted.
+                argv += ["--kv-events-config", json.dumps(events), "--enable-prompt-tokens-details"]
             env = {
                 "VLLM_CPU_KVCACHE_SPACE": "1",
                 "HF_HUB_OFFLINE": "1",
@@ -203,8 +219,18 @@ class Engine(Process):
             return [*argv, "--served-model-name", MODEL, *where, *flags.split()], env
         raise ValueError(self.kind)
 
+    @property
+    def kv_events(self) -> dict[str, str]:
+        """Where a ``vllm-kv`` engine publishes its KV events, as ``--upstream-file`` says it."""
+        return {
+            "kv_events_endpoint": f"tcp://127.0.0.1:{self.kv_events_port}",
+            "kv_events_replay_endpoint": f"tcp://127.0.0.1:{self.kv_replay_port}",
+        }
+
     def start(self) -> None:
         self.port = free_port()
+        if self.kind == VLLM_KV:
+            self.kv_events_port, self.kv_replay_port = free_port(), free_port()
         self.argv, self.env = self.command()
         super().start()
 

@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from tests.engines.clients import (
+    FIRST_TOKEN_LIMIT,
     HANGUP_TOKENS,
     PROMPT,
     SILENCE_LIMIT,
@@ -295,8 +296,12 @@ def test_an_empty_200_is_an_upstream_error_not_a_dead_worker(fleet: Pair) -> Non
 
 
 @only("vllm")
-def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair) -> None:
-    fe = fleet.frontend(fresh="metrics")
+@pytest.mark.parametrize("migration_limit", [0, 1], ids=["relayed", "migratable"])
+def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair, migration_limit: int) -> None:
+    # With migration on each relayed item counts the tokens its token ids list (asked for a
+    # replay), not its events: the counts below then agree with the engine's from the first
+    # item on, and an overcount would show (a counter cannot be corrected down by the usage).
+    fe = fleet.frontend(fresh="metrics", migration_limit=migration_limit)
     marks = [e.log_mark() for e in fleet.engines]
 
     def engine_tokens() -> tuple[float, float]:
@@ -330,7 +335,12 @@ def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair) -> None:
 @pytest.mark.destructive
 def test_a_silent_worker_is_migrated(fleet: Pair) -> None:
     limit = SILENCE_LIMIT[fleet.kind]
-    fe = fleet.frontend(migration_limit=1, backend_stream_timeout_secs=limit, fresh="silent")
+    fe = fleet.frontend(
+        migration_limit=1,
+        backend_stream_timeout_secs=limit,
+        first_token_timeout_secs=FIRST_TOKEN_LIMIT[fleet.kind],
+        fresh="silent",
+    )
     tokens = HANGUP_TOKENS[fleet.kind]
     want = stream_completion(client(fleet.engines[0].url + "/v1"), tokens)
     marks = [e.log_mark() for e in fleet.engines]

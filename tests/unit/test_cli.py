@@ -52,7 +52,7 @@ MOCKER_ENV = {
     "DYN_MOCKER_ENABLE_PREFIX_CACHING": "0",
     "DYN_MOCKER_SPEEDUP_RATIO": "50",
     "DYN_MOCKER_DECODE_SPEEDUP_RATIO": "2",
-    "DYN_MOCKER_TOKENIZER": "/models/tokenizer.json",
+    "DYN_TOKENIZER": "/models/tokenizer.json",
     "DYN_MOCKER_SEED": "7",
 }
 

@@ -13,6 +13,7 @@ splitting it by group would scatter the one place a newcomer looks for an option
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -108,7 +109,8 @@ class Config:
         "DYN_CONTEXT_LENGTH",
         INT,
         "the model's context window in tokens (prompt + completion); longer requests get "
-        "400 context_length_exceeded",
+        "400 context_length_exceeded (serve with workers: checked before dispatch for a model "
+        "with a --tokenizer folder)",
         group=ENGINE,
         unset="mocker 8192 capped by its KV cache, echo unlimited",
     )
@@ -175,15 +177,19 @@ class Config:
         group=MOCKER,
         metavar="X",
     )
-    mocker_tokenizer: str | None = option(
-        None,
+    tokenizers: tuple[str, ...] = option(
+        (),
         "--tokenizer",
-        "DYN_MOCKER_TOKENIZER",
-        TEXT,
-        "a Hugging Face tokenizer.json to tokenize prompts and render output with (without "
-        "one, a deterministic word tokenizer)",
+        "DYN_TOKENIZER",
+        LIST,
+        "the model's tokenizer: a Hugging Face model folder (tokenizer.json with "
+        "tokenizer_config.json and/or chat_template.jinja) or a bare tokenizer.json. The mocker "
+        "tokenizes with it (without one, a deterministic word tokenizer); a routed frontend "
+        "applies the folder's chat template and tokenizer as vLLM does, for precise kv "
+        "routing, the --context-length check and input_sequence_tokens; MODEL=PATH for one "
+        "model of several (repeatable), a bare PATH for every model without its own",
         group=MOCKER,
-        metavar="PATH",
+        metavar="[MODEL=]PATH",
     )
     mocker_seed: int = option(
         0,
@@ -342,7 +348,8 @@ class Config:
         "--backend-stream-timeout-secs",
         "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS",
         INT,
-        "end a request whose engine sends nothing for this long (the HTTP layer waits twice this)",
+        "end a request whose engine sends nothing for this long between items, and before the "
+        "first one unless --first-token-timeout-secs is set (the HTTP layer waits twice this)",
         group=TIMEOUTS,
         normalize=positive_or_off,
     )
@@ -351,7 +358,8 @@ class Config:
         "--first-token-timeout-secs",
         "DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS",
         INT,
-        "end a request with no first token within this long (504 before any byte was sent)",
+        "end a request with no first token within this long of its dispatch or of a migration "
+        "(504 before any byte was sent); --backend-stream-timeout-secs waits until that token",
         group=TIMEOUTS,
         normalize=positive_or_off,
     )
@@ -638,6 +646,33 @@ class Config:
         if self.upstreams:
             return "static"
         return "file" if self.upstream_file else None
+
+    @property
+    def tokenizer_paths(self) -> dict[str | None, str]:
+        """``--tokenizer`` by model: ``MODEL=PATH`` under its model, a bare PATH under None.
+
+        Raises ``ValueError`` for an empty model or path.
+        """
+        paths: dict[str | None, str] = {}
+        for item in self.tokenizers:
+            model, sep, path = item.partition("=")
+            name: str | None = model.strip() if sep else None
+            path = (path if sep else model).strip()
+            if not path or name == "":
+                raise ValueError(f"--tokenizer {item!r}: expected PATH or MODEL=PATH")
+            paths[name] = path  # a later one wins: a flag over the variable
+        return paths
+
+    @property
+    def mocker_tokenizer(self) -> str | None:
+        """The mocker's ``tokenizer.json``: ``--tokenizer`` for its model (a folder's own
+        ``tokenizer.json``), else None (the word tokenizer)."""
+        paths = self.tokenizer_paths
+        path = paths.get(self.model_name) if self.model_name is not None else None
+        path = path or paths.get(None) or (next(iter(paths.values())) if paths else None)
+        if path is not None and os.path.isdir(path):
+            return os.path.join(path, "tokenizer.json")
+        return path
 
     @property
     def has_api_keys(self) -> bool:

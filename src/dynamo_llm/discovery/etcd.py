@@ -256,6 +256,8 @@ class EtcdDiscovery:
         worker.instance_ids = tuple(sorted(iid for iid, i in self.instances.items() if i in mine))
         metrics = next((i.metrics_url for i in mine if i.metrics_url), None)
         worker.metrics_url = metrics
+        lengths = [i.context_length for i in mine if i.context_length]
+        worker.context_length = min(lengths) if lengths else None
         events = next((i for i in mine if i.kv_events_endpoint), None)
         worker.kv_events = (
             KvEventSource(

@@ -7,7 +7,7 @@ each :class:`~dynamo_llm.engines.base.EngineRequest` from it, and names what the
 (the response ``kind`` the renderers use, the id prefix, the path).
 
 The descriptors live with the engines, not in the HTTP layer, because more than the HTTP layer
-builds requests: a migration (``router/migration.py``) builds its replay from a changed OpenAI
+builds requests: a migration (``router/continuation.py``) builds its replay from a changed OpenAI
 request through :meth:`ChatEndpoint.request` or :meth:`CompletionsEndpoint.request`, and the
 router's transport names the upstream path and the response id the same way.
 

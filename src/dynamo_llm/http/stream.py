@@ -274,7 +274,6 @@ async def _pump(
             state.in_source = False
         closed_errors = (await response.start()).closed_errors
         next_ready = next_or_flush(next_item, flush)  # reusable: one per stream, not per token
-        watchdog.got_item = True
         try:
             while True:
                 t = now()

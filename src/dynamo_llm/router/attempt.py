@@ -14,10 +14,13 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
 2. it relays the worker's outputs, timing them with a :class:`~dynamo_llm.runtime.watchdog.
    Watchdog` at the raw ``DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS`` (the HTTP layer's net is twice
    that) and the first-token limit; the clock starts at dispatch, so a worker that never even
-   sends its headers is silent too, and is quarantined by the inactivity limit alone. Its
-   verdict is a :class:`~dynamo_llm.errors.WorkerSilent`, which a migrating request survives
-   like a dropped stream. A unary request that does not migrate, while neither limit is set,
-   is asked of the worker as unary and its answer is the one output
+   sends its headers is silent too. Until its first item the attempt waits under the
+   first-token limit (under the inactivity limit when there is none): that wait is the engine's
+   queue and prefill, and a migration's replay prefills the prompt and everything generated so
+   far, far longer than a pause between tokens. The verdict is a
+   :class:`~dynamo_llm.errors.WorkerSilent`, which a migrating request survives like a dropped
+   stream. A unary request that does not migrate, while neither limit is set, is asked of the
+   worker as unary and its answer is the one output
    (:meth:`~dynamo_llm.transport.WorkerClient.open_answer`): a whole answer has no events
    before its end to time, and its first token comes with it;
 3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped

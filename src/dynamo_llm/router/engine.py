@@ -32,7 +32,13 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
-from ..engines.base import EngineOutput, EngineRequest, OwnedStream
+from ..engines.base import (
+    EngineOutput,
+    EngineRequest,
+    OwnedStream,
+    aclose_stream,
+    check_context_length,
+)
 from ..errors import (
     AllWorkersBusy,
     Cancelled,
@@ -67,8 +73,14 @@ def prompt_text(request: EngineRequest) -> str:
     return "\n".join(f"{m.role}: {content_text(m.content, '')}" for m in request.messages)
 
 
-KvPredictor = Callable[[EngineRequest, Sequence[str]], Awaitable[PreciseOverlap | None]]
-"""What the workers' KV events predict for a request over these workers (precise ``kv`` mode)."""
+KvPredictor = Callable[
+    [EngineRequest, list[int] | None, Sequence[str]], Awaitable[PreciseOverlap | None]
+]
+"""What the workers' KV events predict for a request (and its prompt's ids, when the model's
+tokenizer gave them) over these workers (precise ``kv`` mode)."""
+
+PromptTokenizer = Callable[[EngineRequest], Awaitable[list[int] | None]]
+"""The request's prompt token ids as its model's engine computes them, or None (unknown)."""
 
 
 class _RouteKey(NamedTuple):
@@ -120,6 +132,10 @@ class Router:
         self.migration_limit = migration_limit
         self.kv_predictor: KvPredictor | None = None
         """Set by the fleet when workers' KV events are followed (``kv`` mode)."""
+        self.prompt_ids: PromptTokenizer | None = None
+        """Set by the fleet when a model has a tokenizer (``--tokenizer``)."""
+        self.context_length: Callable[[str], int | None] = _unknown
+        """A model's context window, where known: checked before dispatch against the ids."""
         self._closed = False
 
     def _acquire(
@@ -145,26 +161,36 @@ class Router:
     async def generate(
         self, request: EngineRequest, ctx: EngineContext
     ) -> AsyncIterator[EngineOutput]:
-        key = await self._route_key(request)
+        ids = await self.prompt_ids(request) if self.prompt_ids is not None else None
+        if ids is not None:
+            check_context_length(
+                request.endpoint, len(ids), request.max_tokens, self.context_length(request.model)
+            )
+        key = await self._route_key(request, ids)
         exclude: set[str] = set()
         budget = migration_budget(request, self.migration_limit)
+        prompt_tokens = None if ids is None else len(ids)
         if not budget:
             worker, stream = await self._attempt(request, ctx, key, exclude)
-            if key.precise is not None and worker.id in key.precise.cached:
-                return OwnedStream(self._count_reported(stream), stream.aclose)
-            return stream
+            reported = key.precise is not None and worker.id in key.precise.cached
+            if not reported and prompt_tokens is None:
+                return stream
+            return OwnedStream(self._observe(stream, prompt_tokens, reported), stream.aclose)
         state = MigrationState(request, budget)
         current = _CurrentAttempt(*await self._dispatch(state, request, ctx, key, exclude))
-        return OwnedStream(self._migrate(state, ctx, key, exclude, current), current.aclose)
+        migrated = self._migrate(state, ctx, key, exclude, current)
+        if prompt_tokens is not None:
+            migrated = self._observe(migrated, prompt_tokens, reported=False)
+        return OwnedStream(migrated, current.aclose)
 
-    async def _route_key(self, request: EngineRequest) -> _RouteKey:
+    async def _route_key(self, request: EngineRequest, token_ids: list[int] | None) -> _RouteKey:
         if not self.policy.uses_prefix:
             return _RouteKey([])
         hashes = block_hashes(prompt_text(request))
         if self.kv_predictor is None:
             return _RouteKey(hashes)
         ids = [w.id for w in self.workers.workers_for(request.model)]
-        return _RouteKey(hashes, await self.kv_predictor(request, ids))
+        return _RouteKey(hashes, await self.kv_predictor(request, token_ids, ids))
 
     def _count_prediction(self, key: _RouteKey, worker_id: str) -> None:
         precise = key.precise
@@ -175,15 +201,33 @@ class Router:
             self.metrics.router_kv_predicted_overlap_tokens.labels().observe(predicted)
             self.metrics.router_kv_predicted_cached_tokens_total.labels().inc(predicted)
 
-    async def _count_reported(self, stream: OwnedStream) -> AsyncGenerator[EngineOutput, None]:
-        """``stream``, counting the cached tokens its engine reports (precise predictions)."""
-        async for out in stream:
-            usage = out.usage
-            if usage is not None and usage.cached_tokens and self.metrics is not None:
-                self.metrics.router_kv_reported_cached_tokens_total.labels().inc(
-                    usage.cached_tokens
-                )
-            yield out
+    async def _observe(
+        self, stream: AsyncIterator[EngineOutput], prompt_tokens: int | None, reported: bool
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """``stream``, with the prompt's size (the frontend's count) on its first output when
+        the worker put none there, so ``input_sequence_tokens`` is recorded once, at the first
+        token, whether the worker reports usage or not; and, for a precise prediction
+        (``reported``), counting the cached tokens the engine reports."""
+        first = True
+        try:
+            async for out in stream:
+                if first:
+                    first = False
+                    if out.prompt_tokens is None and prompt_tokens is not None:
+                        out.prompt_tokens = prompt_tokens
+                usage = out.usage
+                if (
+                    reported
+                    and usage is not None
+                    and usage.cached_tokens
+                    and self.metrics is not None
+                ):
+                    self.metrics.router_kv_reported_cached_tokens_total.labels().inc(
+                        usage.cached_tokens
+                    )
+                yield out
+        finally:
+            await aclose_stream(stream)
 
     async def _dispatch(
         self,
@@ -360,3 +404,7 @@ class Router:
         if not self._closed:
             self._closed = True
             await self.workers.aclose()
+
+
+def _unknown(model: str) -> int | None:
+    return None

@@ -68,6 +68,7 @@ class Worker:
     """One worker: its identity, and its ``load`` and ``health``, changed by its WorkerSet only."""
 
     __slots__ = (
+        "context_length",
         "health",
         "id",
         "instance_ids",
@@ -108,6 +109,8 @@ class Worker:
         self.metrics_url: str | None = None
         # Where the worker publishes its KV cache events (etcd record or --upstream-file).
         self.kv_events: KvEventSource | None = None
+        # The context window its registration gives (etcd), checked before dispatch.
+        self.context_length: int | None = None
         self.load = WorkerLoad()
         self.health = Health()
 

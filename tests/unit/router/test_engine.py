@@ -7,7 +7,12 @@ import pytest
 
 from dynamo_llm.engines.base import EngineOutput, EngineRequest, OwnedStream, Usage
 from dynamo_llm.engines.endpoints import COMPLETIONS
-from dynamo_llm.errors import Cancelled, WorkerResponseTimeout, WorkerUnreachable
+from dynamo_llm.errors import (
+    Cancelled,
+    ContextLengthExceeded,
+    WorkerResponseTimeout,
+    WorkerUnreachable,
+)
 from dynamo_llm.protocols.completions import decode_completion_request
 from dynamo_llm.router import AttemptLimits, Router, WorkerSet
 from dynamo_llm.runtime import EngineContext, FakeClock, StopReason
@@ -46,7 +51,9 @@ class FakeClient:
         self, url: str, ctx: EngineContext, kind: str
     ) -> AsyncGenerator[EngineOutput, None]:
         try:
-            yield EngineOutput("a", prompt_tokens=2)
+            # "uncounted": a relayed stream, whose worker says the prompt's size at most in its
+            # final usage.
+            yield EngineOutput("a", prompt_tokens=None if kind == "uncounted" else 2)
             if kind == "silent":
                 await ctx.stopped()
                 return
@@ -180,4 +187,42 @@ async def test_when_every_worker_refuses_the_client_gets_the_first_refusal() -> 
         await router.generate(request(), EngineContext("r1"))
     assert client.opened == ["http://a", "http://b"]
     assert inflight(workers) == {"http://a": 0, "http://b": 0}
+    await router.aclose()
+
+
+async def test_the_frontends_count_goes_on_a_first_output_that_has_none() -> None:
+    _, workers, client, router = setup("http://a")
+    seen: list[EngineRequest] = []
+
+    async def prompt_ids(req: EngineRequest) -> list[int] | None:
+        seen.append(req)
+        return [1, 2, 3]
+
+    router.prompt_ids = prompt_ids
+    client.behaviour["http://a"] = "uncounted"
+    outs = [out async for out in await router.generate(request(), EngineContext("r1"))]
+    assert [out.prompt_tokens for out in outs] == [3, None]
+    # A worker that says it on its first output keeps its own count.
+    client.behaviour["http://a"] = "ok"
+    outs = [out async for out in await router.generate(request("r2"), EngineContext("r2"))]
+    assert [out.prompt_tokens for out in outs] == [2, None]
+    assert len(seen) == 2 and inflight(workers) == {"http://a": 0}
+    await router.aclose()
+
+
+async def test_a_prompt_longer_than_the_context_window_is_refused_before_dispatch() -> None:
+    _, workers, client, router = setup("http://a")
+
+    async def prompt_ids(req: EngineRequest) -> list[int] | None:
+        return list(range(10))
+
+    router.prompt_ids = prompt_ids
+    router.context_length = lambda model: 20 if model == MODEL else None
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 20 tokens"):
+        await router.generate(request(), EngineContext("r1"))  # 10 + max_tokens 16 > 20
+    assert client.opened == []
+    router.context_length = lambda model: 26
+    stream = await router.generate(request("r2"), EngineContext("r2"))
+    assert [out.text async for out in stream] == ["a", "b"]
+    assert client.opened == ["http://a"] and inflight(workers) == {"http://a": 0}
     await router.aclose()

@@ -74,3 +74,45 @@ async def test_no_limits_means_no_timer() -> None:
     clock = FakeClock()
     make_watchdog(clock)
     assert clock.pending_timers() == 0
+
+
+async def test_with_a_first_token_limit_the_wait_for_the_first_item_is_not_cut_by_inactivity() -> (
+    None
+):
+    # An engine's queue and prefill before its first token may well outlast any pause between
+    # two tokens (SPEC §4: the inactivity limit is the silence between items).
+    clock = FakeClock()
+    _, dog, fired = make_watchdog(clock, inactivity=2.0, first_token=10.0)
+    await clock.advance(9.9)
+    assert fired == []
+    dog.touch()
+    await clock.advance(1.9)
+    assert fired == []
+    await clock.advance(0.1)  # 2 s after the first item
+    assert fired == [pytest.approx(11.9)]
+    assert dog.expired is not None and "sent nothing for 2 s" in dog.expired.message
+    clock2 = FakeClock()
+    _, dog2, fired2 = make_watchdog(clock2, inactivity=2.0, first_token=10.0)
+    await clock2.advance(10.0)
+    assert fired2 == [10.0]
+    assert dog2.expired is not None and "within 10 s" in dog2.expired.message
+
+
+async def test_a_first_item_soon_after_dispatch_starts_the_inactivity_window_at_once() -> None:
+    # The wait for the first item is allowed 10 s, but an item at 1 s and then silence is
+    # silent too long at 3 s, not at 10.
+    clock = FakeClock()
+    _, dog, fired = make_watchdog(clock, inactivity=2.0, first_token=10.0)
+    await clock.advance(1.0)
+    dog.touch()
+    await clock.advance(5.0)
+    assert fired == [pytest.approx(3.0)]
+    assert clock.pending_timers() == 0
+
+
+async def test_without_a_first_token_limit_the_inactivity_limit_bounds_the_first_wait() -> None:
+    clock = FakeClock()
+    _, dog, fired = make_watchdog(clock, inactivity=2.0)
+    await clock.advance(2.0)
+    assert fired == [2.0]
+    assert dog.expired is not None and "sent nothing for 2 s" in dog.expired.message

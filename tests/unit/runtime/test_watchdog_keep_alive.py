@@ -84,3 +84,39 @@ async def test_a_cancelled_watchdog_stops_listening() -> None:
     ctx.keep_alive()
     assert not ctx._keep_alive_callbacks
     assert clock.pending_timers() == 0
+
+
+async def test_after_a_keep_alive_the_next_item_is_waited_for_like_a_first_one() -> None:
+    # The router moved the request: the next item is the replay's first, after the new
+    # worker's prefill of the prompt and everything generated so far. The HTTP layer's net
+    # allows it the first-token limit, as the new attempt's own timer does.
+    clock = FakeClock()
+    ctx = EngineContext("r1")
+    dog = watchdog(clock, ctx, inactivity=2.0, first_token=10.0)
+    await clock.advance(1.0)
+    dog.touch()
+    await clock.advance(1.0)
+    ctx.keep_alive()  # at 2 s
+    await clock.advance(9.9)  # 11.9 s: far past the inactivity window, within the first-token one
+    assert expired(dog) is None
+    dog.touch()  # the replay's first item: from here on, pauses get the inactivity window
+    await clock.advance(1.9)
+    assert expired(dog) is None
+    await clock.advance(0.1)
+    verdict = expired(dog)
+    assert verdict is not None and "sent nothing for 2 s" in verdict.message
+
+
+async def test_a_keep_alive_with_a_shorter_first_token_limit_fires_on_time() -> None:
+    clock = FakeClock()
+    ctx = EngineContext("r1")
+    dog = watchdog(clock, ctx, inactivity=10.0, first_token=2.0)
+    await clock.advance(1.0)
+    dog.touch()  # the timer is armed for 11 s
+    await clock.advance(2.0)
+    ctx.keep_alive()  # at 3 s: the wait for the next item ends at 5 s
+    await clock.advance(1.9)
+    assert expired(dog) is None
+    await clock.advance(0.1)
+    verdict = expired(dog)
+    assert verdict is not None and "within 2 s" in verdict.message

@@ -1,4 +1,5 @@
-"""With migration on, a worker's bytes are relayed raw and parsed only if a replay needs them."""
+"""With migration on, a worker's bytes are relayed raw and parsed only if a replay needs them
+(``router/replay_buffer.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from dynamo_llm.engines.base import EngineOutput, EngineRequest
 from dynamo_llm.engines.endpoints import CHAT
 from dynamo_llm.router.migration import MigrationState
+from dynamo_llm.router.replay_buffer import ReplayBuffer, strip_token_ids
 
 
 def chat_request(**fields: Any) -> EngineRequest:
@@ -84,3 +86,41 @@ def test_a_finished_stream_does_not_migrate_even_from_kept_bytes() -> None:
     state.observe(EngineOutput(raw=TOKENS, num_tokens=2))
     state.observe(EngineOutput("", 0, finish_reason="stop", raw=event({"delta": {}})))
     assert state.next_replay() is None
+
+
+def test_the_buffer_gives_each_events_text_and_ids_in_order_once() -> None:
+    buffer = ReplayBuffer()
+    role = event({"delta": {"role": "assistant", "content": ""}})
+    buffer.keep(role + TOKENS, 3)
+    buffer.keep(b"data: not json\n\n" + event({"delta": {"content": "c"}}), 1)
+    assert buffer and buffer.tokens == 4
+    assert buffer.drain() == [("a", [7]), ("b", [8]), ("c", None)]
+    assert not buffer and buffer.tokens == 0 and buffer.drain() == []
+
+
+def test_token_ids_go_in_any_spelling_and_the_events_stay_json() -> None:
+    spaced = b'data: {"token_ids": [1, 2], "choices": [], "prompt_token_ids" : null}\n\n'
+    for raw in (TOKENS, spaced):
+        stripped, _ = strip_token_ids(raw)
+        assert b"token_ids" not in stripped
+        for line in filter(None, stripped.split(b"\n\n")):
+            json.loads(line.removeprefix(b"data: "))
+
+
+def test_a_packed_event_counts_every_token_its_ids_list() -> None:
+    # vLLM packs several tokens into one event on a busy machine; the relay counts events, the
+    # ids the frontend asked for say how many tokens there were (issue 9: ITL per token).
+    state = MigrationState(chat_request(), budget=1)
+    state.observe(FIRST)
+    packed = event({"delta": {"content": "abc"}, "token_ids": [7, 8, 9]}) + event(
+        {"delta": {"content": "d"}, "token_ids": [10]}
+    )
+    out = state.observe(EngineOutput(raw=packed, num_tokens=2))
+    assert out.num_tokens == 4 and state.generated == 4
+    assert out.raw is not None and b"token_ids" not in out.raw
+    empty = event({"delta": {"content": ""}, "token_ids": []})
+    empty += event({"delta": {}}, token_ids=None)
+    assert state.observe(EngineOutput(raw=empty, num_tokens=2)).num_tokens == 2, "as relayed"
+    replay = state.next_replay()
+    assert replay is not None and replay.raw_body is not None
+    assert json.loads(replay.raw_body)["prompt"] == [1, 2, 3, 7, 8, 9, 10]

@@ -1,15 +1,14 @@
-"""A migration's replay passes the client's fields on like the request itself."""
+"""The replay (``router/continuation.py``): it passes the client's fields on like the request
+itself, keeps what the client asked for (logprobs) and continues a chat with tools as chat."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-import pytest
-
 from dynamo_llm.engines.base import EngineOutput, EngineRequest
 from dynamo_llm.engines.endpoints import CHAT, COMPLETIONS
-from dynamo_llm.router.migration import MigrationState, migration_budget
+from dynamo_llm.router.migration import MigrationState
 
 EXTRAS = {"cache_prompt": True, "repeat_penalty": 1.2, "x_vendor": {"deep": [1]}}
 
@@ -76,10 +75,30 @@ def test_a_text_replay_of_a_chat_keeps_the_messages_as_the_client_wrote_them() -
     assert body["cache_prompt"] is True and body["x_vendor"] == {"deep": [1]}
 
 
-@pytest.mark.parametrize(
-    "field",
-    ["guided_json", "guided_regex", "structured_outputs", "grammar", "json_schema", "regex"],
-)
-def test_an_engine_grammar_at_the_top_level_makes_a_request_unmigratable(field: str) -> None:
-    assert migration_budget(chat_request(), 2) == 2
-    assert migration_budget(chat_request(**{field: {"type": "object"}}), 2) == 0
+TOOLS = [{"type": "function", "function": {"name": "f"}}]
+FIRST = EngineOutput("a", 1, token_ids=[11], prompt_token_ids=[1, 2])
+
+
+def test_a_chat_asking_for_logprobs_asks_for_them_on_the_completions_replay() -> None:
+    state = MigrationState(chat_request(logprobs=True, top_logprobs=2), 1)
+    state.observe(FIRST)
+    replay = state.next_replay()
+    assert replay is not None and replay.endpoint == "completions"
+    assert replay.raw_body is not None
+    assert json.loads(replay.raw_body)["logprobs"] == 2
+    state = MigrationState(chat_request(logprobs=True, top_logprobs=1), 1)
+    state.observe(FIRST)
+    replay = state.next_replay()
+    assert replay is not None and replay.raw_body is not None
+    assert json.loads(replay.raw_body)["logprobs"] == 1, "not the chat's `true`"
+
+
+def test_a_chat_with_tools_continues_as_chat_text_and_not_at_all_inside_a_call() -> None:
+    state = MigrationState(chat_request(tools=TOOLS), 1)
+    state.observe(FIRST)
+    replay = state.next_replay()
+    assert replay is not None and replay.endpoint == "chat_completions"
+    state = MigrationState(chat_request(tools=TOOLS), 1)
+    call = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c"}]}}]}
+    state.observe(EngineOutput("", 1, token_ids=[11], prompt_token_ids=[1, 2], chunks=[call]))
+    assert state.next_replay() is None
