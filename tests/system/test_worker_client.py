@@ -646,8 +646,10 @@ async def test_a_unary_answer_comes_whole_with_our_id_and_model_and_the_workers_
     async with asyncio.timeout(SAFETY_NET) as net, spawn_bad_worker("ok", foreign_ids=True) as w:
         request = chat(stream=False)
         outs = [out async for out in await client.open_answer(w.url, request, EngineContext("a"))]
+        pooled = idle_connections(client)  # before the worker exits and closes it
         [seen] = (await w.record())["requests"]
     assert not net.expired()
+    assert pooled == 1  # read to its end: the connection goes back to the pool
     [out] = outs
     assert out.response is not None
     answer = msgspec.json.decode(out.response)
