@@ -218,4 +218,8 @@ def _specials(config: dict[str, Any]) -> dict[str, str]:
 
 
 def _size(request: EngineRequest) -> int:
+    """About how many characters the chat renders to: the client's JSON when it is there (its
+    tools are rendered too, and may be far longer than the messages), else the messages."""
+    if request.raw_body is not None:
+        return len(request.raw_body)
     return sum(len(content_text(m.content)) for m in request.messages)
