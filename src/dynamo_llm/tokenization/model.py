@@ -100,7 +100,12 @@ class ModelTokenizer:
                 config = json.loads(config_file.read_text())
             except (OSError, ValueError) as exc:
                 raise ValueError(f"tokenizer {path!r}: tokenizer_config.json: {exc}") from exc
-        source = _template_source(folder, config)
+            if not isinstance(config, dict):
+                raise ValueError(f"tokenizer {path!r}: tokenizer_config.json is not an object")
+        try:
+            source = _template_source(folder, config)
+        except OSError as exc:
+            raise ValueError(f"tokenizer {path!r}: chat_template.jinja: {exc}") from exc
         try:
             template = ChatTemplate(source) if source is not None else None
         except ValueError as exc:

@@ -58,6 +58,18 @@ def test_a_folder_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
         ModelTokenizer.load(str(tmp_path / "nowhere"))
 
 
+def test_a_folder_with_an_unusable_config_or_template_file_is_refused(tmp_path: Path) -> None:
+    # Before: an AttributeError or OSError, a traceback at start-up instead of the CLI's error.
+    folder = model_folder(tmp_path / "list")
+    (folder / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json"):
+        ModelTokenizer.load(str(folder))
+    folder = model_folder(tmp_path / "dir")
+    (folder / "chat_template.jinja").mkdir()
+    with pytest.raises(ValueError, match=r"chat_template\.jinja"):
+        ModelTokenizer.load(str(folder))
+
+
 def random_text(rng: random.Random, specials: bool) -> str:
     pieces = [rng.choice(WORDS) for _ in range(rng.randint(0, 30))]
     if specials and rng.random() < 0.3:
