@@ -3,12 +3,15 @@
 ``bench_router.py`` measures the frontend as a whole, but its figure moves with the load on the
 machine (a starved frontend finds more events per read). This script takes the sockets out: a
 worker's streamed answer (``--tokens`` vLLM-shaped chat chunks, then the finish chunk, the usage
-chunk and ``[DONE]``, each its own HTTP chunk as a worker writes them) is fed to aiohttp's real
-response reader in ``--reads`` pieces, and the transport's :class:`RemoteStream` (the raw relay:
-read, cut, relay or parse, rewrite) turns it into outputs, as in ``serve --upstream``. It reports
-the CPU time (``time.process_time``) per stream over ``--streams`` streams, best of
-``--repeat``. The feeding costs the same in every tree, so run it under two ``PYTHONPATH`` values
-to compare two trees.
+chunk and ``[DONE]``, each its own HTTP chunk as a worker writes them) arrives as the bytes of
+``--reads`` socket reads, after the response head, at the client's protocol
+(``data_received``), and the transport's :class:`RemoteStream` (the raw relay: read, cut, relay
+or parse, rewrite) turns it into outputs, as in ``serve --upstream``. It reports the CPU time
+(``time.process_time``) per stream over ``--streams`` streams, best of ``--repeat``, for each
+client the tree has (``--client``), alternating: this tree's ``h1``
+(:mod:`dynamo_llm.transport.h1`) or, in a tree from before it, aiohttp's client protocol and C
+parser (``aiohttp``). The feeding costs the same in every tree, so run it under two
+``PYTHONPATH`` values to compare two trees.
 
 Run: ``PYTHONPATH=src .venv/bin/python bench/bench_relay.py`` (see ``--help``).
 """
@@ -17,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
 import sys
 import time
 from typing import Any
 
-import aiohttp
-from aiohttp.base_protocol import BaseProtocol
-from multidict import CIMultiDict, CIMultiDictProxy
-
 import dynamo_llm
 from dynamo_llm.runtime.context import EngineContext
-from dynamo_llm.transport.stream import RemoteStream, StreamMode
 
 
 def event(content: str | None, finish: str | None = None, **extra: Any) -> bytes:
@@ -53,70 +53,43 @@ def answer(tokens: int) -> list[bytes]:
     ]
 
 
-class _Protocol(BaseProtocol):
-    def pause_reading(self) -> None:
-        self._reading_paused = True
+def wire(events: list[bytes]) -> bytes:
+    """The events as a worker writes them: one HTTP chunk each."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
 
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        self._reading_paused = False
+
+HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\nDate: Wed, 02 Dec 2026 03:31:05 GMT\r\n"
+    b"Server: Python/3.11 aiohttp/3.14.5\r\n\r\n"
+)
+REQUEST_ID = "c0ffee00-0000-4000-8000-000000000000"
 
 
 class _Transport(asyncio.Transport):
+    def write(self, data: Any) -> None:
+        pass
+
     def pause_reading(self) -> None:
         pass
 
     def resume_reading(self) -> None:
         pass
 
-
-class _Response:
-    """What RemoteStream uses of an aiohttp response, over a real StreamReader."""
-
-    status = 200
-    content_type = "text/event-stream"
-
-    def __init__(self, content: aiohttp.StreamReader) -> None:
-        self.content = content
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+    def is_closing(self) -> bool:
+        return False
 
     def close(self) -> None:
         pass
 
-    def release(self) -> None:
-        pass
 
-
-async def one_stream(groups: list[list[bytes]], session: Any) -> int:
-    loop = asyncio.get_running_loop()
-    protocol = _Protocol(loop)
-    protocol.transport = _Transport()
-    content = aiohttp.StreamReader(protocol, 2**16, loop=loop)
-    content.begin_http_chunk_receiving()
-    resp = _Response(content)
-    stream = RemoteStream(
-        session,
-        "http://worker",
-        resp,  # type: ignore[arg-type]
-        EngineContext("c0ffee00-0000-4000-8000-000000000000"),
-        request_id="c0ffee00-0000-4000-8000-000000000000",
-        response_id="chatcmpl-ours",
-        model="llama",
-        mode=StreamMode.RELAY,
-        is_ours=False,
-        deadline=None,
-    )
-    # The stream is driven by hand, without the event loop: each read's chunks are fed, then
-    # the stream is resumed until it waits for the next read (the reader's waiter), so every
-    # tree sees exactly the same reads and nothing else is measured but feeding them.
+def _drive(stream: Any, feed: Any, reads: list[bytes]) -> int:
+    """Feed each read, then resume the stream until it waits for the next one, so every tree
+    sees exactly the same reads and nothing else is measured but handling them."""
     outputs = 0
     step: Any = None
-    last = len(groups) - 1
-    for k, group in enumerate(groups):
-        for chunk in group:
-            content.feed_data(chunk)
-            content.end_http_chunk_receiving()
-        if k == last:
-            content.feed_eof()
+    for data in reads:
+        feed(data)
         while True:
             if step is None:
                 step = stream.__anext__().__await__()
@@ -132,22 +105,94 @@ async def one_stream(groups: list[list[bytes]], session: Any) -> int:
     raise AssertionError("the stream did not end")
 
 
+def _stream(resp: Any) -> Any:
+    from dynamo_llm.transport.stream import RemoteStream, StreamMode
+
+    return RemoteStream(
+        None,  # type: ignore[arg-type]
+        "http://worker",
+        resp,
+        EngineContext(REQUEST_ID),
+        request_id=REQUEST_ID,
+        response_id="chatcmpl-ours",
+        model="llama",
+        mode=StreamMode.RELAY,
+        is_ours=False,
+        deadline=None,
+    )
+
+
+def stream_h1(reads: list[bytes]) -> int:
+    """This tree's client: :class:`dynamo_llm.transport.h1.Connection` over a fake transport."""
+    from dynamo_llm.transport.h1 import Connection
+
+    conn = Connection()
+    conn.connection_made(_Transport())
+    sent = conn.request(b"").__await__()
+    sent.send(None)  # the request is written; waiting for the head
+    conn.data_received(HEAD)
+    with contextlib.suppress(StopIteration):
+        sent.send(None)
+    return _drive(_stream(conn), conn.data_received, reads)
+
+
+def stream_aiohttp(reads: list[bytes]) -> int:
+    """aiohttp's client (trees before ``transport/h1.py``): its protocol and C parser."""
+    from aiohttp.client_proto import ResponseHandler
+
+    class _Response:
+        status = 200
+        content_type = "text/event-stream"
+
+        def __init__(self, content: Any, headers: Any) -> None:
+            self.content = content
+            self.headers = headers
+
+        def close(self) -> None:
+            pass
+
+        def release(self) -> None:
+            pass
+
+    loop = asyncio.get_running_loop()
+    proto = ResponseHandler(loop)
+    proto.connection_made(_Transport())
+    proto.set_response_params(read_bufsize=2**16)
+    proto.data_received(HEAD)
+    entry = proto._buffer.popleft()
+    message, payload = entry[0] if isinstance(entry[0], tuple) else entry
+    return _drive(_stream(_Response(payload, message.headers)), proto.data_received, reads)
+
+
+def clients() -> dict[str, Any]:
+    """The clients this tree can run, by name."""
+    if importlib.util.find_spec("dynamo_llm.transport.h1") is None:
+        return {"aiohttp": stream_aiohttp}
+    return {"h1": stream_h1}
+
+
 async def run(args: argparse.Namespace) -> None:
     events = answer(args.tokens)
     per = -(-len(events) // args.reads)
-    groups = [events[i : i + per] for i in range(0, len(events), per)]
-    best = float("inf")
+    reads = [wire(events[i : i + per]) for i in range(0, len(events), per)]
+    reads[-1] += b"0\r\n\r\n"
+    available = clients()
+    chosen = args.client or list(available)
+    best = dict.fromkeys(chosen, float("inf"))
     outputs = 0
     for _ in range(args.repeat):
-        t0 = time.process_time()
-        for _ in range(args.streams):
-            outputs = await one_stream(groups, None)
-        best = min(best, (time.process_time() - t0) / args.streams)
-    print(
-        f"{dynamo_llm.__file__}: {args.tokens} tokens in {len(groups)} reads, {outputs} outputs "
-        f"per stream: {1e6 * best:.1f} µs CPU per stream (best of {args.repeat} x "
-        f"{args.streams} streams)"
-    )
+        for name in chosen:  # alternating, so a change in the machine's load hits all alike
+            one = available[name]
+            t0 = time.process_time()
+            for _ in range(args.streams):
+                outputs = one(reads)
+            best[name] = min(best[name], (time.process_time() - t0) / args.streams)
+    for name in chosen:
+        print(
+            f"{dynamo_llm.__file__} [{name}]: {args.tokens} tokens in {len(reads)} reads, "
+            f"{outputs} outputs per stream: {1e6 * best[name]:.1f} µs CPU per stream (best of "
+            f"{args.repeat} x {args.streams} streams)"
+        )
 
 
 def main() -> int:
@@ -156,6 +201,11 @@ def main() -> int:
     parser.add_argument("--reads", type=int, default=16, help="reads the answer arrives in")
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--client",
+        action="append",
+        help="aiohttp (trees before transport/h1.py) or h1 (default: what the tree has)",
+    )
     asyncio.run(run(parser.parse_args()))
     return 0
 

@@ -199,6 +199,8 @@ class Fleet:
             await self.router.aclose()
         else:
             await self.workers.aclose()
+        if self._client is not None:
+            await self._client.aclose()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -149,10 +149,13 @@ class Bench:
         assert session is not None
         connector = session.connector
         assert connector is not None
-        acquired = len(connector._acquired)
-        # A connection idle in the pool is reused or closed after its keep-alive (4 s): it holds
+        client = self.fe.fleet._client
+        assert client is not None
+        pool = client.pool  # generation requests; the session: probes, model lists, stops
+        acquired = len(connector._acquired) + pool.open - pool.idle
+        # A connection idle in a pool is reused or closed after its keep-alive (4 s): it holds
         # an fd that is not a leak. Count the fds without them.
-        idle = sum(len(c) for c in connector._conns.values())
+        idle = sum(len(c) for c in connector._conns.values()) + pool.idle
         return Counts(len(tasks), acquired, len(os.listdir("/proc/self/fd")) - idle)
 
     def requests_total(self) -> Counter[Key]:

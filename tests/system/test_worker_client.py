@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import aiohttp
 import msgspec
 import pytest
 
@@ -46,25 +45,20 @@ TOKENS = [f"tok{i}" for i in range(5)]
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
+async def client() -> AsyncIterator[WorkerClient]:
     session = make_session(connect_timeout=2.0)
+    client = WorkerClient(session)
     try:
-        yield session
+        yield client
         # No leak: every stream gave its connection back (pooled or closed).
-        assert not session.connector._acquired  # type: ignore[union-attr]
+        assert client.pool.open == client.pool.idle
     finally:
+        await client.aclose()
         await session.close()
 
 
-@pytest.fixture
-def client(session: aiohttp.ClientSession) -> WorkerClient:
-    return WorkerClient(session)
-
-
-def idle_connections(session: aiohttp.ClientSession) -> int:
-    connector = session.connector
-    assert connector is not None
-    return sum(len(conns) for conns in connector._conns.values())
+def idle_connections(client: WorkerClient) -> int:
+    return client.pool.idle
 
 
 def chat(
@@ -112,14 +106,13 @@ def sse_events(raw: bytes) -> list[bytes]:
 # --- the relay -------------------------------------------------------------------------------
 
 
-async def test_relay_passes_complete_events_with_our_id_and_model(
-    client: WorkerClient, session: aiohttp.ClientSession
-) -> None:
+async def test_relay_passes_complete_events_with_our_id_and_model(client: WorkerClient) -> None:
     async with asyncio.timeout(SAFETY_NET) as net, spawn_bad_worker("ok", foreign_ids=True) as w:
         request = chat()
         ctx = EngineContext(request.id)
         stream = await client.open_stream(w.url, request, ctx, model="bad-model")
         outputs = await collect(stream)
+        pooled = idle_connections(client)  # before the worker exits and closes it
         seen = await w.request_record(request.id)
     assert not net.expired()
 
@@ -145,7 +138,7 @@ async def test_relay_passes_complete_events_with_our_id_and_model(
     assert seen["body"]["stream_options"] == {"include_usage": True}
     assert seen["body"]["model"] == "bad-model"
     # A finished stream gives its connection back to the pool.
-    assert idle_connections(session) == 1
+    assert pooled == 1
 
 
 async def test_relay_from_a_worker_using_our_id_needs_no_rewrite(client: WorkerClient) -> None:
@@ -262,9 +255,7 @@ async def first_token(stream: RemoteStream) -> EngineOutput:
     raise AssertionError("the stream ended before its first token")
 
 
-async def test_kill_closes_the_upstream_connection_at_once(
-    client: WorkerClient, session: aiohttp.ClientSession
-) -> None:
+async def test_kill_closes_the_upstream_connection_at_once(client: WorkerClient) -> None:
     async with (
         asyncio.timeout(SAFETY_NET) as net,
         spawn_bad_worker("ok", tokens=1000, gap=0.01) as w,
@@ -281,7 +272,7 @@ async def test_kill_closes_the_upstream_connection_at_once(
     assert rest == []
     assert seen["disconnected"] and not seen["completed"]
     assert seen["disconnected_at"] - killed_at < WITHIN
-    assert idle_connections(session) == 0
+    assert idle_connections(client) == 0
 
 
 async def test_graceful_stop_of_a_foreign_worker_closes_the_connection(
@@ -306,7 +297,7 @@ async def test_graceful_stop_of_a_foreign_worker_closes_the_connection(
 
 @pytest.mark.parametrize("request_id", ["plain-id", "with/slash?and #hash%"])
 async def test_graceful_stop_of_our_worker_asks_it_to_stop_and_reads_to_the_end(
-    client: WorkerClient, session: aiohttp.ClientSession, request_id: str
+    client: WorkerClient, request_id: str
 ) -> None:
     async with (
         asyncio.timeout(SAFETY_NET) as net,
@@ -318,11 +309,12 @@ async def test_graceful_stop_of_our_worker_asks_it_to_stop_and_reads_to_the_end(
         await first_token(stream)
         ctx.stop()
         rest = await collect(stream)  # the worker ends the body; no error although no [DONE]
+        pooled = idle_connections(client)
         seen = await w.request_record(request.id)
     assert not net.expired()
     assert seen["stopped"] and not seen["disconnected"] and not seen["completed"]
     assert sum(out.num_tokens for out in rest) < 1000
-    assert idle_connections(session) >= 1  # the body ended cleanly: the connection is reusable
+    assert pooled >= 1  # the body ended cleanly: the connection is reusable
 
 
 async def test_aclose_of_an_abandoned_stream_closes_the_connection(client: WorkerClient) -> None:
@@ -581,7 +573,7 @@ async def test_probe_and_models(client: WorkerClient) -> None:
 
 @pytest.mark.parametrize("request_id", ["id/with?url#chars%", "an id our worker replaces"])
 async def test_our_own_worker_is_relayed_as_is_and_stops_gracefully(
-    client: WorkerClient, session: aiohttp.ClientSession, request_id: str
+    client: WorkerClient, request_id: str
 ) -> None:
     from dynamo_llm.config import Config
     from dynamo_llm.engines.echo import EchoEngine
@@ -610,15 +602,14 @@ async def test_our_own_worker_is_relayed_as_is_and_stops_gracefully(
         if request_id.startswith("id/"):
             assert stream.rewrites == ()  # same id, same model: nothing to rewrite
         # The worker was told to stop (not hung up on): the connection went back to the pool.
-        assert idle_connections(session) >= 1
+        assert idle_connections(client) >= 1
     finally:
         await app.shutdown(grace=0, kill_wait=5)
         await server.stop()
 
 
 async def test_a_worker_key_added_after_start_is_sent_on_the_next_stream() -> None:
-    """No per-worker key: generation requests bypass the key middleware (a fixed cost per
-    request); a key the table gets later (a reloaded ``--upstream-file``) is sent from then on."""
+    """A key the table gets later (a reloaded ``--upstream-file``) is sent from then on."""
     keys = WorkerKeys()
     session = make_session(connect_timeout=2.0, worker_keys=keys)
     client = WorkerClient(session, keys)
@@ -632,4 +623,5 @@ async def test_a_worker_key_added_after_start_is_sent_on_the_next_stream() -> No
         assert second.headers["authorization"] == "Bearer wk-late"
         assert not net.expired()
     finally:
+        await client.aclose()
         await session.close()

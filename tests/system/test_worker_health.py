@@ -176,20 +176,24 @@ async def test_an_empty_200_is_a_502_for_the_request_and_the_worker_stays(stream
         assert b.requests_total() == 2
 
 
-async def test_a_probe_lost_on_the_connection_an_empty_200_left_is_asked_again() -> None:
+async def test_a_request_lost_on_the_connection_an_empty_200_left_is_sent_again() -> None:
     # llama_cpp.server's uvicorn closes the connection whose app raised, after the empty body
-    # ended cleanly and the connection went back to our pool: the probe that follows at once
-    # goes out on it and is lost, which says nothing about the engine.
+    # ended cleanly and the connection went back to our pool: the next request sent on it is
+    # lost, which says nothing about the engine. Generation requests have a pool of their own
+    # (transport/pool.py), so the probe goes out on a fresh connection, and the next generation
+    # request, sent on the lost one, is sent again on a new one.
     async with bench(script=["empty-close"]) as b:
         w = b.worker
         failed = await b.send()
         assert failed.status_code == 502
         await b.probe_settled()
-        assert [s.behaviour for s in w.requests(probes=True)] == ["lost", "ok"]
+        assert [s.behaviour for s in w.requests(probes=True)] == ["ok"]
         assert not b.registered.quarantined
         assert b.availability == []
         served = await b.send()
         assert served.status_code == 200 and text_of(served) == "tok0tok1tok2tok3tok4"
+        assert [s.behaviour for s in w.requests()] == ["empty-close", "lost", "ok"]
+        assert not b.registered.quarantined
 
 
 async def test_a_json_error_in_a_200_is_a_502_with_the_workers_message() -> None:

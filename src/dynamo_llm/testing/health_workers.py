@@ -347,9 +347,11 @@ async def scripted_worker(**options: Any) -> AsyncIterator[ScriptedWorker]:
 async def worker_client(connect_timeout: float = 2.0) -> AsyncIterator[WorkerClient]:
     """The router's worker client over a fresh pooled session, closed afterwards."""
     session = make_session(connect_timeout)
+    client = WorkerClient(session)
     try:
-        yield WorkerClient(session)
+        yield client
     finally:
+        await client.aclose()
         await session.close()
 
 

@@ -6,13 +6,15 @@ only where a decision is needed. Cancellation crosses the wire (a closed connect
 graceful stop for our own workers). The modules, in the order a request meets them:
 
 - :mod:`.client` — :class:`WorkerClient` (admission, probes, ``/v1/models``) and
-  :func:`make_session`, the pooled session it uses.
+  :func:`make_session`, the pooled aiohttp session for everything but generation.
+- :mod:`.pool` and :mod:`.h1` — generation requests: a pool of keep-alive HTTP/1.1 connections
+  (bound, idle expiry, receive buffer, ``Authorization``) and the connection protocol that reads
+  a worker's answer (httptools' parser, whole buffers per read, backpressure).
 - :mod:`.body` — :func:`upstream_body`, the JSON sent upstream.
 - :mod:`.errors` — the tables mapping a worker's statuses and aiohttp's exceptions to our error
   classes (:func:`error_from_worker`).
 - :mod:`.stream` — :class:`RemoteStream`: the read loop, cancellation and the release of the
   connection.
-- :mod:`.buffered` — :func:`~.buffered.read_any`, the body read in whole buffers.
 - :mod:`.relay` — the raw relay's fast path, its check that each relayed event is a JSON-object
   line, and the id and model rewrite.
 - :mod:`.events` — the slow path: SSE events parsed into the shared chunk shape

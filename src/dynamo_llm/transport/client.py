@@ -41,6 +41,8 @@ from ..runtime.context import EngineContext
 from .auth import WorkerKeys
 from .body import upstream_body
 from .errors import admission_error, describe, error_from_worker, no_stream_error
+from .h1 import Connection, H1Error
+from .pool import Pool
 from .probe import ProbeResult, probe_worker
 from .stream import RemoteStream, StreamMode, post_stop
 
@@ -106,21 +108,40 @@ def _worker_socket(addr_info: tuple[Any, ...]) -> socket.socket:
 
 
 class WorkerClient:
-    """Talks to OpenAI-compatible workers over a shared, pooled :class:`aiohttp.ClientSession`.
+    """Talks to OpenAI-compatible workers: generation requests over its own pool of HTTP/1.1
+    connections (:mod:`.pool`, :mod:`.h1`), everything else (probes, model lists, graceful
+    stops, scrapes) over a shared, pooled :class:`aiohttp.ClientSession`.
 
-    Stateless apart from the session, so one client serves every worker; each stream owns what
-    it starts. ``worker_keys``, the session's :meth:`WorkerKeys.middleware <.auth.WorkerKeys.
-    middleware>` table if it has one, lets a generation request skip that middleware while no
-    worker has a key of its own.
+    Stateless apart from the two pools, so one client serves every worker; each stream owns
+    what it starts. The connection pool is built from the session's settings (connect timeout,
+    bound, ``Authorization``) and ``worker_keys`` unless one is given. Close it with
+    :meth:`aclose` (the session is the caller's).
     """
 
-    __slots__ = ("_worker_keys", "session")
+    __slots__ = ("pool", "session")
 
     def __init__(
-        self, session: aiohttp.ClientSession, worker_keys: WorkerKeys | None = None
+        self,
+        session: aiohttp.ClientSession,
+        worker_keys: WorkerKeys | None = None,
+        *,
+        pool: Pool | None = None,
     ) -> None:
         self.session = session
-        self._worker_keys = worker_keys
+        if pool is None:
+            connector = session.connector
+            pool = Pool(
+                session.timeout.sock_connect,
+                connector.limit if connector is not None else 0,
+                authorization=session.headers.get(aiohttp.hdrs.AUTHORIZATION),
+                worker_keys=worker_keys,
+                receive_buffer=RECEIVE_BUFFER,
+            )
+        self.pool = pool
+
+    async def aclose(self) -> None:
+        """Close the generation connections that are idle (those in use close as they end)."""
+        await self.pool.aclose()
 
     async def open_stream(
         self,
@@ -172,29 +193,29 @@ class WorkerClient:
             mode = StreamMode.RELAY
         body = upstream_body(request, model=model, return_token_ids=track_tokens)
         upstream_id = ctx.id
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream",
-            "X-Request-Id": upstream_id,
-            "X-Client-Request-Id": request.id,
-        }
+        headers = b"".join((
+            _FIXED_HEADERS, b"X-Request-Id: ", _header_value(upstream_id),
+            b"\r\nX-Client-Request-Id: ", _header_value(request.id), b"\r\n",
+        ))  # fmt: skip
         loop = asyncio.get_running_loop()
         deadline = None if first_token_timeout is None else loop.time() + first_token_timeout
-        resp = await self._post(url.rstrip("/") + family.path, body, headers, ctx, deadline)
-        if resp.status >= 400:
+        resp = await self._post(url, family.path, body, headers, ctx, deadline=deadline)
+        status = resp.status
+        if status >= 400:
             try:
                 error_body = await _read_bounded(resp, deadline)
             finally:
-                resp.close()
-            raise error_from_worker(resp.status, error_body)
-        if _is_json(resp.content_type):
+                resp.release()
+            raise error_from_worker(status, error_body)
+        content_type = resp.content_type
+        if _is_json(content_type):
             # A JSON answer to a streamed request (an error, llama_cpp.server's way): not an
             # event stream, a failure of this request only.
             try:
                 answer = await _read_bounded(resp, deadline)
             finally:
-                resp.close()
-            raise no_stream_error(resp.status, resp.content_type, answer)
+                resp.release()
+            raise no_stream_error(status, content_type, answer)
         if response_id is None:
             response_id = family.response_id(request.id)
         options = params.stream_options
@@ -215,16 +236,18 @@ class WorkerClient:
     async def _post(
         self,
         url: str,
+        path: str,
         body: bytes,
-        headers: dict[str, str],
+        headers: bytes,
         ctx: EngineContext,
+        *,
         deadline: float | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Connection:
         if ctx.is_stopped:
             raise Cancelled()
-        keys = self._worker_keys
-        # None: the session's own middlewares; (): none, when no worker has a key of its own.
-        middlewares = () if keys is not None and not keys else None
+        pool = self.pool
+        endpoint = pool.endpoint(url)
+        data = pool.request_head(endpoint, path, headers, len(body)) + body
         for attempt in (1, 2):
             # One timer bounds the wait for headers; a stop of the context fires it at once, so
             # a request abandoned during admission closes its connection too.
@@ -233,12 +256,12 @@ class WorkerClient:
                 async with timer:
                     remove = ctx.on_stop(functools.partial(_expire, timer))
                     try:
-                        return await self.session.post(
-                            url, data=body, headers=headers, middlewares=middlewares
-                        )
+                        conn, _ = await pool.acquire(endpoint)
+                        await conn.request(data)  # closes the connection if it fails
+                        return conn
                     finally:
                         remove()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, H1Error) as exc:
                 error = admission_error(exc, timer.expired(), ctx)
                 if error is None and attempt == 1:
                     continue  # the worker closed a pooled connection just as we reused it
@@ -320,15 +343,26 @@ def _expire(timer: asyncio.Timeout, _ctx: EngineContext) -> None:
         timer.reschedule(-1.0)
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, deadline: float | None) -> bytes:
+async def _read_bounded(resp: Connection, deadline: float | None) -> bytes:
     """An error body, at most 64 KiB, read within the admission deadline."""
     parts: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout_at(deadline):
-            while size < 65536 and (part := await resp.content.read(65536 - size)):
+            while size < 65536 and (part := await resp.read_any(65536 - size)):
                 parts.append(part)
                 size += len(part)
-    except (TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, H1Error):
         pass
-    return b"".join(parts)
+    return b"".join(parts)[:65536]
+
+
+_FIXED_HEADERS = b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+
+
+def _header_value(value: str) -> bytes:
+    """A header value as sent: Latin-1, and never a line break (no header can be injected)."""
+    data = value.encode("latin-1", "replace")
+    if b"\r" in data or b"\n" in data:
+        data = data.replace(b"\r", b"").replace(b"\n", b"")
+    return data

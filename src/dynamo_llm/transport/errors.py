@@ -8,7 +8,8 @@ Two kinds of failure reach the transport, and the router acts on the class each 
   one saying it is shutting down :class:`WorkerShuttingDown`; a 504 or a timeout type
   :class:`WorkerResponseTimeout`; another 5xx :class:`UpstreamError`. The body may be in the
   OpenAI shape, vLLM's older flat shape, TGI's or FastAPI's.
-- **A failed POST** (:func:`admission_error`): aiohttp's exceptions before the response headers.
+- **A failed POST** (:func:`admission_error`): the exceptions of :mod:`.h1` (or aiohttp's)
+  before the response headers.
   A refused or timed-out connect is :class:`WorkerUnreachable`; no headers in time is
   :class:`WorkerResponseTimeout`; a pooled connection the worker closed as we reused it is
   worth one retry.
@@ -47,6 +48,7 @@ from ..errors import (
     WorkerUnreachable,
 )
 from ..runtime.context import EngineContext
+from .h1 import BadResponse, ClosedUnanswered, ConnectFailed, ConnectionDropped
 
 __all__ = [
     "admission_error",
@@ -195,6 +197,10 @@ def admission_error(
         return Cancelled()
     if timer_fired:
         return WorkerResponseTimeout("The worker did not answer within the first-token timeout")
+    if isinstance(exc, ConnectFailed):
+        return WorkerUnreachable(f"Could not connect to the worker: {exc.reason}")
+    if isinstance(exc, BadResponse):
+        return UpstreamError(f"The worker sent a malformed HTTP response: {describe(exc)}")
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return WorkerUnreachable("Could not connect to the worker: connect timed out")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -214,6 +220,8 @@ def is_closed_unanswered(exc: BaseException) -> bool:
     """Whether the worker closed (or reset) a connection it had accepted before answering: most
     likely a pooled connection it closed just as a request went out on it, worth one more try on
     a fresh one. A failed connect is not such a case."""
+    if isinstance(exc, ClosedUnanswered):
+        return True
     return isinstance(
         exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
     ) and not isinstance(exc, aiohttp.ClientConnectorError)
@@ -227,6 +235,8 @@ def describe(exc: BaseException) -> str:
     full detail goes to the debug log.
     """
     log.debug("worker connection failure: %r", exc)
+    if isinstance(exc, ConnectFailed):
+        return exc.reason
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
         # "Connection refused", not asyncio's text, which names the worker's address.
         return os.strerror(exc.os_error.errno).lower()
@@ -239,9 +249,9 @@ def describe(exc: BaseException) -> str:
 
 
 _FAILURE_WORDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
-    (aiohttp.ClientPayloadError, "the response body was cut short"),
-    (aiohttp.ServerDisconnectedError, "the worker closed the connection"),
+    ((aiohttp.ClientPayloadError, ConnectionDropped), "the response body was cut short"),
+    ((aiohttp.ServerDisconnectedError, ClosedUnanswered), "the worker closed the connection"),
     ((aiohttp.ConnectionTimeoutError, aiohttp.ServerTimeoutError, TimeoutError), "timed out"),
     (aiohttp.InvalidURL, "the worker's URL is invalid"),
-    (aiohttp.ClientResponseError, "the response was not valid HTTP"),
+    ((aiohttp.ClientResponseError, BadResponse), "the response was not valid HTTP"),
 )

@@ -55,9 +55,9 @@ from ..errors import UpstreamError, WorkerDisconnected, WorkerResponseTimeout
 from ..runtime.context import EngineContext
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.urls import redact_url
-from .buffered import read_any
 from .errors import describe, no_stream_error
 from .events import EventParser
+from .h1 import Connection, H1Error
 from .relay import RawRelay
 
 __all__ = ["RemoteStream", "StreamMode", "post_stop"]
@@ -109,7 +109,7 @@ class RemoteStream:
         self,
         session: aiohttp.ClientSession,
         url: str,
-        resp: aiohttp.ClientResponse,
+        resp: Connection,
         ctx: EngineContext,
         *,
         request_id: str,
@@ -125,7 +125,7 @@ class RemoteStream:
         self._resp = resp
         self._ctx = ctx
         # Our worker may have replaced an id it does not accept; it echoes the one it used.
-        self._request_id = resp.headers.get("X-Request-Id", request_id)
+        self._request_id = resp.headers.get("x-request-id", request_id)
         self._mode = mode
         self._is_ours = is_ours
         self._deadline = deadline
@@ -211,7 +211,7 @@ class RemoteStream:
             if self._stop_task is not None:
                 await cancel_and_wait(self._stop_task)
         finally:
-            if not self._aborted and self._resp.content.is_eof():
+            if not self._aborted and self._resp.is_eof():
                 self._resp.release()
             else:
                 self._aborted = True
@@ -225,16 +225,16 @@ class RemoteStream:
     async def _read_first(self) -> bytes:
         try:
             async with asyncio.timeout_at(self._deadline) as timer:
-                return await read_any(self._resp.content)
-        except TimeoutError as exc:
-            if not timer.expired() or isinstance(exc, aiohttp.ClientError):
+                return await self._resp.read_any()
+        except TimeoutError:
+            if not timer.expired():
                 raise
             raise WorkerResponseTimeout(
                 "The worker sent no event within the first-token timeout"
             ) from None
 
     async def _run(self) -> AsyncGenerator[EngineOutput, None]:
-        content = self._resp.content
+        read_any = self._resp.read_any
         ctx = self._ctx
         parser = self._parser
         parse = parser.parse
@@ -244,8 +244,8 @@ class RemoteStream:
         try:
             while True:
                 try:
-                    chunk = await (read_any(content) if parser.seen_first else self._read_first())
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                    chunk = await (read_any() if parser.seen_first else self._read_first())
+                except H1Error as exc:
                     if self._ended_quietly():
                         return
                     if (held := parser.take_held()) is not None:
@@ -320,14 +320,14 @@ class RemoteStream:
 
     async def _drain(self) -> None:
         """Read past [DONE] to the end of the body, so the connection can go back to the pool."""
-        content = self._resp.content
-        if content.is_eof():
+        resp = self._resp
+        if resp.is_eof():
             return
         try:
             async with asyncio.timeout(DRAIN_TIMEOUT):
-                while await content.readany():
+                while await resp.read_any():
                     pass
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, H1Error):
             self._abort()
 
 

@@ -1,0 +1,291 @@
+"""The pool of keep-alive connections to workers that generation requests use (:mod:`.h1`).
+
+It keeps what :func:`~.client.make_session` gives aiohttp's connector, for the requests it now
+carries instead: at most ``limit`` connections open at once (0: no bound; a request waits for a
+free one, bounded only by the caller's timers), an idle connection closed after
+``keepalive_timeout`` (shorter than the common worker servers' own idle timeout, so that a
+connection is not reused just as the worker closes it), ``connect_timeout`` on the TCP connect,
+``TCP_NODELAY``, and the fixed receive buffer (:data:`~.client.RECEIVE_BUFFER`) that makes a
+worker feel a stalled stream. Connections are kept per worker address and reused last-in first
+out (the most recently used is the least likely to have been closed by the worker).
+
+:meth:`Pool.request_head` builds the request head: ``Host``, the body's length, the caller's
+headers and the ``Authorization`` a worker gets: its own key (:class:`~.auth.WorkerKeys`) if it
+has one, else the credentials in its URL (``http://user:token@host``, as HTTP basic auth), else
+the ``--upstream-api-key``. A URL's parts are worked out once per base URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import ssl
+import urllib.parse
+from collections import deque
+from typing import NamedTuple
+
+from .auth import WorkerKeys
+from .h1 import ConnectFailed, Connection
+
+__all__ = ["Endpoint", "Pool"]
+
+RESOLVE_TTL = 60.0
+"""How long a worker host's addresses are cached (aiohttp's ``ttl_dns_cache`` was 60 s)."""
+
+
+class Endpoint(NamedTuple):
+    """A worker base URL, taken apart once."""
+
+    key: tuple[str, int, bool]
+    """(host, port, TLS): the connections that can carry its requests."""
+    base: str
+    """The URL without credentials or trailing slash (what :class:`WorkerKeys` is keyed by)."""
+    prefix: bytes
+    """The path under which the API sits (``b""`` for most workers)."""
+    host_header: bytes
+    basic_auth: str | None
+
+
+class Pool:
+    """Per-worker pools of :class:`~.h1.Connection`, with one bound over all of them."""
+
+    __slots__ = (
+        "_addresses",
+        "_authorization",
+        "_closed",
+        "_connect_timeout",
+        "_endpoints",
+        "_expiry",
+        "_idle",
+        "_keepalive",
+        "_limit",
+        "_open",
+        "_receive_buffer",
+        "_ssl",
+        "_waiters",
+        "worker_keys",
+    )
+
+    def __init__(
+        self,
+        connect_timeout: float | None,
+        limit: int = 0,
+        *,
+        keepalive_timeout: float = 4.0,
+        api_key: str | None = None,
+        authorization: str | None = None,
+        worker_keys: WorkerKeys | None = None,
+        receive_buffer: int = 256 * 1024,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._limit = limit
+        self._keepalive = keepalive_timeout
+        self._authorization = f"Bearer {api_key}" if api_key else authorization
+        self.worker_keys = worker_keys
+        self._receive_buffer = receive_buffer
+        self._idle: dict[object, list[Connection]] = {}
+        self._open = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._endpoints: dict[str, Endpoint] = {}
+        self._addresses: dict[tuple[str, int], tuple[float, list[tuple[object, ...]]]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    @property
+    def idle(self) -> int:
+        """How many connections wait in the pool."""
+        return sum(len(conns) for conns in self._idle.values())
+
+    @property
+    def open(self) -> int:
+        """How many connections are open (idle or carrying a request)."""
+        return self._open
+
+    def endpoint(self, url: str) -> Endpoint:
+        """The parts of the worker base URL ``url`` (cached)."""
+        found = self._endpoints.get(url)
+        if found is None:
+            found = self._endpoints[url] = _parse(url)
+        return found
+
+    def request_head(self, endpoint: Endpoint, path: str, headers: bytes, length: int) -> bytes:
+        """A POST's head: ``headers`` are ``Name: value\\r\\n`` lines, already encoded."""
+        authorization = self._authorization
+        if endpoint.basic_auth is not None:
+            authorization = endpoint.basic_auth
+        keys = self.worker_keys
+        if keys:
+            key = keys.key_for(endpoint.base + path)
+            if key is not None:
+                authorization = f"Bearer {key}"
+        auth = b"" if authorization is None else _AUTH % authorization.encode()
+        return b"".join((
+            b"POST ", endpoint.prefix, path.encode(), b" HTTP/1.1\r\nHost: ", endpoint.host_header,
+            b"\r\n", headers, auth, b"Content-Length: ", str(length).encode(), b"\r\n\r\n",
+        ))  # fmt: skip
+
+    async def acquire(self, endpoint: Endpoint) -> tuple[Connection, bool]:
+        """A connection to the worker, and whether it was pooled (True) or is new.
+
+        Raises :class:`~.h1.ConnectFailed`. Cancelled, it leaves nothing behind.
+        """
+        if self._closed:
+            raise ConnectFailed(ConnectionAbortedError(0, "the client is closed"))
+        key = endpoint.key
+        idle = self._idle.get(key)
+        if idle:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < self._keepalive:
+                    return conn, True
+                conn.close()
+        while self._limit and self._open >= self._limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # pass the slot it was given on
+                raise
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    return conn, True
+        self._open += 1
+        try:
+            return await self._connect(endpoint), False
+        except BaseException:
+            self._open -= 1
+            self._wake_one()
+            raise
+
+    def put_back(self, key: object, conn: Connection) -> None:
+        """A connection whose response was read to its end (from :meth:`Connection.release`)."""
+        if self._closed:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        self._idle.setdefault(key, []).append(conn)
+        if self._waiters:
+            self._wake_one()
+        if self._expiry is None:
+            self._expiry = loop.call_later(self._keepalive, self._expire)
+
+    def forget(self, key: object, conn: Connection) -> None:
+        """A connection that closed (from the connection itself)."""
+        self._open -= 1
+        idle = self._idle.get(key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        self._wake_one()
+
+    async def aclose(self) -> None:
+        """Close every idle connection; those carrying a request close when released."""
+        self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                conn.close()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let the transports finish closing
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _expire(self) -> None:
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        oldest = None
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                if now - conn.idle_since >= self._keepalive:
+                    conn.close()
+                elif oldest is None or conn.idle_since < oldest:
+                    oldest = conn.idle_since
+        if oldest is not None:
+            self._expiry = loop.call_later(oldest + self._keepalive - now, self._expire)
+
+    async def _connect(self, endpoint: Endpoint) -> Connection:
+        host, port, tls = endpoint.key
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                for family, type_, proto, _, address in await self._resolve(host, port):
+                    sock = socket.socket(family, type_, proto)  # type: ignore[arg-type]
+                    try:
+                        sock.setblocking(False)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        await loop.sock_connect(sock, address)  # type: ignore[arg-type]
+                        _, conn = await loop.create_connection(
+                            lambda: Connection(self, endpoint.key),
+                            sock=sock,
+                            ssl=self._ssl_context() if tls else None,
+                            server_hostname=host if tls else None,
+                        )
+                        return conn
+                    except OSError as exc:
+                        sock.close()
+                        last = exc
+                    except BaseException:
+                        sock.close()
+                        raise
+        except TimeoutError:
+            raise ConnectFailed(timed_out=True) from None
+        raise ConnectFailed(last or OSError(0, "no address"))
+
+    async def _resolve(self, host: str, port: int) -> list[tuple[object, ...]]:
+        loop = asyncio.get_running_loop()
+        cached = self._addresses.get((host, port))
+        if cached is not None and loop.time() - cached[0] < RESOLVE_TTL:
+            return cached[1]
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConnectFailed(exc) from None
+        addresses: list[tuple[object, ...]] = list(infos)
+        self._addresses[(host, port)] = (loop.time(), addresses)
+        return addresses
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+
+_AUTH = b"Authorization: %s\r\n"
+
+
+def _parse(url: str) -> Endpoint:
+    parts = urllib.parse.urlsplit(url.rstrip("/"))
+    tls = parts.scheme == "https"
+    host = parts.hostname or ""
+    port = parts.port or (443 if tls else 80)
+    default = (tls and port == 443) or (not tls and port == 80)
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if default else f"{shown}:{port}"
+    basic = None
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    scheme = "https" if tls else "http"
+    base = f"{scheme}://{host_header}{parts.path}"
+    return Endpoint((host, port, tls), base, parts.path.encode(), host_header.encode(), basic)
