@@ -204,16 +204,20 @@ class Router:
     async def _observe(
         self, stream: AsyncIterator[EngineOutput], prompt_tokens: int | None, reported: bool
     ) -> AsyncGenerator[EngineOutput, None]:
-        """``stream``, with the prompt's size (the frontend's count) on its first output when
-        the worker put none there, so ``input_sequence_tokens`` is recorded once, at the first
-        token, whether the worker reports usage or not; and, for a precise prediction
-        (``reported``), counting the cached tokens the engine reports."""
-        first = True
+        """``stream``, with the prompt's size (the frontend's count) on its first output with
+        a token when the worker put none on it or before, so ``input_sequence_tokens`` is
+        recorded once, at the first token, whether the worker reports usage or not (an output
+        without tokens, a relayed chat's role chunk, is not recorded as the first token); and,
+        for a precise prediction (``reported``), counting the cached tokens the engine
+        reports."""
+        stamp = prompt_tokens is not None
         try:
             async for out in stream:
-                if first:
-                    first = False
-                    if out.prompt_tokens is None and prompt_tokens is not None:
+                if stamp:
+                    if out.prompt_tokens is not None:
+                        stamp = False
+                    elif out.num_tokens > 0:
+                        stamp = False
                         out.prompt_tokens = prompt_tokens
                 usage = out.usage
                 if (

@@ -100,7 +100,12 @@ class ModelTokenizer:
                 config = json.loads(config_file.read_text())
             except (OSError, ValueError) as exc:
                 raise ValueError(f"tokenizer {path!r}: tokenizer_config.json: {exc}") from exc
-        source = _template_source(folder, config)
+            if not isinstance(config, dict):
+                raise ValueError(f"tokenizer {path!r}: tokenizer_config.json is not an object")
+        try:
+            source = _template_source(folder, config)
+        except OSError as exc:
+            raise ValueError(f"tokenizer {path!r}: chat_template.jinja: {exc}") from exc
         try:
             template = ChatTemplate(source) if source is not None else None
         except ValueError as exc:
@@ -218,4 +223,8 @@ def _specials(config: dict[str, Any]) -> dict[str, str]:
 
 
 def _size(request: EngineRequest) -> int:
+    """About how many characters the chat renders to: the client's JSON when it is there (its
+    tools are rendered too, and may be far longer than the messages), else the messages."""
+    if request.raw_body is not None:
+        return len(request.raw_body)
     return sum(len(content_text(m.content)) for m in request.messages)

@@ -97,6 +97,9 @@ def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
+_ARGUMENTS = frozenset(("messages", "tools", "documents", "add_generation_prompt"))
+"""The variables :meth:`ChatTemplate.render` passes itself."""
+
 
 class ChatTemplate:
     """One compiled chat template, with what vLLM reads from it once."""
@@ -137,6 +140,9 @@ class ChatTemplate:
                 for k, v in extra.items()
                 if k in variables and k not in ("chat_template", "tokenize")
             )
+            if not _ARGUMENTS.isdisjoint(kwargs):
+                # vLLM lets such a kwarg override its own argument, or fails on it: unknown here.
+                raise Untokenizable("a chat_template_kwargs key names a template argument")
         final: str | None = None
         if continue_final_message:
             if add_generation_prompt:
@@ -152,6 +158,8 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as exc:
             raise Untokenizable(f"the chat template refused the request: {exc}") from exc
+        except Exception as exc:  # the template's own code on the client's values (a TypeError)
+            raise Untokenizable(f"the chat template failed on the request: {exc!r}") from exc
         if final is not None:
             text = _cut_at_tag(text, final)
         return text

@@ -53,7 +53,10 @@ class FakeClient:
         try:
             # "uncounted": a relayed stream, whose worker says the prompt's size at most in its
             # final usage.
-            yield EngineOutput("a", prompt_tokens=None if kind == "uncounted" else 2)
+            if kind == "role-first":  # a relayed chat: the role chunk carries no token
+                yield EngineOutput("", 0)
+            counted = kind not in ("uncounted", "role-first")
+            yield EngineOutput("a", prompt_tokens=2 if counted else None)
             if kind == "silent":
                 await ctx.stopped()
                 return
@@ -206,7 +209,12 @@ async def test_the_frontends_count_goes_on_a_first_output_that_has_none() -> Non
     client.behaviour["http://a"] = "ok"
     outs = [out async for out in await router.generate(request("r2"), EngineContext("r2"))]
     assert [out.prompt_tokens for out in outs] == [2, None]
-    assert len(seen) == 2 and inflight(workers) == {"http://a": 0}
+    # The first output with a token gets it: the HTTP layer records the prompt's size with the
+    # first token (an output without tokens is not one), so a count on the role chunk was lost.
+    client.behaviour["http://a"] = "role-first"
+    outs = [out async for out in await router.generate(request("r3"), EngineContext("r3"))]
+    assert [out.prompt_tokens for out in outs] == [None, 3, None]
+    assert len(seen) == 3 and inflight(workers) == {"http://a": 0}
     await router.aclose()
 
 

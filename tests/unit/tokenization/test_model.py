@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from pathlib import Path
@@ -55,6 +56,18 @@ def test_a_folder_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
         ModelTokenizer.load(str(tmp_path))
     with pytest.raises(ValueError, match="not a model folder"):
         ModelTokenizer.load(str(tmp_path / "nowhere"))
+
+
+def test_a_folder_with_an_unusable_config_or_template_file_is_refused(tmp_path: Path) -> None:
+    # Before: an AttributeError or OSError, a traceback at start-up instead of the CLI's error.
+    folder = model_folder(tmp_path / "list")
+    (folder / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json"):
+        ModelTokenizer.load(str(folder))
+    folder = model_folder(tmp_path / "dir")
+    (folder / "chat_template.jinja").mkdir()
+    with pytest.raises(ValueError, match=r"chat_template\.jinja"):
+        ModelTokenizer.load(str(folder))
 
 
 def random_text(rng: random.Random, specials: bool) -> str:
@@ -146,3 +159,24 @@ async def test_a_request_with_its_own_template_or_special_token_switch_is_left_t
     raw = json.dumps({**body, "chat_template": "{{ 1 }}"}).encode()  # forwarded, not known
     request = msgspec.structs.replace(chat(body), raw_body=raw)
     assert await tokenizer.prompt_ids(request) is None
+
+
+async def test_a_chat_with_long_tools_and_short_messages_is_encoded_in_a_thread(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tools are rendered into the prompt too: before, only the messages' text was measured,
+    # and a 20 KB tool list with a one-word question was rendered and encoded on the event loop.
+    tokenizer = ModelTokenizer.load(str(folder))
+    tool = {"type": "function", "function": {"name": "f", "description": "d " * THREAD_CHARS}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    request = msgspec.structs.replace(chat(body), raw_body=json.dumps(body).encode())
+    threaded: list[object] = []
+    real = asyncio.to_thread
+
+    async def to_thread(func: Any, /, *args: Any) -> Any:
+        threaded.append(func)
+        return await real(func, *args)
+
+    monkeypatch.setattr("dynamo_llm.tokenization.model.asyncio.to_thread", to_thread)
+    assert await tokenizer.prompt_ids(request) == whole(tokenizer, body)
+    assert threaded

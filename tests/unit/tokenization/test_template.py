@@ -200,3 +200,20 @@ def test_chat_template_jinja_wins_over_the_config(tmp_path: Path) -> None:
     (folder / "chat_template.jinja").write_text("from the file")
     tokenizer = ModelTokenizer.load(str(folder))
     assert render(tokenizer, messages=[{"role": "user", "content": "x"}]) == "from the file"
+
+
+@pytest.mark.parametrize("name", ["messages", "tools", "documents", "add_generation_prompt"])
+def test_a_template_kwarg_named_like_a_template_argument_refuses_the_request(name: str) -> None:
+    # Before: jinja's render() got the name twice and raised TypeError (a 500 to the client).
+    template = ChatTemplate(f"{{{{ {name} }}}}")
+    request = chat({"messages": [{"role": "user", "content": "x"}]})
+    with pytest.raises(Untokenizable):
+        template.render(request.messages, special_tokens={}, extra={name: 1})
+
+
+def test_a_template_failing_on_a_client_value_refuses_the_request() -> None:
+    # A kwarg of a type the template does not expect: a TypeError inside the render.
+    template = ChatTemplate("{{ 'effort: ' + effort }}")
+    request = chat({"messages": [{"role": "user", "content": "x"}]})
+    with pytest.raises(Untokenizable):
+        template.render(request.messages, special_tokens={}, extra={"effort": 1})
