@@ -48,16 +48,21 @@ async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
         return b""
 
 
+async def _answer_until_closed(fe: Frontend, data: bytes) -> bytes:
+    """Send ``data`` on a new connection, then read what comes until the frontend closes it."""
+    reader, writer = await _open(fe, data)
+    try:
+        return await _read_until_closed(reader)
+    finally:
+        writer.close()
+
+
 @pytest.mark.usefixtures("safety_net")
 async def test_a_client_that_trickles_its_headers_is_disconnected_after_the_read_timeout(
     frontend: Frontend,
 ) -> None:
     # granian's header read timeout; under uvicorn, ours (http/header_timeout.py).
-    reader, writer = await _open(frontend, b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
-    try:
-        answer = await _read_until_closed(reader)
-    finally:
-        writer.close()
+    answer = await _answer_until_closed(frontend, b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
     assert b"200 OK" not in answer
 
 
@@ -65,11 +70,7 @@ async def test_a_client_that_trickles_its_headers_is_disconnected_after_the_read
 async def test_a_connection_that_sends_nothing_is_closed_after_the_read_timeout(
     frontend: Frontend,
 ) -> None:
-    reader, writer = await _open(frontend, b"")
-    try:
-        assert await _read_until_closed(reader) == b""
-    finally:
-        writer.close()
+    assert await _answer_until_closed(frontend, b"") == b""
 
 
 @pytest.mark.usefixtures("safety_net")
