@@ -31,6 +31,7 @@ from dynamo_llm.protocols.kv_events import (
 from dynamo_llm.router.kv_blocks import KvBlockIndex, KvEventSource, block_keys
 from dynamo_llm.router.kv_events import KvEventIntake
 from dynamo_llm.runtime.clock import FakeClock
+from dynamo_llm.runtime.tasks import cancel_and_wait
 from tests.helpers import polled
 
 pytestmark = pytest.mark.usefixtures("safety_net")
@@ -87,9 +88,7 @@ class ScriptedPublisher:
 
     async def stop_serving(self) -> None:
         """Stop answering replay requests, as a hung publisher would."""
-        self.serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.serving
+        await cancel_and_wait(self.serving)
 
     def close(self) -> None:
         self.pub.close()

@@ -95,10 +95,6 @@ class WorkerLoad:
         return self._reported
 
     @property
-    def sent_since_report(self) -> int:
-        return self._sent
-
-    @property
     def load(self) -> float:
         """The engine-reported requests, plus those sent since, minus those of ours that ended
         since (the report counted them, or they were sent after it); never less than what this

@@ -139,9 +139,7 @@ class EngineContext:
         """
         ctx: EngineContext | None = self
         while ctx is not None:
-            if ctx._keep_alive_callbacks:
-                for callback in list(ctx._keep_alive_callbacks):
-                    callback()
+            ctx._fire_keep_alive()
             ctx = ctx._parent
 
     def hold(self) -> None:
@@ -151,11 +149,14 @@ class EngineContext:
         pending: list[EngineContext] = [self]
         while pending:
             ctx = pending.pop()
-            if ctx._keep_alive_callbacks:
-                for callback in list(ctx._keep_alive_callbacks):
-                    callback()
+            ctx._fire_keep_alive()
             if ctx._children:
                 pending.extend(ctx._children)
+
+    def _fire_keep_alive(self) -> None:
+        if self._keep_alive_callbacks:
+            for callback in list(self._keep_alive_callbacks):
+                callback()
 
     def on_keep_alive(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` on every :meth:`keep_alive` of this context or of a linked child.
