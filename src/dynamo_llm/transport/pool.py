@@ -234,12 +234,18 @@ class Pool:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         await loop.sock_connect(sock, address)  # type: ignore[arg-type]
+                        # Counted by the pool only once made: a stop during the handshake closes
+                        # the transport, and its connection_lost must not give back the count
+                        # that acquire's own handler gives back.
                         _, conn = await loop.create_connection(
-                            lambda: Connection(self, endpoint.key),
+                            lambda: Connection(None, endpoint.key),
                             sock=sock,
                             ssl=self._ssl_context() if tls else None,
                             server_hostname=host if tls else None,
                         )
+                        if conn.closed:  # lost before it was counted: a failed connect
+                            raise ConnectionResetError(0, "closed while connecting")
+                        conn._pool = self
                         return conn
                     except OSError as exc:
                         sock.close()
