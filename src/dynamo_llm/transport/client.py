@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
-from typing import Any
 
 import aiohttp
 import msgspec
@@ -75,7 +73,6 @@ def make_session(
         limit_per_host=0,
         keepalive_timeout=keepalive_timeout,
         ttl_dns_cache=60,
-        socket_factory=_worker_socket,
     )
     timeout = aiohttp.ClientTimeout(
         total=None, connect=None, sock_connect=connect_timeout, sock_read=None
@@ -88,23 +85,6 @@ def make_session(
         headers=headers,
         middlewares=(worker_keys.middleware,) if worker_keys is not None else (),
     )
-
-
-RECEIVE_BUFFER = 256 * 1024
-"""The receive buffer of a connection to a worker (the kernel doubles it for its bookkeeping).
-
-Fixed rather than autotuned, which on Linux may grow to ``net.ipv4.tcp_rmem``'s maximum (32 MiB
-here): a stream whose client stopped reading stops being read from its worker's connection, and
-only a bounded buffer makes the worker feel that soon. A token stream needs little: 256 KiB keeps
-up with 25 MB/s at a 10 ms round trip.
-"""
-
-
-def _worker_socket(addr_info: tuple[Any, ...]) -> socket.socket:
-    family, type_, proto, _, _ = addr_info
-    sock = socket.socket(family=family, type=type_, proto=proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-    return sock
 
 
 class WorkerClient:
@@ -135,7 +115,6 @@ class WorkerClient:
                 connector.limit if connector is not None else 0,
                 authorization=session.headers.get(aiohttp.hdrs.AUTHORIZATION),
                 worker_keys=worker_keys,
-                receive_buffer=RECEIVE_BUFFER,
             )
         self.pool = pool
 
