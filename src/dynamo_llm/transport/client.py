@@ -235,7 +235,7 @@ class WorkerClient:
                 async with timer:
                     remove = ctx.on_stop(functools.partial(_expire, timer))
                     try:
-                        conn, _ = await pool.acquire(endpoint)
+                        conn = await pool.acquire(endpoint)
                         await conn.request(data)  # closes the connection if it fails
                         return conn
                     finally:

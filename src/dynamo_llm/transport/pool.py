@@ -25,6 +25,7 @@ import urllib.parse
 from collections import deque
 from typing import NamedTuple
 
+from ..runtime.clock import Clock, SystemClock, TimerHandle
 from .auth import WorkerKeys
 from .h1 import ConnectFailed, Connection
 
@@ -58,11 +59,13 @@ class Endpoint(NamedTuple):
 
 
 class Pool:
-    """Per-worker pools of :class:`~.h1.Connection`, with one bound over all of them."""
+    """Per-worker pools of :class:`~.h1.Connection`, with one bound over all of them; the
+    keep-alive is timed by ``clock`` (the system's unless a test gives another)."""
 
     __slots__ = (
         "_addresses",
         "_authorization",
+        "_clock",
         "_closed",
         "_connect_timeout",
         "_endpoints",
@@ -87,7 +90,9 @@ class Pool:
         authorization: str | None = None,
         worker_keys: WorkerKeys | None = None,
         receive_buffer: int = RECEIVE_BUFFER,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock = clock or SystemClock()
         self._connect_timeout = connect_timeout
         self._limit = limit
         self._keepalive = keepalive_timeout
@@ -99,7 +104,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._endpoints: dict[str, Endpoint] = {}
         self._addresses: dict[tuple[str, int], tuple[float, list[tuple[object, ...]]]] = {}
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry: TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
@@ -136,23 +141,21 @@ class Pool:
             b"\r\n", headers, auth, b"Content-Length: ", str(length).encode(), b"\r\n\r\n",
         ))  # fmt: skip
 
-    async def acquire(self, endpoint: Endpoint) -> tuple[Connection, bool]:
-        """A connection to the worker, and whether it was pooled (True) or is new.
+    async def acquire(self, endpoint: Endpoint) -> Connection:
+        """A connection to the worker: its most recently used idle one, else a new one.
 
         Raises :class:`~.h1.ConnectFailed`. Cancelled, it leaves nothing behind.
         """
         if self._closed:
             raise ConnectFailed(ConnectionAbortedError(0, "the client is closed"))
         key = endpoint.key
-        idle = self._idle.get(key)
-        if idle:
-            now = asyncio.get_running_loop().time()
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < self._keepalive:
-                    return conn, True
-                conn.close()
-        while self._limit and self._open >= self._limit:
+        while True:
+            # Taken after every wake-up too: a connection may have come back meanwhile.
+            conn = self._take_idle(key)
+            if conn is not None:
+                return conn
+            if not self._limit or self._open < self._limit:
+                break
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -164,14 +167,9 @@ class Pool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if not conn.closed:
-                    return conn, True
         self._open += 1
         try:
-            return await self._connect(endpoint), False
+            return await self._connect(endpoint)
         except BaseException:
             self._open -= 1
             self._wake_one()
@@ -182,13 +180,13 @@ class Pool:
         if self._closed:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
-        conn.idle_since = loop.time()
+        now = self._clock.now()
+        conn.idle_since = now
         self._idle.setdefault(key, []).append(conn)
         if self._waiters:
             self._wake_one()
         if self._expiry is None:
-            self._expiry = loop.call_later(self._keepalive, self._expire)
+            self._expiry = self._clock.call_at(now + self._keepalive, self._expire)
 
     def forget(self, key: object, conn: Connection) -> None:
         """A connection that closed (from the connection itself)."""
@@ -210,6 +208,20 @@ class Pool:
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports finish closing
 
+    def _take_idle(self, key: object) -> Connection | None:
+        """The most recently used idle connection still within the keep-alive; the expired
+        ones it meets are closed (the expiry timer may not have run yet on a busy loop)."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = self._clock.now()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self._keepalive:
+                return conn
+            conn.close()
+        return None
+
     def _wake_one(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -219,8 +231,7 @@ class Pool:
 
     def _expire(self) -> None:
         self._expiry = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._clock.now()
         oldest = None
         for conns in list(self._idle.values()):
             for conn in list(conns):
@@ -229,7 +240,7 @@ class Pool:
                 elif oldest is None or conn.idle_since < oldest:
                     oldest = conn.idle_since
         if oldest is not None:
-            self._expiry = loop.call_later(oldest + self._keepalive - now, self._expire)
+            self._expiry = self._clock.call_at(oldest + self._keepalive, self._expire)
 
     async def _connect(self, endpoint: Endpoint) -> Connection:
         host, port, tls = endpoint.key
