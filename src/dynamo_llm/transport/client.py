@@ -38,7 +38,13 @@ from ..protocols.models import decode_model_list
 from ..runtime.context import EngineContext
 from .auth import WorkerKeys
 from .body import upstream_body
-from .errors import admission_error, describe, error_from_worker, no_stream_error
+from .errors import (
+    admission_error,
+    describe,
+    error_from_worker,
+    is_closed_unanswered,
+    no_stream_error,
+)
 from .h1 import Connection, H1Error
 from .pool import Pool
 from .probe import ProbeResult, probe_worker
@@ -277,11 +283,9 @@ class WorkerClient:
                 return None
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 return WorkerUnreachable(f"Could not connect to the worker: {describe(exc)}")
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                if attempt == 2:
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if attempt == 2 or not is_closed_unanswered(exc):
                     return None
-            except (TimeoutError, aiohttp.ClientError):
-                return None
         return None
 
     async def fetch_models(self, url: str, *, within: float) -> list[str]:
