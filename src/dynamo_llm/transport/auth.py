@@ -28,10 +28,11 @@ class WorkerKeys:
     """The keys of the workers that have their own, by base URL (no credentials, no slash at
     the end); a request goes to a worker when its URL is the base URL or under it."""
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_found", "_keys")
 
     def __init__(self, keys: Mapping[str, str] | None = None) -> None:
         self._keys: dict[str, str] = {}
+        self._found: dict[str, str | None] = {}
         self.replace(keys or {})
 
     def __repr__(self) -> str:
@@ -45,11 +46,27 @@ class WorkerKeys:
         """Make ``keys`` the whole table (the previous one is dropped)."""
         # Spelled as aiohttp spells a request's URL (host lower-cased, default port dropped).
         self._keys = {str(URL(base)).rstrip("/"): key for base, key in keys.items()}
+        self._found = {}
 
     def key_for(self, url: str) -> str | None:
-        """The key of the worker ``url`` goes to (the longest base URL it is under), or None."""
+        """The key of the worker ``url`` goes to (the longest base URL it is under), or None.
+
+        Remembered per URL until the table is replaced: generation asks it on every request,
+        for one of a few URLs per worker (its base and an endpoint's path).
+        """
         if not self._keys:
             return None
+        found = self._found
+        try:
+            return found[url]
+        except KeyError:
+            pass
+        if len(found) >= MAX_REMEMBERED:
+            found.clear()
+        key = found[url] = self._lookup(url)
+        return key
+
+    def _lookup(self, url: str) -> str | None:
         under = [
             base
             for base in self._keys
@@ -61,7 +78,12 @@ class WorkerKeys:
         self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
     ) -> aiohttp.ClientResponse:
         if self._keys:
-            key = self.key_for(str(request.url))
+            # Not remembered: a stop's URL names its request.
+            key = self._lookup(str(request.url))
             if key is not None:
                 request.headers[hdrs.AUTHORIZATION] = f"Bearer {key}"
         return await handler(request)
+
+
+MAX_REMEMBERED = 4096
+"""How many URLs' keys :meth:`WorkerKeys.key_for` remembers before it starts over."""
