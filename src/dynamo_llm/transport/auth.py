@@ -1,16 +1,15 @@
 """Per-worker API keys: the ``Authorization`` a request to one worker carries.
 
-The session's default header is ``--upstream-api-key`` (:func:`~.client.make_session`), sent to
-every worker. A worker of ``--upstream-file`` may have a key of its own; :class:`WorkerKeys`
-holds those, by worker base URL, and its :meth:`~WorkerKeys.middleware` (an aiohttp client
-middleware, so it covers every request the session makes: generation, probes, model lists,
-graceful stops) puts ``Authorization: Bearer <key>`` on a request to a URL under one of them,
-overriding the default. Discovery replaces the whole table whenever the file is reloaded.
-
-With no per-worker key a generation request skips the middleware (:class:`~.client.WorkerClient`
-passes aiohttp an empty chain: two coroutine layers fewer per request), and any other request
-costs one dictionary-emptiness check. A key is never shown: :class:`WorkerKeys` has no
-``repr`` of its contents.
+``--upstream-api-key`` goes to every worker: it is the aiohttp session's default header
+(:func:`~.client.make_session`), which the generation pool copies (:class:`~.pool.Pool`). A
+worker of ``--upstream-file`` may have a key of its own; :class:`WorkerKeys` holds those, by
+worker base URL, and a request to a URL under one of them carries ``Authorization: Bearer <key>``
+instead: a generation request through :meth:`~.pool.Pool.request_head`, which asks
+:meth:`WorkerKeys.key_for` (remembered per URL), and everything the session sends (probes, model
+lists, graceful stops, scrapes) through :meth:`WorkerKeys.middleware`, an aiohttp client
+middleware. Discovery replaces the whole table whenever the file is reloaded. With no
+per-worker key either costs one emptiness check. A key is never shown: :class:`WorkerKeys` has
+no ``repr`` of its contents.
 """
 
 from __future__ import annotations

@@ -70,8 +70,9 @@ def make_session(
     ``keepalive_timeout`` is shorter than the idle timeout of the common worker servers (uvicorn
     closes idle connections after 5 s) so that a pooled connection is not reused just as the
     worker closes it. ``api_key`` is sent to every worker as ``Authorization: Bearer``, on every
-    request the session makes (generation, probes, model lists, graceful stops), except to a
-    worker that ``worker_keys`` gives a key of its own (:mod:`.auth`).
+    request the session makes (probes, model lists, graceful stops, scrapes) and every
+    generation request of the :class:`WorkerClient` built on it, except to a worker that
+    ``worker_keys`` gives a key of its own (:mod:`.auth`).
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     connector = aiohttp.TCPConnector(
@@ -100,29 +101,23 @@ class WorkerClient:
 
     Stateless apart from the two pools, so one client serves every worker; each stream owns
     what it starts. The connection pool is built from the session's settings (connect timeout,
-    bound, ``Authorization``) and ``worker_keys`` unless one is given. Close it with
-    :meth:`aclose` (the session is the caller's).
+    bound, ``Authorization``) and ``worker_keys``. Close it with :meth:`aclose` (the session is
+    the caller's).
     """
 
     __slots__ = ("pool", "session")
 
     def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        worker_keys: WorkerKeys | None = None,
-        *,
-        pool: Pool | None = None,
+        self, session: aiohttp.ClientSession, worker_keys: WorkerKeys | None = None
     ) -> None:
         self.session = session
-        if pool is None:
-            connector = session.connector
-            pool = Pool(
-                session.timeout.sock_connect,
-                connector.limit if connector is not None else 0,
-                authorization=session.headers.get(aiohttp.hdrs.AUTHORIZATION),
-                worker_keys=worker_keys,
-            )
-        self.pool = pool
+        connector = session.connector
+        self.pool = Pool(
+            session.timeout.sock_connect,
+            connector.limit if connector is not None else 0,
+            authorization=session.headers.get(aiohttp.hdrs.AUTHORIZATION),
+            worker_keys=worker_keys,
+        )
 
     async def aclose(self) -> None:
         """Close the generation connections that are idle (those in use close as they end)."""

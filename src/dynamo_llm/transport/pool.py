@@ -86,7 +86,6 @@ class Pool:
         limit: int = 0,
         *,
         keepalive_timeout: float = 4.0,
-        api_key: str | None = None,
         authorization: str | None = None,
         worker_keys: WorkerKeys | None = None,
         receive_buffer: int = RECEIVE_BUFFER,
@@ -96,7 +95,7 @@ class Pool:
         self._connect_timeout = connect_timeout
         self._limit = limit
         self._keepalive = keepalive_timeout
-        self._authorization = f"Bearer {api_key}" if api_key else authorization
+        self._authorization = authorization
         self.worker_keys = worker_keys
         self._receive_buffer = receive_buffer
         self._idle: dict[object, list[Connection]] = {}

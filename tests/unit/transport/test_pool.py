@@ -165,7 +165,7 @@ async def test_the_socket_has_the_fixed_receive_buffer_and_no_delay(server: Serv
 
 def test_the_head_carries_the_workers_own_key_else_its_url_credentials_else_the_default() -> None:
     keys = WorkerKeys({"http://keyed:8000": "wk-own"})
-    pool = Pool(2.0, api_key="default", worker_keys=keys)
+    pool = Pool(2.0, authorization="Bearer default", worker_keys=keys)
 
     def authorization(url: str) -> bytes:
         head = pool.request_head(pool.endpoint(url), "/v1/chat/completions", b"X-A: b\r\n", 7)
