@@ -414,6 +414,14 @@ async def test_refused_connection_is_unreachable_at_admission(client: WorkerClie
     assert "refused" in caught.value.message
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:port", "http://[::1"])
+async def test_a_worker_url_that_is_not_one_is_unreachable(client: WorkerClient, url: str) -> None:
+    request = chat()
+    with pytest.raises(WorkerUnreachable) as caught:
+        await client.open_stream(url, request, EngineContext(request.id))
+    assert caught.value.message == "The worker's URL is invalid"
+
+
 async def test_reachability_is_any_answer_after_one_retry_of_a_close_unanswered(
     client: WorkerClient,
 ) -> None:

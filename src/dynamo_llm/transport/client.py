@@ -226,7 +226,10 @@ class WorkerClient:
         if ctx.is_stopped:
             raise Cancelled()
         pool = self.pool
-        endpoint = pool.endpoint(url)
+        try:
+            endpoint = pool.endpoint(url)
+        except ValueError as exc:  # a port out of range or not a number, a broken IPv6 host
+            raise WorkerUnreachable("The worker's URL is invalid") from exc
         data = pool.request_head(endpoint, path, headers, len(body)) + body
         for attempt in (1, 2):
             # One timer bounds the wait for headers; a stop of the context fires it at once, so

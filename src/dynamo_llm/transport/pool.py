@@ -118,7 +118,7 @@ class Pool:
         return self._open
 
     def endpoint(self, url: str) -> Endpoint:
-        """The parts of the worker base URL ``url`` (cached)."""
+        """The parts of the worker base URL ``url`` (cached); ValueError when it is not one."""
         found = self._endpoints.get(url)
         if found is None:
             found = self._endpoints[url] = _parse(url)
