@@ -140,7 +140,14 @@ class Supervisor:
             name=f"dynamo-llm-worker-{index + 1}",
             daemon=False,
         )
-        process.start()
+        # Blocked across the fork: a stop that comes meanwhile reaches the child only once it
+        # has its own handling (SIG_DFL: it stops at once), never the parent's handler in the
+        # child's copy, which would swallow it and leave the child serving.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         writer.close()
         return _Child(index, process, reader)
 
@@ -149,6 +156,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         for fd in self._wake:
             os.close(fd)
         for other in self._children:

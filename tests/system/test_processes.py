@@ -131,8 +131,8 @@ def test_sigterm_drains_the_requests_of_every_process_then_exits_0() -> None:
 
 
 # A supervisor of one child that serves and exits at once, then (its successor) serves until
-# stopped; the parent stops itself (SIGTERM) at the moment ``argv[2]`` names, and prints its
-# exit status and how many children it started.
+# stopped; a SIGTERM comes at the moment ``argv[2]`` names (to the parent, or to the child just
+# forked), and the parent prints its exit status and how many children it started.
 _SUPERVISED = """
 import logging, os, signal, socket, sys, time
 from dynamo_llm import supervisor
@@ -156,9 +156,15 @@ class StopAsItRestarts(logging.Handler):
         if "restarting it" in record.getMessage():
             os.kill(os.getpid(), signal.SIGTERM)
 
-Supervisor._spawn = counted
+def stopped_as_it_forks(self, ready):
+    os.kill(os.getpid(), signal.SIGTERM)  # before the child's own signal handling is set
+    child(self, ready)
+
+Supervisor._spawn, child = counted, Supervisor._child
 if sys.argv[2] == "restarting":
     logging.getLogger("dynamo_llm.supervisor").addHandler(StopAsItRestarts())
+elif sys.argv[2] == "forking":
+    Supervisor._child = stopped_as_it_forks
 else:
     Supervisor._on_ready = stop_once_the_successor_serves
 
@@ -197,6 +203,12 @@ def test_a_stop_while_a_child_waits_to_be_restarted_starts_no_other() -> None:
 
 def test_a_child_that_died_soon_after_starting_is_restarted_after_the_delay() -> None:
     assert _supervise(0.2, "when-the-successor-serves") == ["serving", "0", "2"]
+
+
+def test_a_child_signalled_as_it_forks_stops_rather_than_serve_on() -> None:
+    # Not the parent's handler in the child's copy (which would swallow the stop): it dies of
+    # the signal before serving, and so the parent stops with its status.
+    assert _supervise(0.2, "forking") == [str(-signal.SIGTERM), "1"]
 
 
 def test_a_worker_process_that_cannot_start_stops_the_parent_with_its_status() -> None:
