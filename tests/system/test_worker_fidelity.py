@@ -85,7 +85,11 @@ def rich_chat(*, stream: bool, extras: Mapping[str, Any] = EXTRAS) -> dict[str, 
 
 
 def as_forwarded(sent: Mapping[str, Any]) -> dict[str, Any]:
-    """What the worker must receive for ``sent``: the same JSON, streamed with usage."""
+    """What the worker must receive for ``sent``: the same JSON, streamed with usage; a unary
+    request (no migration, no silence limit: the answer is taken whole) without stream options.
+    """
+    if not sent.get("stream"):
+        return {k: v for k, v in sent.items() if k != "stream_options"}
     options = dict(sent.get("stream_options") or {})
     return {**sent, "stream": True, "stream_options": {**options, "include_usage": True}}
 
@@ -150,6 +154,33 @@ async def test_a_completions_request_passes_its_unknown_fields_on_too() -> None:
     assert response.json()["choices"][0]["text"] == "tok0tok1tok2"
     [received] = worker.received
     assert received.json == as_forwarded(sent)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DYN_MIGRATION_LIMIT": "1"},
+        {"DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS": "30"},
+        {"DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS": "30"},
+    ],
+    ids=["migration", "inactivity-limit", "first-token-limit"],
+)
+async def test_a_unary_request_is_streamed_upstream_while_something_needs_its_events(
+    env: dict[str, str],
+) -> None:
+    sent = {"model": MODEL, "prompt": "once upon", "max_tokens": 3}
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        recording_worker() as worker,
+        routed(worker.url, env=env) as fe,
+    ):
+        response = await post(fe, "/v1/completions", sent)
+    assert not net.expired()
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == "tok0tok1tok2"
+    [received] = worker.received
+    assert received.json["stream"] is True
+    assert received.json["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize(
