@@ -19,8 +19,8 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
    queue and prefill, and a migration's replay prefills the prompt and everything generated so
    far, far longer than a pause between tokens. The verdict is a
    :class:`~dynamo_llm.errors.WorkerSilent`, which a migrating request survives like a dropped
-   stream. A unary request that does not migrate, while neither limit is set, is asked of the
-   worker as unary and its answer is the one output
+   stream. A unary request to one of our own workers that does not migrate, while neither
+   limit is set, is asked of the worker as unary and its answer is the one output
    (:meth:`~dynamo_llm.transport.WorkerClient.open_answer`): a whole answer has no events
    before its end to time, and its first token comes with it;
 3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
@@ -178,12 +178,16 @@ class Attempt:
         return OwnedStream(self._relay(stream), self.aclose)
 
     def _takes_whole(self, request: EngineRequest) -> bool:
-        """Whether a unary request's answer may come whole: no silence limit times its events
-        (a whole answer has none before its end, so a first-token or inactivity limit would cut
-        a long but live generation and quarantine its worker)."""
+        """Whether a unary request's answer may come whole: from one of our own workers, and no
+        silence limit times its events (a whole answer has none before its end, so a first-token
+        or inactivity limit would cut a long but live generation and quarantine its worker)."""
         limits = self._limits
         return (
-            not request.params.stream and limits.inactivity is None and (limits.first_token is None)
+            # Only ours: real engines keep generating a unary answer after a client's hang-up.
+            self.worker.is_ours
+            and not request.params.stream
+            and limits.inactivity is None
+            and limits.first_token is None
         )
 
     async def aclose(self) -> None:

@@ -3,11 +3,12 @@
 A unary client's request is normally asked of the worker as a stream, whose events are parsed
 and folded into one response (:mod:`dynamo_llm.http.aggregate`): every time limit watches the
 events, and a migration replays what they said. When nothing needs them (the router decides:
-no migration, no silence limit, :mod:`dynamo_llm.router.attempt`) and the request has one
-choice (no ``n > 1``, no batch of prompts), :meth:`~.client.WorkerClient.open_answer` asks the
-worker for a unary answer instead (``stream`` as the client sent it, no ``stream_options``) and
-its body becomes the stream's one output (``EngineOutput.response``), which the frontend sends
-as it is.
+the worker is one of ours, which stops generating when the connection closes, as real engines
+do not for a unary request; no migration, no silence limit: :mod:`dynamo_llm.router.attempt`)
+and the request has one choice (no ``n > 1``, no batch of prompts),
+:meth:`~.client.WorkerClient.open_answer` asks the worker for a unary answer instead (``stream``
+as the client sent it, no ``stream_options``) and its body becomes the stream's one output
+(``EngineOutput.response``), which the frontend sends as it is.
 
 Nothing in the answer is parsed into outputs or folded. Its body is decoded once into a small
 shape that checks it is a completion and reads what the frontend needs: the id and the model
