@@ -24,7 +24,9 @@ is never the bottleneck) and the CPU per request what it costs.
 
 Every response is checked (HTTP 200, exactly ``--tokens`` content chunks, a usage chunk saying
 so, no error event, ``[DONE]``); any failure makes the script exit with status 1. ``--unary``
-sends unary chats instead (the answer's text and usage checked); ``--baseline CHECKOUT`` also
+sends unary chats instead (the answer's text and usage checked); with ``--ours`` the fake worker
+says it is a ``dynamo-llm worker``, the only kind the frontend asks for a unary answer taken
+whole (it streams from any other engine). ``--baseline CHECKOUT`` also
 runs ``dynamo-llm`` from another checkout's ``src/`` on the frontend's core, measured in turn
 with this one in every round (an A/B in one run, e.g. against a detached worktree of ``main``).
 
@@ -66,7 +68,7 @@ class FakeWorker:
     It inherits this process's affinity: pin this process first (:func:`_common.pin_self`).
     """
 
-    def __init__(self, tokens: int, gap_ms: float = 0.0) -> None:
+    def __init__(self, tokens: int, gap_ms: float = 0.0, *, ours: bool = False) -> None:
         args = [
             sys.executable,
             "-m",
@@ -81,6 +83,7 @@ class FakeWorker:
             MODEL,
             "--gap",
             str(gap_ms / 1000),
+            *(("--owned-by", "dynamo-llm") if ours else ()),
         ]
         self.proc = subprocess.Popen(
             args,
@@ -463,6 +466,12 @@ def main() -> int:
         help="unary chats (stream: false) instead of streamed ones; the answer is checked whole",
     )
     parser.add_argument(
+        "--ours",
+        action="store_true",
+        help="the fake worker says it is a dynamo-llm worker (owned_by dynamo-llm): the frontend "
+        "then takes a unary chat's answer from it whole, where it streams from any other engine",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="CHECKOUT",
         help="also measure dynamo-llm run from this checkout's src/ (e.g. a `git worktree add "
@@ -486,7 +495,7 @@ def main() -> int:
     # The load generator and, inheriting it, the worker on one core; the frontends on the other
     # (all started up front, each loaded alone in its turn).
     _common.pin_self(args.worker_cpu)
-    worker = FakeWorker(args.tokens, args.gap_ms)
+    worker = FakeWorker(args.tokens, args.gap_ms, ours=args.ours)
     peers: list[PeerRouter] = []
     baseline: ServerProcess | None = None
     try:
@@ -505,7 +514,8 @@ def main() -> int:
             names = ", ".join(["dynamo-llm serve --upstream", *(p.name for p in peers)])
             print(
                 f"cores: frontends ({names}) on core {args.frontend_cpu}, one loaded at a "
-                f"time; fake worker (bad_workers ok, {args.tokens} tokens) and this load "
+                f"time; fake worker (bad_workers ok, {args.tokens} tokens"
+                f"{', owned_by dynamo-llm' if args.ours else ''}) and this load "
                 f"generator on core {args.worker_cpu}\n"
                 f"machine: {_common.cpu_model()}, {os.cpu_count()} cores; Python "
                 f"{sys.version.split()[0]}; concurrency {args.concurrency}, warm-up "

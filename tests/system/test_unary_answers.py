@@ -7,7 +7,8 @@ our id in it. Only of ours: a real engine keeps generating a unary answer after 
 up, where ours stops (a foreign worker is always asked for a stream:
 ``tests/system/test_worker_fidelity.py``). The evidence is the worker's own ``/metrics``: its
 request counts by ``request_type`` say how it was asked, and the mocker's scheduler says when the
-request left it.
+request left it. A fake worker that says it is ours (``bad_workers --owned-by dynamo-llm``)
+shows how a whole answer's faults reach the client.
 """
 
 import asyncio
@@ -21,7 +22,15 @@ import pytest
 
 from dynamo_llm.testing.process import ServerProcess
 from tests.helpers import Samples, polled, scrape, value
-from tests.system.fleet_helpers import SAFETY_NET, RawClient, ok, routed_frontend
+from tests.system.fleet_helpers import (
+    SAFETY_NET,
+    RawClient,
+    bad_workers,
+    chat,
+    ok,
+    routed_frontend,
+    send,
+)
 
 MODEL = "own"
 
@@ -36,7 +45,7 @@ def own_worker() -> Iterator[str]:
     assert proc.returncode == 0, proc.log
 
 
-def chat(max_tokens: int, **extra: Any) -> dict[str, Any]:
+def story(max_tokens: int, **extra: Any) -> dict[str, Any]:
     content = "tell me a long story"
     return {"model": MODEL, "messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, **extra}  # fmt: skip
@@ -53,7 +62,7 @@ def grown(before: Samples, after: Samples, name: str, **labels: str) -> float:
 async def test_our_worker_is_asked_for_a_unary_answer_that_reaches_the_client_whole(
     own_worker: str, tmp_path: Path
 ) -> None:
-    body = chat(8, return_token_ids=True)
+    body = story(8, return_token_ids=True)
     async with asyncio.timeout(SAFETY_NET) as net:
         async with httpx.AsyncClient(base_url=own_worker, timeout=SAFETY_NET) as http:
             asked = await http.post("/v1/chat/completions", json=body)
@@ -93,7 +102,7 @@ async def test_a_client_hang_up_during_a_unary_answer_stops_our_workers_engine(
     ):
         before = await samples(own_worker)
         # 4 000 tokens, ~25 s of simulated decode: past the safety net, unless it is stopped.
-        client = await RawClient.send(fe, chat(4000), {"X-Request-Id": "gone-1"})
+        client = await RawClient.send(fe, story(4000), {"X-Request-Id": "gone-1"})
 
         async def running() -> bool:
             s = await samples(own_worker)
@@ -123,3 +132,42 @@ async def test_a_client_hang_up_during_a_unary_answer_stops_our_workers_engine(
     unary_cancelled = {"request_type": "unary", "error_type": "cancelled"}
     assert grown(before, after, "dynamo_frontend_requests_total", **unary_cancelled) == 1
     assert grown(before, after, "dynamo_mocker_finished_requests_total") == 0
+
+
+# A whole answer's faults, from fake workers that say they are ours. No silence limit is set (it
+# would make the request streamed), so no worker that falls silent here. The client gets an HTTP
+# error, as for a folded stream.
+WHOLE_FAULTS = {
+    "die-mid-stream": (503, "worker_disconnected", True),
+    # Its body ends cleanly, cut short: the worker's answer is not a completion.
+    "stop-mid-stream": (502, None, False),
+    "error-mid-stream": (502, None, False),
+    "malformed-sse": (502, None, False),
+}
+
+
+async def test_a_faulty_whole_answer_is_the_matching_http_error(tmp_path: Path) -> None:
+    specs = {
+        name: {"behaviour": name, "model": name, "owned_by": "dynamo-llm"} for name in WHOLE_FAULTS
+    }
+    async with asyncio.timeout(SAFETY_NET) as net, bad_workers(**specs) as w:
+        upstreams = tuple(worker.url for worker in w.values())
+        async with routed_frontend(tmp_path, upstreams=upstreams) as fe:
+            assert all(fe.worker(worker.url).is_ours for worker in w.values())
+            replies = await asyncio.gather(
+                *(send(fe, chat(name, stream=False)) for name in WHOLE_FAULTS)
+            )
+            for (name, (status, code, quarantines)), reply in zip(
+                WHOLE_FAULTS.items(), replies, strict=True
+            ):
+                assert reply.status == status, (name, reply.body)
+                assert reply.error()["code"] == code, (name, reply.body)
+                assert (fe.worker(w[name].url).failures > 0) == quarantines, name
+                if name != "die-mid-stream":
+                    [seen] = (await w[name].record())["requests"]
+                    assert seen["body"]["stream"] is False  # asked for a whole answer
+            await fe.app.wait_until_idle()
+            assert fe.value("requests_total", error_type="unavailable") == 1
+            assert fe.value("requests_total", error_type="internal") == 3
+            fe.assert_idle(4)
+    assert not net.expired()

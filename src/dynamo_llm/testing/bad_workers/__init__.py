@@ -28,7 +28,9 @@ prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connec
 A unary request (``stream: false``) meets its behaviour where its stream would:
 ``zombie-after-first`` never answers, the mid-stream ones misbehave a few tokens' time in
 (``stop-mid-stream`` ends a body cut short, ``error-mid-stream`` answers 500), and
-``malformed-sse`` answers plain text.
+``malformed-sse`` answers plain text. A frontend asks a worker for a unary answer only if it is
+one of ours: ``--owned-by dynamo-llm`` makes a bad worker say so in its ``/v1/models`` (it
+honours a graceful stop, and a hang-up cancels its handler, as our worker stops its engine).
 
 Every behaviour that listens keeps a record of what it saw: ``GET /_record`` returns
 ``{"requests": [{"id", "upstream_id", "path", "body", "disconnected", "disconnected_at",

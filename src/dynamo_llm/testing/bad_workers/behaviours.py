@@ -41,6 +41,7 @@ class Options:
     gap: float = 0.0
     model: str = "bad-model"
     foreign_ids: bool = False
+    owned_by: str = "bad"
 
 
 @dataclass
@@ -125,7 +126,7 @@ class WorkerApp:
 
     async def models(self, request: web.Request) -> web.Response:
         await self._hang_if_zombie()
-        card = {"id": self.options.model, "object": "model", "created": 0, "owned_by": "bad"}
+        card = {"id": self.options.model, "object": "model", "created": 0, "owned_by": self.options.owned_by}
         return web.Response(
             body=_dumps({"object": "list", "data": [card]}), content_type="application/json"
         )
