@@ -140,10 +140,10 @@ class EngineOutput(msgspec.Struct, gc=False):
     # logprobs, keys of the engine's own). In the relay modes only the usage chunk, which is
     # not relayed: its other keys (llama.cpp's ``timings``) go on the frontend's usage chunk.
     chunks: list[dict[str, Any]] | None = None
-    # A relaying engine's whole unary answer (a one-choice request asked of its worker as
-    # unary, since nothing needed its events): the response body in the client's shape, our
-    # id and model name in it, passed on as it is. It is the stream's only output, and its
-    # ``usage`` is the answer's (``num_tokens`` its completion count, or 1 when unknown).
+    # A relaying engine's whole unary answer (a one-choice request asked of its worker, one of
+    # ours, as unary, since nothing needed its events): the response body in the client's
+    # shape, our id and model name in it, passed on as it is. It is the stream's only output,
+    # and its ``usage`` is the answer's (``num_tokens`` its completion count, or 1 when unknown).
     response: bytes | None = None
 
 

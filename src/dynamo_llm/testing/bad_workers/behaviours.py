@@ -126,7 +126,8 @@ class WorkerApp:
 
     async def models(self, request: web.Request) -> web.Response:
         await self._hang_if_zombie()
-        card = {"id": self.options.model, "object": "model", "created": 0, "owned_by": self.options.owned_by}
+        owner = self.options.owned_by
+        card = {"id": self.options.model, "object": "model", "created": 0, "owned_by": owner}
         return web.Response(
             body=_dumps({"object": "list", "data": [card]}), content_type="application/json"
         )
