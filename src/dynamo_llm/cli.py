@@ -49,6 +49,7 @@ from .http.app import App
 from .http.server import INTERFACES, HttpServer, listen_socket
 from .register import run_sidecar
 from .router.policies import RouterMode
+from .runtime import loop as event_loop
 from .runtime.clock import SystemClock
 from .supervisor import Supervisor
 from .worker import advertised_url, build_app, build_registration
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         stream=sys.stderr,
     )
     if command == "register":
-        return asyncio.run(run_until_signalled(run_sidecar, config))
+        return event_loop.run(run_until_signalled(run_sidecar, config), config.event_loop)
     raise_open_file_limit()
     try:
         sock = listen_socket(config.http_host, config.http_port)
@@ -170,7 +171,10 @@ def _serve(
     if metrics_directory is not None:
         app.metrics.share(metrics_directory)
     engine = "router" if routed else config.engine
-    asyncio.run(serve_until_signalled(app, config, command, engine, sock=sock, announce=announce))
+    event_loop.run(
+        serve_until_signalled(app, config, command, engine, sock=sock, announce=announce),
+        config.event_loop,
+    )
     return 0
 
 

@@ -9,8 +9,10 @@ each new connection to one of the children waiting in ``accept``.
 
 The parent only supervises: once every child is serving it prints the one readiness line; a
 child that exits while the parent is not stopping is restarted (its live gauges are dropped from
-the totals, its counters stay), unless it never got as far as serving, which would fail the same
-way again: then everything stops and the parent exits with the child's status. On SIGTERM or
+the totals, its counters stay; no sooner than :data:`RESTART_DELAY` after it started, while the
+parent goes on watching the others and its signals), unless it never got as far as serving,
+which would fail the same way again: then everything stops and the parent exits with the
+child's status. On SIGTERM or
 SIGINT the parent passes the signal to every child, each drains its own requests
 (``graceful_shutdown_timeout_secs``), and the parent exits 0 once they are all gone.
 
@@ -74,6 +76,8 @@ class _Child:
     serving: bool = False
     """It said it serves (its readiness pipe is then closed)."""
     pipe_open: bool = True
+    restart_at: float | None = None
+    """It exited soon after starting: when (``time.monotonic``) its successor starts."""
 
 
 class Supervisor:
@@ -136,7 +140,14 @@ class Supervisor:
             name=f"dynamo-llm-worker-{index + 1}",
             daemon=False,
         )
-        process.start()
+        # Blocked across the fork: a stop that comes meanwhile reaches the child only once it
+        # has its own handling (SIG_DFL: it stops at once), never the parent's handler in the
+        # child's copy, which would swallow it and leave the child serving.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         writer.close()
         return _Child(index, process, reader)
 
@@ -145,6 +156,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         for fd in self._wake:
             os.close(fd)
         for other in self._children:
@@ -160,9 +172,12 @@ class Supervisor:
     def _supervise(self) -> int:
         wake_r = self._wake[0]
         while not self._stopping:
-            pipes = {c.ready: c for c in self._children if c.pipe_open}
-            sentinels = [c.process.sentinel for c in self._children]
-            for ready in wait([*pipes, *sentinels, wake_r]):
+            running = [c for c in self._children if c.restart_at is None]
+            pipes = {c.ready: c for c in running if c.pipe_open}
+            sentinels = [c.process.sentinel for c in running]
+            due = [c.restart_at for c in self._children if c.restart_at is not None]
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
+            for ready in wait([*pipes, *sentinels, wake_r], timeout):
                 if ready == wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(wake_r, 512)
@@ -171,12 +186,16 @@ class Supervisor:
                     self._on_ready(pipes[ready])
             if self._is_stopping():
                 break
-            for child in list(self._children):
+            for child in running:
                 if child.process.exitcode is None and child.process.is_alive():
                     continue
                 status = self._on_exit(child)
                 if status is not None:
                     return status
+            now = time.monotonic()
+            for child in list(self._children):
+                if child.restart_at is not None and child.restart_at <= now:
+                    self._restart(child)
         return 0
 
     def _on_ready(self, child: _Child) -> None:
@@ -215,9 +234,14 @@ class Supervisor:
             lived,
         )
         if lived < RESTART_DELAY:
-            time.sleep(RESTART_DELAY - lived)
-        self._children[self._children.index(child)] = self._spawn(child.index)
+            # Later, not by sleeping here: meanwhile a stop or another child's exit is seen.
+            child.restart_at = child.started_at + RESTART_DELAY
+        else:
+            self._restart(child)
         return None
+
+    def _restart(self, child: _Child) -> None:
+        self._children[self._children.index(child)] = self._spawn(child.index)
 
     def _stop_all(self) -> None:
         for child in self._children:

@@ -89,8 +89,13 @@ def test_contradictory_discovery_flags_exit_with_status_2_and_say_why(
     [
         (["serve", "--engine", "echo", "--token-echo-delay-ms", "0"], "echo", signal.SIGTERM),
         (["worker", "--speedup-ratio", "1000", "--model-name", "w"], "w", signal.SIGINT),
+        (
+            ["serve", "--engine", "echo", "--token-echo-delay-ms", "0", "--event-loop", "asyncio"],
+            "echo",
+            signal.SIGTERM,
+        ),
     ],
-    ids=["serve-echo-sigterm", "worker-mocker-sigint"],
+    ids=["serve-echo-sigterm", "worker-mocker-sigint", "serve-echo-asyncio-loop"],
 )
 def test_a_server_process_answers_chat_and_exits_0_on_a_signal(
     args: list[str], model: str, sig: signal.Signals

@@ -130,6 +130,87 @@ def test_sigterm_drains_the_requests_of_every_process_then_exits_0() -> None:
         assert proc.log.count("shutdown requested") == 2
 
 
+# A supervisor of one child that serves and exits at once, then (its successor) serves until
+# stopped; a SIGTERM comes at the moment ``argv[2]`` names (to the parent, or to the child just
+# forked), and the parent prints its exit status and how many children it started.
+_SUPERVISED = """
+import logging, os, signal, socket, sys, time
+from dynamo_llm import supervisor
+from dynamo_llm.supervisor import Supervisor
+
+supervisor.RESTART_DELAY = float(sys.argv[1])
+spawned = []
+spawn, on_ready = Supervisor._spawn, Supervisor._on_ready
+
+def counted(self, index):
+    spawned.append(index)
+    return spawn(self, index)
+
+def stop_once_the_successor_serves(self, child):
+    on_ready(self, child)
+    if len(spawned) == 2 and child.serving:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+class StopAsItRestarts(logging.Handler):
+    def emit(self, record):
+        if "restarting it" in record.getMessage():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+def stopped_as_it_forks(self, ready):
+    os.kill(os.getpid(), signal.SIGTERM)  # before the child's own signal handling is set
+    child(self, ready)
+
+Supervisor._spawn, child = counted, Supervisor._child
+if sys.argv[2] == "restarting":
+    logging.getLogger("dynamo_llm.supervisor").addHandler(StopAsItRestarts())
+elif sys.argv[2] == "forking":
+    Supervisor._child = stopped_as_it_forks
+else:
+    Supervisor._on_ready = stop_once_the_successor_serves
+
+def child_main(sock, directory, announce):
+    announce("serving")
+    if len(spawned) == 1:
+        return 3  # the first child dies at once
+    time.sleep(60)
+    return 0
+
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen()
+status = Supervisor(child_main, sock, 1, stop_within=5.0, announce=print).run()
+print(status, len(spawned))
+"""
+
+
+def _supervise(restart_delay: float, stop: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _SUPERVISED, str(restart_delay), stop],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=environ_without_dyn(),
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_a_stop_while_a_child_waits_to_be_restarted_starts_no_other() -> None:
+    # The delay is long: a supervisor sleeping it out would start the successor after the stop.
+    assert _supervise(5.0, "restarting") == ["serving", "0", "1"]
+
+
+def test_a_child_that_died_soon_after_starting_is_restarted_after_the_delay() -> None:
+    assert _supervise(0.2, "when-the-successor-serves") == ["serving", "0", "2"]
+
+
+def test_a_child_signalled_as_it_forks_stops_rather_than_serve_on() -> None:
+    # Not the parent's handler in the child's copy (which would swallow the stop): it dies of
+    # the signal before serving, and so the parent stops with its status.
+    assert _supervise(0.2, "forking") == [str(-signal.SIGTERM), "1"]
+
+
 def test_a_worker_process_that_cannot_start_stops_the_parent_with_its_status() -> None:
     result = _run("serve", "--http-port", "0", "--num-workers", "2", "--block-size", "0")
     assert result.returncode == 2

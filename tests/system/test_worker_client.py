@@ -424,6 +424,38 @@ async def test_refused_connection_is_unreachable_at_admission(client: WorkerClie
     assert "refused" in caught.value.message
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:port", "http://[::1"])
+async def test_a_worker_url_that_is_not_one_is_unreachable(client: WorkerClient, url: str) -> None:
+    request = chat()
+    with pytest.raises(WorkerUnreachable) as caught:
+        await client.open_stream(url, request, EngineContext(request.id))
+    assert caught.value.message == "The worker's URL is invalid"
+
+
+async def test_reachability_is_any_answer_after_one_retry_of_a_close_unanswered(
+    client: WorkerClient,
+) -> None:
+    accepted = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if accepted > 1:  # the first connection closes unanswered
+            writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        writer.close()
+
+    async with asyncio.timeout(SAFETY_NET) as net:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, spawn_bad_worker("refuse") as refusing:
+            assert await client.check_reachable(f"http://127.0.0.1:{port}", within=2.0) is None
+            assert accepted == 2
+            refused = await client.check_reachable(refusing.url, within=2.0)
+    assert not net.expired()
+    assert isinstance(refused, WorkerUnreachable) and "refused" in refused.message
+
+
 async def test_zombie_is_a_response_timeout_after_the_first_token_timeout(
     client: WorkerClient,
 ) -> None:

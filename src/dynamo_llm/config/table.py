@@ -255,6 +255,15 @@ class Config:
         "server interface: rsgi (granian, fastest) or asgi (uvicorn)",
         group=HTTP,
     )
+    event_loop: str = option(
+        "uvloop",
+        "--event-loop",
+        "DYN_EVENT_LOOP",
+        CHOICE,
+        "the process's event loop: uvloop (in C, fastest) or asyncio (Python's own, for debugging)",
+        group=HTTP,
+        choices=("uvloop", "asyncio"),
+    )
     num_workers: int = option(
         1,
         "--num-workers",

@@ -8,10 +8,13 @@ Keys come from two sources, and any key of either is accepted:
   the file's stamp (modification time, size, inode) at most once per ``interval`` seconds of the
   injected clock, and at once when the key it presents matches none, so a key added to the file
   works on its first use and a key removed stops working within ``interval``. Looking is one
-  ``stat``; the file is read only when its stamp moved. A version that cannot be read or holds
-  no key is logged once and ignored: the last good keys stay in force (an empty file never turns
-  authentication off). At start-up the file must be readable and hold a key
-  (:class:`ValueError` otherwise, which the command line reports as a start-up error).
+  ``stat``; the file is read only when its stamp moved. Misses look at most :data:`MISS_LOOKS`
+  times per ``interval``, so a client sending bad keys costs at most that many ``stat`` calls per
+  interval, not one per request; past that, a key just added works at the next look. A
+  version that cannot be read or holds no key is logged once and ignored: the last good keys
+  stay in force (an empty file never turns authentication off). At start-up the file must be
+  readable and hold a key (:class:`ValueError` otherwise, which the command line reports as a
+  start-up error).
 
 A request presents a key as ``Authorization: Bearer <key>`` (OpenAI clients) or
 ``x-api-key: <key>`` (Anthropic clients). Keys are kept as SHA-256 digests and compared with
@@ -38,6 +41,8 @@ log = logging.getLogger("dynamo_llm.http.auth")
 
 RELOAD_INTERVAL = 1.0
 """How often, at most, a request looks at the key file's stamp (seconds)."""
+MISS_LOOKS = 10
+"""How many times, at most, keys that match none make requests look at the file per interval."""
 
 
 def _digest(key: str) -> bytes:
@@ -57,7 +62,17 @@ def parse_key_file(text: str) -> list[str]:
 class KeyFile:
     """The keys of ``--api-key-file``, reloaded when the file changes (see the module doc)."""
 
-    __slots__ = ("_clock", "_digests", "_failure", "_interval", "_looked_at", "_path", "_stamp")
+    __slots__ = (
+        "_clock",
+        "_digests",
+        "_failure",
+        "_interval",
+        "_looked_at",
+        "_miss_looks",
+        "_miss_window",
+        "_path",
+        "_stamp",
+    )
 
     def __init__(
         self, path: str | os.PathLike[str], clock: Clock, interval: float = RELOAD_INTERVAL
@@ -70,6 +85,8 @@ class KeyFile:
         self._stamp: tuple[int, int, int] | None = None
         self._failure: str | None = None
         self._looked_at = clock.now()
+        self._miss_window = float("-inf")  # when the current window of misses' looks began
+        self._miss_looks = 0  # how many times misses looked in it
         problem = self._reload()
         if problem is not None:
             raise ValueError(f"API key file {self._path}: {problem}")
@@ -80,6 +97,18 @@ class KeyFile:
         if self._clock.now() - self._looked_at >= self._interval:
             self.refresh()
         return self._digests
+
+    def refresh_on_miss(self) -> bool:
+        """:meth:`refresh` for a key that matched none, unless misses looked
+        :data:`MISS_LOOKS` times already this ``interval``; True when the keys changed."""
+        now = self._clock.now()
+        if now - self._miss_window >= self._interval:
+            self._miss_window = now
+            self._miss_looks = 0
+        if self._miss_looks >= MISS_LOOKS:
+            return False
+        self._miss_looks += 1
+        return self.refresh()
 
     def refresh(self) -> bool:
         """Look at the file now; True when the keys in force changed."""
@@ -151,7 +180,7 @@ class ApiKeys:
         if _any_match(presented, self._fixed + file.in_force()):
             return True
         # A miss may be a key just added to the file: look at it once more before refusing.
-        return file.refresh() and _any_match(presented, self._fixed + file.in_force())
+        return file.refresh_on_miss() and _any_match(presented, self._fixed + file.in_force())
 
 
 def _presented(headers: HeaderLookup) -> list[bytes]:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,6 +77,7 @@ class Attempt:
         "_dog",
         "_limits",
         "_metrics",
+        "_observe",
         "_released",
         "_slot",
         "_started",
@@ -97,7 +98,9 @@ class Attempt:
         clock: Clock,
         limits: AttemptLimits,
         metrics: Metrics | None = None,
+        observe: Callable[[EngineOutput], None] | None = None,
     ) -> None:
+        """``observe`` sees (and may amend) each output before it is relayed."""
         self.worker = worker
         self.upstream_id = new_request_id()
         """The id the worker knows this attempt by (``X-Request-Id``, a graceful stop): the
@@ -109,6 +112,7 @@ class Attempt:
         self._clock = clock
         self._limits = limits
         self._metrics = metrics
+        self._observe = observe
         self._dog = Watchdog(
             clock,
             self.context,
@@ -207,7 +211,7 @@ class Attempt:
     async def _relay(
         self, stream: AsyncIterator[EngineOutput]
     ) -> AsyncGenerator[EngineOutput, None]:
-        worker, dog = self.worker, self._dog
+        worker, dog, observe = self.worker, self._dog, self._observe
         touch = dog.touch
         try:
             waiting_first = True
@@ -216,6 +220,8 @@ class Attempt:
                 if waiting_first and out.num_tokens > 0:
                     waiting_first = False
                     self._observe_ttft(self._clock.now() - self._started)
+                if observe is not None:
+                    observe(out)
                 yield out
             if dog.expired is not None:
                 raise dog.expired

@@ -36,7 +36,6 @@ from ..engines.base import (
     EngineOutput,
     EngineRequest,
     OwnedStream,
-    aclose_stream,
     check_context_length,
 )
 from ..errors import (
@@ -101,6 +100,35 @@ class _CurrentAttempt:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class _Observer:
+    """What the router adds to a request's outputs as they pass (an attempt's relay, a
+    migration's loop): the prompt's size (the frontend's count) on its first output with a
+    token when the worker put none on it or before, so ``input_sequence_tokens`` is recorded
+    once, at the first token, whether the worker reports usage or not (an output without
+    tokens, a relayed chat's role chunk, is not recorded as the first token); and, for a
+    precise prediction (given ``metrics``), the count of the cached tokens the engine reports."""
+
+    __slots__ = ("_metrics", "_prompt_tokens")
+
+    def __init__(self, prompt_tokens: int | None, metrics: Metrics | None) -> None:
+        self._prompt_tokens = prompt_tokens
+        self._metrics = metrics
+
+    def __call__(self, out: EngineOutput) -> None:
+        prompt_tokens = self._prompt_tokens
+        if prompt_tokens is not None:
+            if out.prompt_tokens is not None:
+                self._prompt_tokens = None
+            elif out.num_tokens > 0:
+                self._prompt_tokens = None
+                out.prompt_tokens = prompt_tokens
+        metrics = self._metrics
+        if metrics is not None:
+            usage = out.usage
+            if usage is not None and usage.cached_tokens:
+                metrics.router_kv_reported_cached_tokens_total.labels().inc(usage.cached_tokens)
 
 
 class Router:
@@ -171,16 +199,14 @@ class Router:
         budget = migration_budget(request, self.migration_limit)
         prompt_tokens = None if ids is None else len(ids)
         if not budget:
-            worker, stream = await self._attempt(request, ctx, key, exclude)
-            reported = key.precise is not None and worker.id in key.precise.cached
-            if not reported and prompt_tokens is None:
-                return stream
-            return OwnedStream(self._observe(stream, prompt_tokens, reported), stream.aclose)
+            _worker, stream = await self._attempt(
+                request, ctx, key, exclude, prompt_tokens=prompt_tokens, count_reported=True
+            )
+            return stream
         state = MigrationState(request, budget)
         current = _CurrentAttempt(*await self._dispatch(state, request, ctx, key, exclude))
-        migrated = self._migrate(state, ctx, key, exclude, current)
-        if prompt_tokens is not None:
-            migrated = self._observe(migrated, prompt_tokens, reported=False)
+        stamp = None if prompt_tokens is None else _Observer(prompt_tokens, None)
+        migrated = self._migrate(state, ctx, key, exclude, current, stamp=stamp)
         return OwnedStream(migrated, current.aclose)
 
     async def _route_key(self, request: EngineRequest, token_ids: list[int] | None) -> _RouteKey:
@@ -200,38 +226,6 @@ class Router:
         if predicted is not None:
             self.metrics.router_kv_predicted_overlap_tokens.labels().observe(predicted)
             self.metrics.router_kv_predicted_cached_tokens_total.labels().inc(predicted)
-
-    async def _observe(
-        self, stream: AsyncIterator[EngineOutput], prompt_tokens: int | None, reported: bool
-    ) -> AsyncGenerator[EngineOutput, None]:
-        """``stream``, with the prompt's size (the frontend's count) on its first output with
-        a token when the worker put none on it or before, so ``input_sequence_tokens`` is
-        recorded once, at the first token, whether the worker reports usage or not (an output
-        without tokens, a relayed chat's role chunk, is not recorded as the first token); and,
-        for a precise prediction (``reported``), counting the cached tokens the engine
-        reports."""
-        stamp = prompt_tokens is not None
-        try:
-            async for out in stream:
-                if stamp:
-                    if out.prompt_tokens is not None:
-                        stamp = False
-                    elif out.num_tokens > 0:
-                        stamp = False
-                        out.prompt_tokens = prompt_tokens
-                usage = out.usage
-                if (
-                    reported
-                    and usage is not None
-                    and usage.cached_tokens
-                    and self.metrics is not None
-                ):
-                    self.metrics.router_kv_reported_cached_tokens_total.labels().inc(
-                        usage.cached_tokens
-                    )
-                yield out
-        finally:
-            await aclose_stream(stream)
 
     async def _dispatch(
         self,
@@ -276,22 +270,30 @@ class Router:
         key: _RouteKey,
         exclude: set[str],
         current: _CurrentAttempt,
+        *,
+        stamp: _Observer | None,
     ) -> AsyncGenerator[EngineOutput, None]:
         observe = state.observe
         try:
             while True:
                 try:
                     last: EngineOutput | None = None
-                    async for out in current.stream:
-                        if out.usage is not None and state.lacks_prompt_count:
-                            last = out  # the usage comes last: the stream ends after it
+                    async for item in current.stream:
+                        if item.usage is not None and state.lacks_prompt_count:
+                            last = item  # the usage comes last: the stream ends after it
                             continue
-                        yield observe(out)
+                        out = observe(item)
+                        if stamp is not None:
+                            stamp(out)
+                        yield out
                     if last is not None:
                         # Counted once the replay's attempt is over, so its silence limit
                         # cannot fire while the count runs.
                         await self._count_prompt(state, ctx, key, exclude)
-                        yield observe(last)
+                        last = observe(last)
+                        if stamp is not None:
+                            stamp(last)
+                        yield last
                     return
                 except DynamoError as exc:
                     # The attempt has already reported its worker down and given back what it
@@ -350,8 +352,14 @@ class Router:
         migrating: bool = False,
         replay: bool = False,
         migration_type: str | None = None,
+        prompt_tokens: int | None = None,
+        count_reported: bool = False,
     ) -> tuple[Worker, OwnedStream]:
         """One attempt on one worker; the worker is added to ``exclude`` if opening fails.
+
+        ``prompt_tokens`` (the frontend's count) and ``count_reported`` (count the cached
+        tokens the engine reports where a precise prediction chose the worker) are seen to by
+        an :class:`_Observer` of the attempt's outputs.
 
         A dispatch whose connection could not even be made (:class:`WorkerUnreachable`: the
         connection was refused or timed out) is tried on another worker whatever the migration
@@ -375,6 +383,8 @@ class Router:
                 # layer's silence limits start over, so that the new attempt's own limits (the
                 # same length as the old one's) fire first.
                 ctx.keep_alive()
+            precise = key.precise
+            reported = count_reported and precise is not None and worker.id in precise.cached
             attempt = Attempt(
                 worker,
                 slot,
@@ -383,6 +393,11 @@ class Router:
                 clock=self.clock,
                 limits=self.limits,
                 metrics=self.metrics,
+                observe=(
+                    _Observer(prompt_tokens, self.metrics if reported else None)
+                    if prompt_tokens is not None or reported
+                    else None
+                ),
             )
             try:
                 stream = await attempt.open(

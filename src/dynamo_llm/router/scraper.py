@@ -85,11 +85,14 @@ class LoadScraper:
         if not worker.is_available:
             self._forget(worker)
             return
+        failure: Exception | None = None
         try:
             report = await self._fetch(worker)
         except Exception as exc:  # unreachable, an error status, a timeout: count locally
-            if worker.id not in self._workers:
-                return
+            report, failure = None, exc
+        if worker.id not in self._workers:
+            return  # it left during the scrape
+        if failure is not None:
             if self._metrics is not None:
                 self._metrics.worker_metrics_scrape_failures_total.labels(worker.id).inc()
             if worker.id not in self._failing:
@@ -97,11 +100,9 @@ class LoadScraper:
                 log.warning(
                     "worker %s: cannot read its /metrics (%s); counting its load locally",
                     worker.id,
-                    type(exc).__name__,
+                    type(failure).__name__,
                 )
             self._forget(worker)
-            return
-        if worker.id not in self._workers:
             return
         if worker.id in self._failing:
             self._failing.discard(worker.id)

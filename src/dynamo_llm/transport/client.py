@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import msgspec
@@ -44,7 +42,13 @@ from ..runtime.context import EngineContext
 from .answer import one_output, read_answer, whole_answer
 from .auth import WorkerKeys
 from .body import upstream_body
-from .errors import admission_error, describe, error_from_worker, no_stream_error
+from .errors import (
+    admission_error,
+    describe,
+    error_from_worker,
+    is_closed_unanswered,
+    no_stream_error,
+)
 from .h1 import Connection, H1Error
 from .pool import Pool
 from .probe import ProbeResult, probe_worker
@@ -70,8 +74,9 @@ def make_session(
     ``keepalive_timeout`` is shorter than the idle timeout of the common worker servers (uvicorn
     closes idle connections after 5 s) so that a pooled connection is not reused just as the
     worker closes it. ``api_key`` is sent to every worker as ``Authorization: Bearer``, on every
-    request the session makes (generation, probes, model lists, graceful stops), except to a
-    worker that ``worker_keys`` gives a key of its own (:mod:`.auth`).
+    request the session makes (probes, model lists, graceful stops, scrapes) and every
+    generation request of the :class:`WorkerClient` built on it, except to a worker that
+    ``worker_keys`` gives a key of its own (:mod:`.auth`).
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     connector = aiohttp.TCPConnector(
@@ -79,7 +84,6 @@ def make_session(
         limit_per_host=0,
         keepalive_timeout=keepalive_timeout,
         ttl_dns_cache=60,
-        socket_factory=_worker_socket,
     )
     timeout = aiohttp.ClientTimeout(
         total=None, connect=None, sock_connect=connect_timeout, sock_read=None
@@ -94,23 +98,6 @@ def make_session(
     )
 
 
-RECEIVE_BUFFER = 256 * 1024
-"""The receive buffer of a connection to a worker (the kernel doubles it for its bookkeeping).
-
-Fixed rather than autotuned, which on Linux may grow to ``net.ipv4.tcp_rmem``'s maximum (32 MiB
-here): a stream whose client stopped reading stops being read from its worker's connection, and
-only a bounded buffer makes the worker feel that soon. A token stream needs little: 256 KiB keeps
-up with 25 MB/s at a 10 ms round trip.
-"""
-
-
-def _worker_socket(addr_info: tuple[Any, ...]) -> socket.socket:
-    family, type_, proto, _, _ = addr_info
-    sock = socket.socket(family=family, type=type_, proto=proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-    return sock
-
-
 class WorkerClient:
     """Talks to OpenAI-compatible workers: generation requests over its own pool of HTTP/1.1
     connections (:mod:`.pool`, :mod:`.h1`), everything else (probes, model lists, graceful
@@ -118,30 +105,23 @@ class WorkerClient:
 
     Stateless apart from the two pools, so one client serves every worker; each stream owns
     what it starts. The connection pool is built from the session's settings (connect timeout,
-    bound, ``Authorization``) and ``worker_keys`` unless one is given. Close it with
-    :meth:`aclose` (the session is the caller's).
+    bound, ``Authorization``) and ``worker_keys``. Close it with :meth:`aclose` (the session is
+    the caller's).
     """
 
     __slots__ = ("pool", "session")
 
     def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        worker_keys: WorkerKeys | None = None,
-        *,
-        pool: Pool | None = None,
+        self, session: aiohttp.ClientSession, worker_keys: WorkerKeys | None = None
     ) -> None:
         self.session = session
-        if pool is None:
-            connector = session.connector
-            pool = Pool(
-                session.timeout.sock_connect,
-                connector.limit if connector is not None else 0,
-                authorization=session.headers.get(aiohttp.hdrs.AUTHORIZATION),
-                worker_keys=worker_keys,
-                receive_buffer=RECEIVE_BUFFER,
-            )
-        self.pool = pool
+        connector = session.connector
+        self.pool = Pool(
+            session.timeout.sock_connect,
+            connector.limit if connector is not None else 0,
+            authorization=session.headers.get(aiohttp.hdrs.AUTHORIZATION),
+            worker_keys=worker_keys,
+        )
 
     async def aclose(self) -> None:
         """Close the generation connections that are idle (those in use close as they end)."""
@@ -336,7 +316,10 @@ class WorkerClient:
         if ctx.is_stopped:
             raise Cancelled()
         pool = self.pool
-        endpoint = pool.endpoint(url)
+        try:
+            endpoint = pool.endpoint(url)
+        except ValueError as exc:  # a port out of range or not a number, a broken IPv6 host
+            raise WorkerUnreachable("The worker's URL is invalid") from exc
         data = pool.request_head(endpoint, path, headers, len(body)) + body
         for attempt in (1, 2):
             # One timer bounds the wait for headers; a stop of the context fires it at once, so
@@ -346,7 +329,7 @@ class WorkerClient:
                 async with timer:
                     remove = ctx.on_stop(functools.partial(_expire, timer))
                     try:
-                        conn, _ = await pool.acquire(endpoint)
+                        conn = await pool.acquire(endpoint)
                         await conn.request(data)  # closes the connection if it fails
                         return conn
                     finally:
@@ -390,11 +373,9 @@ class WorkerClient:
                 return None
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 return WorkerUnreachable(f"Could not connect to the worker: {describe(exc)}")
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                if attempt == 2:
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if attempt == 2 or not is_closed_unanswered(exc):
                     return None
-            except (TimeoutError, aiohttp.ClientError):
-                return None
         return None
 
     async def fetch_models(self, url: str, *, within: float) -> list[str]:

@@ -8,8 +8,9 @@ Two kinds of failure reach the transport, and the router acts on the class each 
   one saying it is shutting down :class:`WorkerShuttingDown`; a 504 or a timeout type
   :class:`WorkerResponseTimeout`; another 5xx :class:`UpstreamError`. The body may be in the
   OpenAI shape, vLLM's older flat shape, TGI's or FastAPI's.
-- **A failed POST** (:func:`admission_error`): the exceptions of :mod:`.h1` (or aiohttp's)
-  before the response headers.
+- **A failed POST** (:func:`admission_error`): the exceptions of :mod:`.h1` before the response
+  headers (probes, model lists and stops go through aiohttp, whose failures :func:`describe`
+  and :func:`is_closed_unanswered` also know).
   A refused or timed-out connect is :class:`WorkerUnreachable`; no headers in time is
   :class:`WorkerResponseTimeout`; a pooled connection the worker closed as we reused it is
   worth one retry.
@@ -48,7 +49,7 @@ from ..errors import (
     WorkerUnreachable,
 )
 from ..runtime.context import EngineContext
-from .h1 import BadResponse, ClosedUnanswered, ConnectFailed, ConnectionDropped
+from .h1 import BadResponse, ClosedUnanswered, ConnectFailed, ConnectionDropped, H1Error
 
 __all__ = [
     "admission_error",
@@ -190,9 +191,10 @@ def _clean_message(text: str) -> str:
 
 
 def admission_error(
-    exc: BaseException, timer_fired: bool, ctx: EngineContext
+    exc: TimeoutError | H1Error, timer_fired: bool, ctx: EngineContext
 ) -> DynamoError | None:
-    """What a failed POST becomes; None for a disconnect worth one retry."""
+    """What a failed POST becomes (``exc`` from :mod:`.h1` or the admission timer); None for
+    a pooled connection the worker closed unanswered, worth one retry."""
     if ctx.is_stopped:
         return Cancelled()
     if timer_fired:
@@ -201,18 +203,8 @@ def admission_error(
         return WorkerUnreachable(f"Could not connect to the worker: {exc.reason}")
     if isinstance(exc, BadResponse):
         return UpstreamError(f"The worker sent a malformed HTTP response: {describe(exc)}")
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return WorkerUnreachable("Could not connect to the worker: connect timed out")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return WorkerUnreachable(f"Could not connect to the worker: {describe(exc)}")
-    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return WorkerResponseTimeout("The worker did not answer in time")
-    if is_closed_unanswered(exc):
+    if isinstance(exc, ClosedUnanswered):
         return None
-    if isinstance(exc, aiohttp.InvalidURL):
-        return WorkerUnreachable("The worker's URL is invalid")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamError(f"The worker sent a malformed HTTP response: {describe(exc)}")
     return WorkerDisconnected(f"The worker's connection failed: {describe(exc)}")
 
 

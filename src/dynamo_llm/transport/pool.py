@@ -5,8 +5,8 @@ carries instead: at most ``limit`` connections open at once (0: no bound; a requ
 free one, bounded only by the caller's timers), an idle connection closed after
 ``keepalive_timeout`` (shorter than the common worker servers' own idle timeout, so that a
 connection is not reused just as the worker closes it), ``connect_timeout`` on the TCP connect,
-``TCP_NODELAY``, and the fixed receive buffer (:data:`~.client.RECEIVE_BUFFER`) that makes a
-worker feel a stalled stream. Connections are kept per worker address and reused last-in first
+``TCP_NODELAY``, and the fixed receive buffer (:data:`RECEIVE_BUFFER`) that makes a worker feel a
+stalled stream. Connections are kept per worker address and reused last-in first
 out (the most recently used is the least likely to have been closed by the worker).
 
 :meth:`Pool.request_head` builds the request head: ``Host``, the body's length, the caller's
@@ -25,6 +25,7 @@ import urllib.parse
 from collections import deque
 from typing import NamedTuple
 
+from ..runtime.clock import Clock, SystemClock, TimerHandle
 from .auth import WorkerKeys
 from .h1 import ConnectFailed, Connection
 
@@ -32,6 +33,16 @@ __all__ = ["Endpoint", "Pool"]
 
 RESOLVE_TTL = 60.0
 """How long a worker host's addresses are cached (aiohttp's ``ttl_dns_cache`` was 60 s)."""
+
+RECEIVE_BUFFER = 256 * 1024
+"""The receive buffer of a connection to a worker (the kernel doubles it for its bookkeeping).
+
+Fixed rather than autotuned, which on Linux may grow to ``net.ipv4.tcp_rmem``'s maximum (32 MiB
+here): a stream whose client stopped reading stops being read from its worker's connection, and
+only a bounded buffer makes the worker feel that soon. A token stream needs little: 256 KiB keeps
+up with 25 MB/s at a 10 ms round trip. (Only generation needs it: the probes, model lists and
+stops of aiohttp's session read small answers whole.)
+"""
 
 
 class Endpoint(NamedTuple):
@@ -48,11 +59,13 @@ class Endpoint(NamedTuple):
 
 
 class Pool:
-    """Per-worker pools of :class:`~.h1.Connection`, with one bound over all of them."""
+    """Per-worker pools of :class:`~.h1.Connection`, with one bound over all of them; the
+    keep-alive is timed by ``clock`` (the system's unless a test gives another)."""
 
     __slots__ = (
         "_addresses",
         "_authorization",
+        "_clock",
         "_closed",
         "_connect_timeout",
         "_endpoints",
@@ -73,15 +86,16 @@ class Pool:
         limit: int = 0,
         *,
         keepalive_timeout: float = 4.0,
-        api_key: str | None = None,
         authorization: str | None = None,
         worker_keys: WorkerKeys | None = None,
-        receive_buffer: int = 256 * 1024,
+        receive_buffer: int = RECEIVE_BUFFER,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock = clock or SystemClock()
         self._connect_timeout = connect_timeout
         self._limit = limit
         self._keepalive = keepalive_timeout
-        self._authorization = f"Bearer {api_key}" if api_key else authorization
+        self._authorization = authorization
         self.worker_keys = worker_keys
         self._receive_buffer = receive_buffer
         self._idle: dict[object, list[Connection]] = {}
@@ -89,7 +103,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._endpoints: dict[str, Endpoint] = {}
         self._addresses: dict[tuple[str, int], tuple[float, list[tuple[object, ...]]]] = {}
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry: TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
@@ -104,7 +118,7 @@ class Pool:
         return self._open
 
     def endpoint(self, url: str) -> Endpoint:
-        """The parts of the worker base URL ``url`` (cached)."""
+        """The parts of the worker base URL ``url`` (cached); ValueError when it is not one."""
         found = self._endpoints.get(url)
         if found is None:
             found = self._endpoints[url] = _parse(url)
@@ -126,23 +140,21 @@ class Pool:
             b"\r\n", headers, auth, b"Content-Length: ", str(length).encode(), b"\r\n\r\n",
         ))  # fmt: skip
 
-    async def acquire(self, endpoint: Endpoint) -> tuple[Connection, bool]:
-        """A connection to the worker, and whether it was pooled (True) or is new.
+    async def acquire(self, endpoint: Endpoint) -> Connection:
+        """A connection to the worker: its most recently used idle one, else a new one.
 
         Raises :class:`~.h1.ConnectFailed`. Cancelled, it leaves nothing behind.
         """
         if self._closed:
             raise ConnectFailed(ConnectionAbortedError(0, "the client is closed"))
         key = endpoint.key
-        idle = self._idle.get(key)
-        if idle:
-            now = asyncio.get_running_loop().time()
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < self._keepalive:
-                    return conn, True
-                conn.close()
-        while self._limit and self._open >= self._limit:
+        while True:
+            # Taken after every wake-up too: a connection may have come back meanwhile.
+            conn = self._take_idle(key)
+            if conn is not None:
+                return conn
+            if not self._limit or self._open < self._limit:
+                break
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -154,14 +166,9 @@ class Pool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if not conn.closed:
-                    return conn, True
         self._open += 1
         try:
-            return await self._connect(endpoint), False
+            return await self._connect(endpoint)
         except BaseException:
             self._open -= 1
             self._wake_one()
@@ -172,13 +179,13 @@ class Pool:
         if self._closed:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
-        conn.idle_since = loop.time()
+        now = self._clock.now()
+        conn.idle_since = now
         self._idle.setdefault(key, []).append(conn)
         if self._waiters:
             self._wake_one()
         if self._expiry is None:
-            self._expiry = loop.call_later(self._keepalive, self._expire)
+            self._expiry = self._clock.call_at(now + self._keepalive, self._expire)
 
     def forget(self, key: object, conn: Connection) -> None:
         """A connection that closed (from the connection itself)."""
@@ -200,6 +207,20 @@ class Pool:
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports finish closing
 
+    def _take_idle(self, key: object) -> Connection | None:
+        """The most recently used idle connection still within the keep-alive; the expired
+        ones it meets are closed (the expiry timer may not have run yet on a busy loop)."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = self._clock.now()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self._keepalive:
+                return conn
+            conn.close()
+        return None
+
     def _wake_one(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -209,8 +230,7 @@ class Pool:
 
     def _expire(self) -> None:
         self._expiry = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._clock.now()
         oldest = None
         for conns in list(self._idle.values()):
             for conn in list(conns):
@@ -219,7 +239,7 @@ class Pool:
                 elif oldest is None or conn.idle_since < oldest:
                     oldest = conn.idle_since
         if oldest is not None:
-            self._expiry = loop.call_later(oldest + self._keepalive - now, self._expire)
+            self._expiry = self._clock.call_at(oldest + self._keepalive, self._expire)
 
     async def _connect(self, endpoint: Endpoint) -> Connection:
         host, port, tls = endpoint.key

@@ -4,11 +4,13 @@ FakeClock: the file is looked at once per interval, and at once on a miss)."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dynamo_llm.http.auth import ApiKeys, KeyFile, parse_key_file
+from dynamo_llm.http.auth import MISS_LOOKS, ApiKeys, KeyFile, parse_key_file
 from dynamo_llm.http.connection import HeaderLookup
 from dynamo_llm.runtime.clock import FakeClock
 from dynamo_llm.testing import make_request
@@ -79,6 +81,36 @@ async def test_a_removed_key_stops_working_once_the_interval_has_passed(tmp_path
     await clock.advance(0.5)
     assert not keys.accepts(_bearer("old"))
     assert keys.accepts(_bearer("kept"))
+
+
+async def test_bad_keys_in_a_burst_look_at_the_file_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keys"
+    write(path, "good\n")
+    clock = FakeClock()
+    keys = ApiKeys([], KeyFile(path, clock, interval=1.0))
+    looks = 0
+    stat = os.stat
+
+    def counted(target: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        nonlocal looks
+        looks += os.fspath(target) == os.fspath(path)
+        return stat(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counted)
+    for _ in range(100):
+        assert not keys.accepts(_bearer("bad"))
+    assert looks == MISS_LOOKS
+    write(path, "good\nnew\n")
+    looks = 0
+    assert not keys.accepts(_bearer("new"))  # the misses' looks are used up for this interval
+    assert looks == 0
+    await clock.advance(0.5)
+    assert not keys.accepts(_bearer("new"))
+    await clock.advance(0.5)
+    assert keys.accepts(_bearer("new"))  # the interval's own look
+    assert looks == 1
 
 
 @pytest.mark.parametrize("broken", ["empty", "missing", "unreadable"])

@@ -280,6 +280,23 @@ async def test_the_original_prompt_is_counted_when_the_first_worker_never_said_i
     await router.aclose()
 
 
+async def test_the_frontends_prompt_count_goes_on_the_first_token_only_across_a_migration() -> None:
+    _metrics, workers, client, router = setup("http://a", "http://b")
+
+    async def prompt_ids(req: EngineRequest) -> list[int] | None:
+        return list(PROMPT_IDS)
+
+    router.prompt_ids = prompt_ids
+    client.behaviour["http://a"] = ["late@3"]  # never says the prompt's size, then drops
+    client.behaviour["http://b"] = ["late", "late"]
+    outs = await collect(router, completion(5))
+    assert joined(outs) == reference(5)[1]
+    assert [o.prompt_tokens for o in outs] == [3, None, None, None, None]
+    assert outs[-1].usage == Usage(3, 5)
+    assert inflight(workers) == {"http://a": 0, "http://b": 0}
+    await router.aclose()
+
+
 async def test_a_prompt_count_that_fails_leaves_the_prompt_out_of_the_usage() -> None:
     _metrics, _workers, client, router = setup("http://a", "http://b")
     client.behaviour["http://a"] = ["late@3"]

@@ -1,5 +1,7 @@
 """Which worker's own key a request carries: the longest base URL the request is under."""
 
+import pytest
+
 from dynamo_llm.transport.auth import WorkerKeys
 
 
@@ -21,3 +23,24 @@ def test_the_longest_base_url_wins_and_a_replaced_table_forgets_the_old_keys() -
     assert keys.key_for("http://h/v1/models") is None
     assert keys.key_for("http://h/deep/v1/models") == "deep-2"
     assert "deep-2" not in repr(keys)
+
+
+def test_a_urls_key_is_looked_up_once_until_the_table_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys = WorkerKeys({"http://h:1": "k1", "http://h:2": "k2"})
+    lookups: list[str] = []
+    lookup = WorkerKeys._lookup
+
+    def counted(self: WorkerKeys, url: str) -> str | None:
+        lookups.append(url)
+        return lookup(self, url)
+
+    monkeypatch.setattr(WorkerKeys, "_lookup", counted)
+    for _ in range(3):
+        assert keys.key_for("http://h:1/v1/chat/completions") == "k1"
+        assert keys.key_for("http://h:3/v1/chat/completions") is None
+    assert len(lookups) == 2
+    keys.replace({"http://h:1": "k1-new"})
+    assert keys.key_for("http://h:1/v1/chat/completions") == "k1-new"
+    assert len(lookups) == 3

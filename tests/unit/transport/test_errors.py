@@ -1,19 +1,32 @@
-"""The error tables: what a worker answers, in any shape servers use, maps to our classes."""
+"""The error tables: what a worker answers, in any shape servers use, and how a POST failed,
+map to our classes."""
 
 import pytest
 
 from dynamo_llm.errors import (
+    Cancelled,
     ContextLengthExceeded,
     DynamoError,
     InvalidRequest,
     ModelNotFound,
     TooManyRequests,
     UpstreamError,
+    WorkerDisconnected,
     WorkerResponseTimeout,
     WorkerShuttingDown,
+    WorkerUnreachable,
 )
+from dynamo_llm.runtime.context import EngineContext
 from dynamo_llm.transport import (
     error_from_worker,
+)
+from dynamo_llm.transport.errors import admission_error
+from dynamo_llm.transport.h1 import (
+    BadResponse,
+    ClosedUnanswered,
+    ConnectFailed,
+    ConnectionDropped,
+    H1Error,
 )
 
 
@@ -70,3 +83,45 @@ def test_worker_errors_map_to_our_classes(
     error = error_from_worker(status, body)
     assert type(error) is cls
     assert error.message == message
+
+
+@pytest.mark.parametrize(
+    ("exc", "cls", "message"),
+    [
+        (
+            ConnectFailed(ConnectionRefusedError(111, "refused")),
+            WorkerUnreachable,
+            "Could not connect to the worker: connection refused",
+        ),
+        (
+            ConnectFailed(timed_out=True),
+            WorkerUnreachable,
+            "Could not connect to the worker: connect timed out",
+        ),
+        (
+            BadResponse("x"),
+            UpstreamError,
+            "The worker sent a malformed HTTP response: the response was not valid HTTP",
+        ),
+        (
+            ConnectionDropped("x"),
+            WorkerDisconnected,
+            "The worker's connection failed: the response body was cut short",
+        ),
+        (ClosedUnanswered("x"), None, None),
+    ],
+)
+def test_a_failed_post_maps_by_the_class_of_its_failure(
+    exc: H1Error, cls: type[DynamoError] | None, message: str | None
+) -> None:
+    error = admission_error(exc, False, EngineContext())
+    assert (None if error is None else type(error)) is cls
+    assert (None if error is None else error.message) == message
+
+
+def test_a_stop_or_the_timer_wins_over_the_failure_it_caused() -> None:
+    ctx = EngineContext()
+    timed_out = admission_error(TimeoutError(), True, ctx)
+    assert type(timed_out) is WorkerResponseTimeout
+    ctx.stop()
+    assert type(admission_error(ClosedUnanswered("x"), True, ctx)) is Cancelled

@@ -2,7 +2,7 @@
 backpressure and the failure classes."""
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -15,6 +15,7 @@ from dynamo_llm.transport.h1 import (
     Connection,
     ConnectionDropped,
 )
+from dynamo_llm.transport.pool import Pool
 
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -52,9 +53,25 @@ class FakeTransport(asyncio.Transport):
         self.closed = True
 
 
-async def sent() -> tuple[Connection, FakeTransport, asyncio.Future[None]]:
+class StubPool:
+    """Records what a connection gives back to its pool."""
+
+    def __init__(self) -> None:
+        self.pooled: list[Connection] = []
+        self.forgotten: list[Connection] = []
+
+    def put_back(self, key: object, conn: Connection) -> None:
+        self.pooled.append(conn)
+
+    def forget(self, key: object, conn: Connection) -> None:
+        self.forgotten.append(conn)
+
+
+async def sent(
+    pool: StubPool | None = None,
+) -> tuple[Connection, FakeTransport, asyncio.Future[None]]:
     """A connection whose request is sent, and the wait for its answer's head."""
-    conn = Connection()
+    conn = Connection(cast(Pool, pool), "key")
     transport = FakeTransport()
     conn.connection_made(transport)
     task = asyncio.ensure_future(conn.request(b"POST / HTTP/1.1\r\n\r\n"))
@@ -62,9 +79,9 @@ async def sent() -> tuple[Connection, FakeTransport, asyncio.Future[None]]:
     return conn, transport, task
 
 
-async def answered(head: bytes) -> tuple[Connection, FakeTransport]:
+async def answered(head: bytes, pool: StubPool | None = None) -> tuple[Connection, FakeTransport]:
     """A connection whose request is sent and whose answer begins with ``head``."""
-    conn, transport, task = await sent()
+    conn, transport, task = await sent(pool)
     conn.data_received(head)
     await task
     return conn, transport
@@ -194,17 +211,33 @@ async def test_reading_pauses_past_the_high_water_and_resumes_below_the_low() ->
     assert fed - taken < LOW_WATER
 
 
-async def test_release_closes_unless_the_answer_was_read_to_its_end() -> None:
-    conn, transport = await answered(CHUNKED)
+async def test_release_pools_the_connection_only_once_its_answer_was_read_to_its_end() -> None:
+    pool = StubPool()
+    conn, transport = await answered(CHUNKED, pool)
     conn.data_received(b"5\r\nhello\r\n")
-    conn.release()
-    assert transport.closed  # no pool, and not at its end either
+    conn.release()  # not at its end: what is left of the answer would come before the next
+    assert transport.closed and (pool.pooled, pool.forgotten) == ([], [conn])
 
-    conn, transport = await answered(CHUNKED)
+    conn, transport = await answered(
+        CHUNKED.replace(b"OK\r\n", b"OK\r\nConnection: close\r\n"), pool
+    )
     conn.data_received(b"0\r\n\r\n")
     assert await read_all(conn) == b""
-    conn.release()  # no pool: closed, but only because there is nowhere to put it
-    assert transport.closed
+    conn.release()  # the worker closes it
+    assert transport.closed and pool.pooled == []
+
+    conn, transport = await answered(CHUNKED, pool)
+    conn.data_received(b"2\r\nok\r\n0\r\n\r\n")
+    assert await read_all(conn) == b"ok"
+    conn.release()
+    assert not transport.closed and pool.pooled == [conn]
+    # And it carries the next exchange from a clean start.
+    task = asyncio.ensure_future(conn.request(b"POST / HTTP/1.1\r\n\r\n"))
+    await asyncio.sleep(0)
+    conn.data_received(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+    await task
+    assert conn.status == 503 and await read_all(conn) == b"busy"
+    assert len(transport.written) == 2
 
 
 async def test_a_cancelled_wait_for_the_head_closes_the_connection() -> None:

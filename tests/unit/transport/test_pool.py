@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from dynamo_llm.runtime.clock import FakeClock
 from dynamo_llm.transport.auth import WorkerKeys
 from dynamo_llm.transport.h1 import ConnectFailed, Connection
 from dynamo_llm.transport.pool import Pool
@@ -56,7 +57,7 @@ async def server() -> AsyncIterator[Server]:
 
 async def exchange(pool: Pool, url: str) -> Connection:
     endpoint = pool.endpoint(url)
-    conn, _ = await pool.acquire(endpoint)
+    conn = await pool.acquire(endpoint)
     await conn.request(pool.request_head(endpoint, "/v1/x", b"", 0))
     return conn
 
@@ -97,15 +98,58 @@ async def test_the_bound_makes_a_request_wait_for_a_free_connection(server: Serv
 
 
 async def test_an_idle_connection_expires_after_the_keepalive(server: Server) -> None:
-    pool = Pool(2.0, keepalive_timeout=0.01)
+    clock = FakeClock()
+    pool = Pool(2.0, keepalive_timeout=4.0, clock=clock)
     async with asyncio.timeout(SAFETY_NET):
         await finish(await exchange(pool, server.url))
-        while pool.idle:
-            await asyncio.sleep(0.01)
-        assert pool.open == 0
+        await clock.advance(3.9)
+        assert (pool.open, pool.idle) == (1, 1)
+        await clock.advance(0.1)
+        assert (pool.open, pool.idle) == (0, 0)
         await finish(await exchange(pool, server.url))
         assert server.accepted == 2
     await pool.aclose()
+
+
+class LateClock:
+    """Time that moves only when told, and timers that never fire: a loop too busy to run the
+    pool's expiry timer on time."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        raise AssertionError("the pool does not sleep")
+
+    def call_at(self, when: float, callback: object) -> asyncio.Handle:
+        return asyncio.get_running_loop().call_soon(lambda: None)
+
+
+async def test_an_expired_idle_connection_is_never_handed_out(server: Server) -> None:
+    clock = LateClock()
+    pool = Pool(2.0, keepalive_timeout=4.0, clock=clock)
+    async with asyncio.timeout(SAFETY_NET):
+        await finish(await exchange(pool, server.url))
+        clock.time = 4.0  # idle for the whole keep-alive: the worker may be closing it
+        await finish(await exchange(pool, server.url))
+        assert server.accepted == 2
+
+        # The same for a request that waited for the bound and was woken by the put-back.
+        bounded = Pool(2.0, limit=1, keepalive_timeout=4.0, clock=clock)
+        first = await exchange(bounded, server.url)
+        second = asyncio.ensure_future(exchange(bounded, server.url))
+        while not bounded._waiters:
+            await asyncio.sleep(0)
+        await finish(first)  # back in the pool, the waiter woken but not yet run
+        clock.time += 4.0
+        await finish(await second)
+        assert server.accepted == 4
+        assert (bounded.open, bounded.idle) == (1, 1)
+    await pool.aclose()
+    await bounded.aclose()
 
 
 async def test_the_socket_has_the_fixed_receive_buffer_and_no_delay(server: Server) -> None:
@@ -121,7 +165,7 @@ async def test_the_socket_has_the_fixed_receive_buffer_and_no_delay(server: Serv
 
 def test_the_head_carries_the_workers_own_key_else_its_url_credentials_else_the_default() -> None:
     keys = WorkerKeys({"http://keyed:8000": "wk-own"})
-    pool = Pool(2.0, api_key="default", worker_keys=keys)
+    pool = Pool(2.0, authorization="Bearer default", worker_keys=keys)
 
     def authorization(url: str) -> bytes:
         head = pool.request_head(pool.endpoint(url), "/v1/chat/completions", b"X-A: b\r\n", 7)
