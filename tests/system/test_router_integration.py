@@ -53,9 +53,9 @@ MODES = ["round-robin", "random", "power-of-two", "least-loaded", "kv", "direct"
 
 async def ids_seen(worker: BadWorker) -> list[str]:
     """The client requests the worker saw. Not the probes of a quarantined worker (1-token
-    completions): the frontend streams every client request upstream, a probe is unstreamed."""
+    completions), which carry no client id (``X-Client-Request-Id``): their id is their own."""
     requests = (await worker.record())["requests"]
-    return [seen["id"] for seen in requests if (seen["body"] or {}).get("stream")]
+    return [seen["id"] for seen in requests if seen["id"] != seen["upstream_id"]]
 
 
 # --- 1. client hang-ups reach the worker ---------------------------------------------------------
