@@ -183,6 +183,46 @@ def test_return_token_ids_in_unary_choices_and_stream_chunks(client: openai.Open
     assert extra(plain.choices[0], "token_ids") is None
 
 
+def sse_chunks(body: str) -> list[dict[str, Any]]:
+    events = [line.removeprefix("data: ") for line in body.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_the_prompts_ids_sit_where_vllm_puts_them(worker: str, stream: bool) -> None:
+    """vLLM 0.32 with ``return_token_ids``: a chat's on the first chunk itself (top level) or the
+    response's top level; a completion's on the (first) choice. Nowhere else, and not unasked."""
+    content = "Where do the ids go?"
+    chat: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    completion: dict[str, Any] = {"model": MODEL, "prompt": "ids go here"}
+    cases = [
+        ("/v1/chat/completions", chat, chat_prompt_ids(content)),
+        ("/v1/completions", completion, TOKENIZER.encode("ids go here")),
+    ]
+    with httpx.Client(base_url=worker, timeout=30) as http:
+        for path, body, prompt_ids in cases:
+            is_chat = "messages" in body
+            asked = {**body, "max_tokens": 3, "stream": stream, "return_token_ids": True}
+            reply = http.post(path, json=asked)
+            assert reply.status_code == 200, reply.text
+            plain = http.post(path, json={**asked, "return_token_ids": False})
+            assert "token_ids" not in plain.text
+            if not stream:
+                answer = reply.json()
+                tops = [answer.get("prompt_token_ids")]
+                choices = [answer["choices"][0].get("prompt_token_ids")]
+            else:
+                chunks = sse_chunks(reply.text)
+                tops = [c.get("prompt_token_ids") for c in chunks]
+                choices = [ch.get("prompt_token_ids") for c in chunks for ch in c["choices"]]
+                rest = [None] * (len(tops) - 1)
+                assert (tops if is_chat else choices) == [prompt_ids, *rest], path
+            top, on_choice = (tops, choices) if is_chat else (choices, tops)
+            assert top[0] == prompt_ids, path
+            assert not any(on_choice), path
+
+
 def test_a_token_id_prompt_is_consumed_as_is(client: openai.OpenAI) -> None:
     prompt = [101, 2023, 2003, 1037, 3231, 102]
     answer = client.completions.create(

@@ -133,7 +133,8 @@ class EngineOutput(msgspec.Struct, gc=False):
     prompt_tokens: int | None = None
     raw: bytes | None = None
     # The prompt's token ids, on a stream's first output when the engine knows them (vLLM's
-    # ``prompt_token_ids`` with ``return_token_ids``): what a migration replays exactly.
+    # ``prompt_token_ids`` with ``return_token_ids``, which the frontend writes where vLLM does:
+    # on a chat's chunk or response, on a completion's choice): what a migration replays exactly.
     prompt_token_ids: list[int] | None = None
     # A relaying engine's parsed outputs: the worker's chunks this output stands for, decoded
     # as they came, so that folding, fan-out and migration keep every field (tool calls,

@@ -1,10 +1,12 @@
 """Folding an engine's stream into one unary OpenAI response.
 
-An in-process engine's outputs carry text, token ids, a finish reason and usage; a worker's carry
-its chunks as it sent them (``EngineOutput.chunks``), which are folded field by field by the
-rules of :mod:`dynamo_llm.protocols.fold`: the message's tool calls, reasoning and refusal, the
-logprobs, and every key the engine added to a chunk, a choice or a delta reach the response
-(top level, choice and message). The shape is the protocols' response models
+An in-process engine's outputs carry text, token ids, a finish reason and usage (the prompt's
+token ids go where vLLM puts them: a chat response's top level, a completion's choice); a
+worker's carry its chunks as it sent them (``EngineOutput.chunks``), which are folded field by
+field by the rules of :mod:`dynamo_llm.protocols.fold`: the message's tool calls, reasoning and
+refusal, the logprobs, and every key the engine added to a chunk, a choice or a delta reach the
+response (top level, choice and message; a chunk's ``prompt_token_ids`` at the top level, a
+choice's on its choice). The shape is the protocols' response models
 (:class:`~dynamo_llm.protocols.chat.ChatCompletionResponse`,
 :class:`~dynamo_llm.protocols.completions.CompletionResponse`), written as plain objects so that
 those keys have a place. ``usage`` is the engines' own count, summed over the choices, and left
@@ -155,6 +157,10 @@ class Aggregator:
                 choice.add_text("content" if self._chat else "text", out.text)
             if self._token_ids and out.token_ids:
                 choice.token_ids.extend(out.token_ids)
+            if self._token_ids and out.prompt_token_ids is not None:
+                # Where vLLM puts them: a chat response's top level, a completion's choice.
+                extra = self._extra if self._chat else choice.extra
+                extra["prompt_token_ids"] = out.prompt_token_ids
             if out.finish_reason is not None:
                 choice.finish = out.finish_reason
         if out.usage is not None:

@@ -123,17 +123,24 @@ class ChunkRenderer:
         else:
             parts.append(b',"text":')
             parts.append(_encode(out.text))
-        if self._with_token_ids:
-            if out.prompt_token_ids is not None:
-                # vLLM's field, on the first chunk's choice: what a migration replays exactly.
-                parts.append(b',"prompt_token_ids":')
-                parts.append(_encode(out.prompt_token_ids))
-            if out.token_ids is not None:
-                parts.append(b',"token_ids":')
-                parts.append(_encode(out.token_ids))
+        # vLLM's fields with ``return_token_ids`` (what a migration replays exactly): the prompt's
+        # ids on a completion's first choice, but on a chat's first chunk itself, after its
+        # choices; the generated ids on every choice.
+        prompt_ids = out.prompt_token_ids if self._with_token_ids else None
+        if prompt_ids is not None and not self._chat:
+            parts.append(b',"prompt_token_ids":')
+            parts.append(_encode(prompt_ids))
+        if self._with_token_ids and out.token_ids is not None:
+            parts.append(b',"token_ids":')
+            parts.append(_encode(out.token_ids))
         parts.append(b',"logprobs":null,"finish_reason":')
         parts.append(b"null" if out.finish_reason is None else _encode(out.finish_reason))
-        parts.append(b"}]}\n\n")
+        if prompt_ids is not None and self._chat:
+            parts.append(b'}],"prompt_token_ids":')
+            parts.append(_encode(prompt_ids))
+            parts.append(b"}\n\n")
+        else:
+            parts.append(b"}]}\n\n")
         return b"".join(parts)
 
     def _render_chunks(self, chunks: list[dict[str, Any]], index: int) -> bytes:

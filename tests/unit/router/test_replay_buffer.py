@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from dynamo_llm.engines.base import EngineOutput, EngineRequest
 from dynamo_llm.engines.endpoints import CHAT
+from dynamo_llm.http.sse import ChunkRenderer
 from dynamo_llm.router.migration import MigrationState
 from dynamo_llm.router.replay_buffer import ReplayBuffer, strip_token_ids
 
@@ -105,6 +108,20 @@ def test_token_ids_go_in_any_spelling_and_the_events_stay_json() -> None:
         assert b"token_ids" not in stripped
         for line in filter(None, stripped.split(b"\n\n")):
             json.loads(line.removeprefix(b"data: "))
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_the_ids_our_workers_write_go_from_the_chunk_and_the_choice_alike(kind: str) -> None:
+    # A chat's prompt ids after its choices (the chunk's own), a completion's on its choice, as
+    # vLLM puts them: stripped, the events are those of a request that never asked for ids.
+    first = EngineOutput("Hi", 1, token_ids=[5], prompt_token_ids=[1, 2])
+    then = EngineOutput(" there", 1, token_ids=[6], finish_reason="length")
+    asked = ChunkRenderer(kind, "x-1", "m", 7, with_token_ids=True)
+    plain = ChunkRenderer(kind, "x-1", "m", 7)
+    raw = asked.render(first) + asked.render(then)
+    assert raw.count(b'"prompt_token_ids":[1,2]') == 1
+    stripped, extra = strip_token_ids(raw)
+    assert (stripped, extra) == (plain.render(first) + plain.render(then), 0)
 
 
 def test_a_packed_event_counts_every_token_its_ids_list() -> None:
