@@ -28,6 +28,7 @@ from tests.system.fleet_helpers import (
     bad_workers,
     chat,
     ok,
+    path_of,
     routed_frontend,
     send,
 )
@@ -90,6 +91,37 @@ async def test_our_worker_is_asked_for_a_unary_answer_that_reaches_the_client_wh
 
 def drop_ids(answer: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in answer.items() if k not in ("id", "created")}
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+@pytest.mark.parametrize("listed", ["file", "upstream"], ids=["streamed", "whole"])
+async def test_a_unary_answer_through_the_frontend_is_the_workers_own_token_ids_and_all(
+    own_worker: str, tmp_path: Path, kind: str, listed: str
+) -> None:
+    """Folded from a stream (a worker named by the upstream file is not known to be ours) or
+    taken whole (``--upstream``: ours), the client gets what the worker answers directly, the
+    prompt's ids where vLLM puts them (a chat's top level, a completion's choice)."""
+    body = story(5, return_token_ids=True)
+    if kind == "completions":
+        body = {"model": MODEL, "prompt": "tell me a short story", "max_tokens": 5,
+                "return_token_ids": True}  # fmt: skip
+    async with asyncio.timeout(SAFETY_NET) as net:
+        async with httpx.AsyncClient(base_url=own_worker, timeout=SAFETY_NET) as http:
+            asked = await http.post(path_of(body), json=body)
+        before = await samples(own_worker)
+        models, upstreams = (
+            ({MODEL: [own_worker]}, ()) if listed == "file" else (None, (own_worker,))
+        )
+        async with routed_frontend(tmp_path, models, upstreams=upstreams) as fe:
+            reply = await ok(fe, body)
+        after = await samples(own_worker)
+    assert not net.expired()
+    direct, routed = asked.json(), json.loads(reply.body)
+    assert drop_ids(routed) == drop_ids(direct)
+    holder = direct if kind == "chat" else direct["choices"][0]
+    assert len(holder["prompt_token_ids"]) == direct["usage"]["prompt_tokens"]
+    streamed = grown(before, after, "dynamo_frontend_requests_total", request_type="stream")
+    assert streamed == (1 if listed == "file" else 0)
 
 
 async def test_a_client_hang_up_during_a_unary_answer_stops_our_workers_engine(
