@@ -103,6 +103,10 @@ def test_an_answer_without_usage_has_none_unless_it_carries_every_token_id() -> 
         "completion_tokens": 3,
         "total_tokens": 5,
     }
+    # A completion's prompt ids are on its choice (vLLM's place): counted all the same.
+    del bare["prompt_token_ids"]
+    bare["choices"][0]["prompt_token_ids"] = [1, 2, 3]
+    assert whole_answer(200, msgspec.json.encode(bare), **OURS).usage == Usage(3, 3)
 
 
 def test_an_error_object_is_the_workers_error() -> None:
