@@ -35,10 +35,17 @@ AVAILABLE_CPUS = frozenset(os.sched_getaffinity(0))
 """The cores this process could use when it started (before any :func:`pin_self`)."""
 
 
-def start_server(args: Sequence[str], cpu: int, ready_within: float = 60.0) -> ServerProcess:
-    """``python -m dynamo_llm *args`` pinned to ``cpu``; returns once it accepts connections."""
+def start_server(
+    args: Sequence[str],
+    cpu: int,
+    ready_within: float = 60.0,
+    *,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """``python -m dynamo_llm *args`` pinned to ``cpu`` (``env``: the child's environment);
+    returns once it accepts connections."""
     check_cores(cpu)
-    server = ServerProcess(args, cpus={cpu})
+    server = ServerProcess(args, cpus={cpu}, env=env)
     try:
         server.wait_ready(ready_within)
     except BaseException:

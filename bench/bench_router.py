@@ -23,7 +23,12 @@ frontend has a core of its own, so the ratio shows how much of that the frontend
 is never the bottleneck) and the CPU per request what it costs.
 
 Every response is checked (HTTP 200, exactly ``--tokens`` content chunks, a usage chunk saying
-so, no error event, ``[DONE]``); any failure makes the script exit with status 1.
+so, no error event, ``[DONE]``); any failure makes the script exit with status 1. ``--unary``
+sends unary chats instead (the answer's text and usage checked); with ``--ours`` the fake worker
+says it is a ``dynamo-llm worker``, the only kind the frontend asks for a unary answer taken
+whole (it streams from any other engine). ``--baseline CHECKOUT`` also
+runs ``dynamo-llm`` from another checkout's ``src/`` on the frontend's core, measured in turn
+with this one in every round (an A/B in one run, e.g. against a detached worktree of ``main``).
 
 Run: ``.venv/bin/python bench/bench_router.py`` (see ``--help``).
 """
@@ -46,6 +51,7 @@ from typing import Any
 import aiohttp
 
 import _common
+from dynamo_llm.testing.process import ServerProcess
 
 MODEL = "bad-model"  # the fake worker's model name, learned by the frontend from /v1/models
 HEADERS = {"content-type": "application/json"}
@@ -62,7 +68,7 @@ class FakeWorker:
     It inherits this process's affinity: pin this process first (:func:`_common.pin_self`).
     """
 
-    def __init__(self, tokens: int, gap_ms: float = 0.0) -> None:
+    def __init__(self, tokens: int, gap_ms: float = 0.0, *, ours: bool = False) -> None:
         args = [
             sys.executable,
             "-m",
@@ -77,6 +83,7 @@ class FakeWorker:
             MODEL,
             "--gap",
             str(gap_ms / 1000),
+            *(("--owned-by", "dynamo-llm") if ours else ()),
         ]
         self.proc = subprocess.Popen(
             args,
@@ -146,6 +153,26 @@ async def stream_once(
         tally.ttfts.append(ttft)
 
 
+async def unary_once(
+    session: aiohttp.ClientSession, url: str, body: bytes, tokens: int, tally: Tally
+) -> None:
+    t0 = time.perf_counter()
+    async with session.post(url, data=body, headers=HEADERS) as resp:
+        data = await resp.read()
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}: {data[:300]!r}")
+    answer = json.loads(data)
+    content = answer["choices"][0]["message"]["content"]
+    want = "".join(f"tok{i}" for i in range(tokens))
+    if content.replace(" ", "") != want or answer["usage"]["completion_tokens"] != tokens:
+        raise ValueError(f"content {content[:100]!r} (want {want[:100]!r}), {answer['usage']}")
+    if tally.measuring:
+        tally.requests += 1
+        elapsed = time.perf_counter() - t0
+        tally.latencies.append(elapsed)
+        tally.ttfts.append(elapsed)
+
+
 async def client(
     session: aiohttp.ClientSession,
     url: str,
@@ -154,10 +181,12 @@ async def client(
     *,
     stop: asyncio.Event,
     tally: Tally,
+    unary: bool = False,
 ) -> None:
+    once = unary_once if unary else stream_once
     while not stop.is_set():
         try:
-            await stream_once(session, url, body, tokens, tally)
+            await once(session, url, body, tokens, tally)
         except (ValueError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             tally.errors.append(f"{type(exc).__name__}: {exc}")
             if len(tally.errors) <= 10:
@@ -177,21 +206,25 @@ async def measure(
     ``profile``: (pid, path) to sample with py-spy over the window.
     """
     url = f"{base_url}/v1/chat/completions"
-    body = json.dumps(
-        {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "stream me some tokens"}],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+    request: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "stream me some tokens"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.unary:
+        request = {**request, "stream": False}
+        del request["stream_options"]
+    body = json.dumps(request).encode()
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         stop = asyncio.Event()
         tally = Tally()
         tasks = [
-            asyncio.create_task(client(session, url, body, args.tokens, stop=stop, tally=tally))
+            asyncio.create_task(
+                client(session, url, body, args.tokens, stop=stop, tally=tally, unary=args.unary)
+            )
             for _ in range(args.concurrency)
         ]
         await asyncio.sleep(args.warmup)
@@ -428,6 +461,23 @@ def main() -> int:
         help="dynamo-llm's --migration-limit (the raw relay is kept with migration on too)",
     )
     parser.add_argument(
+        "--unary",
+        action="store_true",
+        help="unary chats (stream: false) instead of streamed ones; the answer is checked whole",
+    )
+    parser.add_argument(
+        "--ours",
+        action="store_true",
+        help="the fake worker says it is a dynamo-llm worker (owned_by dynamo-llm): the frontend "
+        "then takes a unary chat's answer from it whole, where it streams from any other engine",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="CHECKOUT",
+        help="also measure dynamo-llm run from this checkout's src/ (e.g. a `git worktree add "
+        "--detach` of main), in turn with this one in every round: an A/B in one run",
+    )
+    parser.add_argument(
         "--py-spy",
         metavar="PATH",
         help="profile the frontend with py-spy over the last round's window through it, "
@@ -445,8 +495,9 @@ def main() -> int:
     # The load generator and, inheriting it, the worker on one core; the frontends on the other
     # (all started up front, each loaded alone in its turn).
     _common.pin_self(args.worker_cpu)
-    worker = FakeWorker(args.tokens, args.gap_ms)
+    worker = FakeWorker(args.tokens, args.gap_ms, ours=args.ours)
     peers: list[PeerRouter] = []
+    baseline: ServerProcess | None = None
     try:
         if os.sched_getaffinity(worker.pid) != {args.worker_cpu}:
             raise RuntimeError(f"the worker's affinity is {os.sched_getaffinity(worker.pid)}")
@@ -463,18 +514,34 @@ def main() -> int:
             names = ", ".join(["dynamo-llm serve --upstream", *(p.name for p in peers)])
             print(
                 f"cores: frontends ({names}) on core {args.frontend_cpu}, one loaded at a "
-                f"time; fake worker (bad_workers ok, {args.tokens} tokens) and this load "
+                f"time; fake worker (bad_workers ok, {args.tokens} tokens"
+                f"{', owned_by dynamo-llm' if args.ours else ''}) and this load "
                 f"generator on core {args.worker_cpu}\n"
                 f"machine: {_common.cpu_model()}, {os.cpu_count()} cores; Python "
                 f"{sys.version.split()[0]}; concurrency {args.concurrency}, warm-up "
                 f"{args.warmup:g} s, window {args.duration:g} s"
             )
             routers = [Router("dynamo-llm", frontend.url, frontend.pid)]
+            if args.baseline:
+                src = str(Path(args.baseline).resolve() / "src")
+                baseline = _common.start_server(
+                    [
+                        *("serve", "--upstream", worker.url, "--http-port", "0"),
+                        *("--log-level", "warning"),
+                        *("--migration-limit", str(args.migration_limit)),
+                    ],
+                    args.frontend_cpu,
+                    env={**os.environ, "PYTHONPATH": src},
+                )
+                assert baseline.url is not None
+                routers.append(Router("baseline", baseline.url, baseline.pid))
             routers += [Router(p.name, p.url, p.pid) for p in peers]
             return asyncio.run(run(args, worker, routers))
         finally:
             for peer in peers:
                 peer.stop()
+            if baseline is not None:
+                baseline.stop()
             frontend.stop()
     finally:
         worker.stop()

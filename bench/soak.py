@@ -268,13 +268,23 @@ async def soak(args: argparse.Namespace) -> int:
                 task.add_done_callback(tasks.discard)
                 await asyncio.sleep(rng.expovariate(args.rate))
             await asyncio.gather(*tasks, *bounces)
-            await asyncio.wait_for(app.wait_until_idle(), 30)
-            metrics_text = (await client.get("/metrics")).text
+            # A request the client hung up on may reach the app after the client's task ended
+            # (the server hands it over late on a busy machine): idle is only the end once every
+            # request sent has been counted, or the 30 s are up (then the check below fails).
+            settle_by = time.monotonic() + 30
+            while True:
+                await asyncio.wait_for(
+                    app.wait_until_idle(), max(0.1, settle_by - time.monotonic())
+                )
+                metrics_text = (await client.get("/metrics")).text
+                m = scrape(metrics_text, app.metrics.prefix)
+                totals: Counter[str] = Counter()
+                for labels, value in m.get("requests_total", []):
+                    totals[labels["error_type"] or "success"] += int(value)
+                if sum(totals.values()) >= tally.sent or time.monotonic() > settle_by:
+                    break
+                await asyncio.sleep(0.05)
         elapsed = time.monotonic() - t_start
-        m = scrape(metrics_text, app.metrics.prefix)
-        totals: Counter[str] = Counter()
-        for labels, value in m.get("requests_total", []):
-            totals[labels["error_type"] or "success"] += int(value)
         gauges = {
             name: sum(v for _, v in m.get(name, []))
             for name in ("inflight_requests", "queued_requests", "worker_inflight_requests")

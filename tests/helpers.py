@@ -8,7 +8,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_llm.router import Worker, WorkerSet
 
@@ -53,6 +55,26 @@ async def polled(
         if loop.time() - start > timeout:
             raise AssertionError(f"safety net: {what} not seen within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    """The samples of another process's ``/metrics`` (blocking: from a test on a loop, call it
+    in a thread), by name and labels."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 def environ_without_dyn() -> dict[str, str]:

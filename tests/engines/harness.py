@@ -36,6 +36,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.engines.priority import prioritise
+
 MODEL = "tiny-llama"
 KINDS = ("llama-server", "llama-cpp-python", "vllm")
 # Context per llama-server slot and of llama_cpp.server: long enough that an answer of
@@ -272,6 +274,8 @@ class Frontend:
 
     process: Process
     url: str = ""
+    prioritised: bool = False
+    """Its session is scheduled ahead of the engines' (:mod:`tests.engines.priority`)."""
 
     @property
     def base_url(self) -> str:
@@ -306,7 +310,8 @@ def start_frontend(
     proc = Process(name, frontend_command(upstreams, flags), log_dir / f"{name}.log", env)
     mark = proc.log_path.stat().st_size if proc.log_path.exists() else 0
     proc.start()
-    fe = Frontend(proc)
+    assert proc.proc is not None
+    fe = Frontend(proc, prioritised=prioritise(proc.proc.pid))
 
     def serving() -> bool:
         if not proc.alive:

@@ -115,14 +115,16 @@ def _assert_engine_stops(fleet: Pair, e: Engine, mark: int) -> None:
 def test_client_hang_up_stops_the_engine(
     fleet: Pair, phase: str, request: pytest.FixtureRequest
 ) -> None:
-    if fleet.kind == "vllm" and phase == "unary":
-        # A known bug, not a slow machine: in about half of the runs (quiet or loaded) the
-        # frontend never notices that a unary client in front of vLLM hung up, until the
-        # frontend stops; with the mocker worker it is noticed at once. Not found yet (issue 9).
-        request.applymarker(
-            pytest.mark.xfail(reason="a unary hang-up in front of vLLM is sometimes missed")
-        )
     fe = fleet.frontend()
+    if fleet.kind == "vllm" and phase == "unary" and not fe.prioritised:
+        # A generating vLLM starves every other session of CPU for seconds (tests/engines/
+        # priority.py): a frontend left at the engines' priority notices the hang-up late.
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="the frontend could not be scheduled ahead of vLLM (no CAP_SYS_NICE or "
+                "no autogroups): starved, it notices a unary hang-up seconds late"
+            )
+        )
     marks = [e.log_mark() for e in fleet.engines]
     before = _generated(fleet, marks)
     max_tokens = HANGUP_TOKENS[fleet.kind]

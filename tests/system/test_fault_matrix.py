@@ -408,7 +408,10 @@ async def worker_fault_case(
     error = error_of(reply)
     assert error["code"] == expected.code, (case, error)
     assert not reply.done, case
-    assert reply.seconds < 1.8, (case, reply.seconds)
+    if expected.code == "response_timeout":
+        # The router's 1 s limit fired, not the HTTP layer's 2 s net: only the router's reports
+        # the worker down (a behaviour, where a wall-clock bound would fail on a busy machine).
+        assert b.fe.worker(bad.url).quarantined, case
     assert b.fe.value("disconnected_clients") == 0, case
     await b.assert_invariants(case)
 

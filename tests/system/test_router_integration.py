@@ -18,7 +18,6 @@ round-robin's first choice is known.
 
 import asyncio
 import json
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,9 +53,9 @@ MODES = ["round-robin", "random", "power-of-two", "least-loaded", "kv", "direct"
 
 async def ids_seen(worker: BadWorker) -> list[str]:
     """The client requests the worker saw. Not the probes of a quarantined worker (1-token
-    completions): the frontend streams every client request upstream, a probe is unstreamed."""
+    completions), which carry no client id (``X-Client-Request-Id``): their id is their own."""
     requests = (await worker.record())["requests"]
-    return [seen["id"] for seen in requests if (seen["body"] or {}).get("stream")]
+    return [seen["id"] for seen in requests if seen["id"] != seen["upstream_id"]]
 
 
 # --- 1. client hang-ups reach the worker ---------------------------------------------------------
@@ -136,48 +135,48 @@ class Fault:
     code: str | None
     error_type: str  # requests_total{error_type}
     quarantines: bool
-    within: float  # the request ends this soon (seconds)
     why: str
 
 
-# The router's limits are 1 s (LIMITS); the HTTP layer's net is 2 s, so a limit that fires in
-# about 1 s was the router's, and only the router's quarantines the worker.
+# The router's limits are 1 s (LIMITS); the HTTP layer's net is 2 s, and only the router's
+# limit quarantines the worker: `quarantines` tells the two apart (no wall-clock bound, which
+# would fail on a busy machine).
 FAULTS = {
     # (A worker that refuses connections is not here: its request is retried on the healthy
     # worker, see tests/system/test_idle_workers.py.)
     "never-answers": Fault(
         "zombie", 504, "timeout_error", "response_timeout", "response_timeout", True,
-        1.5, "no headers within the 1 s first-token limit: the router's timer (SPEC §4, §8.3)",
+        "no headers within the 1 s first-token limit: the router's timer (SPEC §4, §8.3)",
     ),
     "silent-after-first-event": Fault(
         "zombie-after-first", 200, "timeout_error", "response_timeout", "response_timeout", True,
-        1.5, "the stream started, then 1 s of silence: the router's inactivity timer",
+        "the stream started, then 1 s of silence: the router's inactivity timer",
     ),
     "stops-mid-stream": Fault(
         "stop-mid-stream", 200, "service_unavailable_error", "worker_disconnected", "unavailable",
-        True, 0.5, "the body ended without [DONE]: a stream without its terminal item",
+        True, "the body ended without [DONE]: a stream without its terminal item",
     ),
     "dies-mid-stream": Fault(
         "die-mid-stream", 200, "service_unavailable_error", "worker_disconnected", "unavailable",
-        True, 0.5, "the worker process exited: the connection dropped mid-stream",
+        True, "the worker process exited: the connection dropped mid-stream",
     ),
     # Not in SPEC §8.2's list (which issue 4 says is exhaustive): the worker answered, with its
     # own error, so the request fails but the worker stays in rotation.
     "answers-500": Fault(
         "http-500", 502, "upstream_error", None, "internal", False,
-        0.5, "the worker's own 5xx is passed on as a bad gateway (UpstreamError)",
+        "the worker's own 5xx is passed on as a bad gateway (UpstreamError)",
     ),
     "error-event-mid-stream": Fault(
         "error-mid-stream", 200, "upstream_error", None, "internal", False,
-        0.5, "the worker's own error event is passed on as an UpstreamError frame",
+        "the worker's own error event is passed on as an UpstreamError frame",
     ),
     "malformed-sse": Fault(
         "malformed-sse", 502, "upstream_error", None, "internal", False,
-        0.5, "a broken first event: bad gateway before any byte reached the client",
+        "a broken first event: bad gateway before any byte reached the client",
     ),
     "busy": Fault(
         "busy", 503, "overloaded_error", "all_workers_busy", "overload", False,
-        0.5, "the worker sheds load: an overload, which never quarantines",
+        "the worker sheds load: an overload, which never quarantines",
     ),
 }  # fmt: skip
 
@@ -207,7 +206,6 @@ async def test_a_faulty_worker_fails_its_request_is_avoided_and_returns(
             assert failed.status == fault.status, (fault.why, failed.body)
             error = failed.error()
             assert (error["type"], error["code"]) == (fault.type, fault.code), (fault.why, error)
-            assert failed.seconds < fault.within, (fault.why, failed.seconds)
             assert fe.value("requests_total", error_type=fault.error_type) == 1
             assert fe.value("disconnected_clients") == 0  # a worker fault is no hang-up
             quarantined = fault.quarantines
@@ -273,7 +271,6 @@ async def test_unary_requests_to_faulty_workers_get_the_matching_http_error(
             ):
                 assert reply.status == status, (name, reply.body)
                 assert reply.error()["code"] == code, (name, reply.body)
-                assert reply.seconds < 1.5, (name, reply.seconds)
                 # Counted against the worker (it may be back already: its back-off is 1 s).
                 assert (fe.worker(w[name].url).failures > 0) == quarantines, name
             await fe.app.wait_until_idle()
@@ -298,14 +295,12 @@ async def test_a_worker_killed_mid_stream_fails_the_request_at_once_and_returns(
         async with routed_frontend(tmp_path, {"m": [bad.url, good.url]}, env=LIMITS) as fe:
             client = await RawClient.send(fe, chat("m", stream=True), {})
             await client.events(2)
-            t0 = time.monotonic()
             await bad.kill()  # SIGKILL: the kernel resets its sockets
             rest = await client.rest()
-            ended = time.monotonic() - t0
             assert b"event: error" in rest
+            # The dropped connection ended it, not the 1 s inactivity limit (response_timeout).
             assert b'"code":"worker_disconnected"' in rest
             assert b"[DONE]" not in rest
-            assert ended < 0.5, f"the client waited {ended:.2f} s after the worker died"
             client.writer.close()
             assert fe.worker(bad.url).quarantined
             assert fe.value("requests_total", error_type="unavailable") == 1
@@ -335,9 +330,8 @@ async def test_a_worker_that_never_answers_is_quarantined_by_the_inactivity_limi
             failed = await send(fe, chat("m", stream=True))
             assert failed.status == 504
             assert failed.error()["type"] == "timeout_error"
-            # The router's own limit (1 s), not the HTTP layer's net (2 s), ended it ...
-            assert failed.seconds < 1.5, failed.seconds
-            # ... and took the silent worker out of rotation.
+            # The router's own limit (1 s), not the HTTP layer's net (2 s), ended it: only the
+            # router's takes the silent worker out of rotation.
             assert fe.worker(bad.url).quarantined
     assert not net.expired()
 

@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from dynamo_llm.engines.mocker.tokens import (
     WordTokenizer,
@@ -35,7 +34,7 @@ from dynamo_llm.engines.mocker.tokens import (
 )
 from dynamo_llm.protocols.chat import ChatMessage
 from dynamo_llm.testing.process import ServerProcess
-from tests.helpers import wait_for
+from tests.helpers import scrape, value, wait_for
 
 MODEL = "w"
 TOKENIZER = WordTokenizer()
@@ -76,22 +75,6 @@ def worker() -> Iterator[str]:
 def client(worker: str) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=f"{worker}/v1", api_key="x", max_retries=0, timeout=30) as c:
         yield c
-
-
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 def extra(obj: Any, name: str) -> Any:

@@ -385,11 +385,21 @@ async def test_aclose_from_another_task_ends_a_waiting_consumer_quietly(
     assert seen["disconnected"]
 
 
-async def test_kill_while_waiting_for_headers_cancels_the_admission(client: WorkerClient) -> None:
-    async with asyncio.timeout(SAFETY_NET) as net, spawn_bad_worker("zombie") as w:
-        request = chat()
+@pytest.mark.parametrize("whole", [False, True], ids=["stream", "whole-answer"])
+async def test_kill_while_waiting_for_headers_cancels_the_admission(
+    client: WorkerClient, whole: bool
+) -> None:
+    # A whole answer's headers come with it, after the generation (a gap per token here).
+    worker = spawn_bad_worker("ok", gap=1.0) if whole else spawn_bad_worker("zombie")
+    async with asyncio.timeout(SAFETY_NET) as net, worker as w:
+        request = chat(stream=not whole)
         ctx = EngineContext(request.id)
-        admission = asyncio.create_task(client.open_stream(w.url, request, ctx))
+        opening = (
+            client.open_answer(w.url, request, ctx)
+            if whole
+            else client.open_stream(w.url, request, ctx)
+        )
+        admission = asyncio.create_task(opening)
         await w.record(arrived=request.id)
         killed_at = time.monotonic()
         ctx.kill()
@@ -657,3 +667,49 @@ async def test_a_worker_key_added_after_start_is_sent_on_the_next_stream() -> No
     finally:
         await client.aclose()
         await session.close()
+
+
+# --- a unary answer taken whole ----------------------------------------------------------------
+
+
+async def test_a_unary_answer_comes_whole_with_our_id_and_model_and_the_workers_usage(
+    client: WorkerClient,
+) -> None:
+    async with asyncio.timeout(SAFETY_NET) as net, spawn_bad_worker("ok", foreign_ids=True) as w:
+        request = chat(stream=False)
+        outs = [out async for out in await client.open_answer(w.url, request, EngineContext("a"))]
+        pooled = idle_connections(client)  # before the worker exits and closes it
+        [seen] = (await w.record())["requests"]
+    assert not net.expired()
+    assert pooled == 1  # read to its end: the connection goes back to the pool
+    [out] = outs
+    assert out.response is not None
+    answer = msgspec.json.decode(out.response)
+    assert answer["id"] == f"chatcmpl-{request.id}" and answer["model"] == SERVED
+    assert answer["choices"][0]["message"]["content"] == "".join(TOKENS)
+    assert out.usage == Usage(answer["usage"]["prompt_tokens"], 5)
+    assert not seen["body"]["stream"] and "stream_options" not in seen["body"]
+
+
+async def test_a_request_of_several_choices_is_still_streamed(client: WorkerClient) -> None:
+    async with asyncio.timeout(SAFETY_NET) as net, spawn_bad_worker("ok") as w:
+        request = completion(stream=False, prompt=["one", "two"])
+        stream = await client.open_answer(w.url, request, EngineContext("b"))
+        outs = [out async for out in stream]
+        [seen] = (await w.record())["requests"]
+    assert not net.expired()
+    assert all(out.response is None for out in outs) and "".join(o.text for o in outs)
+    assert seen["body"]["stream"]
+
+
+async def test_a_worker_that_dies_while_generating_the_answer_dropped_it(
+    client: WorkerClient,
+) -> None:
+    async with asyncio.timeout(SAFETY_NET) as net, spawn_bad_worker("ok", gap=1.0) as w:
+        request = chat(stream=False)
+        answer = asyncio.create_task(client.open_answer(w.url, request, EngineContext("d")))
+        await w.record(arrived=request.id)
+        await w.kill()
+        with pytest.raises(WorkerDisconnected):
+            await answer
+    assert not net.expired()

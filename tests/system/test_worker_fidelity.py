@@ -2,8 +2,9 @@
 
 Black-box over real sockets: the routed frontend (``build_routed_app`` on granian, as
 ``dynamo-llm serve --upstream`` runs it) in front of :mod:`dynamo_llm.testing.recording_worker`
-workers, which record the raw body and the headers of every request; in-process engines behind
-the worker app; our own ``dynamo-llm worker`` app for the graceful stop.
+workers, which record the raw body and the headers of every request (a worker not of ours: asked
+for a stream, a unary request too); in-process engines behind the worker app; our own
+``dynamo-llm worker`` app for the graceful stop and the unary answer asked of it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dynamo_llm.engines.base import EngineOutput, EngineRequest, aclose_stream
 from dynamo_llm.engines.echo import EchoEngine
 from dynamo_llm.engines.endpoints import CHAT
 from dynamo_llm.fleet import build_routed_app
-from dynamo_llm.http.app import ServedModel, create_app
+from dynamo_llm.http.app import App, ServedModel, create_app
 from dynamo_llm.runtime import EngineContext, StopReason
 from dynamo_llm.runtime.clock import SystemClock
 from dynamo_llm.testing import Frontend, serving
@@ -85,7 +86,8 @@ def rich_chat(*, stream: bool, extras: Mapping[str, Any] = EXTRAS) -> dict[str, 
 
 
 def as_forwarded(sent: Mapping[str, Any]) -> dict[str, Any]:
-    """What the worker must receive for ``sent``: the same JSON, streamed with usage."""
+    """What a worker not of ours must receive for ``sent``: the same JSON, streamed with usage
+    (a unary request too: a real engine keeps generating a unary answer after a hang-up)."""
     options = dict(sent.get("stream_options") or {})
     return {**sent, "stream": True, "stream_options": {**options, "include_usage": True}}
 
@@ -119,6 +121,31 @@ def sse_chunks(response: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(e) for e in events[:-1]]
 
 
+class _WatchedEcho(EchoEngine):
+    """The echo engine, keeping every request it serves and its context."""
+
+    def __init__(self, delay_ms: float = 20) -> None:
+        super().__init__(SystemClock(), delay_ms=delay_ms)
+        self.requests: list[EngineRequest] = []
+        self.contexts: list[EngineContext] = []
+        self.started = asyncio.Event()
+
+    async def generate(
+        self, request: EngineRequest, ctx: EngineContext
+    ) -> AsyncIterator[EngineOutput]:
+        self.requests.append(request)
+        self.contexts.append(ctx)
+        self.started.set()
+        return await super().generate(request, ctx)
+
+
+def own_worker_app(engine: _WatchedEcho) -> App:
+    """Our own worker's app (control routes on) serving ``engine`` as ``MODEL``."""
+    return create_app(
+        Config.from_env({}), [ServedModel(MODEL, engine)], clock=SystemClock(), control_routes=True
+    )
+
+
 # --- pass-through ----------------------------------------------------------------------------
 
 
@@ -150,6 +177,41 @@ async def test_a_completions_request_passes_its_unknown_fields_on_too() -> None:
     assert response.json()["choices"][0]["text"] == "tok0tok1tok2"
     [received] = worker.received
     assert received.json == as_forwarded(sent)
+
+
+@pytest.mark.parametrize(
+    ("env", "whole"),
+    [
+        ({}, True),
+        ({"DYN_MIGRATION_LIMIT": "1"}, False),
+        ({"DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS": "30"}, False),
+        ({"DYN_HTTP_FIRST_TOKEN_TIMEOUT_SECS": "30"}, False),
+    ],
+    ids=["nothing-needs-events", "migration", "inactivity-limit", "first-token-limit"],
+)
+async def test_our_own_worker_is_asked_for_a_unary_answer_while_nothing_needs_its_events(
+    env: dict[str, str], whole: bool
+) -> None:
+    # Our own worker app (echo) behind the routed frontend: it says owned_by dynamo-llm.
+    engine = _WatchedEcho(delay_ms=0)
+    sent = {"model": MODEL, "prompt": "once upon a time", "max_tokens": 3}
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        serving(own_worker_app(engine)) as worker,
+        routed(worker.base_url, env=env) as fe,
+    ):
+        response = await post(fe, "/v1/completions", sent)
+    assert not net.expired()
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == "once upon a"
+    [request] = engine.requests
+    assert request.raw_body is not None
+    received = json.loads(request.raw_body)
+    if whole:
+        assert received == sent  # as the client sent it: no stream, no stream options
+    else:
+        assert received["stream"] is True
+        assert received["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize(
@@ -326,31 +388,13 @@ def _is_replay(received: Received) -> bool:
 # --- graceful stop -------------------------------------------------------------------------
 
 
-class _WatchedEcho(EchoEngine):
-    """The echo engine, keeping the context of every request it serves."""
-
-    def __init__(self) -> None:
-        super().__init__(SystemClock(), delay_ms=20)
-        self.contexts: list[EngineContext] = []
-        self.started = asyncio.Event()
-
-    async def generate(
-        self, request: EngineRequest, ctx: EngineContext
-    ) -> AsyncIterator[EngineOutput]:
-        self.contexts.append(ctx)
-        self.started.set()
-        return await super().generate(request, ctx)
-
-
 async def test_a_graceful_stop_reaches_our_worker_by_the_id_it_knows() -> None:
     # Our own worker app (echo, control routes on) behind the routed frontend's router. The
     # request's id is not a UUID; once it streams, its context is stopped gracefully (as the
     # control route does). Expected: the worker knew the request by a UUID, was told to stop
     # under that id (its context stopped explicitly, not hung up on) and ended the stream.
     engine = _WatchedEcho()
-    worker_app = create_app(
-        Config.from_env({}), [ServedModel(MODEL, engine)], clock=SystemClock(), control_routes=True
-    )
+    worker_app = own_worker_app(engine)
     client_id = "not-a-uuid-7"
     words = " ".join(f"w{i}" for i in range(500))
     raw = json.dumps(

@@ -32,6 +32,8 @@ cheap. ``raw`` is for relaying engines: already-rendered SSE bytes the frontend 
 are (it still counts ``num_tokens``), so the hot path never parses and re-encodes a chunk it does
 not need to change. ``chunks`` is for relaying engines too: where the frontend must fold or
 re-render a worker's stream, the worker's chunks as it sent them, so that no field is lost.
+``response`` is a relaying engine's whole unary answer, already in the client's shape, which
+the frontend sends as it is instead of folding a stream.
 """
 
 from __future__ import annotations
@@ -138,6 +140,11 @@ class EngineOutput(msgspec.Struct, gc=False):
     # logprobs, keys of the engine's own). In the relay modes only the usage chunk, which is
     # not relayed: its other keys (llama.cpp's ``timings``) go on the frontend's usage chunk.
     chunks: list[dict[str, Any]] | None = None
+    # A relaying engine's whole unary answer (a one-choice request asked of its worker, one of
+    # ours, as unary, since nothing needed its events): the response body in the client's
+    # shape, our id and model name in it, passed on as it is. It is the stream's only output,
+    # and its ``usage`` is the answer's (``num_tokens`` its completion count, or 1 when unknown).
+    response: bytes | None = None
 
 
 class OwnedStream:

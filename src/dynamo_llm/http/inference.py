@@ -8,7 +8,8 @@ gauges, tracked in the app state), build its engine requests through the family'
 task, under the armed connection handle: :meth:`~dynamo_llm.http.exchange.Exchange.
 handler_phase`) and, for a streaming request, the stream phase
 (:func:`~dynamo_llm.http.stream.monitor_for_disconnects`); a unary request is folded into one
-response by the :class:`~dynamo_llm.http.aggregate.Aggregator`. The outcome record is released
+response by the :class:`~dynamo_llm.http.aggregate.Aggregator` (or, from a router that asked its
+worker for a unary answer, is that answer as it came). The outcome record is released
 in exactly one place, the ``finally`` of :meth:`InferenceHandler.__call__`.
 """
 
@@ -19,7 +20,13 @@ import logging
 import time
 from typing import Any, Generic
 
-from ..engines.base import NO_ROUTING_HINT, EngineRequest, RoutingHint, aclose_stream
+from ..engines.base import (
+    NO_ROUTING_HINT,
+    EngineOutput,
+    EngineRequest,
+    RoutingHint,
+    aclose_stream,
+)
 from ..engines.endpoints import CHAT, COMPLETIONS, EndpointFamily, P
 from ..engines.fanout import open_fanout
 from ..errors import (
@@ -279,22 +286,36 @@ async def _collect(
     n: int,
     aggregator: Aggregator,
 ) -> bytes:
-    """The unary work: admit the sub-requests, then fold their outputs into the response."""
+    """The unary work: admit the sub-requests, then fold their outputs into the response.
+
+    A relaying engine's whole answer (``EngineOutput.response``: one choice, asked of its worker
+    as unary) is the response as it is; its tokens all reach the client path at once, at its
+    end (the first token's time is the answer's, the others' latency 0).
+    """
     ctx = exchange.ctx
     stream = await open_fanout(served.engine, requests, ctx, n=n)
     touch = exchange.watchdog.touch
     now = exchange.watchdog.clock.now
     on_tokens = exchange.record.on_tokens
+    whole: EngineOutput | None = None
     try:
         async for out in stream:
             t = now()
             touch(t)
             on_tokens(out.num_tokens, out.prompt_tokens, t)
-            aggregator.add(out)
+            if out.response is not None:
+                whole = out
+            else:
+                aggregator.add(out)
     finally:
         await aclose_stream(stream)
     if ctx.is_stopped:
         raise error_for_stop(ctx.reason)
+    if whole is not None:
+        assert whole.response is not None and len(requests) == 1
+        if whole.usage is not None:
+            exchange.record.on_usage(whole.usage)
+        return whole.response
     if aggregator.usage is not None:
         exchange.record.on_usage(aggregator.usage)
     return aggregator.render()

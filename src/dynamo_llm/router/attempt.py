@@ -19,7 +19,10 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
    queue and prefill, and a migration's replay prefills the prompt and everything generated so
    far, far longer than a pause between tokens. The verdict is a
    :class:`~dynamo_llm.errors.WorkerSilent`, which a migrating request survives like a dropped
-   stream;
+   stream. A unary request to one of our own workers that does not migrate, while neither
+   limit is set, is asked of the worker as unary and its answer is the one output
+   (:meth:`~dynamo_llm.transport.WorkerClient.open_answer`): a whole answer has no events
+   before its end to time, and its first token comes with it;
 3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
    stream, stream ended without its terminal item, silence past the limit; the watchdog's
    verdict wins over the error it caused) goes to ``report_down``; a clean end to
@@ -157,8 +160,13 @@ class Attempt:
                 first_token_timeout=self._limits.first_token,
                 is_ours=worker.is_ours,
             )
+            stream: AsyncIterator[EngineOutput]
             if migrating or replay:
                 stream = await open_stream(track_tokens=True, relay=not replay)
+            elif self._takes_whole(request):
+                stream = await client.open_answer(
+                    worker.url, request, self.context, is_ours=worker.is_ours
+                )
             else:
                 stream = await open_stream()
         except BaseException as exc:
@@ -172,6 +180,19 @@ class Attempt:
             raise
         self._stream = stream
         return OwnedStream(self._relay(stream), self.aclose)
+
+    def _takes_whole(self, request: EngineRequest) -> bool:
+        """Whether a unary request's answer may come whole: from one of our own workers, and no
+        silence limit times its events (a whole answer has none before its end, so a first-token
+        or inactivity limit would cut a long but live generation and quarantine its worker)."""
+        limits = self._limits
+        return (
+            # Only ours: real engines keep generating a unary answer after a client's hang-up.
+            self.worker.is_ours
+            and not request.params.stream
+            and limits.inactivity is None
+            and limits.first_token is None
+        )
 
     async def aclose(self) -> None:
         """Give back what the attempt holds, and close the upstream stream. Idempotent."""

@@ -13,11 +13,16 @@ async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
     """Cancel ``task`` and wait until its cleanup has run.
 
     ``asyncio.wait`` does not re-raise the task's own ``CancelledError`` but does propagate a
-    cancellation of the caller, so neither is swallowed.
+    cancellation of the caller, so neither is swallowed. An error the task ended with (it may
+    have failed just before it was cancelled, e.g. a worker's timeout racing the client's
+    hang-up) is the caller's to drop: it is taken, so asyncio does not log it as "never
+    retrieved" when the task is freed.
     """
     if not task.done():
         task.cancel()
     await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
 
 
 class Periodic:

@@ -33,8 +33,9 @@ A request continues a script where a migration's replay says it stopped: a token
 its ids >= 1000, a text prompt or a final assistant message (``continue_final_message``) after
 its ``tN`` words. ``--hold-after K`` stops a fresh request (not a continuation) after ``K``
 events past the role chunk and waits (to be killed mid-stream). A unary request (``stream:
-false``) gets the script folded by hand, as an engine's own unary answer; the frontend never
-asks for one, the tests compare against it.
+false``) gets the script folded by hand, as an engine's own unary answer (``prompt_token_ids``
+placed as in the stream): the frontend asks for one when nothing needs the events, and the
+tests compare the folded stream against it.
 
 ``GET /_record`` returns ``{"requests": [{"path", "body"}]}``; ``GET /health`` and
 ``GET /v1/models`` answer as a worker should. :func:`spawn_fidelity_worker` runs one for a test.
@@ -329,6 +330,8 @@ class Script:
         choice["finish_reason"] = self.finish
         if self.token_ids:
             choice["token_ids"] = [p.id for p in self.pieces]
+            if not self.chat:
+                choice["prompt_token_ids"] = self.prompt_ids
         choice.update(x_choice="end", stop_reason=7)
         answer: dict[str, Any] = {
             "id": self.id,
@@ -337,6 +340,8 @@ class Script:
             "model": self.options.model,
             "choices": [choice],
         }
+        if self.token_ids and self.chat:
+            answer["prompt_token_ids"] = self.prompt_ids
         if self.options.usage:
             answer["usage"] = self._usage()
         answer.update(system_fingerprint=FINGERPRINT, x_engine=ENGINE, timings=self._timings())

@@ -124,7 +124,7 @@ class RecordingWorker:
         seen = _Seen(client_id, request.path, body, upstream_id)
         answer = _Stream(Options("ok", self.tokens, model=self.model), seen, body)
         if not body.get("stream"):
-            return answer.unary()
+            return await answer.unary(request, "ok")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if answer.chat:

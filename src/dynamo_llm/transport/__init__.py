@@ -15,6 +15,8 @@ graceful stop for our own workers). The modules, in the order a request meets th
   classes (:func:`error_from_worker`).
 - :mod:`.stream` — :class:`RemoteStream`: the read loop, cancellation and the release of the
   connection.
+- :mod:`.answer` — a unary answer taken whole (:meth:`WorkerClient.open_answer`): the worker's
+  body read to its end, passed on with its id and model name renamed, its usage read.
 - :mod:`.relay` — the raw relay's fast path, its check that each relayed event is a JSON-object
   line, and the id and model rewrite.
 - :mod:`.events` — the slow path: SSE events parsed into the shared chunk shape

@@ -9,6 +9,8 @@ validated Struct (which holds only the fields we know). The patch:
 
 - ``stream: true`` and ``stream_options.include_usage: true`` (the client's other stream options
   kept): a unary client is folded by the frontend, and usage is always the engine's own count;
+  or, for a unary answer taken whole (:mod:`.answer`), ``stream`` as the client sent it and no
+  ``stream_options`` (vLLM refuses them on a unary request);
 - ``model``: the worker's own name for the model, when it differs;
 - ``n`` removed, ``prompt`` replaced: a fan-out sub-request (one choice, one prompt of a batch);
 - ``max_tokens`` (or ``max_completion_tokens``, whichever the client used) when the attempt's
@@ -39,11 +41,16 @@ __all__ = ["upstream_body"]
 
 
 def upstream_body(
-    request: EngineRequest, *, model: str | None = None, return_token_ids: bool = False
+    request: EngineRequest,
+    *,
+    model: str | None = None,
+    return_token_ids: bool = False,
+    stream: bool = True,
 ) -> bytes:
     """The JSON body sent upstream: the client's request with what the relay needs changed.
 
-    Always ``stream: true`` with ``stream_options.include_usage: true``; ``model`` replaced when
+    ``stream: true`` with ``stream_options.include_usage: true`` (``stream=False``, a unary
+    answer taken whole: no ``stream_options``, ``stream`` left as sent); ``model`` replaced when
     given; a fan-out sub-request gets its own prompt and ``n`` dropped; a ``max_tokens``
     different from the client's (a migration's remaining budget) replaces it.
     """
@@ -51,13 +58,16 @@ def upstream_body(
     body = decode_object(request.raw_body)
     if body is None:
         body = msgspec.to_builtins(params)
-    options = body.get("stream_options")
-    if isinstance(options, msgspec.Raw):
-        options = _decode(options)
-    body["stream"] = True
-    body["stream_options"] = (
-        {**options, "include_usage": True} if isinstance(options, dict) else _USAGE_ONLY.copy()
-    )
+    if stream:
+        options = body.get("stream_options")
+        if isinstance(options, msgspec.Raw):
+            options = _decode(options)
+        body["stream"] = True
+        body["stream_options"] = (
+            {**options, "include_usage": True} if isinstance(options, dict) else _USAGE_ONLY.copy()
+        )
+    else:
+        body.pop("stream_options", None)
     if model is not None and model != params.model:
         body["model"] = model
     if (params.n or 1) > 1:

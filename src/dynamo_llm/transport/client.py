@@ -14,7 +14,9 @@ message, param and code; a 503 saying it is busy -> :class:`AllWorkersBusy`; a 5
 shutting down -> :class:`WorkerShuttingDown`; another 5xx -> :class:`UpstreamError` with the
 worker's message; a 2xx with a JSON body instead of an event stream ->
 :class:`UpstreamNoStream` (a failure of this request; the router probes the worker). What it
-returns is the attempt's :class:`~.stream.RemoteStream`.
+returns is the attempt's :class:`~.stream.RemoteStream`. :meth:`WorkerClient.open_answer` is its
+unary sibling, for a caller that needs no events: a one-choice unary request asked of the
+worker as unary, its answer returned whole (:mod:`.answer`).
 
 :meth:`WorkerClient.probe` is the active probe of a quarantined worker (:mod:`.probe`).
 
@@ -26,16 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
 
-from ..engines.base import EngineRequest
+from ..engines.base import EngineOutput, EngineRequest
 from ..engines.endpoints import family_of
 from ..errors import Cancelled, UpstreamError, WorkerDisconnected, WorkerUnreachable
 from ..protocols.completions import CompletionRequest
 from ..protocols.models import decode_model_list
 from ..runtime.context import EngineContext
+from .answer import one_output, read_answer, whole_answer
 from .auth import WorkerKeys
 from .body import upstream_body
 from .errors import (
@@ -157,13 +161,7 @@ class WorkerClient:
         :class:`Cancelled` (``ctx`` stopped meanwhile), or the worker's own error.
         """
         params = request.params
-        family = family_of(request)
-        subrequest = (params.n or 1) > 1 or (
-            isinstance(params, CompletionRequest)
-            and isinstance(params.prompt, list)
-            and _is_batch(params.prompt)
-        )
-        if not params.stream or subrequest or not relay:
+        if not params.stream or _is_subrequest(request) or not relay:
             mode = StreamMode.PARSED
         elif track_tokens:
             # The worker sends token ids; the migration state keeps the relayed bytes and parses
@@ -172,39 +170,123 @@ class WorkerClient:
         else:
             mode = StreamMode.RELAY
         body = upstream_body(request, model=model, return_token_ids=track_tokens)
-        upstream_id = ctx.id
-        headers = b"".join((
-            _FIXED_HEADERS, b"X-Request-Id: ", _header_value(upstream_id),
-            b"\r\nX-Client-Request-Id: ", _header_value(request.id), b"\r\n",
-        ))  # fmt: skip
         loop = asyncio.get_running_loop()
         deadline = None if first_token_timeout is None else loop.time() + first_token_timeout
-        resp = await self._post(url, family.path, body, headers, ctx, deadline=deadline)
-        status = resp.status
-        if status >= 400:
-            try:
-                error_body = await _read_bounded(resp, deadline)
-            finally:
-                resp.release()
-            raise error_from_worker(status, error_body)
-        content_type = resp.content_type
+        conn = await self._admit(url, request, ctx, body, whole=False, deadline=deadline)
+        content_type = conn.content_type
         if _is_json(content_type):
             # A JSON answer to a streamed request (an error, llama_cpp.server's way): not an
             # event stream, a failure of this request only.
+            status = conn.status
             try:
-                answer = await _read_bounded(resp, deadline)
+                answer = await _read_bounded(conn, deadline)
             finally:
-                resp.release()
+                conn.release()
             raise no_stream_error(status, content_type, answer)
+        return self._remote_stream(
+            url,
+            request,
+            ctx,
+            conn,
+            mode=mode,
+            is_ours=is_ours,
+            deadline=deadline,
+            response_id=response_id,
+        )
+
+    async def open_answer(
+        self,
+        url: str,
+        request: EngineRequest,
+        ctx: EngineContext,
+        *,
+        model: str | None = None,
+        is_ours: bool = False,
+    ) -> AsyncIterator[EngineOutput]:
+        """Ask the worker at ``url`` for a unary answer to ``request`` and return it whole, as
+        a stream of one output (:mod:`.answer`), for a caller that needs none of its events.
+
+        Nothing bounds the wait but ``ctx`` (a stop closes the connection): the answer comes
+        whole, so no first-token or silence limit can time it. A request of several choices (a
+        fan-out sub-request) or a streaming one gets :meth:`open_stream` instead, and a worker
+        that streams anyway is read as a parsed stream. Raises as :meth:`open_stream` does, and
+        :class:`WorkerDisconnected` when the connection drops before the answer's end.
+        """
+        if request.params.stream or _is_subrequest(request):
+            return await self.open_stream(url, request, ctx, model=model, is_ours=is_ours)
+        body = upstream_body(request, model=model, stream=False)
+        conn = await self._admit(url, request, ctx, body, whole=True, deadline=None)
+        response_id = family_of(request).response_id(request.id)
+        if conn.content_type == _EVENT_STREAM:
+            return self._remote_stream(
+                url,
+                request,
+                ctx,
+                conn,
+                mode=StreamMode.PARSED,
+                is_ours=is_ours,
+                deadline=None,
+                response_id=response_id,
+            )
+        status = conn.status  # read before the connection is released (which resets it)
+        answer = await read_answer(conn, ctx)
+        return one_output(
+            whole_answer(status, answer, response_id=response_id, model=request.model)
+        )
+
+    async def _admit(
+        self,
+        url: str,
+        request: EngineRequest,
+        ctx: EngineContext,
+        body: bytes,
+        *,
+        whole: bool,
+        deadline: float | None,
+    ) -> Connection:
+        """POST ``body`` for ``request``; the connection holding the worker's 2xx answer.
+
+        ``whole``: a unary answer is asked for (its head comes at its end). An error status is
+        read (bounded by ``deadline``) and raised as the worker's error.
+        """
+        headers = b"".join((
+            _ANSWER_HEADERS if whole else _STREAM_HEADERS,
+            b"X-Request-Id: ", _header_value(ctx.id),
+            b"\r\nX-Client-Request-Id: ", _header_value(request.id), b"\r\n",
+        ))  # fmt: skip
+        path = family_of(request).path
+        conn = await self._post(url, path, body, headers, ctx, deadline=deadline, whole=whole)
+        status = conn.status
+        if status >= 400:
+            try:
+                error_body = await _read_bounded(conn, deadline)
+            finally:
+                conn.release()
+            raise error_from_worker(status, error_body)
+        return conn
+
+    def _remote_stream(
+        self,
+        url: str,
+        request: EngineRequest,
+        ctx: EngineContext,
+        conn: Connection,
+        *,
+        mode: StreamMode,
+        is_ours: bool,
+        deadline: float | None,
+        response_id: str | None,
+    ) -> RemoteStream:
+        params = request.params
         if response_id is None:
-            response_id = family.response_id(request.id)
+            response_id = family_of(request).response_id(request.id)
         options = params.stream_options
         return RemoteStream(
             self.session,
             url,
-            resp,
+            conn,
             ctx,
-            request_id=upstream_id,
+            request_id=ctx.id,
             response_id=response_id,
             model=request.model,
             mode=mode,
@@ -222,7 +304,15 @@ class WorkerClient:
         ctx: EngineContext,
         *,
         deadline: float | None,
+        whole: bool = False,
     ) -> Connection:
+        """The connection holding the worker's answer head (a first try closed unanswered is
+        retried once, on a new connection if need be).
+
+        ``whole``: the head comes with a whole answer, after the generation. A worker that
+        closed the connection unanswered and then refuses the retry's has dropped the request
+        it was generating (:class:`WorkerDisconnected`), rather than being unreachable.
+        """
         if ctx.is_stopped:
             raise Cancelled()
         pool = self.pool
@@ -248,6 +338,8 @@ class WorkerClient:
                 error = admission_error(exc, timer.expired(), ctx)
                 if error is None and attempt == 1:
                     continue  # the worker closed a pooled connection just as we reused it
+                if whole and attempt == 2 and isinstance(error, WorkerUnreachable):
+                    error = WorkerDisconnected("The worker's connection dropped before it answered")
                 raise (error or WorkerDisconnected()) from exc
         raise AssertionError("unreachable")
 
@@ -319,6 +411,19 @@ def _is_batch(prompt: list[str | int | list[int]]) -> bool:
     return len(prompt) > 1 and not isinstance(prompt[0], int)
 
 
+def _is_subrequest(request: EngineRequest) -> bool:
+    """Whether ``request`` is one choice of a fan-out (``n > 1``, or a batch of prompts)."""
+    params = request.params
+    return (params.n or 1) > 1 or (
+        isinstance(params, CompletionRequest)
+        and isinstance(params.prompt, list)
+        and _is_batch(params.prompt)
+    )
+
+
+_EVENT_STREAM = "text/event-stream"
+
+
 def _expire(timer: asyncio.Timeout, _ctx: EngineContext) -> None:
     if not timer.expired():
         timer.reschedule(-1.0)
@@ -338,7 +443,8 @@ async def _read_bounded(resp: Connection, deadline: float | None) -> bytes:
     return b"".join(parts)[:65536]
 
 
-_FIXED_HEADERS = b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+_STREAM_HEADERS = b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+_ANSWER_HEADERS = b"Content-Type: application/json\r\nAccept: application/json\r\n"
 
 
 def _header_value(value: str) -> bytes:

@@ -35,13 +35,14 @@ def router_over(
     *,
     limits: AttemptLimits | None = None,
     migration_limit: int = 0,
+    ours: bool = False,
 ) -> tuple[Metrics, WorkerSet, Router]:
-    """A round-robin Router over ``urls`` (each serving ``MODEL``, every probe passing) that opens
-    its streams through the scripted ``client``."""
+    """A round-robin Router over ``urls`` (each serving ``MODEL``, every probe passing; each a
+    ``dynamo-llm worker`` if ``ours``) that opens its streams through the scripted ``client``."""
     metrics = Metrics()
     workers = WorkerSet(clock=clock, probe=probe_ok, metrics=metrics)
     for url in urls:
-        workers.add(Worker(url, [MODEL]))
+        workers.add(Worker(url, [MODEL], is_ours=ours))
     router = Router(
         workers,
         RoutingPolicy(RouterMode.ROUND_ROBIN),

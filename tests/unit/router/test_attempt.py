@@ -1,6 +1,7 @@
 """An attempt's time limits (SPEC §4, §8.3): the wait for its first item is the first-token
 limit's, the pauses after it the inactivity limit's, and a migration's replay is an attempt like
-any other.
+any other. And how an attempt asks its worker: a unary answer taken whole only from our own
+workers, while nothing needs the events.
 
 A replay asks the new worker to prefill the prompt *and every token generated so far*: its first
 token may take much longer than any pause between two tokens of a live stream (issue 9: a vLLM
@@ -100,3 +101,66 @@ async def test_a_replays_long_prefill_is_waited_for_under_the_first_token_limit(
 async def test_without_a_first_token_limit_the_inactivity_limit_bounds_the_replays_wait() -> None:
     with pytest.raises(WorkerSilent, match="sent nothing for 2 s"):
         await run(AttemptLimits(inactivity=2))
+
+
+# --- a unary answer taken whole, from our own workers only ------------------------------------
+
+
+class Opening:
+    """Stands in for WorkerClient: records which way each request was asked of the worker."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def open_stream(
+        self, url: str, request: EngineRequest, ctx: EngineContext, **kwargs: Any
+    ) -> AsyncGenerator[EngineOutput, None]:
+        self.calls.append("stream")
+        return self._one(EngineOutput("t0", finish_reason="stop"))
+
+    async def open_answer(
+        self, url: str, request: EngineRequest, ctx: EngineContext, **kwargs: Any
+    ) -> AsyncGenerator[EngineOutput, None]:
+        self.calls.append("answer")
+        return self._one(EngineOutput(finish_reason="stop", response=b'{"choices": []}'))
+
+    async def _one(self, out: EngineOutput) -> AsyncGenerator[EngineOutput, None]:
+        yield out
+
+
+def unary_completion(*, stream: bool = False) -> EngineRequest:
+    body = {"model": MODEL, "prompt": "hi", "stream": stream, "max_tokens": 1}
+    params = decode_completion_request(msgspec.json.encode(body))
+    return COMPLETIONS.request(params, "hi", id="u1", model=MODEL, max_tokens=1)
+
+
+@pytest.mark.parametrize(
+    ("ours", "stream", "limits", "migration_limit", "asked"),
+    [
+        (True, False, AttemptLimits(), 0, "answer"),
+        # A real engine keeps generating a unary answer after a hang-up: always a stream.
+        (False, False, AttemptLimits(), 0, "stream"),
+        (True, True, AttemptLimits(), 0, "stream"),
+        (True, False, AttemptLimits(), 1, "stream"),
+        (True, False, AttemptLimits(inactivity=30), 0, "stream"),
+        (True, False, AttemptLimits(first_token=30), 0, "stream"),
+    ],
+    ids=["ours", "foreign", "streaming", "migration", "inactivity-limit", "first-token-limit"],
+)
+async def test_only_our_own_workers_are_asked_for_a_whole_answer_while_nothing_needs_events(
+    ours: bool, stream: bool, limits: AttemptLimits, migration_limit: int, asked: str
+) -> None:
+    clock = FakeClock()
+    client = Opening()
+    _, _, router = router_over(
+        client, [GOOD], clock, limits=limits, migration_limit=migration_limit, ours=ours
+    )
+    async with asyncio.timeout(5):
+        outs = [
+            out
+            async for out in await router.generate(
+                unary_completion(stream=stream), EngineContext("u1")
+            )
+        ]
+    assert client.calls == [asked]
+    assert (outs[-1].response is not None) == (asked == "answer")

@@ -11,7 +11,8 @@ prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connec
                         seconds apart) for chat and completions; honours ``stream``,
                         ``stream_options.include_usage``, ``max_tokens``, ``return_token_ids``
                         (ids ``0..N-1``) and a graceful ``POST /v1/requests/<id>/stop``; answers
-                        400 to a request without messages / prompt or with ``max_tokens < 1``
+                        400 to a request without messages / prompt or with ``max_tokens < 1``;
+                        a unary answer comes after as long as the stream would take
 ``slow``                ``ok`` with gaps (``--gap``, default 0.5 s) between events, but alive
 ``refuse``              the port is bound but never listens: connections are refused
 ``zombie``              accepts, reads the request, never answers (any route but ``/_record``)
@@ -23,6 +24,13 @@ prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connec
 ``busy``                answers 503 ``all_workers_busy``
 ``malformed-sse``       a 200 event stream whose first event is invalid JSON, then non-SSE text
 ======================  =========================================================================
+
+A unary request (``stream: false``) meets its behaviour where its stream would:
+``zombie-after-first`` never answers, the mid-stream ones misbehave a few tokens' time in
+(``stop-mid-stream`` ends a body cut short, ``error-mid-stream`` answers 500), and
+``malformed-sse`` answers plain text. A frontend asks a worker for a unary answer only if it is
+one of ours: ``--owned-by dynamo-llm`` makes a bad worker say so in its ``/v1/models`` (it
+honours a graceful stop, and a hang-up cancels its handler, as our worker stops its engine).
 
 Every behaviour that listens keeps a record of what it saw: ``GET /_record`` returns
 ``{"requests": [{"id", "upstream_id", "path", "body", "disconnected", "disconnected_at",

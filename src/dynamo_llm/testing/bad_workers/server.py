@@ -59,8 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--foreign-ids", action="store_true", help="use its own response ids, as vLLM may"
     )
+    parser.add_argument(
+        "--owned-by",
+        default="bad",
+        help="its /v1/models' owned_by (dynamo-llm: the frontend takes it for one of its own)",
+    )
     args = parser.parse_args(argv)
-    options = Options(args.behaviour, args.tokens, args.gap, args.model, args.foreign_ids)
+    options = Options(
+        args.behaviour, args.tokens, args.gap, args.model, args.foreign_ids, args.owned_by
+    )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(options, args.port))

@@ -44,6 +44,8 @@ class BadWorker:
             str(o.gap),
             "--model",
             o.model,
+            "--owned-by",
+            o.owned_by,
         ]
         if o.foreign_ids:
             args.append("--foreign-ids")
@@ -119,6 +121,7 @@ async def spawn_bad_worker(
     gap: float = 0.0,
     model: str = "bad-model",
     foreign_ids: bool = False,
+    owned_by: str = "bad",
 ) -> AsyncIterator[BadWorker]:
     """Run a bad worker process for the body of the ``async with``; it is killed and reaped after.
 
@@ -129,7 +132,7 @@ async def spawn_bad_worker(
     """
     if behaviour not in BEHAVIOURS:
         raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
-    worker = BadWorker(Options(behaviour, tokens, gap, model, foreign_ids))
+    worker = BadWorker(Options(behaviour, tokens, gap, model, foreign_ids, owned_by))
     await worker.start()
     try:
         yield worker
