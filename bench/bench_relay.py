@@ -10,8 +10,12 @@ or parse, rewrite) turns it into outputs, as in ``serve --upstream``. It reports
 (``time.process_time``) per stream over ``--streams`` streams, best of ``--repeat``, for each
 client the tree has (``--client``), alternating: this tree's ``h1``
 (:mod:`dynamo_llm.transport.h1`) or, in a tree from before it, aiohttp's client protocol and C
-parser (``aiohttp``). The feeding costs the same in every tree, so run it under two
-``PYTHONPATH`` values to compare two trees.
+parser (``aiohttp``). ``chain`` (trees with ``h1``) drives the whole per-event path of a routed
+stream up to granian: the h1 client, the stream, the router's attempt and the HTTP layer's pump
+(watchdogs, metrics record, SSE response and its flush) into a writer that drops the bytes.
+The feeding costs the same in every tree, so run it under two ``PYTHONPATH`` values to compare
+two trees. ``--reads`` N cuts the answer's events into reads of ceil(events / N) each: a
+100-token answer is 104 events, so ``--reads 104`` is one event per read (a paced worker).
 
 Run: ``PYTHONPATH=src .venv/bin/python bench/bench_relay.py`` (see ``--help``).
 """
@@ -105,14 +109,14 @@ def _drive(stream: Any, feed: Any, reads: list[bytes]) -> int:
     raise AssertionError("the stream did not end")
 
 
-def _stream(resp: Any) -> Any:
+def _stream(resp: Any, ctx: EngineContext | None = None) -> Any:
     from dynamo_llm.transport.stream import RemoteStream, StreamMode
 
     return RemoteStream(
         None,  # type: ignore[arg-type]
         "http://worker",
         resp,
-        EngineContext(REQUEST_ID),
+        EngineContext(REQUEST_ID) if ctx is None else ctx,
         request_id=REQUEST_ID,
         response_id="chatcmpl-ours",
         model="llama",
@@ -134,6 +138,98 @@ def stream_h1(reads: list[bytes]) -> int:
     with contextlib.suppress(StopIteration):
         sent.send(None)
     return _drive(_stream(conn), conn.data_received, reads)
+
+
+class _Writer:
+    closed_errors = (ConnectionError,)
+
+    async def send(self, data: bytes) -> None:
+        pass
+
+
+class _Conn:
+    is_disconnected = False
+
+    async def start_stream(self, status: int, headers: Any) -> _Writer:
+        return _Writer()
+
+
+_METRICS: Any = None
+
+
+def stream_chain(reads: list[bytes]) -> int:
+    """The whole per-event chain of ``serve --upstream``, as far as granian: the h1 client,
+    :class:`RemoteStream`, the router's attempt (its watchdog, TTFT) and the HTTP layer's pump
+    (request watchdog, metrics record, SSE response, flush), into a writer that drops the bytes.
+    Returns the number of tokens the request's record counted (one per content event)."""
+    from types import SimpleNamespace
+
+    from dynamo_llm.engines.base import OwnedStream
+    from dynamo_llm.http import stream as http_stream
+    from dynamo_llm.http.sse import ChunkRenderer
+    from dynamo_llm.metrics import Metrics
+    from dynamo_llm.metrics.record import RequestRecord
+    from dynamo_llm.router.attempt import Attempt, AttemptLimits
+    from dynamo_llm.router.membership import Worker
+    from dynamo_llm.router.slot import InflightSlot
+    from dynamo_llm.runtime.clock import SystemClock
+    from dynamo_llm.runtime.watchdog import Watchdog
+    from dynamo_llm.transport.h1 import Connection
+
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = Metrics()
+    clock = SystemClock()
+    ctx = EngineContext(REQUEST_ID)
+    record = RequestRecord(_METRICS, "chat_completions", clock)
+    record.admit("llama")
+    exchange = SimpleNamespace(
+        ctx=ctx,
+        watchdog=Watchdog(clock, ctx, inactivity=60.0, first_token=None, deadline=None),
+        record=record,
+        conn=_Conn(),
+        request_id=REQUEST_ID,
+    )
+    worker = Worker("http://worker", ["llama"])
+    workers = SimpleNamespace(report_ok=lambda *a: None, report_down=lambda *a: None)
+    attempt = Attempt(
+        worker,
+        InflightSlot(worker, 0, lambda n: None),
+        ctx,
+        workers=workers,  # type: ignore[arg-type]
+        clock=clock,
+        limits=AttemptLimits(inactivity=30.0),
+    )
+    ctx.link_child(attempt.context)
+    attempt._started = clock.now()
+    attempt._dog.start()
+
+    conn = Connection()
+    conn.connection_made(_Transport())
+    sent = conn.request(b"").__await__()
+    sent.send(None)
+    conn.data_received(HEAD)
+    with contextlib.suppress(StopIteration):
+        sent.send(None)
+    remote = _stream(conn, attempt.context)
+    attempt._stream = remote
+    owned = OwnedStream(attempt._relay(remote), attempt.aclose)
+    response = http_stream.SseResponse(exchange, [])  # type: ignore[arg-type]
+    try:
+        state = http_stream._PumpState(response)
+    except TypeError:  # trees before the pump's state held its response
+        state = http_stream._PumpState()  # type: ignore[call-arg]
+    renderer = ChunkRenderer("chat", "chatcmpl-ours", "llama", 0)
+    pump = http_stream._pump(owned, response, renderer, exchange, state)  # type: ignore[arg-type]
+    for data in reads:
+        conn.data_received(data)
+        try:
+            pump.send(None)
+        except StopIteration as end:
+            if end.value != "ended":
+                raise AssertionError(f"the pump ended with {end.value!r}") from None
+            return record.output_tokens
+    raise AssertionError("the pump did not end")
 
 
 def stream_aiohttp(reads: list[bytes]) -> int:
@@ -168,7 +264,7 @@ def clients() -> dict[str, Any]:
     """The clients this tree can run, by name."""
     if importlib.util.find_spec("dynamo_llm.transport.h1") is None:
         return {"aiohttp": stream_aiohttp}
-    return {"h1": stream_h1}
+    return {"h1": stream_h1, "chain": stream_chain}
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -179,18 +275,19 @@ async def run(args: argparse.Namespace) -> None:
     available = clients()
     chosen = args.client or list(available)
     best = dict.fromkeys(chosen, float("inf"))
-    outputs = 0
+    outputs = dict.fromkeys(chosen, 0)
     for _ in range(args.repeat):
         for name in chosen:  # alternating, so a change in the machine's load hits all alike
             one = available[name]
             t0 = time.process_time()
             for _ in range(args.streams):
-                outputs = one(reads)
+                outputs[name] = one(reads)
             best[name] = min(best[name], (time.process_time() - t0) / args.streams)
     for name in chosen:
         print(
             f"{dynamo_llm.__file__} [{name}]: {args.tokens} tokens in {len(reads)} reads, "
-            f"{outputs} outputs per stream: {1e6 * best[name]:.1f} µs CPU per stream (best of "
+            f"{outputs[name]} {'tokens counted' if name == 'chain' else 'outputs'} per stream: "
+            f"{1e6 * best[name]:.1f} µs CPU per stream (best of "
             f"{args.repeat} x {args.streams} streams)"
         )
 
@@ -204,7 +301,8 @@ def main() -> int:
     parser.add_argument(
         "--client",
         action="append",
-        help="aiohttp (trees before transport/h1.py) or h1 (default: what the tree has)",
+        help="aiohttp (trees before transport/h1.py), h1, or chain (h1 through the attempt and "
+        "the HTTP layer's pump; default: what the tree has)",
     )
     asyncio.run(run(parser.parse_args()))
     return 0

@@ -168,8 +168,10 @@ class OwnedStream:
         self._gen = gen
         self._release = release
 
-    def __aiter__(self) -> OwnedStream:
-        return self
+    def __aiter__(self) -> AsyncIterator[EngineOutput]:
+        # The generator itself: iterating it directly saves a Python call per item, and
+        # closing still goes through :meth:`aclose`, whoever iterates.
+        return self._gen
 
     def __anext__(self) -> Awaitable[EngineOutput]:
         return self._gen.__anext__()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
 from ..engines.base import EngineOutput, aclose_stream
@@ -131,10 +131,13 @@ class SseResponse:
     async def flush(self) -> None:
         """Write the pending chunks (raises the writer's closed error if the client is gone);
         past the buffer limit, wait for the client to read first (see above)."""
-        if self.pending:
+        pending = self.pending
+        if pending:
             writer = self.writer
             assert writer is not None
-            data = self._take()
+            data = b"".join(pending)  # _take(), inlined: one piece is joined as is
+            pending.clear()
+            self.pending_size = 0
             size = len(data)
             if self._sent + size >= self._next_check:
                 self._next_check = self._sent + size + CHECK_EVERY
@@ -218,17 +221,18 @@ class SseResponse:
 
 
 class _PumpState:
-    __slots__ = ("in_source",)
+    __slots__ = ("_response", "in_source")
 
-    def __init__(self) -> None:
+    def __init__(self, response: SseResponse) -> None:
+        self._response = response
         self.in_source = False
 
-    async def flush(self, response: SseResponse) -> None:
+    async def flush(self) -> None:
         # While writing, the pump is not waiting on the source: a stop from elsewhere must not
         # interrupt the write of items already received.
         self.in_source = False
         try:
-            await response.flush()
+            await self._response.flush()
         finally:
             self.in_source = True
 
@@ -257,13 +261,10 @@ async def _pump(
     on_tokens = exchange.record.on_tokens
     render = renderer.render
     add_usage = renderer.add_usage
-    next_item = stream.__anext__
+    next_item = aiter(stream).__anext__  # an OwnedStream's generator: one call fewer per item
     pending = response.pending
     append = pending.append
-
-    def flush() -> Awaitable[None]:
-        return state.flush(response)
-
+    flush = state.flush
     try:
         state.in_source = True
         try:
@@ -334,7 +335,7 @@ async def monitor_for_disconnects(
     waker = exchange.waker
     handle.arm()
     record.mark_error(Outcome.CANCELLED)
-    state = _PumpState()
+    state = _PumpState(response)
     pump = asyncio.get_running_loop().create_task(
         _pump(stream, response, renderer, exchange, state)
     )

@@ -17,6 +17,7 @@ one), so this package imports nothing else of ours.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from enum import StrEnum
 from typing import Literal, Protocol
 
@@ -146,8 +147,12 @@ class RequestRecord:
         if now is None:
             now = self._now()
         if self.first_token_at is not None:
-            # The per-token path: children looked up once, at admission.
-            self._itl.observe((now - self._last_token_at) / num_tokens, num_tokens)
+            # The per-token path: children looked up once, at admission, and the inter-token
+            # latency's HistogramChild.observe inlined (a Python call fewer per item).
+            itl = self._itl
+            gap = (now - self._last_token_at) / num_tokens
+            itl.counts[bisect_left(itl.bounds, gap)] += num_tokens
+            itl.sum += gap * num_tokens
             self._last_token_at = now
             self.output_tokens += num_tokens
             self._output_tokens.value += num_tokens

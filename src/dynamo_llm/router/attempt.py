@@ -212,14 +212,14 @@ class Attempt:
         self, stream: AsyncIterator[EngineOutput]
     ) -> AsyncGenerator[EngineOutput, None]:
         worker, dog, observe = self.worker, self._dog, self._observe
-        touch = dog.touch
+        now = self._clock.now
         try:
             waiting_first = True
             async for out in stream:
-                touch()
+                t = dog.last_item = now()  # Watchdog.touch, inlined on the per-item path
                 if waiting_first and out.num_tokens > 0:
                     waiting_first = False
-                    self._observe_ttft(self._clock.now() - self._started)
+                    self._observe_ttft(t - self._started)
                 if observe is not None:
                     observe(out)
                 yield out

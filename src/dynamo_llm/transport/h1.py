@@ -39,6 +39,7 @@ answer) closes it (:meth:`close`), which is also how a worker learns that its cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from typing import TYPE_CHECKING, cast
 
@@ -110,6 +111,7 @@ class Connection(asyncio.Protocol):
         "_head_waiter",
         "_in_head",
         "_key",
+        "_loop",
         "_parser",
         "_paused",
         "_pool",
@@ -129,6 +131,7 @@ class Connection(asyncio.Protocol):
         self._pool = pool
         self._key = key
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.idle_since = 0.0
         self._reset()
@@ -188,28 +191,33 @@ class Connection(asyncio.Protocol):
                 raise self._error
             if self._eof:
                 return b""
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
             try:
                 await waiter
             finally:
                 self._waiter = None
-        if len(body) == 1:
-            data = body.pop()
-        elif self._size <= limit:
+        size = self._size
+        if size <= limit:
+            # All of it (most often one piece: a socket read of one HTTP chunk, which join
+            # returns as is).
             data = b"".join(body)
             body.clear()
+            self._size = size = 0
         else:
-            size = 0
+            got = 0
             taken = 0
             for part in body:
-                size += len(part)
+                got += len(part)
                 taken += 1
-                if size >= limit:
+                if got >= limit:
                     break
             data = b"".join(body[:taken])
             del body[:taken]
-        self._size -= len(data)
-        if self._paused and self._size < LOW_WATER:
+            self._size = size = size - got
+        if self._paused and size < LOW_WATER:
             self._paused = False
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
@@ -291,8 +299,12 @@ class Connection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.pause_reading()
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:  # _wake, inlined on the per-read path
+            self._waiter = None
+            try:  # noqa: SIM105 (contextlib.suppress is two more calls per read)
+                waiter.set_result(None)
+            except asyncio.InvalidStateError:
+                pass  # cancelled: its reader is being unwound
 
     # --- httptools' callbacks ---------------------------------------------------------
 
@@ -340,8 +352,13 @@ class Connection(asyncio.Protocol):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            # Woken once: the reader makes a new waiter when it has to wait again. (Not
+            # ``done()`` first: that is a call per read, and the waiter is only ever done when
+            # its reader was cancelled.)
+            self._waiter = None
+            with contextlib.suppress(asyncio.InvalidStateError):  # cancelled: being unwound
+                waiter.set_result(None)
 
     def _fail(self, error: H1Error) -> None:
         if self._eof:

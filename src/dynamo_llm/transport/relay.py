@@ -118,7 +118,7 @@ class RawRelay:
         if not window or part[0] == 58:  # 58 is ":", a comment line
             return None, part
         null_finish = self._null_finish
-        end = len(part)
+        size = end = len(part)
         while True:
             # The event part[start:end]: from after the boundary before its own final one.
             start = part.rfind(b"\n\n", 0, end - 2) + 2  # 1 when there is none: see below
@@ -130,20 +130,32 @@ class RawRelay:
             if start == 0:
                 return None, part
             end = start
-        prefix = part if end == len(part) else part[:end]
-        # One event is about one token (the exact count comes with the usage at the end).
-        num_tokens = prefix.count(b"\n\n")
+        prefix, rest = (part, b"") if end == size else (part[:end], part[end:])
         # Each event one `data:` line holding an object: see "Events are objects" above.
-        if (
-            not prefix.startswith(self._data_open)
-            or prefix.count(self._boundary) != num_tokens - 1
-            or prefix.count(b"\n") != 2 * num_tokens
-            or prefix[-3] != 125  # "}"
-        ):
-            return None, part
+        if start == 0:
+            # One event (a worker's paced stream: a read per event). No boundary can be in it
+            # (the walk found no other blank line), so its one line ending at the blank line
+            # is what the counts below check: one scan instead of three.
+            num_tokens = 1
+            if (
+                not prefix.startswith(self._data_open)
+                or prefix.find(b"\n") != end - 2
+                or prefix[-3] != 125  # "}"
+            ):
+                return None, part
+        else:
+            # One event is about one token (the exact count comes with the usage at the end).
+            num_tokens = prefix.count(b"\n\n")
+            if (
+                not prefix.startswith(self._data_open)
+                or prefix.count(self._boundary) != num_tokens - 1
+                or prefix.count(b"\n") != 2 * num_tokens
+                or prefix[-3] != 125  # "}"
+            ):
+                return None, part
         for old, new in self.rewrites:
             prefix = prefix.replace(old, new)
-        return EngineOutput(raw=prefix, num_tokens=num_tokens), part[end:]
+        return EngineOutput(raw=prefix, num_tokens=num_tokens), rest
 
     def pause(self) -> None:
         """Send every later buffer the slow way (the slow path holds an output back)."""

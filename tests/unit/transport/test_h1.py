@@ -121,6 +121,22 @@ async def test_a_reader_waiting_is_woken_by_the_next_read() -> None:
     assert await reader == b"hello"
 
 
+async def test_a_read_after_its_reader_was_cancelled_waits_for_the_next_reader() -> None:
+    conn, _ = await answered(CHUNKED)
+    reader = asyncio.ensure_future(conn.read_any())
+    await asyncio.sleep(0)
+    reader.cancel()  # its waiter is cancelled now; the reader unwinds on its next step
+    conn.data_received(b"5\r\nhello\r\n")
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    conn.data_received(b"1\r\n!\r\n")
+    assert await conn.read_any() == b"hello!"
+    again = asyncio.ensure_future(conn.read_any())
+    await asyncio.sleep(0)
+    conn.data_received(b"3\r\nabc\r\n")
+    assert await again == b"abc"
+
+
 async def test_content_length_and_bytes_after_it_stop_reuse() -> None:
     conn, _ = await answered(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
     assert conn.status == 503

@@ -56,3 +56,26 @@ def test_a_paused_relay_sends_everything_to_the_parser() -> None:
     relay, _ = relay_after_first()
     relay.pause()
     assert relay.pass_on(TOKENS[0]) == (None, TOKENS[0])
+
+
+def test_a_buffer_of_one_in_progress_chunk_is_relayed_as_one_token() -> None:
+    relay, _ = relay_after_first()
+    out, rest = relay.pass_on(TOKENS[0])
+    assert rest == b""
+    assert out is not None and out.num_tokens == 1
+    assert out.raw == TOKENS[0].replace(b'"up-1"', b'"chatcmpl-ours"').replace(
+        b'"model":"up"', b'"model":"ours"'
+    )
+
+
+def test_one_event_that_is_not_one_object_line_goes_to_the_parser() -> None:
+    # Each holds an in-progress chunk's ending, so only the events-are-objects check stops it.
+    body = TOKENS[0].removeprefix(b"data: ").removesuffix(b"\n\n")
+    for event in (
+        b'data: {"a":1}\ndata: ' + body + b"\n\n",  # a second data line
+        b"event: x\ndata: " + body + b"\n\n",  # not opened by `data: {`
+        b"data: " + body + b" ]\n\n",  # not closed by `}`
+        b"data: " + body + b"\n}\n\n",  # a line of its own for the last brace
+        b"data: " + body[:20] + b"\n" + body[20:] + b"\n\n",  # a line break inside
+    ):
+        assert relay_after_first()[0].pass_on(event) == (None, event), event
