@@ -74,7 +74,10 @@ class HistogramChild:
         self.sum = 0.0
 
     def observe(self, value: float, times: int = 1) -> None:
-        """Record ``value`` ``times`` times (inter-token latency observes Δt/n n times)."""
+        """Record ``value`` ``times`` times (inter-token latency observes Δt/n n times).
+
+        :meth:`~.record.RequestRecord.on_tokens` does the same two lines inline on the per-token
+        path: change them together."""
         self.counts[bisect_left(self.bounds, value)] += times
         self.sum += value * times
 

@@ -273,7 +273,12 @@ class Router:
         *,
         stamp: _Observer | None,
     ) -> AsyncGenerator[EngineOutput, None]:
-        observe = state.observe
+        def observe(item: EngineOutput) -> EngineOutput:
+            out = state.observe(item)
+            if stamp is not None:
+                stamp(out)
+            return out
+
         try:
             while True:
                 try:
@@ -282,18 +287,12 @@ class Router:
                         if item.usage is not None and state.lacks_prompt_count:
                             last = item  # the usage comes last: the stream ends after it
                             continue
-                        out = observe(item)
-                        if stamp is not None:
-                            stamp(out)
-                        yield out
+                        yield observe(item)
                     if last is not None:
                         # Counted once the replay's attempt is over, so its silence limit
                         # cannot fire while the count runs.
                         await self._count_prompt(state, ctx, key, exclude)
-                        last = observe(last)
-                        if stamp is not None:
-                            stamp(last)
-                        yield last
+                        yield observe(last)
                     return
                 except DynamoError as exc:
                     # The attempt has already reported its worker down and given back what it
