@@ -248,10 +248,10 @@ class Fleet:
             token_ids = await tokenizer.aencode(prompt) if isinstance(prompt, str) else prompt
         return self.kv_intake.predict(token_ids, worker_ids)
 
-    async def _fetch_models(self, url: str) -> tuple[frozenset[str], bool]:
+    async def _fetch_models(self, url: str) -> tuple[frozenset[str], str]:
         assert self._client is not None
-        models, ours = await self._client.list_models(url, within=MODELS_WITHIN)
-        return frozenset(models), ours
+        models, owner = await self._client.list_models(url, within=MODELS_WITHIN)
+        return frozenset(models), owner
 
     async def _check_idle(self, worker: Worker) -> DynamoError | None:
         assert self._client is not None

@@ -47,7 +47,7 @@ class Sidecar:
         self.clock = clock
         self.registration: Registration | None = None
         self._models: tuple[str, ...] = (config.model_name,) if config.model_name else ()
-        self._ours = False
+        self._owner = ""
         self._probe_path: str | None = None
         self._passing: bool | None = None
 
@@ -80,7 +80,7 @@ class Sidecar:
         within = self.config.worker_probe_timeout_secs
         if not self._models:
             try:
-                models, self._ours = await self.client.list_models(self.url, within=within)
+                models, self._owner = await self.client.list_models(self.url, within=within)
             except DynamoError as exc:
                 self._report(False, f"cannot list its models: {exc.message}")
                 return False
@@ -118,7 +118,7 @@ class Sidecar:
                 models=models,
                 namespace=config.namespace,
                 metrics_url=url + "/metrics",
-                owned_by="dynamo-llm" if self._ours else "engine",
+                owned_by=self._owner or "engine",
             )
 
         return Registration(

@@ -298,9 +298,10 @@ def test_an_empty_200_is_an_upstream_error_not_a_dead_worker(fleet: Pair) -> Non
 @only("vllm")
 @pytest.mark.parametrize("migration_limit", [0, 1], ids=["relayed", "migratable"])
 def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair, migration_limit: int) -> None:
-    # With migration on each relayed item counts the tokens its token ids list (asked for a
-    # replay), not its events: the counts below then agree with the engine's from the first
-    # item on, and an overcount would show (a counter cannot be corrected down by the usage).
+    # Each relayed item counts the tokens its token ids list (asked of vLLM whether or not the
+    # request may migrate), not its events: the counts below then agree with the engine's from
+    # the first item on, and an overcount would show (a counter cannot be corrected down by the
+    # usage). The client, which did not ask for the ids, never sees them.
     fe = fleet.frontend(fresh="metrics", migration_limit=migration_limit)
     marks = [e.log_mark() for e in fleet.engines]
 
@@ -315,7 +316,9 @@ def test_frontend_token_metrics_agree_with_the_engines(fleet: Pair, migration_li
     c = client(fe.base_url)
     requests, tokens = 4, 320
     for _ in range(requests):
-        stream_completion(c, tokens)
+        folded = stream_completion(c, tokens)
+        assert folded.token_ids == [] and folded.finish_reason == "length"
+        assert all("prompt_token_ids" not in ch for d in folded.chunks for ch in d["choices"])
     gen1, prompt1 = engine_tokens()
     assert gen1 - gen0 == requests * tokens
     m = fe.metrics()

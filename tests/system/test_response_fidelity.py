@@ -582,3 +582,42 @@ async def test_the_metrics_count_the_tokens_the_worker_generated_not_its_events(
         assert itl_count(fe) == tokens - 1
         assert fe.value("input_sequence_tokens_count") == 1
         assert fe.value("input_sequence_tokens_sum") == theirs["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("owner", "ids"),
+    [("vllm", False), ("vllm", True), ("fidelity", False)],
+    ids=["vllm", "vllm-client-asked-ids", "another-engine"],
+)
+async def test_a_vllm_workers_packed_tokens_are_counted_as_they_come_not_at_the_end(
+    owner: str, ids: bool
+) -> None:
+    # Two events of three tokens each, then the worker holds the stream: what the frontend
+    # counted by then is all it will have counted before the usage could correct it.
+    body = chat_body(stream=True, **({"return_token_ids": True} if ids else {}))
+    async with (
+        fronted(per_event=3, hold_after=2, owned_by=owner) as (worker, fe),
+        httpx.AsyncClient(base_url=fe.base_url, timeout=SAFETY_NET) as http,
+        http.stream("POST", path_of(body), json=body) as resp,
+    ):
+        assert resp.status_code == 200
+        chunks: list[dict[str, Any]] = []
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                chunks.append(json.loads(line[6:]))
+                if sum(1 for c in chunks if fold([c])[0]["content"]) == 2:
+                    break
+        (asked,) = await streamed_requests(worker)
+        counted, itl = fe.value("output_tokens_total"), itl_count(fe)
+    assert fold(chunks)[0]["content"] == "t0 t1 t2 t3 t4 t5 "
+    client_ids = [i for c in chunks for ch in c["choices"] for i in ch.get("token_ids") or ()]
+    if owner == "vllm":
+        # Asked for the ids it packs and counted them; the client sees them only if it asked.
+        assert asked["body"]["return_token_ids"] is True
+        assert (counted, itl) == (6, 5)
+        assert client_ids == (list(range(1000, 1006)) if ids else [])
+    else:
+        # Another engine's request is passed on as the client sent it, and its events
+        # counted one token each until its usage says more.
+        assert "return_token_ids" not in asked["body"]
+        assert (counted, itl) == (2, 1)

@@ -19,8 +19,9 @@ __all__ = ["BACKENDS", "Discovery", "ModelFetcher", "ModelsCallback", "ModelsPub
 
 BACKENDS = ("static", "file", "etcd")
 
-ModelFetcher = Callable[[str], Awaitable[tuple[frozenset[str], bool]]]
-"""``url -> (models, is ours)``: a worker's ``/v1/models``."""
+ModelFetcher = Callable[[str], Awaitable[tuple[frozenset[str], str]]]
+"""``url -> (models, owner)``: a worker's ``/v1/models`` (the owner as
+:func:`~dynamo_llm.protocols.models.decode_model_list` says it)."""
 
 ModelsCallback = Callable[[frozenset[str]], None]
 """Called with every model some worker serves, whenever that set changes."""

@@ -28,6 +28,7 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 
+from ..protocols.models import OURS
 from ..router import Worker, WorkerSet
 from ..router.kv_blocks import KvEventSource
 from ..runtime.clock import Clock
@@ -252,7 +253,9 @@ class EtcdDiscovery:
             self.workers.remove(redact_url(url))
             return
         models = frozenset(m for i in mine for m in i.models)
-        worker = self.workers.add(Worker(url, models, is_ours=any(i.is_ours for i in mine)))
+        owners = {i.owned_by for i in mine}
+        owner = OURS if OURS in owners else owners.pop() if len(owners) == 1 else ""
+        worker = self.workers.add(Worker(url, models, owner=owner))
         worker.instance_ids = tuple(sorted(iid for iid, i in self.instances.items() if i in mine))
         metrics = next((i.metrics_url for i in mine if i.metrics_url), None)
         worker.metrics_url = metrics

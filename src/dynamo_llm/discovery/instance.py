@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import msgspec
 
+from ..protocols.models import OURS
+
 __all__ = [
     "COMPONENT",
     "ENDPOINT",
@@ -49,7 +51,7 @@ class Instance(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def is_ours(self) -> bool:
-        return self.owned_by == "dynamo-llm"
+        return self.owned_by == OURS
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self)

@@ -34,8 +34,9 @@
   does not parse is logged and ignored, keeping the last good set.
 
 A worker whose ``/v1/models`` says ``owned_by: dynamo-llm`` is one of ours, so a graceful stop
-can be passed to it across the wire. Every change of the model set is reported to
-``on_models(models)``.
+can be passed to it across the wire; whatever owner its models name is kept on the worker
+(``Worker.owner``: ``vllm`` is asked for token ids, to count the tokens of its packed events).
+Every change of the model set is reported to ``on_models(models)``.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ class StaticDiscovery:
         learned = False
         for url in sorted(self._pending):
             try:
-                models, ours = await self._fetch(url)
+                models, owner = await self._fetch(url)
             except Exception as exc:  # unreachable, or not an OpenAI server: try again later
                 log.warning(
                     "worker %s: cannot list its models yet (%s)", redact_url(url), _describe(exc)
@@ -264,7 +265,7 @@ class StaticDiscovery:
                 continue
             self._pending.discard(url)
             extra = self._file_workers.get(url, frozenset())
-            self.workers.add(Worker(url, models | extra, is_ours=ours))
+            self.workers.add(Worker(url, models | extra, owner=owner))
             log.info(
                 "worker %s serves %s", redact_url(url), ", ".join(sorted(models)) or "no model"
             )
@@ -310,9 +311,7 @@ class StaticDiscovery:
             merged = frozenset(models) | (
                 existing.models if url in self._urls and existing else frozenset()
             )
-            worker = self.workers.add(
-                Worker(url, merged, is_ours=existing.is_ours if existing else False)
-            )
+            worker = self.workers.add(Worker(url, merged, owner=existing.owner if existing else ""))
             worker.kv_events = upstream.kv_events.get(url)
         self._file_workers = {url: frozenset(m) for url, m in wanted.items()}
         log.info(

@@ -23,7 +23,13 @@ The :class:`~.engine.Router` chooses the worker and takes its in-flight slot; an
    limit is set, is asked of the worker as unary and its answer is the one output
    (:meth:`~dynamo_llm.transport.WorkerClient.open_answer`): a whole answer has no events
    before its end to time, and its first token comes with it;
-3. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
+3. a streamed request to a worker whose events pack several tokens (:data:`PACKS_TOKENS`: vLLM)
+   asks it for token ids too (``return_token_ids``), so that each relayed output counts the
+   tokens it holds, not its events, and the time between two events is shared by their tokens
+   (``inter_token_latency``) as it comes, not corrected from the usage at the end; the relay
+   strips the ids from the bytes the client gets, unless it asked for them (then they are only
+   counted);
+4. it reports the outcome to the worker set: a fault that quarantines (connect failure, dropped
    stream, stream ended without its terminal item, silence past the limit; the watchdog's
    verdict wins over the error it caused) goes to ``report_down``; a clean end to
    ``report_ok``. Client cancellations, 4xx answers and slow-but-live streams never count
@@ -50,12 +56,18 @@ from ..runtime.context import EngineContext
 from ..runtime.ids import new_request_id
 from ..runtime.watchdog import Watchdog
 from .membership import Worker, WorkerSet
+from .replay_buffer import strip_token_ids
 from .slot import InflightSlot
 
 if TYPE_CHECKING:
     from ..transport import WorkerClient
 
-__all__ = ["Attempt", "AttemptLimits"]
+__all__ = ["PACKS_TOKENS", "Attempt", "AttemptLimits"]
+
+PACKS_TOKENS = frozenset({"vllm"})
+"""The owners (``/v1/models``' ``owned_by``) whose stream events may each hold several tokens:
+vLLM sends what it generated since its last event in one. The relay counts events, so a streamed
+request to such a worker asks it for token ids and counts them (see :class:`Attempt`)."""
 
 log = logging.getLogger("dynamo_llm.router")
 
@@ -82,6 +94,7 @@ class Attempt:
         "_slot",
         "_started",
         "_stream",
+        "_unpack",
         "_workers",
         "context",
         "upstream_id",
@@ -122,6 +135,9 @@ class Attempt:
             error=WorkerSilent,
         )
         self._stream: AsyncIterator[EngineOutput] | None = None
+        self._unpack: str | None = None
+        """Relayed bytes hold token ids: ``"strip"`` (count them and take them out) or
+        ``"count"`` (the client asked for them too); None: they hold none to count."""
         self._started = 0.0
         self._released = False
 
@@ -167,6 +183,10 @@ class Attempt:
                 stream = await client.open_answer(
                     worker.url, request, self.context, is_ours=worker.is_ours
                 )
+            elif request.params.stream and worker.owner in PACKS_TOKENS:
+                asked = request.params.return_token_ids
+                self._unpack = "count" if asked else "strip"
+                stream = await open_stream(track_tokens=not asked)
             else:
                 stream = await open_stream()
         except BaseException as exc:
@@ -213,10 +233,17 @@ class Attempt:
     ) -> AsyncGenerator[EngineOutput, None]:
         worker, dog, observe = self.worker, self._dog, self._observe
         now = self._clock.now
+        unpack, strip = self._unpack is not None, self._unpack == "strip"
         try:
             waiting_first = True
             async for out in stream:
                 t = dog.last_item = now()  # Watchdog.touch, inlined on the per-item path
+                if unpack and out.raw and out.token_ids is None:
+                    # The relay counted events; the ids say how many tokens they held.
+                    stripped, extra = strip_token_ids(out.raw)
+                    out.num_tokens += extra
+                    if strip:
+                        out.raw = stripped
                 if waiting_first and out.num_tokens > 0:
                     waiting_first = False
                     self._observe_ttft(t - self._started)

@@ -32,6 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..metrics import Metrics
+from ..protocols.models import OURS
 from ..runtime.clock import Clock
 from ..runtime.urls import redact_url
 from .kv_blocks import KvEventSource
@@ -79,6 +80,7 @@ class Worker:
         "max_inflight",
         "metrics_url",
         "models",
+        "owner",
         "probe_path",
         "url",
     )
@@ -91,7 +93,11 @@ class Worker:
         worker_id: str | None = None,
         max_inflight: int | None = None,
         is_ours: bool = False,
+        owner: str = "",
     ) -> None:
+        """``owner``: who serves the worker's models, as its ``/v1/models`` says (``owned_by``:
+        ``dynamo-llm`` makes it one of ours, as ``is_ours`` does; ``vllm``, ...; ``""``:
+        unknown)."""
         if max_inflight is not None and max_inflight <= 0:
             raise ValueError("max_inflight must be positive")
         # The id is shown (metrics labels, /health, logs): never the credentials a URL may hold.
@@ -99,7 +105,8 @@ class Worker:
         self.url = url
         self.models = frozenset(models)
         self.max_inflight = max_inflight
-        self.is_ours = is_ours  # a `dynamo-llm worker`: it understands our stop route
+        self.owner = OURS if is_ours else owner
+        self.is_ours = self.owner == OURS  # a `dynamo-llm worker`: it understands our stop route
         self.last_ttft: float | None = None
         # The probe that last decided this worker's return (its path), tried first next time.
         self.probe_path: str | None = None
@@ -241,13 +248,14 @@ class WorkerSet:
         """Register ``worker`` and return the registered object.
 
         When a worker with the same id is already registered it stays (with its in-flight
-        count and quarantine state) and takes the new one's url, models, ``is_ours`` and, if
+        count and quarantine state) and takes the new one's url, models, owner and, if
         set, ``max_inflight``: a discovery refresh does not reset a worker.
         """
         existing = self._workers.get(worker.id)
         if existing is not None:
             existing.url = worker.url
             existing.is_ours = worker.is_ours
+            existing.owner = worker.owner
             if worker.max_inflight is not None:
                 existing.max_inflight = worker.max_inflight
             before = existing.models

@@ -3,7 +3,7 @@
 ::
 
     python -m dynamo_llm.testing.fidelity_workers --port 0 [--per-event K] [--no-usage]
-        [--no-token-ids] [--hold-after K] [--tokens N] [--model NAME]
+        [--no-token-ids] [--hold-after K] [--tokens N] [--model NAME] [--owned-by NAME]
 
 prints ``listening on http://127.0.0.1:<port>`` (flushed) once it accepts connections. For the
 tests of what the frontend passes on from a worker (issue 9): tool calls, logprobs, reasoning,
@@ -36,6 +36,9 @@ events past the role chunk and waits (to be killed mid-stream). A unary request 
 false``) gets the script folded by hand, as an engine's own unary answer (``prompt_token_ids``
 placed as in the stream): the frontend asks for one when nothing needs the events, and the
 tests compare the folded stream against it.
+
+``--owned-by`` is what its ``/v1/models`` says serves it (``vllm``: the frontend takes it for
+vLLM, whose packed events it counts by their token ids).
 
 ``GET /_record`` returns ``{"requests": [{"path", "body"}]}``; ``GET /health`` and
 ``GET /v1/models`` answer as a worker should. :func:`spawn_fidelity_worker` runs one for a test.
@@ -75,6 +78,7 @@ class Options:
     hold_after: int | None = None
     model: str = "fid-model"
     token_ids: bool = True
+    owned_by: str = "fidelity"
 
 
 @dataclass
@@ -390,7 +394,8 @@ class _Worker:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
-        card = {"id": self.options.model, "object": "model", "created": 0, "owned_by": "fidelity"}
+        owner = self.options.owned_by
+        card = {"id": self.options.model, "object": "model", "created": 0, "owned_by": owner}
         return web.Response(
             body=_dumps({"object": "list", "data": [card]}), content_type="application/json"
         )
@@ -439,6 +444,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-token-ids", action="store_true", help="ignore return_token_ids")
     parser.add_argument("--hold-after", type=int, default=None)
     parser.add_argument("--model", default=Options.model)
+    parser.add_argument(
+        "--owned-by",
+        default=Options.owned_by,
+        help="its /v1/models' owned_by (vllm: the frontend asks it for token ids to count)",
+    )
     return parser
 
 
@@ -451,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         args.hold_after,
         args.model,
         not args.no_token_ids,
+        args.owned_by,
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     with contextlib.suppress(KeyboardInterrupt):
@@ -491,11 +502,13 @@ async def spawn_fidelity_worker(
     hold_after: int | None = None,
     model: str = Options.model,
     token_ids: bool = True,
+    owned_by: str = Options.owned_by,
     ready_within: float = 30.0,
 ) -> AsyncIterator[FidelityWorker]:
     """Run a fake worker process for the body of the ``async with``; killed and reaped after."""
-    options = Options(tokens, per_event, usage, hold_after, model, token_ids)
+    options = Options(tokens, per_event, usage, hold_after, model, token_ids, owned_by)
     args = ["--tokens", str(tokens), "--per-event", str(per_event), "--model", model]
+    args += ["--owned-by", owned_by]
     if not usage:
         args.append("--no-usage")
     if not token_ids:

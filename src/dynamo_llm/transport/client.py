@@ -385,8 +385,9 @@ class WorkerClient:
         """
         return (await self.list_models(url, within=within))[0]
 
-    async def list_models(self, url: str, *, within: float) -> tuple[list[str], bool]:
-        """The model ids a worker serves, and whether it is a ``dynamo-llm worker``."""
+    async def list_models(self, url: str, *, within: float) -> tuple[list[str], str]:
+        """The model ids a worker serves, and who serves them: the ``owned_by`` its cards
+        agree on (``dynamo-llm`` for a ``dynamo-llm worker``), ``""`` when unknown."""
         try:
             async with self.session.get(
                 url.rstrip("/") + "/v1/models", timeout=aiohttp.ClientTimeout(total=within)

@@ -33,8 +33,8 @@ A, B = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
 WatchItem = list[WatchEvent] | BaseException | None
 
 
-def record(iid: str, url: str, *models: str) -> bytes:
-    return Instance(instance_id=iid, url=url, models=models, owned_by="dynamo-llm").encode()
+def record(iid: str, url: str, *models: str, owned_by: str = "dynamo-llm") -> bytes:
+    return Instance(instance_id=iid, url=url, models=models, owned_by=owned_by).encode()
 
 
 class ScriptedEtcd:
@@ -149,6 +149,21 @@ async def test_two_instances_of_one_url_serve_the_union_until_the_last_goes() ->
         assert [worker.models for worker in w.workers] == [{"n"}]
         await w.deliver([WatchEvent(PREFIX + "new", None, 13)])
         assert len(w.workers) == 0
+
+
+async def test_a_worker_is_owned_by_what_its_instances_agree_on_ours_when_any_is_ours() -> None:
+    async with watching(
+        a1=record("a1", A, "m", owned_by="vllm"), b1=record("b1", B, "m", owned_by="vllm")
+    ) as w:
+        assert registered(w.workers, A).owner == "vllm"
+        assert not registered(w.workers, A).is_ours
+        # A second engine's sidecar on the same URL says otherwise: nobody can tell which.
+        await w.deliver([WatchEvent(PREFIX + "a2", record("a2", A, "n", owned_by="sglang"), 12)])
+        assert registered(w.workers, A).owner == ""
+        # Our own worker registered there understands our stop route whatever the others say.
+        await w.deliver([WatchEvent(PREFIX + "a3", record("a3", A, "n"), 13)])
+        assert registered(w.workers, A).is_ours and registered(w.workers, A).owner == "dynamo-llm"
+        assert registered(w.workers, B).owner == "vllm"
 
 
 async def test_a_silent_watch_is_repaired_by_the_periodic_listing() -> None:

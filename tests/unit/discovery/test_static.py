@@ -121,7 +121,7 @@ class Fetcher:
         self.script = script
         self.calls: list[tuple[str, float]] = []
 
-    async def __call__(self, url: str) -> tuple[frozenset[str], bool]:
+    async def __call__(self, url: str) -> tuple[frozenset[str], str]:
         self.calls.append((url, self.clock.now()))
         answers = self.script[url]
         answer = answers.pop(0) if len(answers) > 1 else answers[0]
@@ -296,7 +296,7 @@ async def test_an_unreachable_upstream_is_asked_again_every_two_seconds_until_it
     h = Harness(
         clock,
         urls=(A + "/v1", B),
-        script={A: [down, down, (frozenset({"m"}), True)], B: [(frozenset({"n"}), False)]},
+        script={A: [down, down, (frozenset({"m"}), "dynamo-llm")], B: [(frozenset({"n"}), "vllm")]},
     )
     await h.discovery.start()
     try:
@@ -310,6 +310,8 @@ async def test_an_unreachable_upstream_is_asked_again_every_two_seconds_until_it
         assert h.fetcher.times(A) == [0.0, 2.0, 4.0]
         worker = h.workers.get(A)
         assert worker is not None and worker.models == {"m"} and worker.is_ours
+        other = h.workers.get(B)
+        assert other is not None and other.owner == "vllm" and not other.is_ours
         assert h.published == [frozenset({"n"}), frozenset({"m", "n"})]
         await clock.advance(20)
         assert h.fetcher.times(A) == [0.0, 2.0, 4.0]  # known now: never asked again
@@ -324,7 +326,7 @@ async def test_an_upstream_also_named_in_the_file_serves_both_and_stays_when_dro
     path = tmp_path / "upstreams.yaml"
     write(path, f"from-file: [{A}]\n")
     clock = FakeClock()
-    h = Harness(clock, urls=(A,), path=path, script={A: [(frozenset({"own"}), False)]})
+    h = Harness(clock, urls=(A,), path=path, script={A: [(frozenset({"own"}), "")]})
     await h.discovery.start()
     try:
         assert h.models_of() == {A: frozenset({"own", "from-file"})}

@@ -56,7 +56,9 @@ def test_adding_a_known_worker_again_keeps_its_state_and_takes_new_models() -> N
     again = workers.add(Worker("http://a", ["m1", "m2"], is_ours=True))
     assert again is first
     assert first.inflight == 1
-    assert first.is_ours
+    assert first.is_ours and first.owner == "dynamo-llm"
+    vllm = workers.add(Worker("http://a", ["m1", "m2"], owner="vllm"))
+    assert vllm is first and (vllm.owner, vllm.is_ours) == ("vllm", False)
     assert workers.models() == {"m1", "m2"}
     assert changes == [frozenset({"m1"}), frozenset({"m1", "m2"})]
     slot.release()
