@@ -584,17 +584,20 @@ async def test_the_metrics_count_the_tokens_the_worker_generated_not_its_events(
         assert fe.value("input_sequence_tokens_sum") == theirs["usage"]["prompt_tokens"]
 
 
+@pytest.mark.parametrize("kind", ["chat", "completions"])
 @pytest.mark.parametrize(
     ("owner", "ids"),
     [("vllm", False), ("vllm", True), ("fidelity", False)],
     ids=["vllm", "vllm-client-asked-ids", "another-engine"],
 )
 async def test_a_vllm_workers_packed_tokens_are_counted_as_they_come_not_at_the_end(
-    owner: str, ids: bool
+    owner: str, ids: bool, kind: str
 ) -> None:
     # Two events of three tokens each, then the worker holds the stream: what the frontend
-    # counted by then is all it will have counted before the usage could correct it.
-    body = chat_body(stream=True, **({"return_token_ids": True} if ids else {}))
+    # counted by then is all it will have counted before the usage could correct it. A
+    # completion's first event holds tokens (and the prompt's ids), a chat's is the role alone.
+    extra = {"return_token_ids": True} if ids else {}
+    body = (chat_body if kind == "chat" else completion_body)(stream=True, **extra)
     async with (
         fronted(per_event=3, hold_after=2, owned_by=owner) as (worker, fe),
         httpx.AsyncClient(base_url=fe.base_url, timeout=SAFETY_NET) as http,
@@ -611,11 +614,13 @@ async def test_a_vllm_workers_packed_tokens_are_counted_as_they_come_not_at_the_
         counted, itl = fe.value("output_tokens_total"), itl_count(fe)
     assert fold(chunks)[0]["content"] == "t0 t1 t2 t3 t4 t5 "
     client_ids = [i for c in chunks for ch in c["choices"] for i in ch.get("token_ids") or ()]
+    prompt_ids = [c for c in chunks if "prompt_token_ids" in json.dumps(c)]
     if owner == "vllm":
         # Asked for the ids it packs and counted them; the client sees them only if it asked.
         assert asked["body"]["return_token_ids"] is True
         assert (counted, itl) == (6, 5)
         assert client_ids == (list(range(1000, 1006)) if ids else [])
+        assert len(prompt_ids) == (1 if ids else 0)
     else:
         # Another engine's request is passed on as the client sent it, and its events
         # counted one token each until its usage says more.

@@ -238,10 +238,12 @@ class Attempt:
             waiting_first = True
             async for out in stream:
                 t = dog.last_item = now()  # Watchdog.touch, inlined on the per-item path
-                if unpack and out.raw and out.token_ids is None:
-                    # The relay counted events; the ids say how many tokens they held.
+                if unpack and out.raw:
                     stripped, extra = strip_token_ids(out.raw)
-                    out.num_tokens += extra
+                    if out.token_ids is None:
+                        # The relay counted events; the ids say how many tokens they held (a
+                        # parsed output, the stream's first, counted its ids already).
+                        out.num_tokens += extra
                     if strip:
                         out.raw = stripped
                 if waiting_first and out.num_tokens > 0:
