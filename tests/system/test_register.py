@@ -48,7 +48,7 @@ async def test_sigstop_of_the_engine_withdraws_it_and_sigcont_brings_it_back(
     tmp_path: Path, etcd: EtcdServer
 ) -> None:
     async with (
-        bad_workers(engine={"behaviour": "ok", "model": "third-party"}) as w,
+        bad_workers(engine={"behaviour": "ok", "model": "third-party", "owned_by": "vllm"}) as w,
         etcd_frontend(tmp_path, etcd) as fe,
     ):
         engine = w["engine"]
@@ -67,7 +67,9 @@ async def test_sigstop_of_the_engine_withdraws_it_and_sigcont_brings_it_back(
                 os.kill(engine.proc.pid, signal.SIGCONT)
             await fe.until(lambda: engine.url in urls(fe))
             await ok(fe, chat("third-party", stream=False))
-            assert not fe.worker(engine.url).is_ours  # a third-party engine: no stop route
+            # A third-party engine: no stop route; the sidecar registered who it is.
+            assert not fe.worker(engine.url).is_ours
+            assert fe.worker(engine.url).owner == "vllm"
         finally:
             code = await asyncio.to_thread(proc.stop)
         assert code == 0, proc.log
