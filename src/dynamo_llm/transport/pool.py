@@ -285,7 +285,11 @@ class Pool:
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise ConnectFailed(exc) from None
+            raise ConnectFailed(exc, host=host) from None
+        except UnicodeError:
+            # The host cannot even be encoded for the resolver (a label over 63 characters, an
+            # empty one, bad IDNA): the worker cannot be reached, the same as an unknown name.
+            raise ConnectFailed(host=host) from None
         addresses: list[tuple[object, ...]] = list(infos)
         self._addresses[(host, port)] = (loop.time(), addresses)
         return addresses
