@@ -571,6 +571,36 @@ async def test_a_worker_at_its_in_flight_limit_sheds_load(tmp_path: Path) -> Non
     assert not net.expired()
 
 
+async def test_past_the_connection_bound_a_request_waits_for_a_free_connection(
+    tmp_path: Path,
+) -> None:
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        bad_workers(a={"behaviour": "ok", "tokens": 3, "gap": HOLD}) as w,
+    ):
+        worker = w["a"]
+        env = {"DYN_WORKER_MAX_CONNECTIONS": "1"}
+        async with routed_frontend(tmp_path, {"m": [worker.url]}, env=env) as fe:
+            client = fe.fleet._client
+            assert client is not None
+            held = await RawClient.send(fe, chat("m", stream=True), {})
+            await held.events(2)
+            waiting = await RawClient.send(fe, chat("m", stream=True), {})
+            while not client.pool.waiting:  # queued behind the one connection, not shed
+                await asyncio.sleep(0)
+            assert client.pool.open == 1
+            assert len(await ids_seen(worker)) == 1  # the waiting request has not reached it
+            held.hang_up()  # its connection closes: the waiting request takes it
+            await waiting.events(2)
+            assert len(await ids_seen(worker)) == 2
+            waiting.hang_up()
+            await fe.app.wait_until_idle()
+            fe.assert_idle(2)
+            assert not fe.worker(worker.url).quarantined
+            assert (client.pool.open, client.pool.waiting) == (0, 0)
+    assert not net.expired()
+
+
 async def test_no_available_worker_is_503_no_workers_available(tmp_path: Path) -> None:
     async with asyncio.timeout(SAFETY_NET) as net, bad_workers(a={"behaviour": "refuse"}) as w:
         url = w["a"].url

@@ -713,3 +713,35 @@ async def test_a_worker_that_dies_while_generating_the_answer_dropped_it(
         with pytest.raises(WorkerDisconnected):
             await answer
     assert not net.expired()
+
+
+async def test_the_connection_bound_makes_a_request_wait_for_a_free_connection() -> None:
+    session = make_session(connect_timeout=2.0)
+    client = WorkerClient(session, max_connections=1)
+    try:
+        async with (
+            asyncio.timeout(SAFETY_NET) as net,
+            spawn_bad_worker("ok", tokens=1000, gap=0.01) as w,
+        ):
+            first, second = chat(), chat()
+            first_ctx, second_ctx = EngineContext(first.id), EngineContext(second.id)
+            stream = await client.open_stream(w.url, first, first_ctx)
+            await first_token(stream)
+            waiting = asyncio.ensure_future(client.open_stream(w.url, second, second_ctx))
+            while not client.pool.waiting:  # it queued behind the one connection
+                await asyncio.sleep(0)
+            assert not waiting.done() and client.pool.open == 1
+            first_ctx.kill()  # the first stream's connection closes: the waiter takes the slot
+            assert await collect(stream) == []
+            later = await waiting
+            assert (await first_token(later)).num_tokens
+            assert client.pool.open == 1
+            second_ctx.kill()
+            await collect(later)
+            seen = await w.request_record(second.id)
+        assert not net.expired()
+        assert seen["disconnected"]
+        assert (client.pool.open, client.pool.waiting) == (0, 0)
+    finally:
+        await client.aclose()
+        await session.close()

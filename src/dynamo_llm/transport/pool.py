@@ -117,6 +117,11 @@ class Pool:
         """How many connections are open (idle or carrying a request)."""
         return self._open
 
+    @property
+    def waiting(self) -> int:
+        """How many requests wait for a connection (the bound is reached)."""
+        return len(self._waiters)
+
     def endpoint(self, url: str) -> Endpoint:
         """The parts of the worker base URL ``url`` (cached); ValueError when it is not one."""
         found = self._endpoints.get(url)
