@@ -44,10 +44,10 @@ from tests.system.fleet_helpers import (
     send,
 )
 
-# The worker's next token is HOLD (30 s) away, so a frontend that noticed the hang-up only when it
-# next wrote would take seconds; 2 s is far below that and far above what a loaded 2-core
-# machine adds. How fast it really is (milliseconds) is measured by bench/bench_hangup.py.
-HANG_UP_SEEN_WITHIN = 2.0
+# A hang-up must reach the worker by itself: the steady worker's next token is HOLD (30 s) away,
+# past the safety net, and the zombies never write, so a frontend that noticed the hang-up only
+# when it next wrote would leave the worker's record without a disconnect. How fast it really is
+# (milliseconds) is measured by bench/bench_hangup.py, not asserted here.
 MODES = ["round-robin", "random", "power-of-two", "least-loaded", "kv", "direct"]
 
 
@@ -106,11 +106,8 @@ async def test_client_hang_up_closes_the_upstream_connection_at_once(
                 seen = await worker.request_record(request_id)
                 await fe.app.wait_until_idle()
 
-                assert seen["disconnected"], (phase, seen)
-                lag = seen["disconnected_at"] - t0
-                assert 0 <= lag < HANG_UP_SEEN_WITHIN, (
-                    f"{phase}: the worker saw the hang-up after {1000 * lag:.1f} ms"
-                )
+                assert seen["disconnected"] and not seen["completed"], (phase, seen)
+                assert seen["disconnected_at"] >= t0, phase  # the hang-up's doing, not earlier
                 endpoint = "chat_completions" if make is chat else "completions"
                 cancelled[model, endpoint, "stream" if stream else "unary"] += 1
                 assert fe.value("disconnected_clients") == n
