@@ -121,7 +121,9 @@ class Fleet:
             api_key=config.upstream_api_key,
             worker_keys=self.worker_keys,
         )
-        self._client = WorkerClient(self._session, self.worker_keys)
+        self._client = WorkerClient(
+            self._session, self.worker_keys, max_connections=config.worker_max_connections
+        )
         self.router = Router(
             self.workers,
             self.policy,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -100,7 +99,10 @@ def test_contradictory_discovery_flags_exit_with_status_2_and_say_why(
 def test_a_server_process_answers_chat_and_exits_0_on_a_signal(
     args: list[str], model: str, sig: signal.Signals
 ) -> None:
-    with ServerProcess([*args, "--http-port", "0"]) as proc:
+    # Nothing is in flight at the signal, so the server must not wait out its grace: with 60 s of
+    # it and 10 s before stop() resorts to SIGKILL, one that waited would not exit 0.
+    grace = ["--graceful-shutdown-timeout-secs", "60"]
+    with ServerProcess([*args, "--http-port", "0", *grace]) as proc:
         url = proc.wait_ready(timeout=30)
         assert url.startswith("http://127.0.0.1:")
         assert not url.endswith(":0")
@@ -119,11 +121,8 @@ def test_a_server_process_answers_chat_and_exits_0_on_a_signal(
         assert answer["usage"]["completion_tokens"] == 3
         if model == "echo":
             assert answer["choices"][0]["message"]["content"] == "hello there world"
-        started = time.monotonic()
         code = proc.stop(timeout=10, sig=sig)
-        elapsed = time.monotonic() - started
     assert code == 0, proc.log
-    assert elapsed < 5, f"took {elapsed:.1f}s to exit"
     assert "panicked" not in proc.log
     assert "stopped" in proc.log
 

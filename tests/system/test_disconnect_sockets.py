@@ -1,15 +1,15 @@
 """Client hang-ups over real sockets, under granian (RSGI) and uvicorn (ASGI).
 
-In each case the engine's own record must show its context killed at once (the engine would hang
-forever; the bound only rules out noticing late, by a poll or a timeout; the milliseconds are
-bench/bench_hangup.py's to measure),
-the disconnect and the cancellation are counted exactly once, the request is counted once as
+In each case the engine's own record must show its context killed by the hang-up alone: the engine
+hangs forever and no timeout is set, so nothing else can kill it (a frontend that noticed only on
+its next write never would, and the safety net fires); how many milliseconds the hang-up takes to
+reach the engine is bench/bench_hangup.py's to measure, not a test's. The disconnect and the
+cancellation are counted exactly once, the request is counted once as
 cancelled, and the in-flight gauge returns to 0.
 """
 
 import asyncio
 import socket
-import time
 
 import msgspec
 import pytest
@@ -18,21 +18,18 @@ from dynamo_llm.testing import FakeEngine, running_frontend
 from tests.system.raw_http import raw_post, read_events
 
 MODEL = "test-model"
-KILL_WITHIN = 1.0
 
 pytestmark = pytest.mark.parametrize("interface", ["rsgi", "asgi"])
 
 
-def hang_up(writer: asyncio.StreamWriter, how: str) -> float:
-    """Close the client side now; return the moment it happened."""
+def hang_up(writer: asyncio.StreamWriter, how: str) -> None:
+    """Close the client side now."""
     sock = writer.get_extra_info("socket")
-    t0 = time.perf_counter()
     if how == "rst":
         writer.transport.abort()
     else:
         sock.shutdown(socket.SHUT_RDWR)
         writer.close()
-    return t0
 
 
 CASES = {
@@ -66,13 +63,11 @@ async def test_client_hang_up_kills_the_engine_context_at_once(
             await call.waiting.wait()
             if hang_after:
                 await read_events(reader, hang_after)
-            t0 = hang_up(writer, how)
+            assert not call.killed.is_set()
+            hang_up(writer, how)
             await call.killed.wait()
             await fe.app.wait_until_idle()
         assert call.killed_at is not None
-        assert call.killed_at - t0 < KILL_WITHIN, (
-            f"killed after {1000 * (call.killed_at - t0):.1f} ms"
-        )
         assert call.closed.is_set()
         assert fe.value("disconnected_clients") == 1
         assert (

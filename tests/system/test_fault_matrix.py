@@ -691,18 +691,20 @@ async def loris(fe: RoutedFrontend, body: bytes, *, finish: bool) -> bytes:
 
 
 async def serve_meanwhile(b: Bench, slow: "asyncio.Task[bytes]") -> None:
-    """Normal requests, one every 100 ms, until ``slow`` ends: each served at full speed."""
-    fast = 0
+    """Normal requests, one every 100 ms, until ``slow`` ends: answered while it still sends.
+
+    A server that a slow body held up would answer none of them before the slow one is done;
+    how fast they are is not asserted (the machine is shared)."""
+    meanwhile = 0
     while not slow.done():
-        t0 = time.monotonic()
         reply = await send(b.fe, payload("chat", GOOD, stream=False))
         b.expect("chat", False)
         assert reply.status == 200, reply.body
         assert json.loads(reply.body)["choices"][0]["message"]["content"] == GOOD_TEXT
-        assert time.monotonic() - t0 < 0.5, "a slow body held up another client"
-        fast += 1
+        if not slow.done():
+            meanwhile += 1
         await asyncio.sleep(0.1)
-    assert fast >= 5, fast
+    assert meanwhile >= 1, "a slow body held up every other client"
 
 
 async def slow_loris(b: Bench) -> None:

@@ -44,10 +44,10 @@ from tests.system.fleet_helpers import (
     send,
 )
 
-# The worker's next token is HOLD (30 s) away, so a frontend that noticed the hang-up only when it
-# next wrote would take seconds; 2 s is far below that and far above what a loaded 2-core
-# machine adds. How fast it really is (milliseconds) is measured by bench/bench_hangup.py.
-HANG_UP_SEEN_WITHIN = 2.0
+# A hang-up must reach the worker by itself: the steady worker's next token is HOLD (30 s) away,
+# past the safety net, and the zombies never write, so a frontend that noticed the hang-up only
+# when it next wrote would leave the worker's record without a disconnect. How fast it really is
+# (milliseconds) is measured by bench/bench_hangup.py, not asserted here.
 MODES = ["round-robin", "random", "power-of-two", "least-loaded", "kv", "direct"]
 
 
@@ -106,11 +106,8 @@ async def test_client_hang_up_closes_the_upstream_connection_at_once(
                 seen = await worker.request_record(request_id)
                 await fe.app.wait_until_idle()
 
-                assert seen["disconnected"], (phase, seen)
-                lag = seen["disconnected_at"] - t0
-                assert 0 <= lag < HANG_UP_SEEN_WITHIN, (
-                    f"{phase}: the worker saw the hang-up after {1000 * lag:.1f} ms"
-                )
+                assert seen["disconnected"] and not seen["completed"], (phase, seen)
+                assert seen["disconnected_at"] >= t0, phase  # the hang-up's doing, not earlier
                 endpoint = "chat_completions" if make is chat else "completions"
                 cancelled[model, endpoint, "stream" if stream else "unary"] += 1
                 assert fe.value("disconnected_clients") == n
@@ -568,6 +565,36 @@ async def test_a_worker_at_its_in_flight_limit_sheds_load(tmp_path: Path) -> Non
             held.hang_up()
             await fe.app.wait_until_idle()
             fe.assert_idle(3)
+    assert not net.expired()
+
+
+async def test_past_the_connection_bound_a_request_waits_for_a_free_connection(
+    tmp_path: Path,
+) -> None:
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        bad_workers(a={"behaviour": "ok", "tokens": 3, "gap": HOLD}) as w,
+    ):
+        worker = w["a"]
+        env = {"DYN_WORKER_MAX_CONNECTIONS": "1"}
+        async with routed_frontend(tmp_path, {"m": [worker.url]}, env=env) as fe:
+            client = fe.fleet._client
+            assert client is not None
+            held = await RawClient.send(fe, chat("m", stream=True), {})
+            await held.events(2)
+            waiting = await RawClient.send(fe, chat("m", stream=True), {})
+            while not client.pool.waiting:  # queued behind the one connection, not shed
+                await asyncio.sleep(0)
+            assert client.pool.open == 1
+            assert len(await ids_seen(worker)) == 1  # the waiting request has not reached it
+            held.hang_up()  # its connection closes: the waiting request takes it
+            await waiting.events(2)
+            assert len(await ids_seen(worker)) == 2
+            waiting.hang_up()
+            await fe.app.wait_until_idle()
+            fe.assert_idle(2)
+            assert not fe.worker(worker.url).quarantined
+            assert (client.pool.open, client.pool.waiting) == (0, 0)
     assert not net.expired()
 
 

@@ -40,7 +40,6 @@ from dynamo_llm.transport.auth import WorkerKeys
 
 SERVED = "served-model"
 SAFETY_NET = 10.0
-WITHIN = 0.050
 TOKENS = [f"tok{i}" for i in range(5)]
 
 
@@ -264,14 +263,14 @@ async def test_kill_closes_the_upstream_connection_at_once(client: WorkerClient)
         ctx = EngineContext(request.id)
         stream = await client.open_stream(w.url, request, ctx)
         await first_token(stream)
-        killed_at = time.monotonic()
         ctx.kill()
-        rest = await collect(stream)  # ends quietly, without draining
+        # Before the stream is read again: the kill itself closed the connection (the worker
+        # would otherwise stream on for 10 s, past the record's 5 s wait).
         seen = await w.request_record(request.id)
+        rest = await collect(stream)  # ends quietly, without draining
     assert not net.expired()
     assert rest == []
     assert seen["disconnected"] and not seen["completed"]
-    assert seen["disconnected_at"] - killed_at < WITHIN
     assert idle_connections(client) == 0
 
 
@@ -286,13 +285,11 @@ async def test_graceful_stop_of_a_foreign_worker_closes_the_connection(
         ctx = EngineContext(request.id)
         stream = await client.open_stream(w.url, request, ctx, is_ours=False)
         await first_token(stream)
-        stopped_at = time.monotonic()
         ctx.stop()
+        seen = await w.request_record(request.id)  # before the stream is read again, as above
         await collect(stream)
-        seen = await w.request_record(request.id)
     assert not net.expired()
-    assert seen["disconnected"] and not seen["stopped"]
-    assert seen["disconnected_at"] - stopped_at < WITHIN
+    assert seen["disconnected"] and not seen["stopped"] and not seen["completed"]
 
 
 @pytest.mark.parametrize("request_id", ["plain-id", "with/slash?and #hash%"])
@@ -325,12 +322,10 @@ async def test_aclose_of_an_abandoned_stream_closes_the_connection(client: Worke
         request = chat()
         stream = await client.open_stream(w.url, request, EngineContext(request.id))
         await first_token(stream)
-        closed_at = time.monotonic()
         await stream.aclose()
         seen = await w.request_record(request.id)
     assert not net.expired()
-    assert seen["disconnected"]
-    assert seen["disconnected_at"] - closed_at < WITHIN
+    assert seen["disconnected"] and not seen["completed"]
 
 
 async def test_aclose_of_a_stream_never_iterated_closes_the_connection(
@@ -401,14 +396,14 @@ async def test_kill_while_waiting_for_headers_cancels_the_admission(
         )
         admission = asyncio.create_task(opening)
         await w.record(arrived=request.id)
-        killed_at = time.monotonic()
         ctx.kill()
         with pytest.raises(Cancelled):
             await admission
         seen = await w.request_record(request.id)
+    # The zombie never answers and the whole answer is 5 s of generation away: only the kill can
+    # have closed the connection by now.
     assert not net.expired()
-    assert seen["disconnected"]
-    assert seen["disconnected_at"] - killed_at < WITHIN
+    assert seen["disconnected"] and not seen["completed"]
 
 
 # --- faults ----------------------------------------------------------------------------------
@@ -461,15 +456,20 @@ async def test_zombie_is_a_response_timeout_after_the_first_token_timeout(
 ) -> None:
     async with asyncio.timeout(SAFETY_NET) as net, spawn_bad_worker("zombie") as w:
         request = chat()
-        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         with pytest.raises(WorkerResponseTimeout) as caught:
             await client.open_stream(
                 w.url, request, EngineContext(request.id), first_token_timeout=0.2
             )
-        elapsed = time.monotonic() - started
+        waited = loop.time() - started
         seen = await w.request_record(request.id)
+    # The zombie never answers, so only the first-token timer can end the wait (were it ignored,
+    # the safety net would fire): it fired with its own error, and not before it was due (asyncio
+    # may run a timer up to its clock resolution early).
     assert not net.expired()
-    assert 0.2 <= elapsed < 0.2 + 0.5
+    assert caught.value.message == "The worker did not answer within the first-token timeout"
+    assert waited >= 0.2 - time.get_clock_info("monotonic").resolution
     assert caught.value.quarantines and not caught.value.migratable
     assert seen["disconnected"]  # the abandoned request was closed on the worker too
 
@@ -713,3 +713,35 @@ async def test_a_worker_that_dies_while_generating_the_answer_dropped_it(
         with pytest.raises(WorkerDisconnected):
             await answer
     assert not net.expired()
+
+
+async def test_the_connection_bound_makes_a_request_wait_for_a_free_connection() -> None:
+    session = make_session(connect_timeout=2.0)
+    client = WorkerClient(session, max_connections=1)
+    try:
+        async with (
+            asyncio.timeout(SAFETY_NET) as net,
+            spawn_bad_worker("ok", tokens=1000, gap=0.01) as w,
+        ):
+            first, second = chat(), chat()
+            first_ctx, second_ctx = EngineContext(first.id), EngineContext(second.id)
+            stream = await client.open_stream(w.url, first, first_ctx)
+            await first_token(stream)
+            waiting = asyncio.ensure_future(client.open_stream(w.url, second, second_ctx))
+            while not client.pool.waiting:  # it queued behind the one connection
+                await asyncio.sleep(0)
+            assert not waiting.done() and client.pool.open == 1
+            first_ctx.kill()  # the first stream's connection closes: the waiter takes the slot
+            assert await collect(stream) == []
+            later = await waiting
+            assert (await first_token(later)).num_tokens
+            assert client.pool.open == 1
+            second_ctx.kill()
+            await collect(later)
+            seen = await w.request_record(second.id)
+        assert not net.expired()
+        assert seen["disconnected"]
+        assert (client.pool.open, client.pool.waiting) == (0, 0)
+    finally:
+        await client.aclose()
+        await session.close()

@@ -7,6 +7,7 @@ hung engine behind a live ``/health`` stays out.
 """
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -90,11 +91,14 @@ async def test_a_hung_engine_behind_a_live_health_fails_and_its_connection_is_cl
         loop = asyncio.get_running_loop()
         started = loop.time()
         result = await client.probe(w.url, within=0.3, model="m")
-        elapsed = loop.time() - started
+        waited = loop.time() - started
         seen = await w.wait_for(lambda s: s.ended)
+    # The engine never answers, so only the probe's own deadline can end it (were it ignored, the
+    # safety net would fire): it gave up as a timeout, and not before the deadline (asyncio may
+    # run a timer up to its clock resolution early).
     assert not net.expired()
     assert not result and result.path == COMPLETIONS_PROBE
-    assert 0.3 <= elapsed < 1.5
+    assert waited >= 0.3 - time.get_clock_info("monotonic").resolution
     assert [s.path for s in w.seen] == ["/v1/completions"], "/health must not be asked"
     assert seen.disconnected, "the abandoned probe closed its connection"
     assert "no answer after" in result.summary

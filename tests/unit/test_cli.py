@@ -86,6 +86,7 @@ ROUTER_FLAGS = {
     "--router-kv-overlap-score-weight",
     "--router-temperature",
     "--worker-connect-timeout-secs",
+    "--worker-max-connections",
     "--worker-probe-timeout-secs",
     "--migration-limit",
     "--worker-idle-probe-interval-secs",

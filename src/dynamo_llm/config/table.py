@@ -508,6 +508,23 @@ class Config:
         commands=SERVE,
         metavar="S",
     )
+    # 0 by default: --max-inflight-per-worker is the load limit (it sheds with a 503); this one
+    # only caps what the frontend holds open (file descriptors, a worker's connection limit).
+    worker_max_connections: int = option(
+        0,
+        "--worker-max-connections",
+        "DYN_WORKER_MAX_CONNECTIONS",
+        INT,
+        "at most N connections to the workers open at once, all workers together (each request "
+        "in flight holds one); a request past it waits for a free one, and the wait counts "
+        "against its first-token and stream timeouts, which hold it against the worker: set it "
+        "above the concurrency you expect. 0 is no bound: the load limit is "
+        "--max-inflight-per-worker",
+        group=ROUTER,
+        commands=SERVE,
+        metavar="N",
+        normalize=at_least_zero,
+    )
     worker_probe_timeout_secs: float = option(
         5.0,
         "--worker-probe-timeout-secs",

@@ -8,11 +8,12 @@ The socket-free core, bottom up:
 - ``quarantine``: a worker's health, its back-off and the probe that brings it back;
 - ``membership``: ``Worker`` and the ``WorkerSet`` of every registered worker, per model.
 
-On top of them, ``attempt`` runs one request on one chosen worker (its context, its watchdog,
-reporting the worker down or ok); ``migration`` follows a request's progress across attempts,
-with the relayed bytes kept for a replay (``replay_buffer``) and the replay that continues it on
-another worker (``continuation``); and ``engine``'s ``Router`` is the engine the HTTP layer
-serves, with the I/O to the workers (``WorkerClient``) injected.
+On top of them, ``choice`` chooses a request's worker (what the request is routed on, and the
+chosen worker's slot taken in the same step); ``attempt`` runs one request on one chosen worker
+(its context, its watchdog, reporting the worker down or ok); ``migration`` follows a request's
+progress across attempts, with the relayed bytes kept for a replay (``replay_buffer``) and the
+replay that continues it on another worker (``continuation``); and ``engine``'s ``Router`` is
+the engine the HTTP layer serves, with the I/O to the workers (``WorkerClient``) injected.
 """
 
 from .attempt import Attempt, AttemptLimits

@@ -3,10 +3,8 @@
 :class:`Router` implements the engine protocol, so the HTTP layer treats a fleet of remote
 workers exactly like an in-process engine. Per request it:
 
-1. chooses a worker with the routing policy over a snapshot of the model's workers (no worker
-   available: 503 ``no_workers_available``; all at their in-flight limit: 503
-   ``all_workers_busy``) and takes its in-flight slot in the same step, so the choice and the
-   count agree; a worker that vanished between the two is re-chosen once;
+1. chooses a worker with the routing policy over a snapshot of the model's workers, on the
+   request's route key, and takes its in-flight slot in the same step (:mod:`.choice`);
 2. runs one :class:`~.attempt.Attempt` on it: the request is opened on the worker under an
    attempt context linked to the request's, its outputs are relayed under the attempt's
    watchdog, and the outcome is reported (a quarantining fault takes the worker out of
@@ -29,8 +27,8 @@ connection) is given back by the attempt, exactly once, whichever way it ends.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, ClassVar
 
 from ..engines.base import (
     EngineOutput,
@@ -46,15 +44,13 @@ from ..errors import (
     WorkerUnreachable,
 )
 from ..metrics import Metrics
-from ..protocols.chat import content_text
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
 from .attempt import Attempt, AttemptLimits
-from .kv_index import block_hashes
-from .membership import UnknownWorker, Worker, WorkerSet
+from .choice import KvPredictor, RouteKey, acquire_worker, route_key
+from .membership import Worker, WorkerSet
 from .migration import MigrationState, migration_budget
-from .policies import PreciseOverlap, RoutingPolicy
-from .slot import InflightSlot
+from .policies import RoutingPolicy
 
 if TYPE_CHECKING:
     from ..transport import WorkerClient
@@ -62,31 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dynamo_llm.router")
 
 
-def prompt_text(request: EngineRequest) -> str:
-    """The request's prompt as text, for prefix-aware routing."""
-    if request.endpoint == "completions":
-        prompt = request.prompt
-        if isinstance(prompt, list):
-            return " ".join(map(str, prompt))
-        return prompt or ""
-    return "\n".join(f"{m.role}: {content_text(m.content, '')}" for m in request.messages)
-
-
-KvPredictor = Callable[
-    [EngineRequest, list[int] | None, Sequence[str]], Awaitable[PreciseOverlap | None]
-]
-"""What the workers' KV events predict for a request (and its prompt's ids, when the model's
-tokenizer gave them) over these workers (precise ``kv`` mode)."""
-
 PromptTokenizer = Callable[[EngineRequest], Awaitable[list[int] | None]]
 """The request's prompt token ids as its model's engine computes them, or None (unknown)."""
-
-
-class _RouteKey(NamedTuple):
-    """What the ``kv`` mode routes a request on: approximate hashes, the precise prediction."""
-
-    hashes: list[int]
-    precise: PreciseOverlap | None = None
 
 
 class _CurrentAttempt:
@@ -166,26 +139,6 @@ class Router:
         """A model's context window, where known: checked before dispatch against the ids."""
         self._closed = False
 
-    def _acquire(
-        self, request: EngineRequest, key: _RouteKey, exclude: set[str]
-    ) -> tuple[Worker, InflightSlot[Worker]]:
-        for _ in range(2):
-            worker = self.workers.select(
-                request.model,
-                self.policy,
-                exclude=tuple(exclude),
-                hashes=key.hashes,
-                direct_id=request.routing.worker_id,
-                precise=key.precise,
-            )
-            try:
-                slot = self.workers.acquire(worker.id, hashes=key.hashes)
-                self._count_prediction(key, worker.id)
-                return worker, slot
-            except UnknownWorker:
-                exclude.add(worker.id)  # vanished since it was chosen: choose once more
-        raise NoWorkersAvailable(f"No worker can serve the model `{request.model}`")
-
     async def generate(
         self, request: EngineRequest, ctx: EngineContext
     ) -> AsyncIterator[EngineOutput]:
@@ -194,7 +147,7 @@ class Router:
             check_context_length(
                 request.endpoint, len(ids), request.max_tokens, self.context_length(request.model)
             )
-        key = await self._route_key(request, ids)
+        key = await route_key(request, ids, self.policy, self.workers, self.kv_predictor)
         exclude: set[str] = set()
         budget = migration_budget(request, self.migration_limit)
         prompt_tokens = None if ids is None else len(ids)
@@ -209,30 +162,12 @@ class Router:
         migrated = self._migrate(state, ctx, key, exclude, current, stamp=stamp)
         return OwnedStream(migrated, current.aclose)
 
-    async def _route_key(self, request: EngineRequest, token_ids: list[int] | None) -> _RouteKey:
-        if not self.policy.uses_prefix:
-            return _RouteKey([])
-        hashes = block_hashes(prompt_text(request))
-        if self.kv_predictor is None:
-            return _RouteKey(hashes)
-        ids = [w.id for w in self.workers.workers_for(request.model)]
-        return _RouteKey(hashes, await self.kv_predictor(request, token_ids, ids))
-
-    def _count_prediction(self, key: _RouteKey, worker_id: str) -> None:
-        precise = key.precise
-        if precise is None or self.metrics is None:
-            return
-        predicted = precise.cached.get(worker_id)
-        if predicted is not None:
-            self.metrics.router_kv_predicted_overlap_tokens.labels().observe(predicted)
-            self.metrics.router_kv_predicted_cached_tokens_total.labels().inc(predicted)
-
     async def _dispatch(
         self,
         state: MigrationState,
         request: EngineRequest,
         ctx: EngineContext,
-        key: _RouteKey,
+        key: RouteKey,
         exclude: set[str],
         *,
         migration_type: str | None = None,
@@ -267,7 +202,7 @@ class Router:
         self,
         state: MigrationState,
         ctx: EngineContext,
-        key: _RouteKey,
+        key: RouteKey,
         exclude: set[str],
         current: _CurrentAttempt,
         *,
@@ -319,7 +254,7 @@ class Router:
             await current.aclose()
 
     async def _count_prompt(
-        self, state: MigrationState, ctx: EngineContext, key: _RouteKey, exclude: set[str]
+        self, state: MigrationState, ctx: EngineContext, key: RouteKey, exclude: set[str]
     ) -> None:
         """Ask a worker for the original prompt's size when the replay's usage needs it and the
         first attempt never said it (see :mod:`.migration`); on failure it stays unknown."""
@@ -345,7 +280,7 @@ class Router:
         self,
         request: EngineRequest,
         ctx: EngineContext,
-        key: _RouteKey,
+        key: RouteKey,
         exclude: set[str],
         *,
         migrating: bool = False,
@@ -368,7 +303,9 @@ class Router:
         refused: WorkerUnreachable | None = None
         while True:
             try:
-                worker, slot = self._acquire(request, key, exclude)
+                worker, slot = acquire_worker(
+                    self.workers, self.policy, request, key, exclude, metrics=self.metrics
+                )
             except (NoWorkersAvailable, AllWorkersBusy) as exc:
                 if refused is not None:
                     raise refused from exc
@@ -382,8 +319,7 @@ class Router:
                 # layer's silence limits start over, so that the new attempt's own limits (the
                 # same length as the old one's) fire first.
                 ctx.keep_alive()
-            precise = key.precise
-            reported = count_reported and precise is not None and worker.id in precise.cached
+            reported = count_reported and key.predicted(worker.id) is not None
             attempt = Attempt(
                 worker,
                 slot,

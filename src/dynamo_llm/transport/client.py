@@ -67,10 +67,10 @@ def make_session(
 ) -> aiohttp.ClientSession:
     """A pooled session for talking to workers; the caller owns it and closes it.
 
-    Call it with a running event loop. ``limit`` bounds the connections open at once (0: no
-    bound; each in-flight stream holds one for its whole life, so a bound also bounds concurrent
-    streams, and waiting for a free slot is bounded only by the caller's timers). There is no
-    total or read timeout, because streams are long; ``connect_timeout`` bounds the TCP connect.
+    Call it with a running event loop. ``limit`` bounds the session's own connections open at
+    once (0: no bound); generation requests do not use them, their bound is the
+    :class:`WorkerClient`'s ``max_connections``. There is no total or read timeout, because
+    streams are long; ``connect_timeout`` bounds the TCP connect.
     ``keepalive_timeout`` is shorter than the idle timeout of the common worker servers (uvicorn
     closes idle connections after 5 s) so that a pooled connection is not reused just as the
     worker closes it. ``api_key`` is sent to every worker as ``Authorization: Bearer``, on every
@@ -105,20 +105,26 @@ class WorkerClient:
 
     Stateless apart from the two pools, so one client serves every worker; each stream owns
     what it starts. The connection pool is built from the session's settings (connect timeout,
-    bound, ``Authorization``) and ``worker_keys``. Close it with :meth:`aclose` (the session is
-    the caller's).
+    ``Authorization``), ``worker_keys`` and ``max_connections``: at most that many generation
+    connections open at once over every worker (0: no bound; ``--worker-max-connections``).
+    Each in-flight request holds one for its whole life, so the bound also bounds concurrent
+    upstream requests; one past it waits for a free connection, bounded only by the caller's
+    timers. Close it with :meth:`aclose` (the session is the caller's).
     """
 
     __slots__ = ("pool", "session")
 
     def __init__(
-        self, session: aiohttp.ClientSession, worker_keys: WorkerKeys | None = None
+        self,
+        session: aiohttp.ClientSession,
+        worker_keys: WorkerKeys | None = None,
+        *,
+        max_connections: int = 0,
     ) -> None:
         self.session = session
-        connector = session.connector
         self.pool = Pool(
             session.timeout.sock_connect,
-            connector.limit if connector is not None else 0,
+            max_connections,
             authorization=session.headers.get(aiohttp.hdrs.AUTHORIZATION),
             worker_keys=worker_keys,
         )

@@ -27,6 +27,7 @@ classes exactly as it maps aiohttp's::
 
     H1Error
     ├── ConnectFailed          refused, unresolvable or timed out      -> WorkerUnreachable
+    │                          (or a host that is no host name at all)
     ├── ClosedUnanswered       closed or reset before any answer byte  -> one retry
     ├── ConnectionDropped      closed or reset mid-answer              -> WorkerDisconnected
     └── BadResponse            not HTTP/1.1 (or too large a head)      -> UpstreamError
@@ -65,6 +66,8 @@ LOW_WATER = 64 * 1024
 """Unread body bytes below which reading resumes."""
 MAX_HEAD = 64 * 1024
 """The largest response head (status line and headers) accepted."""
+MAX_SHOWN_HOST = 80
+"""How much of a worker's host name a failure's message shows (a URL may be any length)."""
 
 
 class H1Error(Exception):
@@ -72,20 +75,39 @@ class H1Error(Exception):
 
 
 class ConnectFailed(H1Error):
-    """No connection could be made: refused, unresolvable, or the connect timed out."""
+    """No connection could be made: refused, unresolvable, or the connect timed out.
 
-    def __init__(self, os_error: OSError | None = None, *, timed_out: bool = False) -> None:
-        super().__init__("connect timed out" if timed_out else str(os_error))
+    ``host`` is set when the worker's host name is what failed: it could not be resolved
+    (``os_error`` the resolver's), or it is not a name a resolver can be asked about at all (a
+    label over 63 characters, an empty one, bad IDNA; no ``os_error``).
+    """
+
+    def __init__(
+        self, os_error: OSError | None = None, *, timed_out: bool = False, host: str | None = None
+    ) -> None:
         self.os_error = os_error
         self.timed_out = timed_out
+        self.host = host
+        super().__init__(self.reason if os_error is None else str(os_error))
 
     @property
     def reason(self) -> str:
-        """Our own few words for it ("connection refused"), never the address."""
+        """Our own few words for it ("connection refused"), never the address it tried; a
+        host name that failed is named, bounded (the operator's URL, without its credentials)."""
         if self.timed_out:
             return "connect timed out"
+        if self.host is not None:
+            why = "is not a valid host name" if self.os_error is None else "could not be resolved"
+            return f"the worker's host `{_shown_host(self.host)}` {why}"
         errno = self.os_error.errno if self.os_error is not None else None
         return os.strerror(errno).lower() if errno else "the connection failed"
+
+
+def _shown_host(host: str) -> str:
+    """``host`` as a message may show it: plain printable ASCII, at most MAX_SHOWN_HOST long."""
+    text = host.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= MAX_SHOWN_HOST else text[:MAX_SHOWN_HOST] + "..."
 
 
 class ClosedUnanswered(H1Error):

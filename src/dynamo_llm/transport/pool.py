@@ -117,6 +117,11 @@ class Pool:
         """How many connections are open (idle or carrying a request)."""
         return self._open
 
+    @property
+    def waiting(self) -> int:
+        """How many requests wait for a connection (the bound is reached)."""
+        return len(self._waiters)
+
     def endpoint(self, url: str) -> Endpoint:
         """The parts of the worker base URL ``url`` (cached); ValueError when it is not one."""
         found = self._endpoints.get(url)
@@ -285,7 +290,11 @@ class Pool:
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise ConnectFailed(exc) from None
+            raise ConnectFailed(exc, host=host) from None
+        except UnicodeError:
+            # The host cannot even be encoded for the resolver (a label over 63 characters, an
+            # empty one, bad IDNA): the worker cannot be reached, the same as an unknown name.
+            raise ConnectFailed(host=host) from None
         addresses: list[tuple[object, ...]] = list(infos)
         self._addresses[(host, port)] = (loop.time(), addresses)
         return addresses

@@ -1,6 +1,8 @@
 """The error tables: what a worker answers, in any shape servers use, and how a POST failed,
 map to our classes."""
 
+import socket
+
 import pytest
 
 from dynamo_llm.errors import (
@@ -97,6 +99,16 @@ def test_worker_errors_map_to_our_classes(
             ConnectFailed(timed_out=True),
             WorkerUnreachable,
             "Could not connect to the worker: connect timed out",
+        ),
+        (
+            ConnectFailed(host="a..b"),
+            WorkerUnreachable,
+            "Could not connect to the worker: the worker's host `a..b` is not a valid host name",
+        ),
+        (
+            ConnectFailed(socket.gaierror(-2, "Name or service not known"), host="w.invalid"),
+            WorkerUnreachable,
+            "Could not connect to the worker: the worker's host `w.invalid` could not be resolved",
         ),
         (
             BadResponse("x"),

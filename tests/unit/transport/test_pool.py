@@ -198,3 +198,29 @@ async def test_a_refused_connect_is_connect_failed_and_holds_no_slot() -> None:
     assert info.value.reason == "connection refused"
     assert pool.open == 0
     await pool.aclose()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a" * 64 + ".example",  # a label over 63 characters
+        "a..b",  # an empty label
+        "\u200b.example",  # IDNA maps the zero-width space away: an empty label
+        "x" * 5000 + ".example",  # and long: the message shows it bounded
+    ],
+)
+async def test_a_host_that_cannot_be_looked_up_is_connect_failed_naming_it_bounded(
+    host: str,
+) -> None:
+    pool = Pool(2.0, limit=1)
+    with pytest.raises(ConnectFailed) as info:
+        await pool.acquire(pool.endpoint(f"http://user:secret@{host}:8000"))
+    reason = info.value.reason
+    assert reason.startswith("the worker's host `") and reason.endswith(
+        "` is not a valid host name"
+    )
+    assert host[:20].encode("ascii", "backslashreplace").decode() in reason
+    assert len(reason) < 200 and "secret" not in reason
+    reason.encode("ascii")  # what it shows of the host is plain text
+    assert pool.open == 0
+    await pool.aclose()
