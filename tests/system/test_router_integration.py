@@ -598,6 +598,32 @@ async def test_past_the_connection_bound_a_request_waits_for_a_free_connection(
     assert not net.expired()
 
 
+async def test_a_request_whose_limit_passes_while_it_waits_for_a_connection_blames_no_worker(
+    tmp_path: Path,
+) -> None:
+    # The held stream is live (an event every 0.2 s, 2 s limit): only the queued request's own
+    # silence limit runs out, while it waits for the frontend's one connection.
+    async with (
+        asyncio.timeout(SAFETY_NET) as net,
+        bad_workers(a={"behaviour": "ok", "tokens": 60, "gap": 0.2}) as w,
+    ):
+        worker = w["a"]
+        env = {"DYN_WORKER_MAX_CONNECTIONS": "1", "DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS": "2"}
+        async with routed_frontend(tmp_path, {"m": [worker.url]}, env=env) as fe:
+            held = await RawClient.send(fe, chat("m", stream=True), {})
+            await held.events(2)
+            queued = await send(fe, chat("m", stream=True))
+            assert queued.status == 503, queued.body
+            assert queued.error()["type"] == "overloaded_error"
+            assert queued.error()["code"] == "worker_connections_busy"
+            assert not fe.worker(worker.url).quarantined
+            assert len(await ids_seen(worker)) == 1  # it never reached the worker
+            held.hang_up()
+            await fe.app.wait_until_idle()
+            fe.assert_idle(2)
+    assert not net.expired()
+
+
 async def test_no_available_worker_is_503_no_workers_available(tmp_path: Path) -> None:
     async with asyncio.timeout(SAFETY_NET) as net, bad_workers(a={"behaviour": "refuse"}) as w:
         url = w["a"].url

@@ -516,10 +516,10 @@ class Config:
         "DYN_WORKER_MAX_CONNECTIONS",
         INT,
         "at most N connections to the workers open at once, all workers together (each request "
-        "in flight holds one); a request past it waits for a free one, and the wait counts "
-        "against its first-token and stream timeouts, which hold it against the worker: set it "
-        "above the concurrency you expect. 0 is no bound: the load limit is "
-        "--max-inflight-per-worker",
+        "in flight holds one; an idle one to another worker is closed to make room); a request "
+        "past it waits for a free one, and if its first-token or stream timeout runs out while "
+        "it waits it gets 503 worker_connections_busy, held against no worker. 0 is no bound: "
+        "the load limit is --max-inflight-per-worker",
         group=ROUTER,
         commands=SERVE,
         metavar="N",

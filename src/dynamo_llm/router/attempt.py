@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..engines.base import EngineOutput, EngineRequest, OwnedStream, aclose_stream
-from ..errors import DynamoError, WorkerSilent
+from ..errors import AllWorkersBusy, Cancelled, DynamoError, WorkerSilent
 from ..metrics import Metrics
 from ..runtime.clock import Clock
 from ..runtime.context import EngineContext
@@ -191,6 +191,12 @@ class Attempt:
                 stream = await open_stream()
         except BaseException as exc:
             self._give_back()
+            if isinstance(exc, AllWorkersBusy):
+                # The frontend's own connection bound (--worker-max-connections): the worker was
+                # never asked, so neither its timers' verdict nor the wait is held against it.
+                if self._ctx.is_stopped:
+                    raise Cancelled(f"Context id {self._ctx.id} is stopped or killed") from exc
+                raise
             if dog.expired is not None:
                 # Our timer killed the attempt while it waited for the worker's headers.
                 self._workers.report_down(worker.id, dog.expired)

@@ -35,7 +35,13 @@ import msgspec
 
 from ..engines.base import EngineOutput, EngineRequest
 from ..engines.endpoints import family_of
-from ..errors import Cancelled, UpstreamError, WorkerDisconnected, WorkerUnreachable
+from ..errors import (
+    AllWorkersBusy,
+    Cancelled,
+    UpstreamError,
+    WorkerDisconnected,
+    WorkerUnreachable,
+)
 from ..protocols.completions import CompletionRequest
 from ..protocols.models import decode_model_list
 from ..runtime.context import EngineContext
@@ -331,16 +337,27 @@ class WorkerClient:
             # One timer bounds the wait for headers; a stop of the context fires it at once, so
             # a request abandoned during admission closes its connection too.
             timer = asyncio.timeout_at(deadline)
+            queued = False
             try:
                 async with timer:
                     remove = ctx.on_stop(functools.partial(_expire, timer))
                     try:
+                        queued = pool.must_wait(endpoint)  # at --worker-max-connections
                         conn = await pool.acquire(endpoint)
+                        queued = False
                         await conn.request(data)  # closes the connection if it fails
                         return conn
                     finally:
                         remove()
             except (TimeoutError, H1Error) as exc:
+                if queued and isinstance(exc, TimeoutError):
+                    # Ended while waiting for one of the frontend's own connections: the
+                    # worker was never asked, so nothing here is held against it.
+                    raise AllWorkersBusy(
+                        "Every connection the frontend may open to the workers is in use "
+                        "(--worker-max-connections); retry later",
+                        code="worker_connections_busy",
+                    ) from None
                 error = admission_error(exc, timer.expired(), ctx)
                 if error is None and attempt == 1:
                     continue  # the worker closed a pooled connection just as we reused it

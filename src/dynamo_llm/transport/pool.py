@@ -2,7 +2,8 @@
 
 It keeps what :func:`~.client.make_session` gives aiohttp's connector, for the requests it now
 carries instead: at most ``limit`` connections open at once (0: no bound; a request waits for a
-free one, bounded only by the caller's timers), an idle connection closed after
+free one, bounded only by the caller's timers, once no idle connection to another worker is left
+to close for it), an idle connection closed after
 ``keepalive_timeout`` (shorter than the common worker servers' own idle timeout, so that a
 connection is not reused just as the worker closes it), ``connect_timeout`` on the TCP connect,
 ``TCP_NODELAY``, and the fixed receive buffer (:data:`RECEIVE_BUFFER`) that makes a worker feel a
@@ -122,6 +123,13 @@ class Pool:
         """How many requests wait for a connection (the bound is reached)."""
         return len(self._waiters)
 
+    def must_wait(self, endpoint: Endpoint) -> bool:
+        """Whether :meth:`acquire` would wait now: the bound is reached, with no idle connection
+        to this worker to reuse nor one to another worker to close for it."""
+        if not self._limit or self._open < self._limit or self._idle.get(endpoint.key):
+            return False
+        return not any(self._idle.values())
+
     def endpoint(self, url: str) -> Endpoint:
         """The parts of the worker base URL ``url`` (cached); ValueError when it is not one."""
         found = self._endpoints.get(url)
@@ -160,6 +168,8 @@ class Pool:
                 return conn
             if not self._limit or self._open < self._limit:
                 break
+            if self._close_oldest_idle():
+                continue  # another worker's idle connection made room: no wait for its expiry
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -225,6 +235,21 @@ class Pool:
                 return conn
             conn.close()
         return None
+
+    def _close_oldest_idle(self) -> bool:
+        """Close the idle connection idle the longest, whichever worker it is to; whether there
+        was one. At the bound, an idle connection is only room held for a request that may never
+        come, while this one waits."""
+        oldest: tuple[list[Connection], Connection] | None = None
+        for conns in self._idle.values():
+            if conns and (oldest is None or conns[0].idle_since < oldest[1].idle_since):
+                oldest = (conns, conns[0])  # reused last-in first out: [0] is the longest idle
+        if oldest is None:
+            return False
+        conns, conn = oldest
+        conns.remove(conn)
+        conn.close()  # forget() gives its slot back, now
+        return True
 
     def _wake_one(self) -> None:
         while self._waiters:

@@ -97,6 +97,23 @@ async def test_the_bound_makes_a_request_wait_for_a_free_connection(server: Serv
     await pool.aclose()
 
 
+async def test_at_the_bound_another_workers_idle_connection_is_closed_to_make_room() -> None:
+    clock = FakeClock()  # the keep-alive never runs out: only the pool can free the slot
+    pool = Pool(2.0, limit=2, keepalive_timeout=4.0, clock=clock)
+    async with Server() as a, Server() as b, asyncio.timeout(SAFETY_NET):
+        older, newer = await exchange(pool, a.url), await exchange(pool, a.url)
+        await finish(older)
+        await clock.advance(1.0)
+        await finish(newer)
+        assert (pool.open, pool.idle) == (2, 2)
+        conn = await exchange(pool, b.url)  # no wait: a's longest idle connection goes
+        assert (pool.open, pool.idle, pool.waiting) == (2, 1, 0)
+        await finish(conn)
+        await finish(await exchange(pool, a.url))  # a's other one is still there, reused
+        assert (a.accepted, b.accepted) == (2, 1)
+    await pool.aclose()
+
+
 async def test_an_idle_connection_expires_after_the_keepalive(server: Server) -> None:
     clock = FakeClock()
     pool = Pool(2.0, keepalive_timeout=4.0, clock=clock)
