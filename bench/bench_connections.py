@@ -14,7 +14,8 @@ delay), and pins itself, the client, to core 1 (:func:`serve_models`, :func:`sta
    machine's ``ListenOverflows`` over the opening (connections an accept queue had no room
    for; they are retried by the kernel). Closes the streams and polls the frontend's
    ``inflight_requests`` until it is 0 (``--drain-wait``, 60 s): how long, what it was every
-   5 s, and the frontend's CPU seconds meanwhile (``drained``).
+   5 s, and the frontend's CPU seconds meanwhile (``drained``); ``--starve-drain 0.02`` lets
+   the frontend run only 2 % of the time meanwhile (:class:`Starver`), as a crowded core would.
 2. **slow-loris**: the chat probe alone (baseline), then with ``--loris`` (2 000) connections
    open that trickle one byte a second, half of them their headers and half their body; then how
    long the frontend took to close them (the frontend's ``--http-read-timeout-secs`` is set to
@@ -39,6 +40,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -258,6 +260,30 @@ async def drain(port: int, pid: int, wait: float) -> dict[str, Any]:
     }
 
 
+class Starver:
+    """Lets process ``pid`` run only ``duty`` of every 100 ms (SIGSTOP / SIGCONT) until
+    :meth:`end`: a frontend whose core is taken by others, without taking the core from anyone."""
+
+    def __init__(self, pid: int, duty: float) -> None:
+        self.pid = pid
+        self.duty = duty
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            os.kill(self.pid, signal.SIGSTOP)
+            time.sleep(0.1 * (1 - self.duty))
+            os.kill(self.pid, signal.SIGCONT)
+            time.sleep(0.1 * self.duty)
+
+    def end(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        os.kill(self.pid, signal.SIGCONT)
+
+
 async def phase_streams(port: int, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     start = time.monotonic()
     overflows = listen_overflows()
@@ -285,7 +311,12 @@ async def phase_streams(port: int, pid: int, args: argparse.Namespace) -> dict[s
     for c in clients:
         assert c.transport is not None
         c.transport.close()
-    drained = await drain(port, pid, args.drain_wait)
+    starver = Starver(pid, args.starve_drain) if args.starve_drain else None
+    try:
+        drained = await drain(port, pid, args.drain_wait)
+    finally:
+        if starver is not None:
+            starver.end()
     out["inflight_after_close"] = drained["left"]
     out["drained"] = drained
     return out
@@ -402,6 +433,12 @@ def main() -> int:
     parser.add_argument("--token-delay-ms", type=float, default=5000.0)
     parser.add_argument(
         "--drain-wait", type=float, default=60.0, help="seconds to wait for in-flight to be 0"
+    )
+    parser.add_argument(
+        "--starve-drain",
+        type=float,
+        metavar="DUTY",
+        help="while in-flight drains, let the frontend run only this share of each 100 ms",
     )
     parser.add_argument("--frontend-log", help="write the frontend's log to this file")
     parser.add_argument("--json", help="write the figures to this file")
