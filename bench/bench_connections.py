@@ -9,7 +9,13 @@ delay), and pins itself, the client, to core 1 (:func:`serve_models`, :func:`sta
    time, and waits until each has its response headers; prints how long that took, the
    frontend's RSS and open descriptors, then the latency (fresh connection each, sequential) of
    ``GET /health``, ``GET /v1/models`` and a unary chat to ``fast``, p50 / p99 over ``--probes``
-   each. Closes the streams and checks the frontend's ``inflight_requests`` returns to 0.
+   each (a probe waits up to :data:`PROBE_LIMIT`, so a stall is measured). Streams without a 200
+   are counted by what they got (``lost``: a status, or ``closed`` before any), with the
+   machine's ``ListenOverflows`` over the opening (connections an accept queue had no room
+   for; they are retried by the kernel). Closes the streams and polls the frontend's
+   ``inflight_requests`` until it is 0 (``--drain-wait``, 60 s): how long, what it was every
+   5 s, and the frontend's CPU seconds meanwhile (``drained``); ``--starve-drain 0.02`` lets
+   the frontend run only 2 % of the time meanwhile (:class:`Starver`), as a crowded core would.
 2. **slow-loris**: the chat probe alone (baseline), then with ``--loris`` (2 000) connections
    open that trickle one byte a second, half of them their headers and half their body; then how
    long the frontend took to close them (the frontend's ``--http-read-timeout-secs`` is set to
@@ -20,6 +26,7 @@ delay), and pins itself, the client, to core 1 (:func:`serve_models`, :func:`sta
    probe.
 
     .venv/bin/python bench/bench_connections.py [--http-interface asgi] [--json out.json]
+        [--frontend-log frontend.log]
 
 Exits 1 if a stream did not get its headers, a probe failed, or the frontend kept connections.
 """
@@ -33,6 +40,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -109,12 +117,14 @@ class Client(asyncio.Protocol):
         self.status: int | None = None
         self.head = b""
         self.transport: asyncio.Transport | None = None
+        self.connected_at = 0.0
         self.headers = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.connected_at = time.monotonic()
         if self.data:
             transport.write(self.data)
 
@@ -149,12 +159,17 @@ async def bounded(count: int, at_once: int, make: Callable[[int], Awaitable[Any]
     return await asyncio.gather(*(one(i) for i in range(count)))
 
 
+PROBE_LIMIT = 60.0
+"""Seconds a probe waits for its answer before the run fails: long enough that a stall of the
+frontend is measured (it shows in ``max_ms``) rather than ending the run."""
+
+
 async def probe(port: int, data: bytes) -> float:
     """Seconds from connect to the whole answer (the server closes: Connection: close)."""
     start = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
-    answer = await asyncio.wait_for(reader.read(), 10)
+    answer = await asyncio.wait_for(reader.read(), PROBE_LIMIT)
     writer.close()
     if not answer.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"probe failed: {answer[:200]!r}")
@@ -201,14 +216,85 @@ async def inflight(port: int) -> float:
     )
 
 
+def listen_overflows() -> int:
+    """The kernel's ``ListenOverflows`` (connections its accept queues had no room for), summed
+    over the whole machine: other processes' listeners count too."""
+    with open("/proc/net/netstat") as f:
+        lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    return int(dict(zip(lines[0], lines[1], strict=True)).get("ListenOverflows", 0))
+
+
+def lost_streams(clients: list[Client]) -> dict[str, Any]:
+    """The streams without a 200: their status (or "closed": no status before the close), and
+    how long after their connect the close came."""
+    lost = [c for c in clients if c.status != 200]
+    statuses: dict[str, int] = {}
+    for c in lost:
+        key = "closed" if c.status is None else str(c.status)
+        statuses[key] = statuses.get(key, 0) + 1
+    after = [c.closed.result() - c.connected_at for c in lost if c.closed.done() and c.connected_at]
+    out: dict[str, Any] = {"count": len(lost), "statuses": statuses}
+    if after:
+        out["closed_after_connect_s"] = {"min": min(after), "max": max(after)}
+    return out
+
+
+async def drain(port: int, pid: int, wait: float) -> dict[str, Any]:
+    """Poll ``inflight_requests`` until it is 0 or ``wait`` seconds passed: how long it took,
+    what it was every 5 s meanwhile, and the CPU time the frontend had for it (a frontend
+    starved of its core drains slowly with the CPU time of a quick drain)."""
+    cpu = _common.proc_cpu_seconds(pid)
+    start = time.monotonic()
+    deadline = start + wait
+    series: list[tuple[float, float]] = []
+    while (left := await inflight(port)) and time.monotonic() < deadline:
+        elapsed = time.monotonic() - start
+        if not series or elapsed - series[-1][0] >= 5:
+            series.append((round(elapsed, 1), left))
+        await asyncio.sleep(0.2)
+    return {
+        "left": left,
+        "after_s": time.monotonic() - start,
+        "frontend_cpu_s": _common.proc_cpu_seconds(pid) - cpu,
+        "every_5_s": series,
+    }
+
+
+class Starver:
+    """Lets process ``pid`` run only ``duty`` of every 100 ms (SIGSTOP / SIGCONT) until
+    :meth:`end`: a frontend whose core is taken by others, without taking the core from anyone."""
+
+    def __init__(self, pid: int, duty: float) -> None:
+        self.pid = pid
+        self.duty = duty
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            os.kill(self.pid, signal.SIGSTOP)
+            time.sleep(0.1 * (1 - self.duty))
+            os.kill(self.pid, signal.SIGCONT)
+            time.sleep(0.1 * self.duty)
+
+    def end(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        os.kill(self.pid, signal.SIGCONT)
+
+
 async def phase_streams(port: int, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     start = time.monotonic()
+    overflows = listen_overflows()
     request = chat("slow", True, WORDS)
     clients = await bounded(args.streams, 256, lambda i: connect(port, request))
     await asyncio.wait([c.headers for c in clients], timeout=120)
     got = sum(1 for c in clients if c.status == 200)
     out: dict[str, Any] = {"streams": args.streams, "with_headers": got}
     out["open_s"] = time.monotonic() - start
+    out["lost"] = lost_streams(clients)
+    out["machine_listen_overflows"] = listen_overflows() - overflows
     out.update(server_state(pid))
     # Interleaved, so that the three see the same moments of the streams' traffic.
     kinds = {
@@ -225,10 +311,14 @@ async def phase_streams(port: int, pid: int, args: argparse.Namespace) -> dict[s
     for c in clients:
         assert c.transport is not None
         c.transport.close()
-    deadline = time.monotonic() + 60
-    while (left := await inflight(port)) and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.2)
-    out["inflight_after_close"] = left
+    starver = Starver(pid, args.starve_drain) if args.starve_drain else None
+    try:
+        drained = await drain(port, pid, args.drain_wait)
+    finally:
+        if starver is not None:
+            starver.end()
+    out["inflight_after_close"] = drained["left"]
+    out["drained"] = drained
     return out
 
 
@@ -299,22 +389,32 @@ async def phase_vanish(port: int, pid: int, args: argparse.Namespace) -> dict[st
     return out
 
 
+def copy_log(stream: Any, sink: Any) -> None:
+    for raw in stream:
+        if sink is not None:
+            sink.write(raw.decode(errors="replace"))
+            sink.flush()
+
+
 def start_frontend(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], int]:
     """The frontend pinned to core 0 (set before the fork, so all its threads inherit it)."""
     cmd = [sys.executable, __file__, "--serve", args.http_interface]
     cmd += [str(args.read_timeout), str(args.token_delay_ms)]
     os.sched_setaffinity(0, {0})
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    sink = open(args.frontend_log, "w") if args.frontend_log else None  # noqa: SIM115
     _common.pin_self(1)
     stream = proc.stderr
     assert stream is not None
     log: list[str] = []
     for raw in stream:
         log.append(raw.decode(errors="replace"))
+        if sink is not None:
+            sink.write(log[-1])
         match = READY.search(log[-1])
         if match:
             # Keep draining its log, so that it never blocks on a full pipe.
-            threading.Thread(target=stream.read, daemon=True).start()
+            threading.Thread(target=copy_log, args=(stream, sink), daemon=True).start()
             return proc, int(match.group(1).rsplit(":", 1)[1])
     raise RuntimeError("the frontend exited before it was ready:\n" + "".join(log))
 
@@ -331,6 +431,16 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--read-timeout", type=float, default=10.0)
     parser.add_argument("--token-delay-ms", type=float, default=5000.0)
+    parser.add_argument(
+        "--drain-wait", type=float, default=60.0, help="seconds to wait for in-flight to be 0"
+    )
+    parser.add_argument(
+        "--starve-drain",
+        type=float,
+        metavar="DUTY",
+        help="while in-flight drains, let the frontend run only this share of each 100 ms",
+    )
+    parser.add_argument("--frontend-log", help="write the frontend's log to this file")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     _common.check_cores(0, 1)

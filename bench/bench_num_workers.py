@@ -97,6 +97,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--gap-ms", type=float, default=0.0, help="as bench_router.py's")
+    # bench_router.measure reads its own options: streamed chats, as its default.
+    parser.set_defaults(unary=False)
     args = parser.parse_args()
     cores = sorted(_common.AVAILABLE_CPUS)
     # bench_router.measure reports these cores' busy share: here, every core.
