@@ -6,14 +6,20 @@ context, the connection, the outcome record, the disconnect monitor, the watchdo
 context stopped from elsewhere) calls ``waker.wake()``. No task is started to watch for any of
 these and nothing is polled.
 
-A phase's work runs in the handler's own task, not in a task of its own (a task costs its
-creation, a scheduling and a done-callback wake-up per request). While it runs, the waker holds
-an :class:`Interrupt`: a wake-up schedules one look at the state (on the loop's next turn, as a
-woken handler would have looked), and if that says the phase must end, the handler's task is
-cancelled in place, at most once, as ``asyncio.timeout`` does it (``Task.cancel`` then
+The handler phase's work runs in the handler's own task, not in a task of its own (a task costs
+its creation, a scheduling and a done-callback wake-up per request). While it runs, the waker
+holds an :class:`Interrupt`: a wake-up schedules one look at the state (on the loop's next
+turn, as a woken handler would have looked), and if that says the phase must end, the handler's
+task is cancelled in place, at most once, as ``asyncio.timeout`` does it (``Task.cancel`` then
 ``uncancel``): the work unwinds where it is waiting, its cleanup runs, and the phase raises what
 ended it. A cancellation from outside (the server's) is told apart by the task's cancel count and
 propagates as before.
+
+The stream phase's pump keeps a task of its own (:mod:`.stream`): it is resumed once per
+item, and every resumption of a coroutine resumes each coroutine that awaits it, so in the
+handler's task each item would pass through the server's whole chain of frames (granian's
+watcher, the adapter, the router of routes, the handler, the stream phase): more per stream than
+the task costs. The handler sleeps beside it on :meth:`Waker.wait`.
 """
 
 from __future__ import annotations
@@ -83,19 +89,31 @@ class Interrupt:
 
 
 class Waker:
-    """Where the events that can end a phase are sent: ``wake()`` calls the running phase's
-    :class:`Interrupt`, and does nothing between phases (each phase looks at the state before
-    its work starts)."""
+    """Where the events that can end a phase are sent: while ``interrupt`` is set (the handler
+    phase), ``wake()`` calls it; otherwise ``await wait()`` returns after the next ``wake()``
+    (the stream phase, whose handler sleeps beside its pump)."""
 
-    __slots__ = ("interrupt",)
+    __slots__ = ("_fut", "interrupt")
 
     def __init__(self) -> None:
+        self._fut: asyncio.Future[None] | None = None
         self.interrupt: Interrupt | None = None
 
     def wake(self, *_: Any) -> None:
         interrupt = self.interrupt
         if interrupt is not None:
             interrupt()
+            return
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait(self) -> None:
+        self._fut = asyncio.get_running_loop().create_future()
+        try:
+            await self._fut
+        finally:
+            self._fut = None
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
@@ -120,7 +138,8 @@ class Exchange:
     """Every time limit of the request (inactivity, first token, deadline), on one timer."""
 
     waker: Waker
-    """Everything that can end a phase wakes it; it interrupts the running phase's work."""
+    """Everything that can end a phase wakes it: it interrupts the handler phase's work, or
+    wakes the stream phase's handler."""
 
     @property
     def request_id(self) -> str:

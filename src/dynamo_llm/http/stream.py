@@ -3,9 +3,8 @@
 :func:`monitor_for_disconnects` is the stream phase (the handles and the monitor are
 :mod:`~dynamo_llm.http.disconnect`). It arms the stream handle, pre-marks the
 outcome ``cancelled`` (a stream abandoned by its client is a cancellation, not an internal
-error), runs the *pump* (source -> client) in the handler's own task, interrupted in place by the
-exchange's waker (:meth:`~dynamo_llm.http.exchange.Exchange.run_interruptible`), then acts on the
-first thing that happened, checked in this order:
+error), runs the *pump* (source -> client) in its own task and sleeps on the exchange's waker,
+then acts on the first thing that happened, checked in this order:
 
 =================================  ====================================  ====================
 event                              action                                client sees
@@ -38,6 +37,7 @@ from ..errors import DynamoError, SlowClient, internal_error, render_error
 from ..metrics import Outcome
 from ..runtime.coalesce import next_or_flush
 from ..runtime.context import StopReason
+from ..runtime.tasks import cancel_and_wait
 from .connection import Headers, StreamWriter
 from .disconnect import error_for_stop
 from .exchange import Exchange
@@ -237,14 +237,6 @@ class _PumpState:
             self.in_source = True
 
 
-class _Gone(Exception):
-    """The stream phase ended by the client's hang-up (never raised)."""
-
-
-class _Stopped(Exception):
-    """The stream phase ended by a stop from elsewhere while the pump waited (never raised)."""
-
-
 _MAX_PENDING = 64  # chunks held back at most during a burst
 _ENDED = "ended"
 _STOPPED = "stopped"
@@ -340,39 +332,41 @@ async def monitor_for_disconnects(
     handle = exchange.monitor.stream
     record = exchange.record
     ctx = exchange.ctx
+    waker = exchange.waker
     handle.arm()
     record.mark_error(Outcome.CANCELLED)
     state = _PumpState(response)
-
-    def ended() -> Exception | None:
-        if exchange.conn.is_disconnected:
-            handle.release()  # armed: the monitor counts the disconnect and kills the context
-            return _Gone()
-        expired = exchange.watchdog.expired
-        if expired is not None:
-            record.mark_error(expired.error_type)
-            handle.disarm()
-            return expired
-        if ctx.is_stopped and state.in_source:
-            return _Stopped()
-        return None
-
+    pump = asyncio.get_running_loop().create_task(
+        _pump(stream, response, renderer, exchange, state)
+    )
+    pump.add_done_callback(waker.wake)
     try:
-        result, stopped_by = await exchange.run_interruptible(
-            _pump(stream, response, renderer, exchange, state), ended
-        )
+        while not pump.done():
+            if exchange.conn.is_disconnected:
+                handle.release()  # armed: the monitor counts the disconnect and kills the context
+                await cancel_and_wait(pump)
+                return
+            expired = exchange.watchdog.expired
+            if expired is not None:
+                record.mark_error(expired.error_type)
+                handle.disarm()
+                await cancel_and_wait(pump)
+                await response.fail(expired)
+                return
+            if ctx.is_stopped and state.in_source:
+                await cancel_and_wait(pump)
+                break
+            await waker.wait()
     finally:
-        # The pump closes the stream when it ends; one not started never ran, and the engine
-        # must still get back what it holds for this request.
+        pump.remove_done_callback(waker.wake)
+        if not pump.done():
+            await cancel_and_wait(pump)
+        # The pump closes the stream when it ends; one cancelled before its first step never
+        # ran, and the engine must still get back what it holds for this request.
         response.close()
         await aclose_stream(stream)
-    if isinstance(stopped_by, _Gone):
-        return
-    if isinstance(stopped_by, DynamoError):  # a time limit
-        await response.fail(stopped_by)
-        return
-    if stopped_by is not None:
-        result = _STOPPED
+
+    result = pump.result() if not pump.cancelled() else _STOPPED
     if result == _GONE:
         handle.release()  # armed: a failed write is the client going away
         return
