@@ -80,13 +80,34 @@ async def read_body_within(conn: Connection, limit: int, seconds: float) -> byte
 
     A client that trickles its body (slow loris) is answered 408 and its connection closed. Both
     servers run the handler in a cancellable asyncio task (granian with its asyncio task
-    implementation, the default), so the read is cancelled in place: no task of its own.
+    implementation, the default), so the read is cancelled in place: no task of its own. The
+    timer is ``asyncio.timeout``'s, without its context manager (``loop.call_later``, then
+    ``Task.uncancel`` to tell its cancellation from any other): ~0.8 against ~3.3 µs per request.
     """
+    task = asyncio.current_task()
+    assert task is not None
+    cancelling = task.cancelling()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
     try:
-        async with asyncio.timeout(seconds):
-            return await conn.read_body(limit)
-    except TimeoutError:
-        raise RequestBodyTimeout(f"The request body did not arrive within {seconds:g}s") from None
+        body = await conn.read_body(limit)
+    except asyncio.CancelledError:
+        if expired and task.uncancel() <= cancelling:
+            raise RequestBodyTimeout(
+                f"The request body did not arrive within {seconds:g}s"
+            ) from None
+        raise
+    finally:
+        timer.cancel()
+    if expired:  # the read ended although it was cancelled: the body stands
+        task.uncancel()
+    return body
 
 
 def _routing_hint(request: HttpRequest) -> RoutingHint:
