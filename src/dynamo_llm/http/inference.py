@@ -4,8 +4,8 @@ per endpoint family, generic over the family's descriptor.
 A request goes: read and validate the body (errors are plain JSON responses, counted with the
 fixed ``unknown_model`` label when the model is not served), admit it (in-flight and queued
 gauges, tracked in the app state), build its engine requests through the family's descriptor
-(the client's routing hint included), then the handler phase (admission by the engine, in a
-task, under the armed connection handle: :meth:`~dynamo_llm.http.exchange.Exchange.
+(the client's routing hint included), then the handler phase (admission by the engine, in the
+handler's own task, under the armed connection handle: :meth:`~dynamo_llm.http.exchange.Exchange.
 handler_phase`) and, for a streaming request, the stream phase
 (:func:`~dynamo_llm.http.stream.monitor_for_disconnects`); a unary request is folded into one
 response by the :class:`~dynamo_llm.http.aggregate.Aggregator` (or, from a router that asked its
@@ -80,13 +80,34 @@ async def read_body_within(conn: Connection, limit: int, seconds: float) -> byte
 
     A client that trickles its body (slow loris) is answered 408 and its connection closed. Both
     servers run the handler in a cancellable asyncio task (granian with its asyncio task
-    implementation, the default), so the read is cancelled in place: no task of its own.
+    implementation, the default), so the read is cancelled in place: no task of its own. The
+    timer is ``asyncio.timeout``'s, without its context manager (``loop.call_later``, then
+    ``Task.uncancel`` to tell its cancellation from any other): ~0.8 against ~3.3 µs per request.
     """
+    task = asyncio.current_task()
+    assert task is not None
+    cancelling = task.cancelling()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
     try:
-        async with asyncio.timeout(seconds):
-            return await conn.read_body(limit)
-    except TimeoutError:
-        raise RequestBodyTimeout(f"The request body did not arrive within {seconds:g}s") from None
+        body = await conn.read_body(limit)
+    except asyncio.CancelledError:
+        if expired and task.uncancel() <= cancelling:
+            raise RequestBodyTimeout(
+                f"The request body did not arrive within {seconds:g}s"
+            ) from None
+        raise
+    finally:
+        timer.cancel()
+    if expired:  # the read ended although it was cancelled: the body stands
+        task.uncancel()
+    return body
 
 
 def _routing_hint(request: HttpRequest) -> RoutingHint:
@@ -249,10 +270,9 @@ class InferenceHandler(Generic[P]):
             include_usage=bool(stream_options is not None and stream_options.include_usage),
             with_token_ids=params.return_token_ids,
         )
-        opening = asyncio.get_running_loop().create_task(
+        stream = await exchange.handler_phase(
             open_fanout(served.engine, requests, exchange.ctx, n=params.n or 1)
         )
-        stream = await exchange.handler_phase(opening)
         response = SseResponse(
             exchange,
             with_request_id(SSE_HEADERS, exchange.request_id),
@@ -271,10 +291,9 @@ class InferenceHandler(Generic[P]):
             choices=len(requests),
             with_token_ids=params.return_token_ids,
         )
-        work = asyncio.get_running_loop().create_task(
+        body = await exchange.handler_phase(
             _collect(exchange, served, requests, params.n or 1, aggregator)
         )
-        body = await exchange.handler_phase(work)
         exchange.record.mark_ok()
         await exchange.conn.respond(200, with_request_id(JSON_HEADERS, exchange.request_id), body)
 
