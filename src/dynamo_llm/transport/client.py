@@ -65,7 +65,6 @@ __all__ = ["WorkerClient", "make_session"]
 
 def make_session(
     connect_timeout: float,
-    limit: int = 0,
     *,
     keepalive_timeout: float = 4.0,
     api_key: str | None = None,
@@ -73,10 +72,10 @@ def make_session(
 ) -> aiohttp.ClientSession:
     """A pooled session for talking to workers; the caller owns it and closes it.
 
-    Call it with a running event loop. ``limit`` bounds the session's own connections open at
-    once (0: no bound); generation requests do not use them, their bound is the
-    :class:`WorkerClient`'s ``max_connections``. There is no total or read timeout, because
-    streams are long; ``connect_timeout`` bounds the TCP connect.
+    Call it with a running event loop. The session's own connections (probes, model lists,
+    stops, scrapes) are not bounded, so those never queue behind streams; generation requests
+    do not use them, their bound is the :class:`WorkerClient`'s ``max_connections``. There is no
+    total or read timeout, because streams are long; ``connect_timeout`` bounds the TCP connect.
     ``keepalive_timeout`` is shorter than the idle timeout of the common worker servers (uvicorn
     closes idle connections after 5 s) so that a pooled connection is not reused just as the
     worker closes it. ``api_key`` is sent to every worker as ``Authorization: Bearer``, on every
@@ -86,7 +85,7 @@ def make_session(
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     connector = aiohttp.TCPConnector(
-        limit=limit,
+        limit=0,
         limit_per_host=0,
         keepalive_timeout=keepalive_timeout,
         ttl_dns_cache=60,
